@@ -1,0 +1,61 @@
+"""The per-forward LoRA metadata every batched LoRA op reads.
+
+Tokens of a batch are ordered so that each adapter's tokens are contiguous: a *segment* is a
+run of tokens that use one slot. ``slot == -1`` means "no adapter" (the op leaves those
+tokens untouched). The manager fills these tensors in place every step (preallocated, so
+CUDA graphs can capture them); only the first ``num_segs`` / ``num_tokens`` entries are valid.
+
+Per (layer, projection) the adapter pool holds, for ``S`` slots and ``n`` stacked slices
+(q/k/v: n=3, gate/up: n=2, o/down: n=1) and ``R = max_lora_rank``:
+    a        [S, n*R, in]     slice i's A in rows i*R : i*R + rank[s, i]
+    b        [S, out, R]      slice i's B in rows offsets[i] : offsets[i+1], cols : rank[s, i]
+    ranks    [S, n] int32     0 = slice not targeted (skipped)
+    scalings [S, n] float32
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LoRABatch:
+    seg_starts: torch.Tensor  # [max_segs] int32, first token of each segment
+    seg_lens: torch.Tensor  # [max_segs] int32
+    seg_slots: torch.Tensor  # [max_segs] int32, -1 = no adapter
+    token_slots: torch.Tensor  # [max_tokens] int32, slot of each token, -1 = no adapter
+    num_segs: int
+    num_tokens: int
+    max_seg_len: int
+    # Host copy of the segments that use an adapter: (start, length, slot). The torch
+    # reference loops over these (work per distinct adapter, no device->host sync).
+    host_segs: list[tuple[int, int, int]]
+
+    @property
+    def decode_shaped(self) -> bool:
+        """Few tokens per segment: per-token kernels waste no tiles."""
+        return self.max_seg_len <= 4
+
+    @classmethod
+    def from_token_slots(cls, slots: list[int], device: torch.device | str = "cpu") -> LoRABatch:
+        """Build from a per-token slot list (tests, benchmarks). Runs of equal slots form
+        segments; the list need not be sorted."""
+        starts: list[int] = []
+        lens: list[int] = []
+        seg_slots: list[int] = []
+        for i, s in enumerate(slots):
+            if seg_slots and seg_slots[-1] == s and starts[-1] + lens[-1] == i:
+                lens[-1] += 1
+            else:
+                starts.append(i)
+                lens.append(1)
+                seg_slots.append(s)
+        i32 = dict(dtype=torch.int32, device=device)
+        return cls(
+            seg_starts=torch.tensor(starts, **i32), seg_lens=torch.tensor(lens, **i32),
+            seg_slots=torch.tensor(seg_slots, **i32), token_slots=torch.tensor(slots, **i32),
+            num_segs=len(starts), num_tokens=len(slots), max_seg_len=max(lens, default=0),
+            host_segs=[(a, n, s) for a, n, s in zip(starts, lens, seg_slots) if s >= 0],
+        )
