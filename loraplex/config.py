@@ -53,8 +53,12 @@ class ModelConfig:
         """HF projection name -> (in_features, out_features): the LoRA targets per layer."""
         h, i = self.hidden_size, self.intermediate_size
         return {
-            "q_proj": (h, self.q_size), "k_proj": (h, self.kv_size), "v_proj": (h, self.kv_size),
-            "o_proj": (self.q_size, h), "gate_proj": (h, i), "up_proj": (h, i),
+            "q_proj": (h, self.q_size),
+            "k_proj": (h, self.kv_size),
+            "v_proj": (h, self.kv_size),
+            "o_proj": (self.q_size, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
             "down_proj": (i, h),
         }
 
@@ -69,30 +73,44 @@ class ModelConfig:
         theta = rope_params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
         rtype = rope_params.get("rope_type", rope_params.get("type", "default"))
         if rtype not in ("default", "llama3", None):
-            raise ModelLoadError(f"rope type {rtype!r} is not supported (supported: default, llama3)")
+            raise ModelLoadError(
+                f"rope type {rtype!r} is not supported (supported: default, llama3)"
+            )
         rope = RopeConfig(theta=float(theta))
         if rtype == "llama3":
             rope = RopeConfig(
-                theta=float(theta), scaling_type="llama3", factor=float(rope_params["factor"]),
+                theta=float(theta),
+                scaling_type="llama3",
+                factor=float(rope_params["factor"]),
                 low_freq_factor=float(rope_params.get("low_freq_factor", 1.0)),
                 high_freq_factor=float(rope_params.get("high_freq_factor", 4.0)),
                 original_max_position=int(
-                    rope_params.get("original_max_position_embeddings", 8192)),
+                    rope_params.get("original_max_position_embeddings", 8192)
+                ),
             )
         eos = getattr(hf, "eos_token_id", None)
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-        dtype = getattr(hf, "torch_dtype", None) or getattr(hf, "dtype", None) or torch.float32
+        eos_ids = (
+            tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        )
+        dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None) or torch.float32
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         return cls(
-            architecture=arch, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
-            intermediate_size=hf.intermediate_size, num_layers=hf.num_hidden_layers,
-            num_heads=heads, num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
-            head_dim=head_dim, max_position=getattr(hf, "max_position_embeddings", 2048),
-            rms_norm_eps=hf.rms_norm_eps, rope=rope,
+            architecture=arch,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            max_position=getattr(hf, "max_position_embeddings", 2048),
+            rms_norm_eps=hf.rms_norm_eps,
+            rope=rope,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             attention_bias=bool(getattr(hf, "attention_bias", False)) or arch.startswith("Qwen2"),
-            dtype=dtype, eos_token_ids=eos_ids,
+            dtype=dtype,
+            eos_token_ids=eos_ids,
         )
 
 
@@ -147,7 +165,11 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtyp
     if dtype == "auto":
         if device.type == "cpu":
             return torch.float32
-        return checkpoint_dtype if checkpoint_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        return (
+            checkpoint_dtype
+            if checkpoint_dtype in (torch.bfloat16, torch.float16)
+            else torch.bfloat16
+        )
     if dtype not in table:
         raise ValueError(f"dtype={dtype!r} must be one of auto, {', '.join(table)}")
     return table[dtype]

@@ -28,17 +28,37 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
-               "max_tokens", self.max_tokens, "an integer >= 1")
-        _check(_is_number(self.temperature) and self.temperature >= 0,
-               "temperature", self.temperature, "a number >= 0")
+        _check(
+            isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+            "max_tokens",
+            self.max_tokens,
+            "an integer >= 1",
+        )
+        _check(
+            _is_number(self.temperature) and self.temperature >= 0,
+            "temperature",
+            self.temperature,
+            "a number >= 0",
+        )
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
-        _check(isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
-               "top_k", self.top_k, "-1 (disabled) or an integer >= 1")
-        _check(all(isinstance(s, str) and s for s in self.stop),
-               "stop", self.stop, "a list of non-empty strings")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-               "stop_token_ids", self.stop_token_ids, "a list of token ids >= 0")
+        _check(
+            isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
+            "top_k",
+            self.top_k,
+            "-1 (disabled) or an integer >= 1",
+        )
+        _check(
+            all(isinstance(s, str) and s for s in self.stop),
+            "stop",
+            self.stop,
+            "a list of non-empty strings",
+        )
+        _check(
+            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids",
+            self.stop_token_ids,
+            "a list of token ids >= 0",
+        )
         _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "an integer")
 
     @property

@@ -54,8 +54,12 @@ class LoRABatch:
                 seg_slots.append(s)
         i32 = dict(dtype=torch.int32, device=device)
         return cls(
-            seg_starts=torch.tensor(starts, **i32), seg_lens=torch.tensor(lens, **i32),
-            seg_slots=torch.tensor(seg_slots, **i32), token_slots=torch.tensor(slots, **i32),
-            num_segs=len(starts), num_tokens=len(slots), max_seg_len=max(lens, default=0),
+            seg_starts=torch.tensor(starts, **i32),
+            seg_lens=torch.tensor(lens, **i32),
+            seg_slots=torch.tensor(seg_slots, **i32),
+            token_slots=torch.tensor(slots, **i32),
+            num_segs=len(starts),
+            num_tokens=len(slots),
+            max_seg_len=max(lens, default=0),
             host_segs=[(a, n, s) for a, n, s in zip(starts, lens, seg_slots) if s >= 0],
         )

@@ -1,0 +1,251 @@
+"""The synchronous engine: add_request / step / abort. One step = schedule -> run -> finish."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+
+from loraplex.config import (
+    CacheConfig,
+    LoRAConfig,
+    ModelConfig,
+    SchedulerConfig,
+    resolve_device,
+    resolve_dtype,
+)
+from loraplex.engine.detokenizer import detokenize_step, find_stop, visible_text
+from loraplex.engine.model_runner import ModelRunner
+from loraplex.engine.scheduler import Scheduler
+from loraplex.engine.sequence import RequestOutput, Sequence, SequenceStatus
+from loraplex.errors import CapacityError, InvalidRequestError
+from loraplex.kvcache.block_manager import BlockManager
+from loraplex.kvcache.kv_cache import allocate_kv_cache, bytes_per_block
+from loraplex.lora.manager import LoRAManager
+from loraplex.models.loader import load_model, load_model_config
+from loraplex.sampling_params import SamplingParams
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        model_config: ModelConfig,
+        model,
+        tokenizer,
+        sched: SchedulerConfig,
+        cache: CacheConfig,
+        lora: LoRAConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.model_dir = str(model_dir)
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.device, self.dtype = device, dtype
+        self.max_model_len = sched.max_model_len
+        num_blocks = cache.num_blocks or max(
+            cache.kv_cache_memory_bytes // bytes_per_block(model_config, cache.block_size, dtype),
+            -(-sched.max_model_len // cache.block_size),
+        )
+        self.blocks = BlockManager(num_blocks, cache.block_size)
+        self.kv_caches = allocate_kv_cache(
+            model_config, num_blocks, cache.block_size, dtype, device
+        )
+        self.lora = LoRAManager(
+            model, model_config, lora, device, dtype, max_tokens=sched.max_num_batched_tokens
+        )
+        self.scheduler = Scheduler(sched, self.blocks, lora.max_loras_per_batch, self.lora)
+        self.runner = ModelRunner(model, self.kv_caches, self.blocks, device, self.lora)
+        self.eos_ids = set(model_config.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        self.requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_args(
+        cls,
+        model: str,
+        adapters: dict[str, str] | None = None,
+        max_loras_per_batch: int = 8,
+        max_lora_rank: int = 64,
+        max_cpu_loras: int | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        num_kv_blocks: int | None = None,
+        lora_backend: str = "auto",
+        kv_cache_memory_bytes: int = 1 << 30,
+    ) -> LLMEngine:
+        from transformers import AutoTokenizer
+
+        cfg, _ = load_model_config(model)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev, cfg.dtype)
+        limit = cfg.max_position
+        if max_model_len is not None and max_model_len > limit:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's context ({limit})")
+        max_len = max_model_len or limit
+        sched = SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_len,
+            max_num_batched_tokens=max(max_num_batched_tokens or 8192, max_len),
+        )
+        lora_cfg = LoRAConfig(max_loras_per_batch, max_lora_rank, max_cpu_loras, lora_backend)
+        net = load_model(model, cfg, dt, dev)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        engine = cls(
+            model,
+            cfg,
+            net,
+            tokenizer,
+            sched,
+            CacheConfig(num_blocks=num_kv_blocks, kv_cache_memory_bytes=kv_cache_memory_bytes),
+            lora_cfg,
+            dev,
+            dt,
+        )
+        for name, path in (adapters or {}).items():
+            engine.load_adapter(name, path)
+        return engine
+
+    # -- requests ------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, list) or not all(isinstance(t, int) for t in prompt):
+            raise InvalidRequestError("prompt must be a string or a list of token ids")
+        return list(prompt)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        adapter: str | None = None,
+    ) -> None:
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be a SamplingParams")
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        ids = self.tokenize(prompt)
+        self.validate_prompt(ids)
+        if adapter is not None:
+            self.lora.check_servable(adapter)
+        seq = Sequence(next(self._ids), request_id, ids, params, adapter)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} "
+                f"tokens (prompt plus at least one generated token)"
+            )
+        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"token id {bad[0]} out of range [0, {self.model_config.vocab_size})"
+            )
+        if self.blocks.blocks_needed(len(ids) + 1) > self.blocks.num_blocks:
+            raise CapacityError(
+                f"prompt of {len(ids)} tokens needs more KV blocks than the "
+                f"cache has ({self.blocks.num_blocks} of {self.blocks.block_size})"
+            )
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.requests.pop(request_id, None)
+        if seq is not None and not seq.finished:
+            seq.finish_reason = "abort"
+            self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        seqs, is_prefill = self.scheduler.schedule()
+        outputs = [self._finish_failed(s) for s in self.scheduler.failed]
+        self.scheduler.failed.clear()
+        if not seqs:
+            return outputs
+        tokens = self.runner.run(seqs, is_prefill)
+        for seq, tok in zip(seqs, tokens):
+            seq.output_token_ids.append(tok)
+            self._check_stop(seq, tok)
+            if seq.finished:
+                self.scheduler.finish(seq)
+                self.requests.pop(seq.request_id, None)
+                outputs.append(seq.output())
+            else:
+                outputs.append(seq.output(visible_text(seq.text, seq.params.stop)))
+        return outputs
+
+    def _finish_failed(self, seq: Sequence) -> RequestOutput:
+        self.requests.pop(seq.request_id, None)
+        return seq.output()
+
+    def _check_stop(self, seq: Sequence, tok: int) -> None:
+        p = seq.params
+        prev = len(seq.text)
+        detokenize_step(self.tokenizer, seq)
+        if p.stop:
+            start = max(0, prev - max(len(s) for s in p.stop) + 1)
+            cut = find_stop(seq.text, p.stop, start)
+            if cut != -1:
+                seq.text = seq.text[:cut]
+                return self._set_finished(seq, "stop")
+        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            return self._set_finished(seq, "stop")
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return self._set_finished(seq, "length")
+
+    @staticmethod
+    def _set_finished(seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        seq.status = SequenceStatus.FINISHED
+
+    # -- adapters ------------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str) -> None:
+        self.lora.register(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        self.lora.unregister(name)
+
+    def list_adapters(self) -> list[str]:
+        return self.lora.names()
+
+    def stats(self) -> dict:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_free_blocks": self.blocks.num_free,
+            "num_total_blocks": self.blocks.num_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+            **self.lora.stats(),
+        }
+
+    def score(self, prompts: list[list[int]], adapters: list[str | None]) -> list[torch.Tensor]:
+        for ids in prompts:
+            self.validate_prompt(ids)
+        for a in adapters:
+            if a is not None:
+                self.lora.check_servable(a)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+        for idx in self.lora.plan_groups(adapters, [len(p) for p in prompts]):
+            names = {adapters[i] for i in idx} - {None}
+            for n in names:
+                self.lora.acquire(n)
+            try:
+                res = self.runner.score([prompts[i] for i in idx], [adapters[i] for i in idx])
+            finally:
+                for n in names:
+                    self.lora.release(n)
+            for i, r in zip(idx, res):
+                out[i] = r
+        return out

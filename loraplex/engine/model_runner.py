@@ -1,0 +1,140 @@
+"""Builds the ForwardBatch for a step, runs the model, and samples.
+
+Sequences are ordered by adapter slot before the batch is built, so each adapter's tokens are
+one contiguous segment and the LoRA ops do work per distinct adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loraplex.engine.sampler import Sampler
+from loraplex.engine.sequence import Sequence
+from loraplex.kvcache.block_manager import BlockManager
+from loraplex.layers.forward_context import ForwardBatch, forward_context
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_caches,
+        blocks: BlockManager,
+        device: torch.device,
+        lora_manager=None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.blocks = blocks
+        self.device = device
+        self.lora = lora_manager
+        self.sampler = Sampler(seed)
+
+    def _slot(self, adapter: str | None) -> int:
+        return -1 if adapter is None or self.lora is None else self.lora.slot_of(adapter)
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        """One forward over ``seqs``; returns one sampled token per sequence (input order)."""
+        order = sorted(range(len(seqs)), key=lambda i: self._slot(seqs[i].adapter))
+        ordered = [seqs[i] for i in order]
+        slots = [self._slot(s.adapter) for s in ordered]
+        if is_prefill:
+            ids, positions, batch = self._prepare_prefill(ordered, slots)
+            last = torch.tensor([e - 1 for e in batch.cu_seqlens[1:]], device=self.device)
+        else:
+            ids, positions, batch = self._prepare_decode(ordered, slots)
+            last = None
+        with forward_context(batch):
+            hidden = self.model(ids, positions)
+        if last is not None:
+            hidden = hidden[last]
+        logits = self.model.compute_logits(hidden)
+        tokens = self.sampler(logits, ordered)
+        result = [0] * len(seqs)
+        for pos, i in enumerate(order):
+            result[i] = tokens[pos]
+        return result
+
+    def _lora_batch(self, slots: list[int], lengths: list[int]):
+        if self.lora is None or all(s < 0 for s in slots):
+            return None  # base-model-only batch: skip the LoRA path entirely
+        return self.lora.prepare(slots, lengths)
+
+    def _prepare_prefill(self, seqs: list[Sequence], slots: list[int]):
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        cu = [0]
+        for seq in seqs:
+            toks = seq.all_token_ids
+            ids += toks
+            positions += range(len(toks))
+            table = self.blocks.tables[seq.seq_id]
+            bs = self.blocks.block_size
+            slot_mapping += [table[p // bs] * bs + p % bs for p in range(len(toks))]
+            cu.append(cu[-1] + len(toks))
+        lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        batch = ForwardBatch(
+            is_prefill=True,
+            num_tokens=len(ids),
+            cu_seqlens=cu,
+            slot_mapping=self._tensor(slot_mapping),
+            kv_caches=self.kv_caches,
+            lora=self._lora_batch(slots, lengths),
+        )
+        return self._tensor(ids), self._tensor(positions), batch
+
+    def _prepare_decode(self, seqs: list[Sequence], slots: list[int]):
+        ids = [s.all_token_ids[-1] for s in seqs]
+        positions = [s.num_tokens - 1 for s in seqs]
+        slot_mapping = [self.blocks.slot(s.seq_id, s.num_tokens - 1) for s in seqs]
+        width = max(len(self.blocks.tables[s.seq_id]) for s in seqs)
+        tables = [
+            self.blocks.tables[s.seq_id] + [0] * (width - len(self.blocks.tables[s.seq_id]))
+            for s in seqs
+        ]
+        batch = ForwardBatch(
+            is_prefill=False,
+            num_tokens=len(seqs),
+            slot_mapping=self._tensor(slot_mapping),
+            block_tables=self._tensor(tables),
+            context_lens=self._tensor([s.num_tokens for s in seqs]),
+            max_context_len=width * self.blocks.block_size,
+            kv_caches=self.kv_caches,
+            lora=self._lora_batch(slots, [1] * len(seqs)),
+        )
+        return self._tensor(ids), self._tensor(positions), batch
+
+    def _tensor(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+    @torch.inference_mode()
+    def score(self, prompts: list[list[int]], adapters: list[str | None]) -> list[torch.Tensor]:
+        """Next-token logits at every position of each prompt (no KV cache written).
+        Adapters named here must be pinned by the caller."""
+        order = sorted(range(len(prompts)), key=lambda i: self._slot(adapters[i]))
+        ids: list[int] = []
+        positions: list[int] = []
+        cu = [0]
+        for i in order:
+            ids += prompts[i]
+            positions += range(len(prompts[i]))
+            cu.append(cu[-1] + len(prompts[i]))
+        slots = [self._slot(adapters[i]) for i in order]
+        batch = ForwardBatch(
+            is_prefill=True,
+            num_tokens=len(ids),
+            cu_seqlens=cu,
+            slot_mapping=None,
+            kv_caches=self.kv_caches,
+            lora=self._lora_batch(slots, [len(prompts[i]) for i in order]),
+        )
+        with forward_context(batch):
+            hidden = self.model(self._tensor(ids), self._tensor(positions))
+        logits = self.model.compute_logits(hidden).cpu()
+        out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+        for k, i in enumerate(order):
+            out[i] = logits[cu[k] : cu[k + 1]]
+        return out

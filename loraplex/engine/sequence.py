@@ -1,0 +1,85 @@
+"""Request state: one ``Sequence`` per request (n > 1 is fanned out by the caller)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from loraplex.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step: cumulative ``token_ids`` and ``text``.
+
+    ``text`` has stop strings removed and, while running, may hold back a tail that could
+    still become a stop string. ``finish_reason`` is "stop", "length", "abort" or None.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    adapter: str | None = None
+    error: str | None = None  # set when the engine failed this request (finish_reason "abort")
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter: str | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    arrival_time: float = field(default_factory=time.monotonic)
+    generator: torch.Generator | None = None  # per-request RNG when params.seed is set
+    text: str = ""  # detokenized output, stop strings removed
+    finish_reason: str | None = None
+    error: str | None = None
+    num_preemptions: int = 0
+    # incremental detokenization offsets into all_token_ids (see engine.detokenizer)
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.params.seed is not None and self.generator is None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+        self.read_offset = len(self.prompt_token_ids)
+        self.prefix_offset = max(self.read_offset - 5, 0)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def output(self, visible_text: str | None = None) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_token_ids,
+            token_ids=list(self.output_token_ids),
+            text=self.text if visible_text is None else visible_text,
+            finished=self.finished,
+            finish_reason=self.finish_reason,
+            adapter=self.adapter,
+            error=self.error,
+        )

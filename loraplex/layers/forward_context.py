@@ -1,0 +1,54 @@
+"""The per-step metadata of one forward pass, installed by a context manager.
+
+Layers that need step metadata (attention, LoRA wrappers) read it with ``get_forward_batch()``
+instead of taking it as an argument, so model files stay plain and LoRA enters by module swap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.ops.lora_meta import LoRABatch
+
+
+@dataclass
+class ForwardBatch:
+    """Everything a forward needs besides token ids and positions.
+
+    Prefill: ``cu_seqlens`` (host list, len B+1) delimits each sequence's tokens; attention is
+    causal within a sequence and reads no cached context. Decode: one token per sequence;
+    attention reads ``context_lens[b]`` cached tokens through ``block_tables``.
+    """
+
+    is_prefill: bool
+    num_tokens: int
+    slot_mapping: torch.Tensor | None  # [T] int64, KV cache slot per token; None = don't cache
+    cu_seqlens: list[int] | None = None  # prefill
+    block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] int64
+    context_lens: torch.Tensor | None = None  # decode: [B] int64, incl. the new token
+    max_context_len: int = 0  # decode: static upper bound of context_lens
+    lora: LoRABatch | None = None  # None: no request in the batch uses an adapter
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (k, v)
+
+
+_current: ContextVar[ForwardBatch | None] = ContextVar("loraplex_forward_batch", default=None)
+
+
+@contextlib.contextmanager
+def forward_context(batch: ForwardBatch) -> Iterator[ForwardBatch]:
+    token = _current.set(batch)
+    try:
+        yield batch
+    finally:
+        _current.reset(token)
+
+
+def get_forward_batch() -> ForwardBatch:
+    batch = _current.get()
+    assert batch is not None, "model forward called outside forward_context()"
+    return batch

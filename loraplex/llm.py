@@ -1,0 +1,114 @@
+"""The offline Python API: ``LLM.generate`` and ``LLM.score`` over many adapters at once."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+
+import torch
+
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.sequence import RequestOutput
+from loraplex.errors import InvalidRequestError, LoraplexError
+from loraplex.sampling_params import SamplingParams
+
+
+class LLM:
+    """One base model plus named PEFT adapters; see DESIGN.md for the contract."""
+
+    def __init__(
+        self,
+        model: str,
+        adapters: dict[str, str] | None = None,
+        max_loras_per_batch: int = 8,
+        max_lora_rank: int = 64,
+        max_cpu_loras: int | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
+        lora_backend: str = "auto",
+        **engine_kwargs,
+    ) -> None:
+        self.engine = LLMEngine.from_args(
+            model,
+            adapters=adapters,
+            max_loras_per_batch=max_loras_per_batch,
+            max_lora_rank=max_lora_rank,
+            max_cpu_loras=max_cpu_loras,
+            device=device,
+            dtype=dtype,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            lora_backend=lora_backend,
+            **engine_kwargs,
+        )
+        self._counter = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Seq[str] | Seq[list[int]] | str,
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        adapters: str | None | Seq[str | None] = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt in one continuously batched run; outputs in prompt order.
+
+        Every request is validated before any runs; a request the engine fails (e.g. its
+        adapter's files vanished) comes back with ``finish_reason="abort"`` and ``error`` set.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = _per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
+        names = _per_prompt(adapters, len(prompts), "adapters")
+        ids = [self.engine.tokenize(p) for p in prompts]
+        for p, a in zip(ids, names):
+            self.engine.validate_prompt(p)
+            if a is not None:
+                self.engine.lora.check_servable(a)
+        rids = [f"llm-{next(self._counter)}" for _ in prompts]
+        done: dict[str, RequestOutput] = {}
+        try:
+            for rid, p, sp, a in zip(rids, ids, params, names):
+                self.engine.add_request(rid, p, sp, a)
+            while len(done) < len(rids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+        except BaseException:
+            for rid in rids:
+                self.engine.abort_request(rid)
+            raise
+        return [done[r] for r in rids]
+
+    def score(
+        self, prompts: Seq[list[int]] | Seq[str], adapters: str | None | Seq[str | None] = None
+    ) -> list[torch.Tensor]:
+        """Next-token logits at every position: a float32 CPU tensor [len(prompt), vocab] each."""
+        ids = [self.engine.tokenize(p) for p in prompts]
+        return self.engine.score(ids, _per_prompt(adapters, len(ids), "adapters"))
+
+    def load_adapter(self, name: str, path: str) -> None:
+        self.engine.load_adapter(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        self.engine.unload_adapter(name)
+
+    def list_adapters(self) -> list[str]:
+        return self.engine.list_adapters()
+
+
+def _per_prompt(value, n: int, field: str) -> list:
+    if value is None or isinstance(value, (str, SamplingParams)):
+        return [value] * n
+    value = list(value)
+    if len(value) != n:
+        raise InvalidRequestError(f"{field} has {len(value)} entries for {n} prompts")
+    return value
+
+
+__all__ = ["LLM", "LoraplexError"]

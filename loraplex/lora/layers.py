@@ -1,0 +1,81 @@
+"""LoRA wrappers for the fused projections, put in by module swap.
+
+``install_lora_layers`` replaces each layer's qkv_proj, o_proj, gate_up_proj and down_proj with a
+``LoRALinear`` that computes ``y = base(x)`` and then, when the step's ForwardBatch carries LoRA
+metadata, adds ``scaling * (x @ A^T) @ B^T`` per segment in place. The model classes never
+mention LoRA. All wrappers share one scratch buffer for the shrink output (layers run one at a
+time), allocated once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from loraplex.layers.forward_context import get_forward_batch
+from loraplex.layers.linear import LinearBase
+from loraplex.lora.pool import FUSED_PROJECTIONS, LoRAPool, SlotBuffers
+
+
+def get_lora_ops(backend: str) -> tuple[Callable, Callable]:
+    if backend == "triton":
+        from loraplex.ops.lora_triton import lora_expand, lora_shrink
+    elif backend == "torch":
+        from loraplex.ops.lora_ref import lora_expand, lora_shrink
+    else:
+        raise ValueError(f"lora_backend={backend!r} must be 'torch' or 'triton'")
+    return lora_shrink, lora_expand
+
+
+class LoRALinear(nn.Module):
+    def __init__(
+        self,
+        base: LinearBase,
+        buffers: SlotBuffers,
+        scratch: torch.Tensor,
+        ops: tuple[Callable, Callable],
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.buffers = buffers
+        self.scratch = scratch  # [max_tokens, >= n * R], shared by all wrappers
+        self.shrink, self.expand = ops
+        self.output_sizes = base.output_sizes
+        self.width = buffers.a.shape[1]  # n * R
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        lora = get_forward_batch().lora
+        if lora is None:
+            return y
+        buf = self.buffers
+        h = self.scratch[: x.shape[0], : self.width]  # [T, n*R]
+        self.shrink(x, buf.a, buf.ranks, lora, h)
+        self.expand(h, buf.b, buf.ranks, buf.scalings, buf.offsets, lora, y)
+        return y
+
+
+def install_lora_layers(
+    model: nn.Module,
+    pool: LoRAPool,
+    backend: str,
+    max_tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[LoRALinear]:
+    ops = get_lora_ops(backend)
+    width = max(b.a.shape[1] for b in pool.buffers.values())
+    scratch = torch.zeros(max_tokens, width, dtype=dtype, device=device)
+    wrappers = []
+    for layer_idx, layer in enumerate(model.model.layers):
+        for fused in FUSED_PROJECTIONS:
+            parent = layer.self_attn if fused in ("qkv_proj", "o_proj") else layer.mlp
+            base = getattr(parent, fused)
+            if isinstance(base, LoRALinear):
+                base = base.base
+            w = LoRALinear(base, pool.buffers[(layer_idx, fused)], scratch, ops)
+            setattr(parent, fused, w)
+            wrappers.append(w)
+    return wrappers
