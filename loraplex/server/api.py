@@ -25,9 +25,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loraplex.errors import AdapterNotFoundError
+from loraplex.errors import AdapterNotFoundError, LoraplexError
 from loraplex.server.adapters import AdapterRegistry
-from loraplex.server.async_engine import AsyncEngine
+from loraplex.server.async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from loraplex.server.http_errors import error_from_exception
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.protocol import (
@@ -155,13 +155,14 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
+        # One message per top-level field (a union type fails once per member: keep the first).
+        fields: dict[str, str] = {}
         for e in exc.errors():
-            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            parts.append(f"{loc or 'body'}: {e.get('msg')}")
-        param = ".".join(str(x) for x in exc.errors()[0].get("loc", ())[1:]) if exc.errors() \
-            else None
-        return answer(bad_request("invalid request: " + "; ".join(parts), param=param or None))
+            loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+            fields.setdefault(loc[0] if loc else "body", f"{'.'.join(loc) or 'body'}: "
+                                                         f"{e.get('msg')}")
+        message = "invalid request: " + "; ".join(fields.values())
+        return answer(bad_request(message, param=next(iter(fields), None)))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -169,12 +170,16 @@ def _install_error_handlers(app: FastAPI) -> None:
                                                                          "HTTPError")
         return answer(APIError(exc.status_code, str(exc.detail), kind, str(exc.status_code)))
 
-    @app.exception_handler(Exception)
     async def on_error(_: Request, exc: Exception) -> JSONResponse:
         err = error_from_exception(exc)
         if err.status >= 500:
             logger.error("request failed: %s", err.message, exc_info=exc)
         return answer(err)
+
+    # Expected errors by class (answered without a traceback); anything else is a 500.
+    for kind in (APIError, LoraplexError, ValueError, EngineStepError, EngineDeadError,
+                 Exception):
+        app.add_exception_handler(kind, on_error)
 
 
 # ---------------------------------------------------------------------- CLI

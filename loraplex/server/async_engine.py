@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 
 class EngineStepError(RuntimeError):
-    """The engine raised while running a step that this request was part of."""
+    """The engine failed this request: ``step()`` raised, or the output carries ``error``."""
 
 
 class EngineDeadError(RuntimeError):
@@ -77,6 +77,8 @@ class RequestStream:
                 raise item
             if item.finished:
                 self._unfinished.discard(index)
+                if getattr(item, "error", None):  # the engine failed this request
+                    raise EngineStepError(f"the engine failed this request: {item.error}")
             yield index, item
 
     def close(self) -> None:
