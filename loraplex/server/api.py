@@ -202,6 +202,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV-cache blocks (default: sized from the memory budget)")
+    p.add_argument("--lora-backend", default="auto", help="torch | triton | auto")
     p.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes "
                         "(default: $LORAPLEX_API_KEY)")
@@ -252,7 +256,9 @@ def run_server(args: argparse.Namespace) -> None:
     engine = LLMEngine.from_args(
         model=args.model, adapters=config.adapters, max_loras_per_batch=args.max_loras_per_batch,
         max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, device=args.device,
-        dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+        dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks,
+        lora_backend=args.lora_backend)
     app = create_app(engine, config)
     logger.info("serving %r with adapters %s on http://%s:%d", config.served_model_name,
                 sorted(config.adapters), args.host, args.port)
