@@ -1,0 +1,189 @@
+"""Triton (GPU) batched LoRA ops with the torch reference's signatures and semantics
+(see ``lora_ref`` for them written as PyTorch code, and ``docs/kernels.md`` for the design).
+
+``batch.decode_shaped`` (every segment <= 4 tokens) picks the per-token decode kernels, else
+the segment (prefill) kernels. Stacked slices (q/k/v, gate/up) run in one launch per op.
+
+CUDA graphs: the decode path is capturable. Its grid is ``(min(len(batch.token_slots),
+rows of x/out/h/y), column tiles)``: shapes only. Tokens past ``batch.num_tokens`` must hold
+slot -1 in ``token_slots`` (padding rows exit at once). The segment path's grid is
+``(column tiles, cdiv(batch.max_seg_len, BLOCK_M), len(batch.seg_starts))``; segments past
+``num_segs`` must hold slot -1 (or length 0), and to capture it ``max_seg_len`` must be held
+at a fixed bound for the graph (tiles past a segment's length exit at once). Neither path
+allocates, syncs, or reads a host value other than shapes and ``max_seg_len``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from loraplex.ops import lora_triton_kernels as K
+from loraplex.ops.lora_meta import LoRABatch
+
+MAX_SLICES = 4
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def lora_shrink(
+    x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, batch: LoRABatch, out: torch.Tensor
+) -> None:
+    """``out[seg, i*R : i*R + r] = x[seg] @ a[slot, i*R : i*R + r].T`` per segment and slice
+    (same contract as ``lora_ref.lora_shrink``). ``x [T', in]``, ``a [S, n*R, in]``,
+    ``ranks [S, n]`` int32, ``out [T, n*R]`` in x's dtype."""
+    n, nr, k = ranks.shape[1], a.shape[1], a.shape[2]
+    _check_common(x, a, ranks, out, batch)
+    _require(a.dim() == 3 and a.is_contiguous() and nr % n == 0, "a: contiguous [S, n*R, in]")
+    _require(x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1, "x: [T, in], unit col stride")
+    _require(out.dim() == 2 and out.shape[1] == nr and out.stride(1) == 1, "out: [T, n*R]")
+    r = nr // n
+    if batch.decode_shaped:
+        t = min(batch.token_slots.shape[0], x.shape[0], out.shape[0])
+        if t == 0:
+            return
+        block_n, block_k = _shrink_decode_config(t, nr, k, x.device)
+        grid = (t, triton.cdiv(nr, block_n))
+        K.shrink_decode_kernel[grid](
+            x, a, ranks, batch.token_slots, out, k, nr, r, n,
+            x.stride(0), a.stride(0), a.stride(1), out.stride(0),
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4,
+        )
+        return
+    if batch.max_seg_len == 0:
+        return
+    block_m, block_n, block_k = _shrink_segment_config(batch, nr, x)
+    grid = (triton.cdiv(nr, block_n), triton.cdiv(batch.max_seg_len, block_m),
+            batch.seg_starts.shape[0])
+    K.shrink_segment_kernel[grid](
+        x, a, ranks, batch.seg_starts, batch.seg_lens, batch.seg_slots, out, k, nr, r, n,
+        x.stride(0), a.stride(0), a.stride(1), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=_precision(x),
+        num_warps=4, num_stages=3,
+    )
+
+
+def lora_expand(
+    h: torch.Tensor,
+    b: torch.Tensor,
+    ranks: torch.Tensor,
+    scalings: torch.Tensor,
+    offsets: tuple[int, ...],
+    batch: LoRABatch,
+    y: torch.Tensor,
+) -> None:
+    """``y[seg, off_i:off_i+1] += scalings[slot, i] * h[seg, i*R : i*R + r] @
+    b[slot, off_i:off_i+1, :r].T`` in place (same contract as ``lora_ref.lora_expand``).
+    ``h [T, n*R]``, ``b [S, out, R]``, ``scalings [S, n]`` float32, ``y [T', out]``."""
+    n, r = ranks.shape[1], b.shape[2]
+    _check_common(h, b, ranks, y, batch)
+    _require(b.dim() == 3 and b.is_contiguous(), "b: contiguous [S, out, R]")
+    _require(h.dim() == 2 and h.shape[1] == n * r and h.stride(1) == 1, "h: [T, n*R]")
+    _require(y.dim() == 2 and y.shape[1] == b.shape[1] and y.stride(1) == 1, "y: [T, out]")
+    _require(scalings.dtype == torch.float32 and scalings.is_contiguous()
+             and tuple(scalings.shape) == tuple(ranks.shape), "scalings: float32 [S, n]")
+    _require(len(offsets) == n + 1 and offsets[0] == 0 and offsets[-1] == y.shape[1]
+             and all(offsets[i] <= offsets[i + 1] for i in range(n)) and n <= MAX_SLICES,
+             f"offsets {offsets}: n+1 ascending ints from 0 to out (n <= {MAX_SLICES})")
+    offs = [int(o) for o in offsets] + [int(offsets[-1])] * (MAX_SLICES + 1 - len(offsets))
+    widest = max(offsets[i + 1] - offsets[i] for i in range(n))
+    if widest == 0:
+        return
+    if batch.decode_shaped:
+        t = min(batch.token_slots.shape[0], h.shape[0], y.shape[0])
+        if t == 0:
+            return
+        block_n, block_r = _expand_decode_config(r, widest)
+        nb = triton.cdiv(widest, block_n)
+        K.expand_decode_kernel[(t, n * nb)](
+            h, b, ranks, scalings, batch.token_slots, y, r, n, nb, *offs,
+            h.stride(0), b.stride(0), b.stride(1), y.stride(0),
+            BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4, num_stages=2,
+        )
+        return
+    if batch.max_seg_len == 0:
+        return
+    block_m, block_n, block_r = _expand_segment_config(batch, r, widest, y)
+    nb = triton.cdiv(widest, block_n)
+    grid = (n * nb, triton.cdiv(batch.max_seg_len, block_m), batch.seg_starts.shape[0])
+    K.expand_segment_kernel[grid](
+        h, b, ranks, scalings, batch.seg_starts, batch.seg_lens, batch.seg_slots, y,
+        r, n, nb, *offs, h.stride(0), b.stride(0), b.stride(1), y.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, DOT_PRECISION=_precision(y),
+        num_warps=4, num_stages=2,
+    )
+
+
+# ---- launch configuration (block sizes tuned for decode/prefill shapes; see docs/kernels.md)
+
+def _shrink_decode_config(t: int, nr: int, k: int, device: torch.device) -> tuple[int, int]:
+    # Split the stacked rank columns (not K) across programs until there are ~2 programs per
+    # SM: no cross-program reduction is needed, and x (one row) is re-read from L2 only.
+    target = 2 * _num_sms(device)
+    block_n = 16
+    while block_n > 2 and t * triton.cdiv(nr, block_n) < target:
+        block_n //= 2
+    block_k = min(max(4096 // block_n, 128), 2048, triton.next_power_of_2(k))
+    return block_n, block_k
+
+
+def _shrink_segment_config(batch: LoRABatch, nr: int, x: torch.Tensor) -> tuple[int, int, int]:
+    block_n = min(64, max(16, triton.next_power_of_2(nr)))
+    col_tiles = triton.cdiv(nr, block_n)
+    target = 2 * _num_sms(x.device)
+    block_m = 64
+    while block_m > 16 and (col_tiles * batch.num_segs
+                            * triton.cdiv(batch.max_seg_len, block_m)) < target:
+        block_m //= 2
+    block_m = min(block_m, max(16, triton.next_power_of_2(batch.max_seg_len)))
+    block_k = 64 if x.dtype in _HALF else 32
+    return block_m, block_n, block_k
+
+
+def _expand_decode_config(r: int, widest: int) -> tuple[int, int]:
+    block_r = min(64, max(4, triton.next_power_of_2(r)))
+    block_n = min(max(4096 // block_r, 32), 512, max(16, triton.next_power_of_2(widest)))
+    return block_n, block_r
+
+
+def _expand_segment_config(
+    batch: LoRABatch, r: int, widest: int, y: torch.Tensor
+) -> tuple[int, int, int]:
+    block_m = min(64, max(16, triton.next_power_of_2(batch.max_seg_len)))
+    block_n = min(128 if y.dtype in _HALF else 64, max(16, triton.next_power_of_2(widest)))
+    block_r = min(64 if y.dtype in _HALF else 32, max(16, triton.next_power_of_2(r)))
+    return block_m, block_n, block_r
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    # The interpreter (CPU tensors) has no SMs; size its grids as for an H100/H200 (132 SMs).
+    return _sm_count(device.index or 0) if device.type == "cuda" else 132
+
+
+def _precision(t: torch.Tensor) -> str:
+    # float32 operands would be truncated to TF32 by default; keep them exact like the reference.
+    return "tf32" if t.dtype in _HALF else "ieee"
+
+
+def _check_common(x, w, ranks, out, batch: LoRABatch) -> None:
+    _require(x.dtype in (*_HALF, torch.float32), f"activations dtype {x.dtype}: fp16/bf16/fp32")
+    _require(w.dtype == x.dtype and out.dtype == x.dtype,
+             f"dtypes must match: activations {x.dtype}, weights {w.dtype}, output {out.dtype}")
+    _require(ranks.dtype == torch.int32 and ranks.is_contiguous() and ranks.dim() == 2
+             and ranks.shape[0] == w.shape[0], "ranks: contiguous int32 [S, n]")
+    for name in ("seg_starts", "seg_lens", "seg_slots", "token_slots"):
+        meta = getattr(batch, name)
+        _require(meta.dtype == torch.int32 and meta.is_contiguous(), f"batch.{name}: int32")
+    devices = {t.device for t in (x, w, ranks, out, batch.token_slots, batch.seg_slots)}
+    _require(len(devices) == 1, f"all tensors must be on one device, got {devices}")
+
+
+def _require(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(f"lora_triton: {what}")
