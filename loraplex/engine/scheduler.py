@@ -140,7 +140,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:
-        if seq.status is SequenceStatus.RUNNING:
+        if seq in self.running:
             self._stop(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)

@@ -1,0 +1,174 @@
+"""Engine core against Hugging Face transformers: logits, greedy generation, batching,
+preemption, sampling and stop conditions, and the errors a user can cause."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers_lora import load_hf_model, make_tiny_model
+
+from loraplex import LLM, InvalidRequestError, ModelLoadError, SamplingParams
+
+PROMPTS = ["hello world", "the quick brown fox jumps", "a", "int main() { return 0; }",
+           "to be or not to be, that is", "zz"]
+
+
+def _randomize_biases(model, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    d, hf = make_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
+    return d, hf, LLM(str(d), device="cpu", max_num_seqs=16)
+
+
+def _check_logits(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    err = (ours - ref).abs().max().item()
+    assert err <= 1e-4 * ref.abs().max().item(), err
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("llama", {}),
+    ("mistral", {}),
+    ("qwen2", {"tie_word_embeddings": True}),
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 64}}),
+])
+def test_score_matches_transformers(tmp_path, arch, overrides):
+    d, hf = make_tiny_model(tmp_path / arch, arch, **overrides)
+    if arch == "qwen2":  # HF initialises biases to zero: make them matter
+        _randomize_biases(hf)
+        hf.save_pretrained(d)
+        hf = load_hf_model(d)
+    llm = LLM(str(d), device="cpu")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (1, 7, 33, 100)]
+    for ids, ours in zip(prompts, llm.score(prompts), strict=True):
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0]
+        _check_logits(ours, ref)
+
+
+def test_sharded_checkpoint(tmp_path):
+    d, hf = make_tiny_model(tmp_path / "m", "llama")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    for f in d.glob("tokenizer*"):
+        (tmp_path / "sharded" / f.name).write_bytes(f.read_bytes())
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    ids = [[1, 5, 9, 13, 2, 40]]
+    ours = LLM(str(tmp_path / "sharded"), device="cpu").score(ids)[0]
+    _check_logits(ours, hf(torch.tensor(ids)).logits[0].detach())
+
+
+def test_greedy_batch_matches_hf_generate_alone(llama):
+    d, hf, llm = llama
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0))
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        ids = llm.tokenizer.encode(prompt)
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):]
+        assert out.token_ids == ref.tolist()
+        assert out.finish_reason == ("stop" if ref[-1].item() == 2 else "length")
+
+
+def test_greedy_alone_equals_in_crowd_and_under_preemption(tmp_path, llama):
+    d, _, llm = llama
+    g = torch.Generator().manual_seed(3)
+    crowd = [torch.randint(4, 100, (int(n),), generator=g).tolist()
+             for n in torch.randint(3, 40, (16,), generator=g)]
+    sp = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    alone = [llm.generate([p], sp)[0].token_ids for p in crowd[:3]]
+    together = llm.generate(crowd, sp)
+    assert [o.token_ids for o in together[:3]] == alone
+    tiny = LLM(str(d), device="cpu", max_num_seqs=16, num_kv_blocks=12)
+    squeezed = tiny.generate(crowd, sp)
+    assert tiny.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in squeezed] == [o.token_ids for o in together]
+    assert tiny.engine.blocks.num_free == tiny.engine.blocks.num_blocks
+
+
+def test_seeded_sampling_is_reproducible_regardless_of_batch(llama):
+    _, _, llm = llama
+    sp = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, top_k=50, seed=1234,
+                        ignore_eos=True)
+    a = llm.generate(["hello world"], sp)[0].token_ids
+    mates = [SamplingParams(max_tokens=20, temperature=1.0, seed=i) for i in range(5)]
+    b = llm.generate(["the cat", "hello world", "x", "y", "z", "w"], [mates[0], sp] + mates[1:])
+    assert b[1].token_ids == a
+    other = llm.generate(["hello world"], SamplingParams(max_tokens=20, temperature=0.9,
+                                                         seed=99, ignore_eos=True))[0]
+    assert other.token_ids != a  # a different seed really samples differently
+
+
+def test_top_k_1_is_greedy(llama):
+    _, _, llm = llama
+    greedy = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=12, temperature=0))
+    topk = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=12, temperature=1.5, top_k=1))
+    assert [o.token_ids for o in greedy] == [o.token_ids for o in topk]
+
+
+def test_stop_strings_eos_and_stop_token_ids(llama):
+    _, _, llm = llama
+    full = llm.generate(["hello world"], SamplingParams(max_tokens=24, temperature=0,
+                                                        ignore_eos=True))[0]
+    assert len(full.token_ids) == 24 and full.finish_reason == "length"
+    stop = full.text[5:8]
+    cut = llm.generate(["hello world"], SamplingParams(max_tokens=24, temperature=0,
+                                                       ignore_eos=True, stop=[stop]))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert stop not in cut.text
+    tok = full.token_ids[3]
+    by_id = llm.generate(["hello world"], SamplingParams(max_tokens=24, temperature=0,
+                                                         stop_token_ids=[tok]))[0]
+    assert by_id.finish_reason == "stop" and by_id.token_ids[-1] == tok
+    assert tok not in by_id.token_ids[:-1]
+    # EOS: make EOS the model's greedy choice by declaring the first greedy token to be EOS
+    llm.engine.eos_ids.add(full.token_ids[0])
+    try:
+        eos = llm.generate(["hello world"], SamplingParams(max_tokens=24, temperature=0))[0]
+        assert eos.token_ids == full.token_ids[:1] and eos.finish_reason == "stop"
+        ign = llm.generate(["hello world"], SamplingParams(max_tokens=24, temperature=0,
+                                                           ignore_eos=True))[0]
+        assert ign.token_ids == full.token_ids
+    finally:
+        llm.engine.eos_ids.discard(full.token_ids[0])
+
+
+def test_bad_requests_raise_clear_errors_and_engine_keeps_serving(llama):
+    _, _, llm = llama
+    with pytest.raises(InvalidRequestError, match=r"300 tokens.*256"):
+        llm.generate([[5] * 300], SamplingParams(max_tokens=4))
+    for field, kwargs in [("temperature", {"temperature": -1}), ("top_p", {"top_p": 0}),
+                          ("max_tokens", {"max_tokens": 0}), ("top_k", {"top_k": 0})]:
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**kwargs)
+    with pytest.raises(InvalidRequestError, match="out of range"):
+        llm.generate([[5, 999]], SamplingParams(max_tokens=2))
+    ok = llm.generate(["hello"], SamplingParams(max_tokens=3, temperature=0))[0]
+    assert len(ok.token_ids) == 3
+    assert llm.engine.stats()["num_running"] == 0
+
+
+def test_unsupported_architecture_and_missing_tensor(tmp_path):
+    d, _ = make_tiny_model(tmp_path / "m", "llama")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ModelLoadError, match=r"GPT2LMHeadModel.*LlamaForCausalLM"):
+        LLM(str(d), device="cpu")
+    (d / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(d / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight"):
+        LLM(str(d), device="cpu")
