@@ -1,0 +1,209 @@
+"""Strict loading of a PEFT LoRA directory into a validated, normalized ``LoRAAdapter``.
+
+Everything is checked on the host before any tensor reaches a device: the config's fields
+(unsupported features are refused by name), which modules it targets in this base model,
+each module's rank against ``max_lora_rank``, and every tensor's name, layer, rank and
+shape (including grouped-query k/v widths). Errors are ``AdapterLoadError`` naming the file
+and the field or tensor at fault.
+
+Steps: ``read_peft_config`` -> ``_expected_modules`` (what PEFT would create in this model)
+-> ``_read_tensors`` -> ``_collect`` (match tensors to modules, check shapes).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from loraplex.config import ModelConfig
+from loraplex.errors import AdapterLoadError
+from loraplex.lora.adapter import PROJ_NAMES, LoRAAdapter, LoRAWeights, hf_module_name
+from loraplex.lora.peft_config import PeftLoRAConfig, read_peft_config
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+
+# base_model.model.<module>.lora_A[.<adapter name>].weight; <module> as in the HF model.
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_MODULE_RE = re.compile(r"^(?:model\.)?layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<proj>\w+)$")
+
+
+def load_peft_adapter(
+    path: str | os.PathLike,
+    model_config: ModelConfig,
+    max_lora_rank: int,
+    name: str | None = None,
+) -> LoRAAdapter:
+    """Load the PEFT LoRA adapter in directory ``path`` for the base model ``model_config``.
+
+    Returns a ``LoRAAdapter`` whose ``weights[(layer, proj)]`` hold float32, contiguous CPU
+    tensors ``a: [r, in]`` and ``b: [out, r]`` with ``(in, out) = model_config.proj_shapes()
+    [proj]``, and PEFT's scaling (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA, per
+    module after ``rank_pattern`` / ``alpha_pattern``). ``name`` defaults to the directory
+    name. Raises ``AdapterLoadError`` for anything PEFT would not load into this model the
+    same way, or that loraplex cannot serve (e.g. DoRA, ``modules_to_save``, rank above
+    ``max_lora_rank``).
+    """
+    adapter_dir = Path(path)
+    if not adapter_dir.is_dir():
+        raise AdapterLoadError(f"{adapter_dir}: adapter directory does not exist")
+    cfg = read_peft_config(adapter_dir)
+    expected = _expected_modules(cfg, model_config, max_lora_rank)
+    file, tensors = _read_tensors(adapter_dir)
+    weights = _collect(file, tensors, cfg, expected, model_config)
+    return LoRAAdapter(name=name or adapter_dir.resolve().name, path=str(adapter_dir),
+                       weights=weights)
+
+
+def _expected_modules(
+    cfg: PeftLoRAConfig, mc: ModelConfig, max_lora_rank: int,
+) -> dict[tuple[int, str], tuple[int, float]]:
+    """``(layer, proj) -> (r, scaling)`` for every module PEFT would wrap in this model."""
+    file = cfg.file
+    _check_targets_applicable(cfg, mc)
+    wanted = cfg.layers_to_transform
+    for index in (wanted,) if isinstance(wanted, int) else (wanted or ()):
+        if not 0 <= index < mc.num_layers:
+            raise AdapterLoadError(f"{file}: layers_to_transform has layer {index}, but the base "
+                                   f"model has {mc.num_layers} layers (0..{mc.num_layers - 1})")
+    expected = {}
+    for layer in range(mc.num_layers):
+        for proj in PROJ_NAMES:
+            key = hf_module_name(layer, proj)
+            if not cfg.targets(key):
+                continue
+            r, alpha = cfg.rank_and_alpha(key)
+            if r > max_lora_rank:
+                raise AdapterLoadError(
+                    f"{file}: rank {r} of {key} exceeds max_lora_rank={max_lora_rank} "
+                    f"(raise max_lora_rank to at least {r} to serve this adapter)")
+            expected[(layer, proj)] = (r, cfg.scaling(r, alpha))
+    if not expected:
+        raise AdapterLoadError(f"{file}: target_modules={_show(cfg.target_modules)} selects no "
+                               f"projection of the base model")
+    return expected
+
+
+def _check_targets_applicable(cfg: PeftLoRAConfig, mc: ModelConfig) -> None:
+    """Refuse targets outside the seven projections (embeddings, lm_head, norms, blocks)."""
+    file, shown = cfg.file, _show(cfg.target_modules)
+    for key in _other_module_names(mc.num_layers):
+        if cfg.targets(key, check_layers=False):
+            raise AdapterLoadError(
+                f"{file}: target_modules={shown} targets {key}; loraplex applies LoRA only to "
+                f"{', '.join(PROJ_NAMES)}")
+    if isinstance(cfg.target_modules, str):
+        return
+    names = [hf_module_name(layer, p) for layer in range(mc.num_layers) for p in PROJ_NAMES]
+    for entry in sorted(cfg.target_modules):
+        if not any(n == entry or n.endswith(f".{entry}") for n in names):
+            raise AdapterLoadError(
+                f"{file}: target_modules entry {entry!r} matches no module loraplex can apply "
+                f"LoRA to (supported: {', '.join(PROJ_NAMES)})")
+
+
+def _other_module_names(num_layers: int) -> list[str]:
+    """Modules of a Llama-family ``*ForCausalLM`` other than the seven projections."""
+    names = ["model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb",
+             "lm_head"]
+    for i in range(num_layers):
+        p = f"model.layers.{i}"
+        names += [p, f"{p}.self_attn", f"{p}.mlp", f"{p}.mlp.act_fn", f"{p}.input_layernorm",
+                  f"{p}.post_attention_layernorm"]
+    return names
+
+
+def _read_tensors(adapter_dir: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    st, pt = adapter_dir / SAFETENSORS_NAME, adapter_dir / BIN_NAME
+    if st.is_file():
+        try:
+            return st, load_file(st, device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise AdapterLoadError(f"{st}: cannot read safetensors file: {e}") from e
+    if pt.is_file():
+        try:
+            tensors = torch.load(pt, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, OSError, RuntimeError, EOFError, ValueError) as e:
+            raise AdapterLoadError(f"{pt}: cannot read PyTorch weights file: {e}") from e
+        if not isinstance(tensors, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+            raise AdapterLoadError(f"{pt}: expected a dict of name -> tensor")
+        return pt, tensors
+    raise AdapterLoadError(f"{adapter_dir}: no adapter weights ({SAFETENSORS_NAME} or {BIN_NAME})")
+
+
+def _collect(
+    file: Path,
+    tensors: dict[str, torch.Tensor],
+    cfg: PeftLoRAConfig,
+    expected: dict[tuple[int, str], tuple[int, float]],
+    mc: ModelConfig,
+) -> dict[tuple[int, str], LoRAWeights]:
+    """Match every tensor to an expected module's A or B and check it; nothing left over."""
+    found: dict[tuple[int, str, str], tuple[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY_RE.match(key)
+        if m is None:
+            raise AdapterLoadError(f"{file}: unexpected tensor {key!r} (not a LoRA A/B weight of "
+                                   f"a supported module)")
+        mm = _MODULE_RE.match(m["module"])
+        if mm is None or mm["proj"] not in PROJ_NAMES:
+            raise AdapterLoadError(f"{file}: tensor {key!r} is for module {m['module']!r}; "
+                                   f"loraplex applies LoRA only to {', '.join(PROJ_NAMES)}")
+        layer, proj = int(mm["layer"]), mm["proj"]
+        if layer >= mc.num_layers:
+            raise AdapterLoadError(f"{file}: tensor {key!r} is for layer {layer}, but the base "
+                                   f"model has {mc.num_layers} layers")
+        if (layer, proj) not in expected:
+            raise AdapterLoadError(f"{file}: tensor {key!r} is for {hf_module_name(layer, proj)}, "
+                                   f"which adapter_config.json does not target")
+        slot = (layer, proj, m["ab"])
+        if slot in found:
+            raise AdapterLoadError(f"{file}: tensors {found[slot][0]!r} and {key!r} are both "
+                                   f"lora_{m['ab']} of {hf_module_name(layer, proj)}")
+        found[slot] = (key, t)
+
+    shapes = mc.proj_shapes()
+    weights = {}
+    for (layer, proj), (r, scaling) in expected.items():
+        module = hf_module_name(layer, proj)
+        d_in, d_out = shapes[proj]
+        pair = []
+        for ab, want in (("A", (r, d_in)), ("B", (d_out, r))):
+            if (layer, proj, ab) not in found:
+                raise AdapterLoadError(f"{file}: missing tensor "
+                                       f"'base_model.model.{module}.lora_{ab}.weight'")
+            key, t = found[(layer, proj, ab)]
+            pair.append(_check_tensor(file, key, t, want, module, proj, r))
+        weights[(layer, proj)] = LoRAWeights(a=pair[0], b=pair[1], scaling=scaling)
+    return weights
+
+
+def _check_tensor(file: Path, key: str, t: torch.Tensor, want: tuple[int, int], module: str,
+                  proj: str, r: int) -> torch.Tensor:
+    # LoRA A/B keep nn.Linear layout ([r, in], [out, r]) whatever fan_in_fan_out says: that
+    # flag describes the base weight's layout, and PEFT forces it off for nn.Linear targets.
+    if not t.is_floating_point():
+        raise AdapterLoadError(f"{file}: tensor {key!r} has dtype {t.dtype}, expected floating")
+    if tuple(t.shape) != want:
+        ab = key.split(".lora_")[1][0]
+        rank_dim = t.shape[0 if ab == "A" else -1] if t.dim() == 2 else None
+        hint = (f"rank {rank_dim} but adapter_config.json gives r={r} for {module}"
+                if t.dim() == 2 and rank_dim != r else
+                f"the base model's {proj} is {want[1] if ab == 'A' else want[0]} wide on this side")
+        raise AdapterLoadError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, expected "
+                               f"{want} ({hint})")
+    t = t.to(torch.float32).contiguous()
+    if not torch.isfinite(t).all():
+        raise AdapterLoadError(f"{file}: tensor {key!r} contains NaN or infinite values")
+    return t
+
+
+def _show(target: frozenset[str] | str) -> str:
+    return repr(target) if isinstance(target, str) else repr(sorted(target))
