@@ -249,6 +249,8 @@ def test_missing_and_corrupt_files(llama, good, tmp_path):
     _, mc = llama
     with pytest.raises(AdapterLoadError, match="does not exist"):
         load_peft_adapter(tmp_path / "nowhere", mc, 8)
+    with pytest.raises(AdapterLoadError, match="is not a directory"):
+        load_peft_adapter(good / "adapter_config.json", mc, 8)
     weights = good / "adapter_model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])

@@ -42,7 +42,7 @@ _REFUSED: dict[str, str] = {
 # (initialisation recipes, runtime options). Unknown switches that are set are refused.
 _HARMLESS_SWITCHES = frozenset({
     "use_rslora", "runtime_config", "loftq_config", "eva_config", "corda_config",
-    "lora_ga_config", "use_cache",
+    "lora_ga_config",
 })
 _ALL_LINEAR = "all-linear"
 
@@ -137,7 +137,7 @@ def read_peft_config(adapter_dir: Path) -> PeftLoRAConfig:
 
 
 def parse_peft_config(raw: dict[str, Any], file: Path) -> PeftLoRAConfig:
-    peft_type = raw.get("peft_type", "LORA")
+    peft_type = raw.get("peft_type", "LORA")  # absent in some hand-made configs: assume LoRA
     if str(peft_type).upper() != "LORA":
         raise _fail(file, f"peft_type={peft_type!r} is not supported (only LORA)")
     _refuse_unsupported(raw, file)

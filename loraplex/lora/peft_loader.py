@@ -52,7 +52,8 @@ def load_peft_adapter(
     """
     adapter_dir = Path(path)
     if not adapter_dir.is_dir():
-        raise AdapterLoadError(f"{adapter_dir}: adapter directory does not exist")
+        what = "is not a directory" if adapter_dir.exists() else "does not exist"
+        raise AdapterLoadError(f"{adapter_dir}: adapter directory {what}")
     cfg = read_peft_config(adapter_dir)
     expected = _expected_modules(cfg, model_config, max_lora_rank)
     file, tensors = _read_tensors(adapter_dir)
