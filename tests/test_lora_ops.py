@@ -4,75 +4,12 @@ token counts. Unused rank rows/columns are NaN-poisoned; untouched outputs must 
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 from loraplex.ops import lora_ref
 from loraplex.ops.lora_meta import LoRABatch
-from loraplex.ops.lora_testing import (
-    PATTERNS,
-    LoRACase,
-    make_case,
-    naive_expand,
-    naive_shrink,
-    poisoned_h,
-    touched_rows,
-    written_mask,
-)
-
-WIDTHS = {1: (72,), 2: (56, 40), 3: (96, 32, 32)}
-IN_FEATURES = 80
-
-
-def random_ranks(num_slots: int, n: int, max_rank: int, rng: random.Random) -> list[list[int]]:
-    """Per-slot, per-slice ranks in 0..max_rank: full, partial and untargeted (0) slices."""
-    ranks = [[rng.choice([0, max_rank, rng.randint(1, max_rank)]) for _ in range(n)]
-             for _ in range(num_slots)]
-    ranks[0] = [max_rank] * n  # at least one fully targeted adapter
-    if num_slots > 2:
-        ranks[-1] = [0] * n  # an adapter that targets none of these slices
-    return ranks
-
-
-def build(n: int, num_tokens: int, pattern: str, max_rank: int, seed: int,
-          dtype: torch.dtype = torch.float32, device: str = "cpu", in_features: int = IN_FEATURES,
-          widths: tuple[int, ...] | None = None, num_slots: int = 6) -> LoRACase:
-    rng = random.Random(seed)
-    return make_case(
-        num_tokens=num_tokens, in_features=in_features, widths=widths or WIDTHS[n],
-        max_rank=max_rank, slot_ranks=random_ranks(num_slots, n, max_rank, rng),
-        pattern=pattern, dtype=dtype, device=device, seed=seed, extra_rows=2,
-    )
-
-
-def check_shrink(shrink, case: LoRACase, rtol: float, atol: float) -> None:
-    t, cols = len(case.token_slots), case.a.shape[1]
-    gen = torch.Generator().manual_seed(3)
-    out0 = torch.randn(t, cols, generator=gen).to(case.x.device, case.x.dtype)
-    out = out0.clone()
-    shrink(case.x, case.a, case.ranks, case.batch, out)
-    ref = naive_shrink(case, out0)
-    mask = written_mask(case)
-    got = out.cpu()
-    assert torch.equal(got[~mask], out0.cpu()[~mask]), "shrink wrote outside its ranks/tokens"
-    torch.testing.assert_close(got[mask].double(), ref[mask], rtol=rtol, atol=atol)
-
-
-def check_expand(expand, case: LoRACase, rtol: float, atol: float) -> None:
-    t, out_features = len(case.token_slots), case.b.shape[1]
-    gen = torch.Generator().manual_seed(4)
-    y0 = torch.randn(t, out_features, generator=gen).to(case.x.device, case.x.dtype)
-    y = y0.clone()
-    h = poisoned_h(case)
-    expand(h, case.b, case.ranks, case.scalings, case.offsets, case.batch, y)
-    ref = naive_expand(case, h, y0)
-    rows = touched_rows(case)
-    got = y.cpu()
-    assert torch.equal(got[~rows], y0.cpu()[~rows]), "expand changed rows without an adapter"
-    assert not got.isnan().any(), "expand read a poisoned (unused) entry"
-    torch.testing.assert_close(got[rows].double(), ref[rows], rtol=rtol, atol=atol)
+from loraplex.ops.lora_testing import PATTERNS, build, check_expand, check_shrink, poisoned_h
 
 
 @pytest.mark.parametrize("max_rank", [1, 16, 128])

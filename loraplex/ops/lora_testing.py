@@ -130,7 +130,8 @@ def naive_expand(case: LoRACase, h: torch.Tensor, y: torch.Tensor) -> torch.Tens
             if r == 0:
                 continue
             hv = h64[tok, i * big_r : i * big_r + r]
-            ref[tok, offs[i] : offs[i + 1]] += scalings[slot][i] * (b[slot, offs[i] : offs[i + 1], :r] @ hv)
+            bs = b[slot, offs[i] : offs[i + 1], :r]
+            ref[tok, offs[i] : offs[i + 1]] += scalings[slot][i] * (bs @ hv)
     return ref
 
 
@@ -149,3 +150,62 @@ def written_mask(case: LoRACase) -> torch.Tensor:
 def touched_rows(case: LoRACase) -> torch.Tensor:
     """[T] bool: tokens that use an adapter (rows ``lora_expand`` may change)."""
     return torch.tensor([s >= 0 for s in case.token_slots], dtype=torch.bool)
+
+
+# ---- sweep helpers shared by tests/test_lora_ops.py and tests/test_lora_triton.py
+
+WIDTHS = {1: (72,), 2: (56, 40), 3: (96, 32, 32)}
+IN_FEATURES = 80
+
+
+def random_ranks(num_slots: int, n: int, max_rank: int, rng: random.Random) -> list[list[int]]:
+    """Per-slot, per-slice ranks in 0..max_rank: full, partial and untargeted (0) slices."""
+    ranks = [[rng.choice([0, max_rank, rng.randint(1, max_rank)]) for _ in range(n)]
+             for _ in range(num_slots)]
+    ranks[0] = [max_rank] * n  # at least one fully targeted adapter
+    if num_slots > 2:
+        ranks[-1] = [0] * n  # an adapter that targets none of these slices
+    return ranks
+
+
+def build(n: int, num_tokens: int, pattern: str | list[int], max_rank: int, seed: int,
+          dtype: torch.dtype = torch.float32, device: str = "cpu", in_features: int = IN_FEATURES,
+          widths: tuple[int, ...] | None = None, num_slots: int = 6) -> LoRACase:
+    """A random case with ``random_ranks`` (widths default to ``WIDTHS[n]``)."""
+    rng = random.Random(seed)
+    return make_case(
+        num_tokens=num_tokens, in_features=in_features, widths=widths or WIDTHS[n],
+        max_rank=max_rank, slot_ranks=random_ranks(num_slots, n, max_rank, rng),
+        pattern=pattern, dtype=dtype, device=device, seed=seed, extra_rows=2,
+    )
+
+
+def check_shrink(shrink, case: LoRACase, rtol: float, atol: float) -> None:
+    """Run ``shrink`` on a random ``out``: written entries match the oracle, others unchanged."""
+    t, cols = len(case.token_slots), case.a.shape[1]
+    gen = torch.Generator().manual_seed(3)
+    out0 = torch.randn(t, cols, generator=gen).to(case.x.device, case.x.dtype)
+    out = out0.clone()
+    shrink(case.x, case.a, case.ranks, case.batch, out)
+    ref = naive_shrink(case, out0)
+    mask = written_mask(case)
+    got = out.cpu()
+    assert torch.equal(got[~mask], out0.cpu()[~mask]), "shrink wrote outside its ranks/tokens"
+    torch.testing.assert_close(got[mask].double(), ref[mask], rtol=rtol, atol=atol)
+
+
+def check_expand(expand, case: LoRACase, rtol: float, atol: float) -> None:
+    """Run ``expand`` on a random ``y`` and NaN-poisoned ``h``: rows with an adapter match the
+    oracle, rows without one are bit-identical, and no poison leaks in."""
+    t, out_features = len(case.token_slots), case.b.shape[1]
+    gen = torch.Generator().manual_seed(4)
+    y0 = torch.randn(t, out_features, generator=gen).to(case.x.device, case.x.dtype)
+    y = y0.clone()
+    h = poisoned_h(case)
+    expand(h, case.b, case.ranks, case.scalings, case.offsets, case.batch, y)
+    ref = naive_expand(case, h, y0)
+    rows = touched_rows(case)
+    got = y.cpu()
+    assert torch.equal(got[~rows], y0.cpu()[~rows]), "expand changed rows without an adapter"
+    assert not got.isnan().any(), "expand read a poisoned (unused) entry"
+    torch.testing.assert_close(got[rows].double(), ref[rows], rtol=rtol, atol=atol)

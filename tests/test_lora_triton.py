@@ -1,0 +1,198 @@
+"""The Triton LoRA kernels against the torch reference and the float64 oracle.
+
+Without CUDA they run under the Triton interpreter (TRITON_INTERPRET=1, set here before the
+kernels are defined); with CUDA they run compiled on the GPU. Both the segment (prefill) and
+the decode-shaped paths are checked on the same inputs, over stacked slices with uneven
+widths, per-slice ranks incl. 0, adapter mixes, widths that are not a multiple of any block,
+and the padded metadata CUDA graphs rely on."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernels' @triton.jit
+
+triton = pytest.importorskip("triton")
+
+from dataclasses import replace  # noqa: E402
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from loraplex.ops import lora_ref, lora_triton, lora_triton_kernels  # noqa: E402
+from loraplex.ops.lora_meta import LoRABatch  # noqa: E402
+from loraplex.ops.lora_testing import (  # noqa: E402
+    PATTERNS,
+    LoRACase,
+    build,
+    check_expand,
+    check_shrink,
+    make_case,
+)
+
+if not CUDA and not isinstance(lora_triton_kernels.shrink_decode_kernel, InterpretedFunction):
+    importlib.reload(lora_triton_kernels)  # imported earlier without the interpreter flag
+
+DEVICE = "cuda" if CUDA else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _few_sms(monkeypatch):
+    # Interpreted grids cost ~ms per program: size them as for a small GPU (bigger tiles).
+    if not CUDA:
+        monkeypatch.setattr(lora_triton, "_num_sms", lambda device: 4)
+
+
+def paths(batch: LoRABatch) -> dict[str, LoRABatch]:
+    """The batch as-is plus both kernel paths forced: decode (per-token; correct for any
+    batch) and segment with ``max_seg_len`` held at a loose static bound, as under graphs."""
+    return {
+        "natural": batch,
+        "decode": replace(batch, max_seg_len=min(batch.max_seg_len, 1)),
+        "segment": replace(batch, max_seg_len=max(batch.max_seg_len, 5) + 11),
+    }
+
+
+def check_all_paths(case: LoRACase, dtype: torch.dtype) -> None:
+    tol = TOL[dtype]
+    for name, batch in paths(case.batch).items():
+        c = replace(case, batch=batch)
+        try:
+            check_shrink(lora_triton.lora_shrink, c, rtol=tol, atol=tol)
+            check_expand(lora_triton.lora_expand, c, rtol=tol, atol=tol)
+        except AssertionError as e:
+            raise AssertionError(f"{name} path: {e}") from e
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_kernels_match_oracle(n: int, pattern: str, dtype: torch.dtype) -> None:
+    case = build(n, 7 if pattern in ("distinct", "some_none") else 16, pattern, 16,
+                 seed=31 * n + len(pattern), dtype=dtype, device=DEVICE)
+    check_all_paths(case, dtype)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 133])
+def test_token_counts(num_tokens: int) -> None:
+    case = build(3, num_tokens, "zipf", 16, seed=num_tokens, dtype=torch.float16, device=DEVICE,
+                 num_slots=4)
+    check_all_paths(case, torch.float16)
+
+
+@pytest.mark.parametrize("max_rank", [1, 8, 64, 128])
+def test_ranks(max_rank: int) -> None:
+    # rank 128 > every BLOCK_R: several rank iterations in expand.
+    case = build(2, 5, [0, 0, 1, -1, 1], max_rank, seed=max_rank, device=DEVICE, num_slots=3)
+    check_all_paths(case, torch.float32)
+
+
+def test_unaligned_widths() -> None:
+    """in = 200 and slice widths 150/50/46: no width is a multiple of a block size."""
+    case = build(3, 9, [1, 1, 0, 0, 0, 2, -1, 2, 2], 16, seed=5, dtype=torch.float16,
+                 device=DEVICE, in_features=200, widths=(150, 50, 46), num_slots=3)
+    check_all_paths(case, torch.float16)
+
+
+def test_real_decode_heuristic(monkeypatch) -> None:
+    """Block sizes as chosen for a 132-SM GPU (tiny column tiles that straddle slices)."""
+    monkeypatch.setattr(lora_triton, "_num_sms", lambda device: 132)
+    case = build(3, 4, "distinct", 8, seed=9, dtype=torch.float16, device=DEVICE, num_slots=4)
+    check_all_paths(case, torch.float16)
+
+
+def test_matches_reference_on_padded_graph_metadata() -> None:
+    """CUDA-graph layout: static buffers with more rows than tokens, token_slots padded with
+    -1, and segment arrays padded past num_segs with slot -1 entries holding garbage."""
+    slots = [2, 2, 0, 1, 1, 1, -1, 0]
+    pad = 5
+    case = make_case(num_tokens=len(slots) + pad, in_features=64, widths=(48, 16, 16),
+                     max_rank=16, slot_ranks=[[16, 8, 0], [4, 16, 16], [16, 16, 16]],
+                     pattern=slots + [-1] * pad, device=DEVICE, seed=2)
+    real = LoRABatch.from_token_slots(slots, device=DEVICE)
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    garbage = torch.tensor([3, 7, 1], **i32)
+    padded = replace(
+        real,
+        seg_starts=torch.cat([real.seg_starts, garbage]),
+        seg_lens=torch.cat([real.seg_lens, garbage]),
+        seg_slots=torch.cat([real.seg_slots, torch.full((3,), -1, **i32)]),
+        token_slots=case.batch.token_slots,  # [T + pad], -1 past num_tokens
+    )
+    for name, batch in paths(padded).items():
+        c = replace(case, batch=batch)
+        rows = c.x.shape[0]
+        out_ref = torch.zeros(rows, 48, device=DEVICE)
+        out = out_ref.clone()
+        lora_ref.lora_shrink(c.x, c.a, c.ranks, real, out_ref)
+        lora_triton.lora_shrink(c.x, c.a, c.ranks, batch, out)
+        assert torch.allclose(out, out_ref, atol=1e-5), name
+        y_ref = torch.randn(rows, 80, device=DEVICE)
+        y = y_ref.clone()
+        lora_ref.lora_expand(out_ref, c.b, c.ranks, c.scalings, c.offsets, real, y_ref)
+        lora_triton.lora_expand(out_ref, c.b, c.ranks, c.scalings, c.offsets, batch, y)
+        assert torch.allclose(y, y_ref, atol=1e-5), name
+
+
+def test_wrapper_rejects_bad_inputs() -> None:
+    case = build(1, 4, "same", 8, seed=1, device=DEVICE)
+    out = torch.zeros(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="dtypes must match"):
+        lora_triton.lora_shrink(case.x.half(), case.a, case.ranks, case.batch, out)
+    with pytest.raises(ValueError, match="a: contiguous"):
+        lora_triton.lora_shrink(case.x, case.a.transpose(1, 2).contiguous().transpose(1, 2),
+                                case.ranks, case.batch, out)
+    with pytest.raises(ValueError, match="ranks"):
+        lora_triton.lora_shrink(case.x, case.a, case.ranks.long(), case.batch, out)
+    y = torch.zeros(4, 72, device=DEVICE)
+    with pytest.raises(ValueError, match="offsets"):
+        lora_triton.lora_expand(out, case.b, case.ranks, case.scalings, (0, 70), case.batch, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_bf16_on_gpu(pattern: str) -> None:
+    case = build(3, 133, pattern, 64, seed=3, dtype=torch.bfloat16, device="cuda",
+                 in_features=1000, widths=(512, 128, 128), num_slots=8)
+    check_all_paths(case, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_decode_path_replays_under_cuda_graph() -> None:
+    case = build(3, 32, "distinct", 16, seed=4, dtype=torch.bfloat16, device="cuda",
+                 in_features=512, widths=(256, 64, 64), num_slots=8)
+    h = torch.zeros(32, 48, device="cuda", dtype=torch.bfloat16)
+    y = torch.zeros(32, 384, device="cuda", dtype=torch.bfloat16)
+
+    def step() -> None:
+        lora_triton.lora_shrink(case.x, case.a, case.ranks, case.batch, h)
+        lora_triton.lora_expand(h, case.b, case.ranks, case.scalings, case.offsets, case.batch, y)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    y.zero_()
+    case.batch.token_slots.copy_(case.batch.token_slots.roll(1))  # new metadata, same graph
+    graph.replay()
+    torch.cuda.synchronize()
+    rolled = replace(case, batch=LoRABatch.from_token_slots(case.batch.token_slots.tolist(),
+                                                            device="cuda"))
+    y_ref = torch.zeros_like(y)
+    h_ref = torch.zeros_like(h)
+    lora_ref.lora_shrink(rolled.x, rolled.a, rolled.ranks, rolled.batch, h_ref)
+    lora_ref.lora_expand(h_ref, rolled.b, rolled.ranks, rolled.scalings, rolled.offsets,
+                         rolled.batch, y_ref)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
