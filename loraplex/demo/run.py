@@ -54,9 +54,8 @@ def _serve(args: argparse.Namespace, model_dir: str, adapter_dirs: dict[str, str
     print(f"""Serving the demo model as "demo" with adapters {", ".join(adapter_dirs)}.
 Try, in another terminal:
 
-  curl {base}/completions -H 'Content-Type: application/json' \\
-    -d '{{"model": "reverse", "prompt": "in: hello world\\nout: ", "max_tokens": 32, \
-"temperature": 0}}'
+  curl {base}/completions -H 'Content-Type: application/json' -d '{{"model": "reverse",
+    "prompt": "in: hello world\\nout: ", "max_tokens": 32, "temperature": 0}}'
 
   python -c "from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='none'); \\
 print(c.completions.create(model='caesar', prompt='in: hello world\\nout: ', \\
