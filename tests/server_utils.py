@@ -19,9 +19,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m loraplex.server ARGS`` on a free loopback port; logs go to ``log_path``."""
+    """``python -m loraplex.server ARGS`` on a free loopback port; logs go to ``log_path``.
 
-    def __init__(self, args: list[str], log_path: Path, timeout_s: float = 120.0) -> None:
+    With ``wait=False`` the constructor returns at once (start several, then
+    ``wait_healthy()`` on each, to overlap their start-up).
+    """
+
+    def __init__(self, args: list[str], log_path: Path, wait: bool = True,
+                 timeout_s: float = 120.0) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -32,9 +37,10 @@ class ServerProcess:
             [sys.executable, "-m", "loraplex.server", *args, "--port", str(self.port),
              "--device", "cpu", "--log-level", "warning"],
             stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        self._wait_healthy(timeout_s)
+        if wait:
+            self.wait_healthy(timeout_s)
 
-    def _wait_healthy(self, timeout_s: float) -> None:
+    def wait_healthy(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -58,24 +58,35 @@ def _drop_chat_template(model_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(assets):
+def servers(assets):
+    """Both server processes, started together so their start-ups overlap."""
     args = ["--model", assets.model, "--max-loras-per-batch", "4", "--max-num-seqs", "16",
             "--num-kv-blocks", "256", "--api-key", KEY, "--allow-runtime-adapters",
             "--adapter-root", str(assets.runtime_root)]
     for name, path in assets.adapters.items():
         args += ["--adapter", f"{name}={path}"]
-    proc = ServerProcess(args, assets.root / "server.log")
-    yield proc
-    proc.stop()
+    # the plain one: no adapters, no API key, no runtime loading, no chat template, custom name
+    plain_args = ["--model", assets.plain, "--served-model-name", "plain-model",
+                  "--num-kv-blocks", "64"]
+    procs = [ServerProcess(args, assets.root / "server.log", wait=False),
+             ServerProcess(plain_args, assets.root / "plain_server.log", wait=False)]
+    try:
+        for proc in procs:
+            proc.wait_healthy()
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stop()
 
 
 @pytest.fixture(scope="module")
-def plain_server(assets):
-    """No adapters, no API key, no runtime loading, no chat template, a custom name."""
-    proc = ServerProcess(["--model", assets.plain, "--served-model-name", "plain-model"],
-                         assets.root / "plain_server.log")
-    yield proc
-    proc.stop()
+def server(servers) -> ServerProcess:
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def plain_server(servers) -> ServerProcess:
+    return servers[1]
 
 
 @pytest.fixture(scope="module")
@@ -415,3 +426,22 @@ def test_engine_step_failure_fails_requests_and_keeps_serving(assets, llm):
         assert httpx.get(f"{srv.base_url}/health").status_code == 200
     finally:
         srv.stop()
+
+
+def test_short_request_not_blocked_by_long_one(server, client):
+    """A short request started while a long stream runs finishes while the long one is
+    still generating (continuous batching, one stream per request)."""
+    body = {"model": "ad4", "prompt": PROMPTS[1], "max_tokens": 200, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{server.base_url}/v1/completions", json=body,
+                         headers={"Authorization": f"Bearer {KEY}"}) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
+            short = client.completions.create(model="ad6", prompt="hi", max_tokens=2,
+                                              temperature=0)
+            assert short.choices[0].finish_reason in ("length", "stop")
+            later = next(line for line in lines if line.startswith("data: "))
+            assert json.loads(later[6:])["choices"][0]["finish_reason"] is None
+    _running_resources_released(server.base_url)
