@@ -32,7 +32,7 @@ class ServerProcess:
         self.log_path = log_path
         env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAPLEX_NUM_THREADS": "1",
                "TOKENIZERS_PARALLELISM": "false"}
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
+        self._log = open(log_path, "wb")  # closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "loraplex.server", *args, "--port", str(self.port),
              "--device", "cpu", "--log-level", "warning"],
