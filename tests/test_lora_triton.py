@@ -107,32 +107,44 @@ def test_real_decode_heuristic(monkeypatch) -> None:
     check_all_paths(case, torch.float16)
 
 
-def test_matches_reference_on_padded_graph_metadata() -> None:
-    """CUDA-graph layout: static buffers with more rows than tokens, token_slots padded with
-    -1, and segment arrays padded past num_segs with slot -1 entries holding garbage."""
-    slots = [2, 2, 0, 1, 1, 1, -1, 0]
-    pad = 5
-    case = make_case(num_tokens=len(slots) + pad, in_features=64, widths=(48, 16, 16),
-                     max_rank=16, slot_ranks=[[16, 8, 0], [4, 16, 16], [16, 16, 16]],
-                     pattern=slots + [-1] * pad, device=DEVICE, seed=2)
-    real = LoRABatch.from_token_slots(slots, device=DEVICE)
+def _stale_batch(real: LoRABatch, token_slots: torch.Tensor, seg_slot: int) -> LoRABatch:
+    """``real`` inside longer buffers, as the manager and CUDA graphs hold it: entries past
+    ``num_segs`` hold leftovers of an earlier, longer batch."""
     i32 = dict(dtype=torch.int32, device=DEVICE)
-    garbage = torch.tensor([3, 7, 1], **i32)
-    padded = replace(
+    return replace(
         real,
-        seg_starts=torch.cat([real.seg_starts, garbage]),
-        seg_lens=torch.cat([real.seg_lens, garbage]),
-        seg_slots=torch.cat([real.seg_slots, torch.full((3,), -1, **i32)]),
-        token_slots=case.batch.token_slots,  # [T + pad], -1 past num_tokens
+        seg_starts=torch.cat([real.seg_starts, torch.tensor([3, 9, 1], **i32)]),
+        seg_lens=torch.cat([real.seg_lens, torch.tensor([40, 7, 2], **i32)]),
+        seg_slots=torch.cat([real.seg_slots, torch.full((3,), seg_slot, **i32)]),
+        token_slots=token_slots,
     )
-    for name, batch in paths(padded).items():
+
+
+@pytest.mark.parametrize("layout", ["manager", "graph"])
+def test_padded_and_stale_metadata(layout: str) -> None:
+    """"manager": buffers longer than the batch with stale *valid* entries past num_segs /
+    num_tokens, activations exactly T rows. "graph": static activations with more rows than
+    tokens, token_slots padded with -1, segment entries past num_segs with slot -1."""
+    slots = [2, 2, 0, 1, 1, 1, -1, 0]
+    t, pad = len(slots), 5
+    rows = t if layout == "manager" else t + pad
+    case = make_case(num_tokens=rows, in_features=64, widths=(48, 16, 16), max_rank=16,
+                     slot_ranks=[[16, 8, 0], [4, 16, 16], [16, 16, 16]],
+                     pattern=slots + [-1] * (rows - t), device=DEVICE, seed=2)
+    real = LoRABatch.from_token_slots(slots, device=DEVICE)
+    tail = [1] * pad if layout == "manager" else [-1] * pad
+    token_slots = torch.tensor(slots + tail, dtype=torch.int32, device=DEVICE)
+    stale = _stale_batch(real, token_slots, 1 if layout == "manager" else -1)
+    variants = paths(stale)
+    if layout == "graph":  # segment path captured with num_segs at its static bound
+        variants["static_segs"] = replace(variants["segment"], num_segs=len(stale.seg_starts))
+    for name, batch in variants.items():
         c = replace(case, batch=batch)
-        rows = c.x.shape[0]
         out_ref = torch.zeros(rows, 48, device=DEVICE)
         out = out_ref.clone()
         lora_ref.lora_shrink(c.x, c.a, c.ranks, real, out_ref)
         lora_triton.lora_shrink(c.x, c.a, c.ranks, batch, out)
-        assert torch.allclose(out, out_ref, atol=1e-5), name
+        assert torch.allclose(out[:t], out_ref[:t], atol=1e-5), name
         y_ref = torch.randn(rows, 80, device=DEVICE)
         y = y_ref.clone()
         lora_ref.lora_expand(out_ref, c.b, c.ranks, c.scalings, c.offsets, real, y_ref)

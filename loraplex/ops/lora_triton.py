@@ -5,12 +5,14 @@
 the segment (prefill) kernels. Stacked slices (q/k/v, gate/up) run in one launch per op.
 
 CUDA graphs: the decode path is capturable. Its grid is ``(min(len(batch.token_slots),
-rows of x/out/h/y), column tiles)``: shapes only. Tokens past ``batch.num_tokens`` must hold
-slot -1 in ``token_slots`` (padding rows exit at once). The segment path's grid is
-``(column tiles, cdiv(batch.max_seg_len, BLOCK_M), len(batch.seg_starts))``; segments past
-``num_segs`` must hold slot -1 (or length 0), and to capture it ``max_seg_len`` must be held
-at a fixed bound for the graph (tiles past a segment's length exit at once). Neither path
-allocates, syncs, or reads a host value other than shapes and ``max_seg_len``.
+rows of x/out resp. h/y), column tiles)``: shapes only, so a graph captured for a padded batch
+size replays for any metadata written into the same buffers. ``token_slots`` entries of
+padding rows should hold -1 (they exit at once; a stale valid slot only writes padding rows).
+The segment path's grid is ``(column tiles, cdiv(batch.max_seg_len, BLOCK_M),
+batch.num_segs)``, so stale entries past ``num_segs`` (the manager reuses its buffers) are
+never read. To capture it, hold ``max_seg_len`` and ``num_segs`` at static bounds for the
+graph and fill the extra segment entries with slot -1 (or length 0): tiles past a segment's
+length and slot -1 segments exit at once. Neither path allocates or syncs.
 """
 
 from __future__ import annotations
@@ -51,11 +53,10 @@ def lora_shrink(
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4,
         )
         return
-    if batch.max_seg_len == 0:
+    if batch.max_seg_len == 0 or batch.num_segs == 0:
         return
     block_m, block_n, block_k = _shrink_segment_config(batch, nr, x)
-    grid = (triton.cdiv(nr, block_n), triton.cdiv(batch.max_seg_len, block_m),
-            batch.seg_starts.shape[0])
+    grid = (triton.cdiv(nr, block_n), triton.cdiv(batch.max_seg_len, block_m), batch.num_segs)
     K.shrink_segment_kernel[grid](
         x, a, ranks, batch.seg_starts, batch.seg_lens, batch.seg_slots, out, k, nr, r, n,
         x.stride(0), a.stride(0), a.stride(1), out.stride(0),
@@ -102,16 +103,16 @@ def lora_expand(
             BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4, num_stages=2,
         )
         return
-    if batch.max_seg_len == 0:
+    if batch.max_seg_len == 0 or batch.num_segs == 0:
         return
     block_m, block_n, block_r = _expand_segment_config(batch, r, widest, y)
     nb = triton.cdiv(widest, block_n)
-    grid = (n * nb, triton.cdiv(batch.max_seg_len, block_m), batch.seg_starts.shape[0])
+    grid = (n * nb, triton.cdiv(batch.max_seg_len, block_m), batch.num_segs)
     K.expand_segment_kernel[grid](
         h, b, ranks, scalings, batch.seg_starts, batch.seg_lens, batch.seg_slots, y,
         r, n, nb, *offs, h.stride(0), b.stride(0), b.stride(1), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, DOT_PRECISION=_precision(y),
-        num_warps=4, num_stages=2,
+        num_warps=8 if block_m * block_n >= 8192 else 4, num_stages=2,
     )
 
 
