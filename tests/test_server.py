@@ -194,21 +194,26 @@ def test_chat_matches_llm(client, llm, adapter):
 
 
 def test_64_concurrent_streams_over_16_adapters(server, client):
-    """With 4 adapter slots and 16 running seqs, 64 streams must all finish and each equal
-    the same request sent alone (greedy, or seeded sampling)."""
+    """With 4 adapter slots and 16 running seqs, 64 streams (completions and chat) must all
+    finish and each equal the same request sent alone (greedy, or seeded sampling)."""
     before = metrics(server.base_url)
     reqs = []
     for i in range(64):
         sampled = i % 2 == 1
-        reqs.append(dict(model=f"ad{i % NUM_ADAPTERS}", prompt=PROMPTS[i % len(PROMPTS)],
-                         max_tokens=8 + i % 5, temperature=0.8 if sampled else 0.0,
-                         seed=i if sampled else None))
+        req = dict(model=f"ad{i % NUM_ADAPTERS}", max_tokens=8 + i % 5,
+                   temperature=0.8 if sampled else 0.0, seed=i if sampled else None)
+        if i % 4 < 2:
+            req["prompt"] = PROMPTS[i % len(PROMPTS)]
+        else:
+            req["messages"] = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        reqs.append(req)
 
     async def stream_one(aclient: openai.AsyncOpenAI, req: dict) -> tuple[str, str]:
         text, reason = "", None
-        async for chunk in await aclient.completions.create(stream=True, **req):
+        api = aclient.chat.completions if "messages" in req else aclient.completions
+        async for chunk in await api.create(stream=True, **req):
             for c in chunk.choices:
-                text += c.text
+                text += (c.delta.content or "") if "messages" in req else c.text
                 reason = c.finish_reason or reason
         return text, reason
 
@@ -223,8 +228,12 @@ def test_64_concurrent_streams_over_16_adapters(server, client):
     together = asyncio.run(run_all())
     alone = []
     for req in reqs:
-        c = client.completions.create(**req).choices[0]
-        alone.append((c.text, c.finish_reason))
+        if "messages" in req:
+            c = client.chat.completions.create(**req).choices[0]
+            alone.append((c.message.content, c.finish_reason))
+        else:
+            c = client.completions.create(**req).choices[0]
+            alone.append((c.text, c.finish_reason))
     assert together == alone
     after = metrics(server.base_url)
     # 16 adapters through 4 slots: adapters were loaded and evicted on the way
