@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraplex.ops import lora_ref
+from loraplex.ops import get_lora_ops, lora_ref, resolve_lora_backend
 from loraplex.ops.lora_meta import LoRABatch
 from loraplex.ops.lora_testing import PATTERNS, build, check_expand, check_shrink, poisoned_h
 
@@ -56,3 +56,13 @@ def test_from_token_slots_segments() -> None:
     batch = LoRABatch.from_token_slots([2, 2, -1, 0, 0, 0, 2])
     assert batch.host_segs == [(0, 2, 2), (3, 3, 0), (6, 1, 2)]
     assert batch.num_segs == 4 and batch.max_seg_len == 3 and batch.decode_shaped
+
+
+def test_backend_resolution() -> None:
+    assert resolve_lora_backend("auto", "cpu") == "torch"
+    assert resolve_lora_backend("torch", "cpu") == "torch"
+    assert get_lora_ops("torch") == (lora_ref.lora_shrink, lora_ref.lora_expand)
+    with pytest.raises(ValueError, match="lora_backend"):
+        resolve_lora_backend("cutlass", "cpu")
+    with pytest.raises(ValueError, match="lora_backend"):
+        get_lora_ops("auto")
