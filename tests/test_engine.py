@@ -172,3 +172,16 @@ def test_unsupported_architecture_and_missing_tensor(tmp_path):
     save_file(tensors, str(d / "model.safetensors"))
     with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight"):
         LLM(str(d), device="cpu")
+
+
+def test_static_buffer_decode_path_matches_eager(llama, tmp_path):
+    """The CUDA-graph decode path (static buffers, padded batch sizes, dummy KV block),
+    run eagerly on CPU, gives the eager engine's tokens."""
+    d, _, llm = llama
+    static = LLM(str(d), device="cpu", max_num_seqs=16, cuda_graphs=True)
+    assert static.engine.runner.graphs is not None
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = PROMPTS + ["x y z", "one more prompt"]
+    want = [o.token_ids for o in llm.generate(prompts, sp)]
+    assert [o.token_ids for o in static.generate(prompts, sp)] == want
+    assert [o.token_ids for o in static.generate(prompts[:3], sp)] == want[:3]  # padded 3 -> 4

@@ -181,3 +181,19 @@ def test_lora_metadata_and_scratch_are_reused_across_steps(tmp_path):
     # a base-only batch skips the LoRA path: prepare() is not called
     llm.generate([[1, 4]], SamplingParams(max_tokens=3))
     assert len(seen) == 5
+
+
+def test_static_buffer_decode_with_adapters_matches_eager(tmp_path):
+    """Decode through the CUDA-graph buffers (run eagerly on CPU): adapters switch through
+    the static ``token_slots`` and padding rows (slot -1) leave real rows alone."""
+    d, hf = make_tiny_model(tmp_path / "base", "llama")
+    dirs = {n: str(make_peft_adapter(hf, tmp_path / n, seed=i, r=4 + i))
+            for i, n in enumerate("abc")}
+    sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    names = ["a", "b", None, "c", "a"]
+    prompts = [[1, 5 + i, 9, 30 + i] for i in range(5)]
+    eager = LLM(str(d), adapters=dirs, device="cpu", max_num_seqs=8)
+    static = LLM(str(d), adapters=dirs, device="cpu", max_num_seqs=8, cuda_graphs=True)
+    want = [o.token_ids for o in eager.generate(prompts, sp, adapters=names)]
+    assert [o.token_ids for o in static.generate(prompts, sp, adapters=names)] == want
+    assert static.engine.lora.batch.is_decode

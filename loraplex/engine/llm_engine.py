@@ -39,6 +39,7 @@ class LLMEngine:
         lora: LoRAConfig,
         device: torch.device,
         dtype: torch.dtype,
+        cuda_graphs: bool | None = None,
     ) -> None:
         self.model_dir = str(model_dir)
         self.model_config = model_config
@@ -50,14 +51,21 @@ class LLMEngine:
             -(-sched.max_model_len // cache.block_size),
         )
         self.blocks = BlockManager(num_blocks, cache.block_size)
+        # one extra block that no sequence owns: CUDA-graph padding rows write there
         self.kv_caches = allocate_kv_cache(
-            model_config, num_blocks, cache.block_size, dtype, device
+            model_config, num_blocks + 1, cache.block_size, dtype, device
         )
         self.lora = LoRAManager(
             model, model_config, lora, device, dtype, max_tokens=sched.max_num_batched_tokens
         )
         self.scheduler = Scheduler(sched, self.blocks, lora.max_loras_per_batch, self.lora)
         self.runner = ModelRunner(model, self.kv_caches, self.blocks, device, self.lora)
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda"
+        if cuda_graphs:
+            self.runner.enable_decode_graphs(sched.max_num_seqs, sched.max_model_len,
+                                             dummy_block=num_blocks,
+                                             capture=self._can_capture())
         self.eos_ids = set(model_config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
@@ -80,6 +88,7 @@ class LLMEngine:
         num_kv_blocks: int | None = None,
         lora_backend: str = "auto",
         kv_cache_memory_bytes: int = 1 << 30,
+        cuda_graphs: bool | None = None,
     ) -> LLMEngine:
         from transformers import AutoTokenizer
 
@@ -108,10 +117,16 @@ class LLMEngine:
             lora_cfg,
             dev,
             dt,
+            cuda_graphs,
         )
         for name, path in (adapters or {}).items():
             engine.load_adapter(name, path)
         return engine
+
+    def _can_capture(self) -> bool:
+        # The torch reference LoRA ops read host-side segment lists, which a graph would
+        # freeze; the Triton ops read only device buffers.
+        return self.device.type == "cuda" and self.lora.backend == "triton"
 
     # -- requests ------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from loraplex.engine.cuda_graph import DecodeGraphs
 from loraplex.engine.sampler import Sampler
 from loraplex.engine.sequence import Sequence
 from loraplex.kvcache.block_manager import BlockManager
@@ -30,6 +31,15 @@ class ModelRunner:
         self.device = device
         self.lora = lora_manager
         self.sampler = Sampler(seed)
+        self.graphs: DecodeGraphs | None = None
+
+    def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, dummy_block: int,
+                             capture: bool) -> None:
+        """Run decode steps through static buffers (and CUDA graphs when ``capture``)."""
+        bs = self.blocks.block_size
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.lora, max_num_seqs,
+                                   -(-max_model_len // bs), bs, dummy_block, self.device, capture)
+        self.graphs.capture_all()
 
     def _slot(self, adapter: str | None) -> int:
         return -1 if adapter is None or self.lora is None else self.lora.slot_of(adapter)
@@ -43,24 +53,20 @@ class ModelRunner:
         if is_prefill:
             ids, positions, batch = self._prepare_prefill(ordered, slots)
             last = torch.tensor([e - 1 for e in batch.cu_seqlens[1:]], device=self.device)
+            with forward_context(batch):
+                logits = self.model.compute_logits(self.model(ids, positions)[last])
         else:
-            ids, positions, batch = self._prepare_decode(ordered, slots)
-            last = None
-        with forward_context(batch):
-            hidden = self.model(ids, positions)
-        if last is not None:
-            hidden = hidden[last]
-        logits = self.model.compute_logits(hidden)
+            logits = self._decode(ordered, slots)
         tokens = self.sampler(logits, ordered)
         result = [0] * len(seqs)
         for pos, i in enumerate(order):
             result[i] = tokens[pos]
         return result
 
-    def _lora_batch(self, slots: list[int], lengths: list[int]):
+    def _lora_batch(self, slots: list[int], lengths: list[int], is_decode: bool = False):
         if self.lora is None or all(s < 0 for s in slots):
             return None  # base-model-only batch: skip the LoRA path entirely
-        return self.lora.prepare(slots, lengths)
+        return self.lora.prepare(slots, lengths, is_decode=is_decode)
 
     def _prepare_prefill(self, seqs: list[Sequence], slots: list[int]):
         ids: list[int] = []
@@ -86,26 +92,34 @@ class ModelRunner:
         )
         return self._tensor(ids), self._tensor(positions), batch
 
-    def _prepare_decode(self, seqs: list[Sequence], slots: list[int]):
+    def _decode(self, seqs: list[Sequence], slots: list[int]) -> torch.Tensor:
+        if self.graphs is None:
+            ids, positions, batch = self._prepare_decode(seqs, slots)
+            with forward_context(batch):
+                return self.model.compute_logits(self.model(ids, positions))
+        ids, positions, slot_mapping, tables, context_lens = self._decode_inputs(seqs)
+        use_lora = self.lora is not None and any(s >= 0 for s in slots)
+        return self.graphs.run(ids, positions, slot_mapping, tables, context_lens,
+                               slots if use_lora else None)
+
+    def _decode_inputs(self, seqs: list[Sequence]):
         ids = [s.all_token_ids[-1] for s in seqs]
         positions = [s.num_tokens - 1 for s in seqs]
         slot_mapping = [self.blocks.slot(s.seq_id, s.num_tokens - 1) for s in seqs]
         width = max(len(self.blocks.tables[s.seq_id]) for s in seqs)
-        tables = [
-            self.blocks.tables[s.seq_id] + [0] * (width - len(self.blocks.tables[s.seq_id]))
-            for s in seqs
-        ]
+        tables = [self.blocks.tables[s.seq_id] + [0] * (width - len(self.blocks.tables[s.seq_id]))
+                  for s in seqs]
+        context_lens = [s.num_tokens for s in seqs]
+        return tuple(self._tensor(v) for v in (ids, positions, slot_mapping, tables, context_lens))
+
+    def _prepare_decode(self, seqs: list[Sequence], slots: list[int]):
+        ids, positions, slot_mapping, tables, context_lens = self._decode_inputs(seqs)
         batch = ForwardBatch(
-            is_prefill=False,
-            num_tokens=len(seqs),
-            slot_mapping=self._tensor(slot_mapping),
-            block_tables=self._tensor(tables),
-            context_lens=self._tensor([s.num_tokens for s in seqs]),
-            max_context_len=width * self.blocks.block_size,
-            kv_caches=self.kv_caches,
-            lora=self._lora_batch(slots, [1] * len(seqs)),
-        )
-        return self._tensor(ids), self._tensor(positions), batch
+            is_prefill=False, num_tokens=len(seqs), slot_mapping=slot_mapping,
+            block_tables=tables, context_lens=context_lens,
+            max_context_len=tables.shape[1] * self.blocks.block_size, kv_caches=self.kv_caches,
+            lora=self._lora_batch(slots, [1] * len(seqs), is_decode=True))
+        return ids, positions, batch
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

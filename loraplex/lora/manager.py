@@ -184,8 +184,11 @@ class LoRAManager:
         return groups
 
     # -- per-forward metadata ------------------------------------------------------------------
-    def prepare(self, slots: list[int], lengths: list[int]) -> LoRABatch:
-        """Fill the reused LoRABatch for sequences already sorted by slot (-1 = no adapter)."""
+    def prepare(self, slots: list[int], lengths: list[int], is_decode: bool = False,
+                pad_to: int = 0) -> LoRABatch:
+        """Fill the reused LoRABatch for sequences already sorted by slot (-1 = no adapter).
+        ``pad_to``: token rows past the batch up to this count get slot -1 (CUDA-graph
+        padding)."""
         (h_start, _), (h_len, _), (h_slot, _), (h_tok, _) = self._views
         segs: list[tuple[int, int, int]] = []
         pos = 0
@@ -203,7 +206,7 @@ class LoRAManager:
         if self._dev_meta is not self._host_meta:
             self._dev_meta.copy_(self._host_meta, non_blocking=True)
         b = self.batch
-        b.num_segs, b.num_tokens = len(segs), pos
+        b.num_segs, b.num_tokens, b.is_decode = len(segs), pos, is_decode
         b.max_seg_len = max(n for _, n, _ in segs)
         b.host_segs = [seg for seg in segs if seg[2] >= 0]
         return b

@@ -32,11 +32,14 @@ class LoRABatch:
     # Host copy of the segments that use an adapter: (start, length, slot). The torch
     # reference loops over these (work per distinct adapter, no device->host sync).
     host_segs: list[tuple[int, int, int]]
+    # A decode step (one token per sequence): per-token kernels read only ``token_slots``,
+    # so a CUDA graph captured once replays for any adapter mix.
+    is_decode: bool = False
 
     @property
     def decode_shaped(self) -> bool:
-        """Few tokens per segment: per-token kernels waste no tiles."""
-        return self.max_seg_len <= 4
+        """Decode step or few tokens per segment: per-token kernels waste no tiles."""
+        return self.is_decode or self.max_seg_len <= 4
 
     @classmethod
     def from_token_slots(cls, slots: list[int], device: torch.device | str = "cpu") -> LoRABatch:
