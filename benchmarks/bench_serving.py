@@ -8,7 +8,7 @@ started on the CPU benchmark model (random Llama, ~150M parameters, see common.p
 ``--num-adapters`` random rank-16 PEFT adapters, all created in a temp dir, unless
 ``--base-url`` points at a running server.
 
-    python benchmarks/bench_serving.py [--request-rate 2] [--num-requests 64] [--small]
+    python benchmarks/bench_serving.py [--request-rate 1] [--num-requests 64] [--small]
 
 Measures requests/s, output tokens/s, p50/p99 time to first token, inter-token latency (gap
 between streamed chunks) and end-to-end latency; prints a markdown table and writes it to
@@ -178,7 +178,7 @@ def start_server(tmp: Path, args) -> tuple[subprocess.Popen, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--request-rate", type=float, default=2.0,
+    ap.add_argument("--request-rate", type=float, default=1.0,
                     help="mean arrivals per second (inf: all at once)")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=64)
@@ -203,6 +203,7 @@ def main() -> None:
         args.num_requests, args.num_adapters = 16, 8
         args.input_len, args.output_len = 32, 16
 
+    load = os.getloadavg()[0]  # other work on the machine skews CPU numbers: say so
     with tempfile.TemporaryDirectory(prefix="loraplex-bench-serving-") as tmp:
         proc = None
         base_url = args.base_url
@@ -236,7 +237,8 @@ def main() -> None:
              f"{args.rank} adapters (base fraction {args.base_fraction}); server "
              f"--max-loras-per-batch {args.max_loras_per_batch} --max-num-seqs "
              f"{args.max_num_seqs} on {args.device} ({args.threads} threads, "
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores). "
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"load average {load:.1f} before the run). "
              f"Random Llama ~150M parameters (hidden 1024, 8 layers, 16/4 heads, "
              f"vocab 32000), float32. `python benchmarks/bench_serving.py"
              f"{' --small' if args.small else ''}`.")

@@ -217,6 +217,9 @@ class AsyncEngine:
                                            f"{type(exc).__name__}: {exc}"))
             time.sleep(0.01)  # do not spin if the engine keeps failing
             return
+        if not outputs:
+            time.sleep(0.001)  # work pending but nothing ran (e.g. all waiting): do not spin
+            return
         deliveries: list[tuple[RequestStream, int, Any]] = []
         for out in outputs:
             route = self._routes.get(out.request_id)
