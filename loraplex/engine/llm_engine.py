@@ -208,7 +208,8 @@ class LLMEngine:
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         p = seq.params
         prev = len(seq.text)
-        detokenize_step(self.tokenizer, seq)
+        if self.tokenizer is not None:  # engines built without one (benchmarks) emit ids only
+            detokenize_step(self.tokenizer, seq)
         if p.stop:
             start = max(0, prev - max(len(s) for s in p.stop) + 1)
             cut = find_stop(seq.text, p.stop, start)

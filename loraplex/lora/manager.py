@@ -13,7 +13,7 @@ from collections import OrderedDict
 import torch
 
 from loraplex.config import LoRAConfig, ModelConfig
-from loraplex.errors import AdapterNotFoundError, CapacityError
+from loraplex.errors import AdapterLoadError, AdapterNotFoundError, CapacityError
 from loraplex.lora.adapter import LoRAAdapter
 from loraplex.lora.layers import install_lora_layers
 from loraplex.lora.peft_loader import load_peft_adapter
@@ -67,12 +67,18 @@ class LoRAManager:
         self.layers = install_lora_layers(model, self.pool, backend, max_tokens, dtype, device)
 
     # -- registry ------------------------------------------------------------------------------
-    def register(self, name: str, path: str) -> None:
+    def register(self, name: str, path: str, adapter: LoRAAdapter | None = None) -> None:
+        """Parse and validate the PEFT directory ``path`` (or take an already built
+        ``adapter``, e.g. in benchmarks) and make it servable as ``name``."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name {name!r} must be a non-empty string")
         if name in self.paths:
             raise ValueError(f"adapter {name!r} is already loaded")
-        adapter = load_peft_adapter(path, self.cfg, self.lora_cfg.max_lora_rank, name=name)
+        if adapter is None:
+            adapter = load_peft_adapter(path, self.cfg, self.lora_cfg.max_lora_rank, name=name)
+        elif adapter.max_rank > self.lora_cfg.max_lora_rank:
+            raise AdapterLoadError(f"adapter {name!r} has rank {adapter.max_rank} > "
+                                   f"max_lora_rank={self.lora_cfg.max_lora_rank}")
         self.unloading.discard(name)
         self.paths[name] = str(path)
         self._cache(name, adapter)
