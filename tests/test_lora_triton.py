@@ -17,8 +17,9 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
+_SAVED_FLAG = os.environ.get("TRITON_INTERPRET")
 if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernels' @triton.jit
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels' @triton.jit runs
 
 triton = pytest.importorskip("triton")
 
@@ -39,15 +40,22 @@ from loraplex.ops.lora_testing import (  # noqa: E402
 
 if not CUDA and not isinstance(lora_triton_kernels.shrink_decode_kernel, InterpretedFunction):
     importlib.reload(lora_triton_kernels)  # imported earlier without the interpreter flag
+# Triton also reads the flag at run time: the fixture below sets it for each test of this
+# module only, so it does not leak into other test modules.
+if _SAVED_FLAG is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _SAVED_FLAG
 
 DEVICE = "cuda" if CUDA else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(autouse=True)
-def _few_sms(monkeypatch):
-    # Interpreted grids cost ~ms per program: size them as for a small GPU (bigger tiles).
+def _interpreter(monkeypatch):
     if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        # Interpreted grids cost ~ms per program: size them as for a small GPU (bigger tiles).
         monkeypatch.setattr(lora_triton, "_num_sms", lambda device: 4)
 
 
