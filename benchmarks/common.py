@@ -1,0 +1,93 @@
+"""Shared benchmark helpers: the ~150M-parameter random Llama of the CPU benchmarks, random
+PEFT adapters for it, and markdown tables."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+BENCH_SHAPE = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+                   num_key_value_heads=4, intermediate_size=2816, vocab_size=32000,
+                   max_position_embeddings=2048)
+ALL_PROJS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def save_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over ``vocab_size`` made-up words (benchmarks feed token ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(str(out_dir))
+
+
+def make_bench_model(out_dir: Path, seed: int = 0, **overrides):
+    """Save a random Llama of the benchmark shape (float32) to ``out_dir``; return the HF model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**(BENCH_SHAPE | overrides), bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF's init is tiny; give activations a realistic spread
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+    model.save_pretrained(str(out_dir))
+    save_tokenizer(out_dir, cfg.vocab_size)
+    return model
+
+
+def make_adapters(model, out_root: Path, n: int, r: int = 16, targets=ALL_PROJS) -> dict[str, str]:
+    """``n`` random rank-``r`` PEFT adapters on ``targets`` saved under ``out_root``."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    dirs = {}
+    for i in range(n):
+        torch.manual_seed(1000 + i)
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
+                         init_lora_weights=False, lora_dropout=0.0)
+        pm = get_peft_model(copy.deepcopy(model), cfg)
+        path = out_root / f"lora{i}"
+        pm.save_pretrained(str(path))
+        dirs[f"lora{i}"] = str(path)
+    return dirs
+
+
+def bench_threads(n: int = 2) -> None:
+    torch.set_num_threads(n)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def timed(fn, repeat: int = 1) -> float:
+    """Best wall time of ``repeat`` runs, in seconds."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, heading: str, body: str) -> None:
+    """Replace (or append) the ``## heading`` section of a markdown file."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    marker = f"## {heading}\n"
+    if marker in text:
+        start = text.index(marker)
+        nxt = text.find("\n## ", start + len(marker))
+        text = text[:start] + text[nxt + 1:] if nxt != -1 else text[:start]
+    path.write_text(text.rstrip("\n") + f"\n\n{marker}\n{body.strip()}\n")
