@@ -336,7 +336,8 @@ def test_disconnect_mid_stream_aborts_and_frees(server):
     # a non-streaming request whose client gives up is aborted too
     body["stream"] = False
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=0.5,
+        httpx.post(f"{server.base_url}/v1/completions", json=body,
+                   timeout=httpx.Timeout(30.0, read=0.5),
                    headers={"Authorization": f"Bearer {KEY}"})
     m = _running_resources_released(server.base_url)
     assert m["loraplex_kv_free_blocks"] == m["loraplex_kv_total_blocks"]
