@@ -44,6 +44,10 @@ def lora_shrink(
     col = None if host_ranks is not None else torch.arange(big_r, device=ranks.device)
     for start, length, slot in batch.host_segs:
         xs = _f32(x[start : start + length])  # [len, in]
+        if host_ranks is not None and all(r == big_r for r in host_ranks[slot]):
+            # Every slice at full rank: one GEMM over the stacked rows.
+            out[start : start + length] = (xs @ _f32(a[slot]).T).to(out.dtype)  # [len, n*R]
+            continue
         for i in range(n):
             lo = i * big_r
             if host_ranks is not None:
