@@ -280,8 +280,9 @@ def bench_decode_step(args) -> str:
     """Full decode step of a 4-layer Llama-8B-shaped model, 32 adapters vs base. Returns a
     markdown section; ``main`` prints it and appends it to ``--out``. (``args.dry_run`` is
     set in the CPU dry run, which runs with TRITON_INTERPRET=1.)"""
-    return "\n## Decode step (4-layer Llama-8B shape, 32 adapters vs base)\n\n" \
-        "skipped (not implemented yet)\n"
+    import decode_step
+
+    return "\n" + decode_step.run(dry=bool(args.dry_run) or not torch.cuda.is_available())
 
 
 def tiny_shapes(ops_shape) -> list:

@@ -63,8 +63,13 @@ class DecodeGraphs:
             for use_lora in (False, True):
                 if use_lora:
                     self.lora.prepare([-1] * bs, [1] * bs, is_decode=True, pad_to=bs)
-                for _ in range(2):  # warm up: Triton autotune/compile, cuBLAS handles
-                    self._forward(bs, use_lora)
+                # warm up on a side stream (Triton compiles, cuBLAS workspaces), as capture does
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._forward(bs, use_lora)
+                torch.cuda.current_stream().wait_stream(side)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):

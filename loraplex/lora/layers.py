@@ -17,16 +17,7 @@ from torch import nn
 from loraplex.layers.forward_context import get_forward_batch
 from loraplex.layers.linear import LinearBase
 from loraplex.lora.pool import FUSED_PROJECTIONS, LoRAPool, SlotBuffers
-
-
-def get_lora_ops(backend: str) -> tuple[Callable, Callable]:
-    if backend == "triton":
-        from loraplex.ops.lora_triton import lora_expand, lora_shrink
-    elif backend == "torch":
-        from loraplex.ops.lora_ref import lora_expand, lora_shrink
-    else:
-        raise ValueError(f"lora_backend={backend!r} must be 'torch' or 'triton'")
-    return lora_shrink, lora_expand
+from loraplex.ops.lora_ops import get_lora_ops
 
 
 class LoRALinear(nn.Module):

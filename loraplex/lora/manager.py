@@ -19,6 +19,7 @@ from loraplex.lora.layers import install_lora_layers
 from loraplex.lora.peft_loader import load_peft_adapter
 from loraplex.lora.pool import LoRAPool
 from loraplex.ops.lora_meta import LoRABatch
+from loraplex.ops.lora_ops import resolve_lora_backend
 
 
 class LoRAManager:
@@ -60,10 +61,7 @@ class LoRAManager:
         self.batch = LoRABatch(
             self._views[0][1], self._views[1][1], self._views[2][1], self._views[3][1], 0, 0, 0, []
         )
-        backend = lora.backend
-        if backend == "auto":
-            backend = "triton" if device.type == "cuda" else "torch"
-        self.backend = backend
+        self.backend = backend = resolve_lora_backend(lora.backend, device)
         self.layers = install_lora_layers(model, self.pool, backend, max_tokens, dtype, device)
 
     # -- registry ------------------------------------------------------------------------------
