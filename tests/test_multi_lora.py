@@ -166,8 +166,8 @@ def test_lora_metadata_and_scratch_are_reused_across_steps(tmp_path):
     seen = []
     prepare = lora.prepare
 
-    def spy(slots, lengths):
-        b = prepare(slots, lengths)
+    def spy(slots, lengths, **kw):
+        b = prepare(slots, lengths, **kw)
         seen.append((b, b.seg_starts.data_ptr(), b.seg_slots.data_ptr(),
                      b.token_slots.data_ptr(), lora.layers[0].scratch.data_ptr()))
         return b
