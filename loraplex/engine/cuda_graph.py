@@ -32,13 +32,22 @@ class DecodeGraphs:
                  device: torch.device, capture: bool = True) -> None:
         self.model, self.kv_caches, self.lora = model, kv_caches, lora_manager
         self.sizes = graph_batch_sizes(max_num_seqs)
+        self.max_bs = max_num_seqs
         self.block_size, self.dummy_block, self.capture = block_size, dummy_block, capture
-        n, i64 = max_num_seqs, dict(dtype=torch.int64, device=device)
-        self.ids = torch.zeros(n, **i64)
-        self.positions = torch.zeros(n, **i64)
-        self.slot_mapping = torch.zeros(n, **i64)
-        self.context_lens = torch.ones(n, **i64)
-        self.block_tables = torch.full((n, max_blocks_per_seq), dummy_block, **i64)
+        n, w = max_num_seqs, max_blocks_per_seq
+        # All inputs in one int64 buffer: filled on the host (pinned, numpy views), sent with
+        # one copy per step. Rows: ids, positions, slot_mapping, context_lens, block tables.
+        self._host = torch.zeros(n * (4 + w), dtype=torch.int64,
+                                 pin_memory=device.type == "cuda")
+        self._dev = self._host if device.type == "cpu" else torch.zeros_like(self._host,
+                                                                             device=device)
+        self._np = self._host.numpy()
+        self.ids, self.positions, self.slot_mapping, self.context_lens = (
+            self._dev[k * n:(k + 1) * n] for k in range(4))
+        self.block_tables = self._dev[4 * n:].view(n, w)
+        self._fill_padding(0, n)
+        if self._dev is not self._host:
+            self._dev.copy_(self._host)
         self.logits: dict[tuple[int, bool], torch.Tensor] = {}
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -58,7 +67,6 @@ class DecodeGraphs:
         """Capture every (size, lora) graph, largest first so smaller ones share its pool."""
         if not self.capture:
             return
-        self._reset_padding(0, max(self.sizes))
         for bs in reversed(self.sizes):
             for use_lora in (False, True):
                 if use_lora:
@@ -81,26 +89,30 @@ class DecodeGraphs:
     def padded_size(self, n: int) -> int:
         return next(s for s in self.sizes if s >= n)
 
-    def _reset_padding(self, n: int, bs: int) -> None:
-        self.ids[n:bs].zero_()
-        self.positions[n:bs].zero_()
-        self.slot_mapping[n:bs].fill_(self.dummy_block * self.block_size)
-        self.context_lens[n:bs].fill_(1)
-        self.block_tables[n:bs].fill_(self.dummy_block)
+    def _fill_padding(self, n: int, bs: int) -> None:
+        rows = self._np[: 4 * self.max_bs].reshape(4, self.max_bs)
+        rows[0, n:bs] = 0
+        rows[1, n:bs] = 0
+        rows[2, n:bs] = self.dummy_block * self.block_size
+        rows[3, n:bs] = 1
+        self._np[4 * self.max_bs:].reshape(self.max_bs, -1)[n:bs] = self.dummy_block
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            block_tables: torch.Tensor, context_lens: torch.Tensor, lora_slots: list[int] | None
+    def run(self, ids: list[int], positions: list[int], slot_mapping: list[int],
+            block_tables: list[list[int]], context_lens: list[int], lora_slots: list[int] | None
             ) -> torch.Tensor:
-        """Inputs for ``n`` sequences (already on the device) -> logits [n, vocab] float32."""
-        n = ids.shape[0]
+        """Host inputs for ``n`` sequences -> logits [n, vocab] float32 (static graph output)."""
+        n = len(ids)
         bs = self.padded_size(n)
-        self.ids[:n].copy_(ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(slot_mapping)
-        self.context_lens[:n].copy_(context_lens)
-        self.block_tables[:n, : block_tables.shape[1]].copy_(block_tables)
-        self.block_tables[:n, block_tables.shape[1]:].fill_(self.dummy_block)
-        self._reset_padding(n, bs)
+        rows = self._np[: 4 * self.max_bs].reshape(4, self.max_bs)
+        rows[0, :n], rows[1, :n], rows[2, :n], rows[3, :n] = ids, positions, slot_mapping, \
+            context_lens
+        tables = self._np[4 * self.max_bs:].reshape(self.max_bs, -1)
+        tables[:n] = self.dummy_block
+        for i, t in enumerate(block_tables):
+            tables[i, : len(t)] = t
+        self._fill_padding(n, bs)
+        if self._dev is not self._host:
+            self._dev.copy_(self._host, non_blocking=True)
         use_lora = lora_slots is not None
         if use_lora:
             self.lora.prepare(lora_slots, [1] * n, is_decode=True, pad_to=bs)

@@ -97,13 +97,17 @@ class ModelRunner:
             ids, positions, batch = self._prepare_decode(seqs, slots)
             with forward_context(batch):
                 return self.model.compute_logits(self.model(ids, positions))
-        ids, positions, slot_mapping, tables, context_lens = self._decode_inputs(seqs)
         use_lora = self.lora is not None and any(s >= 0 for s in slots)
-        return self.graphs.run(ids, positions, slot_mapping, tables, context_lens,
-                               slots if use_lora else None)
+        return self.graphs.run(
+            [s.output_token_ids[-1] if s.output_token_ids else s.prompt_token_ids[-1]
+             for s in seqs], [s.num_tokens - 1 for s in seqs],
+            [self.blocks.slot(s.seq_id, s.num_tokens - 1) for s in seqs],
+            [self.blocks.tables[s.seq_id] for s in seqs], [s.num_tokens for s in seqs],
+            slots if use_lora else None)
 
     def _decode_inputs(self, seqs: list[Sequence]):
-        ids = [s.all_token_ids[-1] for s in seqs]
+        ids = [s.output_token_ids[-1] if s.output_token_ids else s.prompt_token_ids[-1]
+               for s in seqs]
         positions = [s.num_tokens - 1 for s in seqs]
         slot_mapping = [self.blocks.slot(s.seq_id, s.num_tokens - 1) for s in seqs]
         width = max(len(self.blocks.tables[s.seq_id]) for s in seqs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 from loraplex.config import LoRAConfig, ModelConfig
@@ -58,6 +59,7 @@ class LoRAManager:
             (h[i * max_segs : (i + 1) * max_segs], d[i * max_segs : (i + 1) * max_segs])
             for i in range(3)
         ] + [(h[3 * max_segs :], d[3 * max_segs :])]
+        self._np_views = [v[0].numpy() for v in self._views]  # host views, fast to fill
         self.batch = LoRABatch(
             self._views[0][1], self._views[1][1], self._views[2][1], self._views[3][1], 0, 0, 0, []
         )
@@ -192,8 +194,7 @@ class LoRAManager:
                 pad_to: int = 0) -> LoRABatch:
         """Fill the reused LoRABatch for sequences already sorted by slot (-1 = no adapter).
         ``pad_to``: token rows past the batch up to this count get slot -1 (CUDA-graph
-        padding)."""
-        (h_start, _), (h_len, _), (h_slot, _), (h_tok, _) = self._views
+        padding). Host work is a few numpy slice writes, then one host->device copy."""
         segs: list[tuple[int, int, int]] = []
         pos = 0
         for slot, n in zip(slots, lengths):
@@ -203,15 +204,19 @@ class LoRAManager:
             else:
                 segs.append((pos, n, slot))
             pos += n
-        assert pos <= self.max_tokens and len(segs) <= h_start.numel()
-        for i, (s, n, slot) in enumerate(segs):
-            h_start[i], h_len[i], h_slot[i] = s, n, slot
-            h_tok[s : s + n].fill_(slot)
+        starts, lens, seg_slots, tok = self._np_views
+        k = len(segs)
+        assert pos <= self.max_tokens and k <= len(starts)
+        table = np.asarray(segs, dtype=np.int32)  # [k, 3]
+        starts[:k], lens[:k], seg_slots[:k] = table[:, 0], table[:, 1], table[:, 2]
+        tok[:pos] = np.repeat(table[:, 2], table[:, 1])
+        if pad_to > pos:
+            tok[pos:pad_to] = -1
         if self._dev_meta is not self._host_meta:
             self._dev_meta.copy_(self._host_meta, non_blocking=True)
         b = self.batch
-        b.num_segs, b.num_tokens, b.is_decode = len(segs), pos, is_decode
-        b.max_seg_len = max(n for _, n, _ in segs)
+        b.num_segs, b.num_tokens, b.is_decode = k, pos, is_decode
+        b.max_seg_len = int(table[:, 1].max())
         b.host_segs = [seg for seg in segs if seg[2] >= 0]
         return b
 
