@@ -66,3 +66,23 @@ def test_backend_resolution() -> None:
         resolve_lora_backend("cutlass", "cpu")
     with pytest.raises(ValueError, match="lora_backend"):
         get_lora_ops("auto")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["decode", "prefill"])
+def test_reference_runs_of_consecutive_slots(n: int, layout: str) -> None:
+    """The CPU path batches runs of consecutive slots with equal lengths and ranks into one
+    bmm: runs break on a rank change, a length change, a gap in slots and slot -1 tokens;
+    scalings differ per slot inside a run; unused (NaN) rank columns stay unread."""
+    from loraplex.ops.lora_testing import make_case
+
+    per = 1 if layout == "decode" else 3
+    ranks = [[8] * n, [8] * n, [8] * n, [4] * n, [4] * n, [8] * n, [0] * n, [8] * n, [8] * n]
+    order = [0, 1, 2, 3, 4, 5, -1, 7, 8]  # slot 6 skipped: a gap; -1 in between
+    slots = [s for s in order for _ in range(per)] + [8] * (per + 1)  # last run: longer segment
+    case = make_case(num_tokens=len(slots), in_features=40, widths=(24, 16, 8)[:n],
+                     max_rank=8, slot_ranks=ranks, pattern=slots, seed=3 + n, extra_rows=2)
+    runs = lora_ref._runs(case.batch, case.ranks.tolist())
+    assert [r[3] for r in runs][:2] == [3, 2]  # slots 0-2 (rank 8), slots 3-4 (rank 4)
+    check_shrink(lora_ref.lora_shrink, case, rtol=1e-5, atol=1e-5)
+    check_expand(lora_ref.lora_expand, case, rtol=1e-5, atol=1e-5)
