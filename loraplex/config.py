@@ -175,5 +175,8 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtyp
     return table[dtype]
 
 
-def default_num_threads() -> int:
-    return int(os.environ.get("LORAPLEX_NUM_THREADS", "0")) or torch.get_num_threads()
+def apply_cpu_threads() -> None:
+    """``LORAPLEX_NUM_THREADS`` caps torch's CPU threads (servers sharing a machine)."""
+    n = int(os.environ.get("LORAPLEX_NUM_THREADS", "0") or 0)
+    if n > 0:
+        torch.set_num_threads(n)

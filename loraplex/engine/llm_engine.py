@@ -12,6 +12,7 @@ from loraplex.config import (
     LoRAConfig,
     ModelConfig,
     SchedulerConfig,
+    apply_cpu_threads,
     resolve_device,
     resolve_dtype,
 )
@@ -94,6 +95,8 @@ class LLMEngine:
 
         cfg, _ = load_model_config(model)
         dev = resolve_device(device)
+        if dev.type == "cpu":
+            apply_cpu_threads()
         dt = resolve_dtype(dtype, dev, cfg.dtype)
         limit = cfg.max_position
         if max_model_len is not None and max_model_len > limit:
