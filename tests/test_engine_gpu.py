@@ -67,3 +67,26 @@ def test_switching_adapters_never_recaptures(setup):
         outs = llm.generate(_prompts(2), sp, adapters=mix)
         assert all(len(o.token_ids) == 6 for o in outs)
     assert llm.engine.runner.graphs.graphs == graphs
+
+
+def test_captured_decode_step_allocates_nothing(setup):
+    d, _, dirs = setup
+    llm = LLM(str(d), adapters=dirs, device="cuda", dtype="bfloat16", max_num_seqs=8)
+    engine = llm.engine
+    sp = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    for i, a in enumerate(["a0", "a1", None, "a3", "a0"]):
+        engine.add_request(f"r{i}", _prompts(5)[i], sp, a)
+    engine.step()  # prefill
+    engine.step()
+    seqs = list(engine.scheduler.running)
+    for s in seqs:  # grow each sequence by one slot, as the scheduler would
+        engine.blocks.append(s.seq_id, s.num_tokens)
+    slots = [engine.runner._slot(s.adapter) for s in seqs]
+    order = sorted(range(len(seqs)), key=lambda i: slots[i])
+    seqs, slots = [seqs[i] for i in order], [slots[i] for i in order]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    for _ in range(3):
+        engine.runner._decode(seqs, slots)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
