@@ -117,6 +117,69 @@ def test_real_decode_heuristic(monkeypatch) -> None:
     check_all_paths(case, torch.float16)
 
 
+def _force_split_k(monkeypatch, split: int, block_k: int = 16) -> list[tuple[int, int]]:
+    """Pin both shrink configs to split-K with small K steps; returns the (K_CHUNK, SPLIT_K)
+    pairs the launches use."""
+    monkeypatch.setattr(lora_triton, "_shrink_decode_config",
+                        lambda t, nr, k, dtype, device: (16, block_k, split, 4))
+    monkeypatch.setattr(lora_triton, "_shrink_segment_config",
+                        lambda batch, nr, k, x: (16, 64, block_k, split))
+    used: list[tuple[int, int]] = []
+    real = lora_triton._k_chunks
+
+    def spy(k: int, bk: int, sp: int) -> tuple[int, int]:
+        used.append(real(k, bk, sp))
+        return used[-1]
+
+    monkeypatch.setattr(lora_triton, "_k_chunks", spy)
+    return used
+
+
+def _counters_clear() -> bool:
+    return int(lora_triton._split_k_buffers(torch.device(DEVICE))[1].count_nonzero()) == 0
+
+
+@pytest.mark.parametrize(("split", "chunks"), [(5, (48, 5)), (40, (16, 13)), (2, (112, 2))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_k_shrink(monkeypatch, split: int, chunks: tuple[int, int],
+                        dtype: torch.dtype) -> None:
+    """Split-K shrink on both paths: in = 200 is no multiple of the chunk (last chunk 8 or 88
+    wide), per-slice ranks incl. 0, tokens without an adapter; the last program of each tile
+    sums the partials and every arrival counter is back at 0 afterwards (twice in a row)."""
+    used = _force_split_k(monkeypatch, split)
+    for seed in (1, 2):
+        case = build(3, 9, "some_none", 16, seed=seed, dtype=dtype, device=DEVICE,
+                     in_features=200, widths=(70, 40, 30), num_slots=4)
+        check_all_paths(case, dtype)
+        assert _counters_clear()
+    assert used and all(u == chunks for u in used), used
+
+
+def test_k_chunks_cover_k() -> None:
+    for k in (1, 15, 16, 200, 4096, 14336):
+        for bk in (16, 64, 512):
+            for split in (1, 2, 3, 7, 28, 1000):
+                chunk, s = lora_triton._k_chunks(k, bk, split)
+                assert 1 <= s <= max(split, 1) and chunk * s >= k and chunk * (s - 1) < k
+                assert s == 1 or chunk % bk == 0
+
+
+def test_real_shapes_split_k_grids(monkeypatch) -> None:
+    """The H100/H200 heuristics: decode r=16 at 32 tokens gets ~8 one-trip programs per SM
+    (down: 28 K chunks, q/k/v: 8 per slice), the 4096-token prefill 64-row tiles x 5 chunks;
+    every partial fits the scratch."""
+    from loraplex.ops.lora_triton_aot import OpShape, record_op_launches
+
+    monkeypatch.setattr(lora_triton, "_num_sms", lambda device: 132)
+    down = record_op_launches(OpShape("down", 14336, (4096,), 16, 32))[0]
+    qkv = record_op_launches(OpShape("qkv", 4096, (4096, 1024, 1024), 16, 32))[0]
+    pre = record_op_launches(OpShape("qkv", 4096, (4096, 1024, 1024), 16, 4096, seg_len=128))
+    assert down.grid == (32, 1, 28) and down.kwargs["BLOCK_K"] == 512
+    assert qkv.grid == (32, 3, 8) and qkv.kwargs["SPLIT_BOUND"] == 8
+    assert pre[0].grid == (1, 2, 32 * 5) and pre[0].kwargs["BLOCK_M"] == 64
+    assert pre[1].grid[0] == 32 + 8 + 8  # expand: exactly the (slice, tile) pairs
+
+
 def _stale_batch(real: LoRABatch, token_slots: torch.Tensor, seg_slot: int) -> LoRABatch:
     """``real`` inside longer buffers, as the manager and CUDA graphs hold it: entries past
     ``num_segs`` hold leftovers of an earlier, longer batch."""
@@ -130,11 +193,15 @@ def _stale_batch(real: LoRABatch, token_slots: torch.Tensor, seg_slot: int) -> L
     )
 
 
+@pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("layout", ["manager", "graph"])
-def test_padded_and_stale_metadata(layout: str) -> None:
+def test_padded_and_stale_metadata(monkeypatch, layout: str, split: int) -> None:
     """"manager": buffers longer than the batch with stale *valid* entries past num_segs /
     num_tokens, activations exactly T rows. "graph": static activations with more rows than
-    tokens, token_slots padded with -1, segment entries past num_segs with slot -1."""
+    tokens, token_slots padded with -1, segment entries past num_segs with slot -1.
+    ``split`` 3: shrink forced to split-K (stale tiles must not leave counters set)."""
+    if split > 1:
+        _force_split_k(monkeypatch, split)
     slots = [2, 2, 0, 1, 1, 1, -1, 0]
     t, pad = len(slots), 5
     rows = t if layout == "manager" else t + pad
@@ -160,6 +227,7 @@ def test_padded_and_stale_metadata(layout: str) -> None:
         lora_ref.lora_expand(out_ref, c.b, c.ranks, c.scalings, c.offsets, real, y_ref)
         lora_triton.lora_expand(out_ref, c.b, c.ranks, c.scalings, c.offsets, batch, y)
         assert torch.allclose(y, y_ref, atol=1e-5), name
+        assert split == 1 or _counters_clear(), name
 
 
 def test_wrapper_rejects_bad_inputs() -> None:

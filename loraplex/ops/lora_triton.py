@@ -5,19 +5,21 @@
 the segment (prefill) kernels. Stacked slices (q/k/v, gate/up) run in one launch per op.
 
 CUDA graphs: the decode path is capturable. Its grid is ``(min(len(batch.token_slots),
-rows of x/out resp. h/y), column tiles)``: shapes only, so a graph captured for a padded batch
-size replays for any metadata written into the same buffers. ``token_slots`` entries of
+rows of x/out resp. h/y), column tiles[, K chunks])``: shapes only, so a graph captured for a
+padded batch size replays for any metadata written into the same buffers. ``token_slots`` entries of
 padding rows should hold -1 (they exit at once; a stale valid slot only writes padding rows).
 The segment path's grid is ``(column tiles, cdiv(batch.max_seg_len, BLOCK_M),
-batch.num_segs)``, so stale entries past ``num_segs`` (the manager reuses its buffers) are
-never read. To capture it, hold ``max_seg_len`` and ``num_segs`` at static bounds for the
-graph and fill the extra segment entries with slot -1 (or length 0): tiles past a segment's
-length and slot -1 segments exit at once. Neither path allocates or syncs.
+batch.num_segs * K chunks)``, so stale entries past ``num_segs`` (the manager reuses its
+buffers) are never read. To capture it, hold ``max_seg_len`` and ``num_segs`` at static bounds
+for the graph and fill the extra segment entries with slot -1 (or length 0): tiles past a segment's
+length and slot -1 segments exit at once. Neither path allocates or syncs: split-K shrink
+uses a per-device scratch allocated once (``_split_k_buffers``; warm up before capturing).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -45,23 +47,30 @@ def lora_shrink(
         t = min(batch.token_slots.shape[0], x.shape[0], out.shape[0])
         if t == 0:
             return
-        block_n, block_k = _shrink_decode_config(t, nr, k, x.device)
-        grid = (t, triton.cdiv(nr, block_n))
-        K.shrink_decode_kernel[grid](
-            x, a, ranks, batch.token_slots, out, k, nr, r, n,
+        block_n, block_k, split, warps = _shrink_decode_config(t, nr, k, x.dtype, x.device)
+        tiles = t * triton.cdiv(nr, block_n)
+        chunk, split = _k_chunks(k, block_k, min(_fit_split(split, tiles, block_n), 65535))
+        ws, counts = _split_k_buffers(x.device) if split > 1 else (out, batch.token_slots)
+        K.shrink_decode_kernel[(t, triton.cdiv(nr, block_n), split)](
+            x, a, ranks, batch.token_slots, out, ws, counts, k, chunk, split, nr, r, n,
             x.stride(0), a.stride(0), a.stride(1), out.stride(0),
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4,
+            BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_BOUND=_bound(split), num_warps=warps,
+            num_stages=2,
         )
         return
     if batch.max_seg_len == 0 or batch.num_segs == 0:
         return
-    block_m, block_n, block_k = _shrink_segment_config(batch, nr, x)
-    grid = (triton.cdiv(nr, block_n), triton.cdiv(batch.max_seg_len, block_m), batch.num_segs)
-    K.shrink_segment_kernel[grid](
-        x, a, ranks, batch.seg_starts, batch.seg_lens, batch.seg_slots, out, k, nr, r, n,
-        x.stride(0), a.stride(0), a.stride(1), out.stride(0),
+    block_m, block_n, block_k, split = _shrink_segment_config(batch, nr, k, x)
+    grid = [triton.cdiv(nr, block_n), triton.cdiv(batch.max_seg_len, block_m), batch.num_segs]
+    split = min(_fit_split(split, math.prod(grid), block_m * block_n), 65535 // grid[2])
+    chunk, split = _k_chunks(k, block_k, split)
+    ws, counts = _split_k_buffers(x.device) if split > 1 else (out, batch.token_slots)
+    grid[2] *= split
+    K.shrink_segment_kernel[tuple(grid)](
+        x, a, ranks, batch.seg_starts, batch.seg_lens, batch.seg_slots, out, ws, counts,
+        k, chunk, split, nr, r, n, x.stride(0), a.stride(0), a.stride(1), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=_precision(x),
-        num_warps=4, num_stages=3,
+        SPLIT_BOUND=_bound(split), num_warps=4, num_stages=4,
     )
 
 
@@ -88,7 +97,8 @@ def lora_expand(
              and all(offsets[i] <= offsets[i + 1] for i in range(n)) and n <= MAX_SLICES,
              f"offsets {offsets}: n+1 ascending ints from 0 to out (n <= {MAX_SLICES})")
     offs = [int(o) for o in offsets] + [int(offsets[-1])] * (MAX_SLICES + 1 - len(offsets))
-    widest = max(offsets[i + 1] - offsets[i] for i in range(n))
+    widths = [offsets[i + 1] - offsets[i] for i in range(n)]
+    widest = max(widths)
     if widest == 0:
         return
     if batch.decode_shaped:
@@ -96,9 +106,9 @@ def lora_expand(
         if t == 0:
             return
         block_n, block_r = _expand_decode_config(r, widest)
-        nb = triton.cdiv(widest, block_n)
-        K.expand_decode_kernel[(t, n * nb)](
-            h, b, ranks, scalings, batch.token_slots, y, r, n, nb, *offs,
+        tiles = sum(triton.cdiv(w, block_n) for w in widths)  # (slice, tile) pairs, exactly
+        K.expand_decode_kernel[(t, tiles)](
+            h, b, ranks, scalings, batch.token_slots, y, r, n, *offs,
             h.stride(0), b.stride(0), b.stride(1), y.stride(0),
             BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4, num_stages=2,
         )
@@ -106,11 +116,11 @@ def lora_expand(
     if batch.max_seg_len == 0 or batch.num_segs == 0:
         return
     block_m, block_n, block_r = _expand_segment_config(batch, r, widest, y)
-    nb = triton.cdiv(widest, block_n)
-    grid = (n * nb, triton.cdiv(batch.max_seg_len, block_m), batch.num_segs)
+    tiles = sum(triton.cdiv(w, block_n) for w in widths)
+    grid = (tiles, triton.cdiv(batch.max_seg_len, block_m), batch.num_segs)
     K.expand_segment_kernel[grid](
         h, b, ranks, scalings, batch.seg_starts, batch.seg_lens, batch.seg_slots, y,
-        r, n, nb, *offs, h.stride(0), b.stride(0), b.stride(1), y.stride(0),
+        r, n, *offs, h.stride(0), b.stride(0), b.stride(1), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, DOT_PRECISION=_precision(y),
         num_warps=8 if block_m * block_n >= 8192 else 4, num_stages=2,
     )
@@ -118,28 +128,79 @@ def lora_expand(
 
 # ---- launch configuration (block sizes tuned for decode/prefill shapes; see docs/kernels.md)
 
-def _shrink_decode_config(t: int, nr: int, k: int, device: torch.device) -> tuple[int, int]:
-    # Split the stacked rank columns (not K) across programs until there are ~2 programs per
-    # SM: no cross-program reduction is needed, and x (one row) is re-read from L2 only.
-    target = 2 * _num_sms(device)
-    block_n = 16
-    while block_n > 2 and t * triton.cdiv(nr, block_n) < target:
-        block_n //= 2
-    block_k = min(max(4096 // block_n, 128), 2048, triton.next_power_of_2(k))
-    return block_n, block_k
+# Split-K scratch, one per device, allocated on first use and kept for the process (captured
+# CUDA graphs hold its address, so it is never freed or regrown): float32 partial tiles and
+# one int32 arrival counter per output tile, zero between launches (the kernels reset them).
+# Launches on one device must be ordered (one stream), as for any in-place op.
+WS_FLOATS = 1 << 21  # 8 MiB
+WS_COUNTERS = 1 << 16
 
 
-def _shrink_segment_config(batch: LoRABatch, nr: int, x: torch.Tensor) -> tuple[int, int, int]:
+@functools.cache
+def _split_k_buffers_at(kind: str, index: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    device = torch.device(kind, index)
+    return (torch.empty(WS_FLOATS, dtype=torch.float32, device=device),
+            torch.zeros(WS_COUNTERS, dtype=torch.int32, device=device))
+
+
+def _split_k_buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    return _split_k_buffers_at(device.type, index)
+
+
+def _bound(split: int) -> int:
+    # Compiled variants: the split-K reduction is unrolled to the next power of two.
+    return 1 if split == 1 else triton.next_power_of_2(split)
+
+
+def _fit_split(split: int, tiles: int, tile_elems: int) -> int:
+    """Largest split <= ``split`` whose partials and counters fit the split-K scratch."""
+    if tiles > WS_COUNTERS:
+        return 1
+    return max(1, min(split, WS_FLOATS // (tiles * tile_elems)))
+
+
+def _k_chunks(k: int, block_k: int, split: int) -> tuple[int, int]:
+    """(K_CHUNK, SPLIT_K): ``split`` near-equal chunks of ``in``, each a multiple of BLOCK_K
+    (so none is empty: SPLIT_K = cdiv(K, K_CHUNK) may come out below ``split``)."""
+    if split <= 1:
+        return k, 1
+    chunk = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    return chunk, triton.cdiv(k, chunk)
+
+
+def _shrink_decode_config(
+    t: int, nr: int, k: int, dtype: torch.dtype, device: torch.device
+) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, split, num_warps). A program holds up to 16 stacked rank columns
+    and one ``[BLOCK_N, BLOCK_K]`` tile of A (64 elements a thread): its loop is not
+    pipelined, so memory parallelism comes from programs. K is split until there are ~8
+    (small, one-trip) programs per SM, e.g. 32 tokens: q/k/v r=16 3 x 8 chunks of 512,
+    down r=16 28 chunks of 512."""
+    block_n = min(16, max(2, triton.next_power_of_2(nr)))
+    per_tile = 8192 if dtype in _HALF else 4096
+    block_k = min(per_tile // block_n, 2048, max(16, triton.next_power_of_2(k)))
+    tiles = t * triton.cdiv(nr, block_n)
+    split = min(triton.cdiv(8 * _num_sms(device), tiles), triton.cdiv(k, block_k))
+    return block_n, block_k, max(split, 1), 4
+
+
+def _shrink_segment_config(
+    batch: LoRABatch, nr: int, k: int, x: torch.Tensor
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, split). All stacked rank columns in one tile up to 64 (x
+    read once), 64-row tiles (A re-read once per 64 tokens, from L2), and split-K (chunks of
+    >= 8 K steps, at most 8 chunks) until ~2 programs per SM, rather than smaller M tiles
+    that re-read A."""
     block_n = min(64, max(16, triton.next_power_of_2(nr)))
-    col_tiles = triton.cdiv(nr, block_n)
-    target = 2 * _num_sms(x.device)
-    block_m = 64
-    while block_m > 16 and (col_tiles * batch.num_segs
-                            * triton.cdiv(batch.max_seg_len, block_m)) < target:
-        block_m //= 2
-    block_m = min(block_m, max(16, triton.next_power_of_2(batch.max_seg_len)))
+    block_m = min(64, max(16, triton.next_power_of_2(batch.max_seg_len)))
     block_k = 64 if x.dtype in _HALF else 32
-    return block_m, block_n, block_k
+    tiles = (triton.cdiv(nr, block_n) * triton.cdiv(batch.max_seg_len, block_m)
+             * batch.num_segs)
+    split = min(triton.cdiv(2 * _num_sms(x.device), tiles), max(1, k // (8 * block_k)), 8)
+    return block_m, block_n, block_k, max(split, 1)
 
 
 def _expand_decode_config(r: int, widest: int) -> tuple[int, int]:
