@@ -241,14 +241,21 @@ def markdown(rows: list[dict], columns: list[str]) -> str:
 
 
 def sweep_configs(shape, quick: bool) -> dict[str, list[tuple[int, ...]]]:
-    """Alternative block sizes per config function of ``lora_triton`` (see its heuristics)."""
+    """Alternative block sizes per config function of ``lora_triton`` (see its heuristics).
+    Shrink: (BLOCK_N, BLOCK_K, split, warps) for decode, (BLOCK_M, BLOCK_N, BLOCK_K, split)
+    for prefill; split 1 = no split-K (the first decode pairs and the BLOCK_M 16 prefill tile
+    are the configs measured before split-K)."""
     br = min(64, max(4, 1 << (shape.rank - 1).bit_length()))
+    nr = len(shape.widths) * shape.rank
     if shape.seg_len is None:
-        table = {"_shrink_decode_config": [(bn, max(4096 // bn, 128)) for bn in (2, 4, 8, 16)],
+        table = {"_shrink_decode_config": [(2, 2048, 1, 4), (4, 1024, 1, 4)]
+                 + [(16, 512, s, 4) for s in (4, 8, 16, 28)] + [(16, 1024, 14, 8)],
                  "_expand_decode_config": [(bn, br) for bn in (64, 128, 256, 512)
                                            if bn * br <= 8192]}
     else:
-        table = {"_shrink_segment_config": [(bm, 64, 64) for bm in (16, 32, 64)],
+        bn = min(64, max(16, 1 << (nr - 1).bit_length()))
+        table = {"_shrink_segment_config": [(16, bn, 64, 1), (32, bn, 64, 1), (64, bn, 64, 1)]
+                 + [(64, bn, 64, s) for s in (2, 3, 5, 8)] + [(32, bn, 64, 3)],
                  "_expand_segment_config": [(64, 128, max(br, 16)), (128, 128, max(br, 16)),
                                             (64, 256, max(br, 16)), (32, 128, max(br, 16))]}
     return {k: v[:2] if quick else v for k, v in table.items()}
