@@ -270,9 +270,10 @@ def test_bf16_on_gpu(pattern: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_decode_path_replays_under_cuda_graph() -> None:
+@pytest.mark.parametrize("in_features", [512, 4000])  # 4000: split-K shrink (8 chunks)
+def test_decode_path_replays_under_cuda_graph(in_features: int) -> None:
     case = build(3, 32, "distinct", 16, seed=4, dtype=torch.bfloat16, device="cuda",
-                 in_features=512, widths=(256, 64, 64), num_slots=8)
+                 in_features=in_features, widths=(256, 64, 64), num_slots=8)
     h = torch.zeros(32, 48, device="cuda", dtype=torch.bfloat16)
     y = torch.zeros(32, 384, device="cuda", dtype=torch.bfloat16)
 
@@ -288,6 +289,7 @@ def test_decode_path_replays_under_cuda_graph() -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
+    graph.replay()  # split-K counters must be back at 0 for the next replay
     y.zero_()
     case.batch.token_slots.copy_(case.batch.token_slots.roll(1))  # new metadata, same graph
     graph.replay()
