@@ -36,22 +36,33 @@ def run_demo(args: argparse.Namespace) -> None:
         mark = "" if ok else "   (expected " + expected(phrase, adapter) + ")"
         print(f"{phrase:<{width}} {adapter or 'base':<9} {out.text}{mark}")
     tokens = sum(len(o.token_ids) for o in outs)
-    print(f"\n{len(requests)} requests, {len(names) - 1} adapters + base in one batch: "
-          f"{tokens} tokens in {gen_s * 1000:.0f} ms ({tokens / gen_s:.0f} tok/s, "
-          f"{llm.engine.device}, load {load_s:.1f} s); {right}/{len(requests)} as expected")
+    print(
+        f"\n{len(requests)} requests, {len(names) - 1} adapters + base in one batch: "
+        f"{tokens} tokens in {gen_s * 1000:.0f} ms ({tokens / gen_s:.0f} tok/s, "
+        f"{llm.engine.device}, load {load_s:.1f} s); {right}/{len(requests)} as expected"
+    )
 
 
 def _serve(args: argparse.Namespace, model_dir: str, adapter_dirs: dict[str, str]) -> None:
     from loraplex.server.api import add_serve_args, run_server
 
     parser = add_serve_args(argparse.ArgumentParser())
-    argv = ["--model", model_dir, "--served-model-name", "demo", "--port", str(args.port),
-            "--device", args.device]
+    argv = [
+        "--model",
+        model_dir,
+        "--served-model-name",
+        "demo",
+        "--port",
+        str(args.port),
+        "--device",
+        args.device,
+    ]
     for name, path in adapter_dirs.items():
         argv += ["--adapter", f"{name}={path}"]
     serve_args = parser.parse_args(argv)
     base = f"http://127.0.0.1:{args.port}/v1"
-    print(f"""Serving the demo model as "demo" with adapters {", ".join(adapter_dirs)}.
+    print(
+        f"""Serving the demo model as "demo" with adapters {", ".join(adapter_dirs)}.
 Try, in another terminal:
 
   curl {base}/completions -H 'Content-Type: application/json' -d '{{"model": "reverse",
@@ -60,5 +71,7 @@ Try, in another terminal:
   python -c "from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='none'); \\
 print(c.completions.create(model='caesar', prompt='in: hello world\\nout: ', \\
 max_tokens=32, temperature=0).choices[0].text)"
-""", flush=True)
+""",
+        flush=True,
+    )
     run_server(serve_args)

@@ -230,21 +230,36 @@ def greedy_accuracy(model, tok, phrases: list[str], task: str | None) -> tuple[f
     return correct / len(phrases), failures
 
 
-def save_tokenizer(tok, out: Path) -> None:
+def edit_json(path: Path, **fields) -> None:
+    cfg = json.loads(path.read_text())
+    cfg.update(fields)
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def save_base(model, tok, out: Path) -> None:
+    """Save model + tokenizer, made loader-neutral (transformers 4.x and 5.x read both)."""
+    model.save_pretrained(out)
     tok.save_pretrained(out)
-    # Name the class every transformers release knows (v5 calls it TokenizersBackend).
-    cfg_path = out / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    # v5 writes rope_parameters only; 4.x and other loaders look for rope_theta.
+    edit_json(out / "config.json", rope_theta=model.config.rope_parameters["rope_theta"])
+    # v5 names the class TokenizersBackend, which 4.x does not know.
+    edit_json(
+        out / "tokenizer_config.json",
+        tokenizer_class="PreTrainedTokenizerFast",
+        model_max_length=model.config.max_position_embeddings,
+    )
 
 
-def save_adapter(peft_model, out: Path, name: str) -> None:
-    peft_model.save_pretrained(out / name)
-    cfg_path = out / name / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = "loraplex-demo"  # not this machine's path
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+def save_adapter(peft_model, out: Path) -> None:
+    """PEFT save, without this machine's path and the generated model card."""
+    peft_model.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    edit_json(
+        out / "adapter_config.json",
+        base_model_name_or_path="loraplex-demo",
+        target_modules=sorted(cfg["target_modules"]),
+    )
 
 
 def evaluate(out: Path, n: int) -> dict[str, float]:
@@ -293,8 +308,7 @@ def main() -> None:
         "base",
     )
     (args.out / "model").mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out / "model")
-    save_tokenizer(tok, args.out / "model")
+    save_base(model, tok, args.out / "model")
 
     for i, name in enumerate(ADAPTERS):
         torch.manual_seed(1 + i)
@@ -311,7 +325,7 @@ def main() -> None:
         peft_model = get_peft_model(base, lora)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         train(peft_model, tok, params, args.adapter_steps, 3e-3, args.batch, [name], False, name)
-        save_adapter(peft_model, args.out, name)
+        save_adapter(peft_model, args.out / name)
     train_s = time.time() - t0
     print(f"training took {train_s:.0f}s", flush=True)
 
