@@ -248,8 +248,10 @@ def sweep_configs(shape, quick: bool) -> dict[str, list[tuple[int, ...]]]:
     br = min(64, max(4, 1 << (shape.rank - 1).bit_length()))
     nr = len(shape.widths) * shape.rank
     if shape.seg_len is None:
-        table = {"_shrink_decode_config": [(2, 2048, 1, 4), (4, 1024, 1, 4)]
-                 + [(16, 512, s, 4) for s in (4, 8, 16, 28)] + [(16, 1024, 14, 8)],
+        table = {"_shrink_decode_config": [(2, 2048, 1, 4), (4, 1024, 1, 4), (1, 2048, 1, 4)]
+                 + [(2, 2048, s, 4) for s in (2, 4, 7)] + [(2, 1024, 4, 4), (4, 2048, 2, 4),
+                                                           (8, 1024, 4, 4), (2, 1024, 7, 8)]
+                 + [(16, 512, s, 4) for s in (8, 16)],
                  "_expand_decode_config": [(bn, br) for bn in (64, 128, 256, 512)
                                            if bn * br <= 8192]}
     else:
