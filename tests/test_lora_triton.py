@@ -165,8 +165,9 @@ def test_k_chunks_cover_k() -> None:
 
 
 def test_real_shapes_split_k_grids(monkeypatch) -> None:
-    """The H100/H200 heuristics: decode at 32 tokens runs 2 rank columns a program and no
-    split (fastest measured on an H200), the 4096-token prefill 64-row tiles x 5 chunks;
+    """The H100/H200 heuristics: decode at 32 tokens runs 2 rank columns a program, K split
+    in 4 only for down (fastest measured on an H200), the 4096-token prefill 64-row tiles x
+    5 chunks;
     every partial fits the scratch."""
     from loraplex.ops.lora_triton_aot import OpShape, record_op_launches
 
@@ -174,7 +175,7 @@ def test_real_shapes_split_k_grids(monkeypatch) -> None:
     down = record_op_launches(OpShape("down", 14336, (4096,), 16, 32))[0]
     qkv = record_op_launches(OpShape("qkv", 4096, (4096, 1024, 1024), 16, 32))[0]
     pre = record_op_launches(OpShape("qkv", 4096, (4096, 1024, 1024), 16, 4096, seg_len=128))
-    assert down.grid == (32, 8, 1) and down.kwargs["BLOCK_K"] == 2048
+    assert down.grid == (32, 8, 4) and down.kwargs["BLOCK_K"] == 1024
     assert qkv.grid == (32, 24, 1) and qkv.kwargs["BLOCK_N"] == 2
     assert pre[0].grid == (1, 2, 32 * 5) and pre[0].kwargs["BLOCK_M"] == 64
     assert pre[1].grid[0] == 32 + 8 + 8  # expand: exactly the (slice, tile) pairs

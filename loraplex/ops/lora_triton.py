@@ -174,15 +174,17 @@ def _k_chunks(k: int, block_k: int, split: int) -> tuple[int, int]:
 def _shrink_decode_config(
     t: int, nr: int, k: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, split, num_warps): 2 rank columns a program, K in 2048-wide steps,
-    no split. Measured on an H200 (bf16, CUDA graphs, 32 tokens over 32 adapters, shrink +
-    expand): q/k/v r=16 12.8 us vs 17.8-19.4 with split-K; q/k/v r=64 33.3 vs 45.2; down
-    r=64 31.0 vs 49.1; only down r=16 gained from a 16-way split (16.4 vs 18.5). Split-K stays
-    available (``split`` > 1) for shapes where the sweep shows a win."""
-    del t, dtype, device
+    """(BLOCK_N, BLOCK_K, split, num_warps): 2 rank columns a program. When that leaves few
+    programs (< 4 a SM) and K is wide, split K in ~4096-wide chunks. Measured on an H200
+    (bf16, CUDA graphs, 32 tokens over 32 adapters, shrink + expand): q/k/v r=16 12.7 us (no
+    split; 15-19 with split-K), down r=16 12.6 us with (2, 1024, 4) vs 18.4 unsplit and 16.4
+    with the 16-column, 16-way split; q/k/v r=64 33.3 and down r=64 30.5 unsplit."""
+    del dtype
     block_n = min(2, max(1, triton.next_power_of_2(nr)))
-    block_k = min(2048, max(16, triton.next_power_of_2(k)))
-    return block_n, block_k, 1, 4
+    programs = t * triton.cdiv(nr, block_n)
+    split = triton.cdiv(k, 4096) if programs < 4 * _num_sms(device) else 1
+    block_k = min(2048 if split == 1 else 1024, max(16, triton.next_power_of_2(k)))
+    return block_n, block_k, min(split, triton.cdiv(k, block_k)), 4
 
 
 def _shrink_segment_config(
