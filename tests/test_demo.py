@@ -1,0 +1,108 @@
+"""The shipped demo model and adapters: meaning, not only numbers. 100 random phrases, every
+adapter and the base model in ONE mixed batch, through LLM and through the HTTP server; and the
+shipped adapters are real PEFT adapters that give the same outputs in peft."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import string
+from collections import Counter
+
+import pytest
+import torch
+
+from loraplex import LLM, SamplingParams, demo
+
+MODES = [None, *demo.ADAPTERS]
+
+
+def random_phrases(n: int, seed: int = 1234) -> list[str]:
+    rng = random.Random(seed)
+    phrases = []
+    while len(phrases) < n:
+        words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(1, 8)))
+                 for _ in range(rng.randint(1, 4))]
+        phrase = " ".join(words)
+        if len(phrase) <= 24:
+            phrases.append(phrase)
+    return phrases
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    model_dir, adapters = demo.paths()
+    return LLM(model_dir, adapters=adapters, device="cpu", max_num_seqs=128)
+
+
+def _accuracy(phrases, modes, texts) -> dict[str | None, float]:
+    right, total = Counter(), Counter()
+    for phrase, mode, text in zip(phrases, modes, texts, strict=True):
+        total[mode] += 1
+        right[mode] += text == demo.expected(phrase, mode)
+    return {m: right[m] / total[m] for m in total}
+
+
+def test_one_mixed_batch_is_right_for_every_adapter(llm):
+    phrases = random_phrases(100)
+    reqs = [(p, m) for p in phrases for m in MODES]
+    outs = llm.generate([demo.prompt(p) for p, _ in reqs], SamplingParams(max_tokens=40,
+                        temperature=0), adapters=[m for _, m in reqs])
+    assert all(o.finish_reason == "stop" for o in outs[:8])
+    acc = _accuracy([p for p, _ in reqs], [m for _, m in reqs], [o.text for o in outs])
+    assert set(acc) == set(MODES)
+    assert all(a >= 0.95 for a in acc.values()), acc
+
+
+def test_same_through_the_http_server(tmp_path):
+    import openai
+    from server_utils import ServerProcess
+
+    model_dir, adapters = demo.paths()
+    args = ["--model", model_dir, "--served-model-name", "demo", "--max-num-seqs", "128"]
+    for name, path in adapters.items():
+        args += ["--adapter", f"{name}={path}"]
+    server = ServerProcess(args, tmp_path / "server.log")
+    phrases = random_phrases(100)
+    prompts = [demo.prompt(p) for p in phrases]
+
+    async def run() -> dict[str | None, list[str]]:
+        client = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="x")
+
+        async def one(mode):  # one request per adapter, 100 prompts each: all in flight at once
+            r = await client.completions.create(model=mode or "demo", prompt=prompts,
+                                                max_tokens=40, temperature=0)
+            return [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+
+        texts = await asyncio.gather(*(one(m) for m in MODES))
+        await client.close()
+        return dict(zip(MODES, texts, strict=True))
+
+    try:
+        texts = asyncio.run(run())
+    finally:
+        server.stop()
+    for mode in MODES:
+        acc = _accuracy(phrases, [mode] * len(phrases), texts[mode])[mode]
+        assert acc >= 0.95, (mode, acc)
+
+
+def test_shipped_adapters_are_peft_adapters_with_the_same_outputs(llm):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, adapters = demo.paths()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    phrases = random_phrases(6, seed=7)
+    for name, path in adapters.items():
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model = PeftModel.from_pretrained(base, path).eval()
+        ours = llm.generate([demo.prompt(p) for p in phrases],
+                            SamplingParams(max_tokens=40, temperature=0), adapters=name)
+        for phrase, out in zip(phrases, ours, strict=True):
+            ids = torch.tensor([tok.encode(demo.prompt(phrase))])
+            with torch.no_grad():
+                ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                     max_new_tokens=40, do_sample=False)[0, ids.shape[1]:]
+            assert out.token_ids == ref.tolist()[: len(out.token_ids)], (name, phrase)
+            assert tok.decode(ref, skip_special_tokens=True) == out.text
