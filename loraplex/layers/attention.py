@@ -42,11 +42,14 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
             n = end - start
-            # [kv_heads, group * n, d]: queries of one kv head grouped; causal mask per group.
+            # queries grouped by their kv head: [kv_heads, group, n, d], causal per sequence
             qs = q[start:end].view(n, self.num_kv_heads, self.group, self.head_dim)
             qs = qs.permute(1, 2, 0, 3)  # [kvh, g, n, d]
-            ks = k[start:end].transpose(0, 1).unsqueeze(1)  # [kvh, 1, n, d]
-            vs = v[start:end].transpose(0, 1).unsqueeze(1)
+            # keys/values broadcast over the group (stride 0, no copy): the fused
+            # (flash) kernel takes this, while a size-1 group dim falls back to the math path
+            shape = (self.num_kv_heads, self.group, n, self.head_dim)
+            ks = k[start:end].transpose(0, 1).unsqueeze(1).expand(shape)
+            vs = v[start:end].transpose(0, 1).unsqueeze(1).expand(shape)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale)
             out[start:end] = o.permute(2, 0, 1, 3).reshape(n, self.num_heads, self.head_dim)
         return out
