@@ -40,6 +40,7 @@ class ModelConfig:
     attention_bias: bool
     dtype: torch.dtype  # the checkpoint's dtype
     eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None  # Mistral/Qwen2 windowed attention, when enabled
 
     @property
     def q_size(self) -> int:
@@ -111,7 +112,15 @@ class ModelConfig:
             attention_bias=bool(getattr(hf, "attention_bias", False)) or arch.startswith("Qwen2"),
             dtype=dtype,
             eos_token_ids=eos_ids,
+            sliding_window=_sliding_window(hf),
         )
+
+
+def _sliding_window(hf) -> int | None:
+    window = getattr(hf, "sliding_window", None)
+    if window is None or getattr(hf, "use_sliding_window", True) is False:
+        return None
+    return int(window)
 
 
 @dataclass(frozen=True)

@@ -185,3 +185,13 @@ def test_static_buffer_decode_path_matches_eager(llama, tmp_path):
     want = [o.token_ids for o in llm.generate(prompts, sp)]
     assert [o.token_ids for o in static.generate(prompts, sp)] == want
     assert [o.token_ids for o in static.generate(prompts[:3], sp)] == want[:3]  # padded 3 -> 4
+
+
+def test_mistral_sliding_window_caps_the_context(tmp_path):
+    d, _ = make_tiny_model(tmp_path / "m", "mistral", sliding_window=64)
+    llm = LLM(str(d), device="cpu")
+    assert llm.engine.max_model_len == 64
+    with pytest.raises(InvalidRequestError, match="64"):
+        llm.generate([[5] * 80], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="sliding window"):
+        LLM(str(d), device="cpu", max_model_len=128)

@@ -99,8 +99,13 @@ class LLMEngine:
             apply_cpu_threads()
         dt = resolve_dtype(dtype, dev, cfg.dtype)
         limit = cfg.max_position
+        if cfg.sliding_window is not None:
+            # Attention here is full-context; within the window the two are the same, so
+            # the context is capped there rather than silently diverging from the reference.
+            limit = min(limit, cfg.sliding_window)
         if max_model_len is not None and max_model_len > limit:
-            raise ValueError(f"max_model_len={max_model_len} exceeds the model's context ({limit})")
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's context ({limit}"
+                             f"{' = its sliding window' if limit == cfg.sliding_window else ''})")
         max_len = max_model_len or limit
         sched = SchedulerConfig(
             max_num_seqs=max_num_seqs,
