@@ -195,3 +195,13 @@ def test_mistral_sliding_window_caps_the_context(tmp_path):
         llm.generate([[5] * 80], SamplingParams(max_tokens=2))
     with pytest.raises(ValueError, match="sliding window"):
         LLM(str(d), device="cpu", max_model_len=128)
+
+
+def test_sequence_outgrowing_the_whole_cache_ends_with_length(llama):
+    d, _, _ = llama
+    tiny = LLM(str(d), device="cpu", num_kv_blocks=3)  # 48 tokens of KV in all
+    sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    out = tiny.generate([[1] + [7] * 29, [1, 5, 6]], sp)
+    assert out[0].finish_reason == "length" and len(out[0].token_ids) == 48 - 30 + 1
+    assert out[1].finish_reason == "length" and len(out[1].token_ids) == 40
+    assert tiny.engine.blocks.num_free == 3 and not tiny.engine.has_unfinished_requests()

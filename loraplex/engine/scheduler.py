@@ -43,9 +43,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.running_adapters: Counter[str] = Counter()
         self.num_preemptions = 0
-        self.failed: list[
-            Sequence
-        ] = []  # could not start (adapter failed to load); drained by the engine
+        # ended by the scheduler (adapter failed to load, or outgrew the whole KV cache);
+        # drained by the engine
+        self.failed: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -93,6 +93,11 @@ class Scheduler:
         while i < len(self.running):
             seq = self.running[i]
             while not self.blocks.can_append(seq.seq_id, seq.num_tokens):
+                if len(self.running) == 1:  # alone and still no room: it can never grow
+                    self._stop(seq)
+                    seq.finish_reason, seq.status = "length", SequenceStatus.FINISHED
+                    self.failed.append(seq)
+                    break
                 victim = self.running[-1]
                 self.preempt(victim)
                 if victim is seq:
