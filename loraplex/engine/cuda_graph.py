@@ -56,7 +56,6 @@ class DecodeGraphs:
         batch = ForwardBatch(
             is_prefill=False, num_tokens=bs, slot_mapping=self.slot_mapping[:bs],
             block_tables=self.block_tables[:bs], context_lens=self.context_lens[:bs],
-            max_context_len=self.block_tables.shape[1] * self.block_size,
             kv_caches=self.kv_caches, lora=self.lora.batch if use_lora else None)
         with forward_context(batch):
             hidden = self.model(self.ids[:bs], self.positions[:bs])

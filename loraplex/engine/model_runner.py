@@ -121,7 +121,7 @@ class ModelRunner:
         batch = ForwardBatch(
             is_prefill=False, num_tokens=len(seqs), slot_mapping=slot_mapping,
             block_tables=tables, context_lens=context_lens,
-            max_context_len=tables.shape[1] * self.blocks.block_size, kv_caches=self.kv_caches,
+            kv_caches=self.kv_caches,
             lora=self._lora_batch(slots, [1] * len(seqs), is_decode=True))
         return ids, positions, batch
 

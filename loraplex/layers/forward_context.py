@@ -31,7 +31,6 @@ class ForwardBatch:
     cu_seqlens: list[int] | None = None  # prefill
     block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] int64
     context_lens: torch.Tensor | None = None  # decode: [B] int64, incl. the new token
-    max_context_len: int = 0  # decode: static upper bound of context_lens
     lora: LoRABatch | None = None  # None: no request in the batch uses an adapter
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (k, v)
 
