@@ -59,7 +59,9 @@ class SamplingParams:
             self.stop_token_ids,
             "a list of token ids >= 0",
         )
-        _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "an integer")
+        _check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                     and -(2**63) <= self.seed < 2**64),
+               "seed", self.seed, "a 64-bit integer")
 
     @property
     def greedy(self) -> bool:

@@ -148,7 +148,8 @@ def test_bad_requests_raise_clear_errors_and_engine_keeps_serving(llama):
     with pytest.raises(InvalidRequestError, match=r"300 tokens.*256"):
         llm.generate([[5] * 300], SamplingParams(max_tokens=4))
     for field, kwargs in [("temperature", {"temperature": -1}), ("top_p", {"top_p": 0}),
-                          ("max_tokens", {"max_tokens": 0}), ("top_k", {"top_k": 0})]:
+                          ("max_tokens", {"max_tokens": 0}), ("top_k", {"top_k": 0}),
+                          ("seed", {"seed": 2**70}), ("stop", {"stop": [""]})]:
         with pytest.raises(ValueError, match=field):
             SamplingParams(**kwargs)
     with pytest.raises(InvalidRequestError, match="out of range"):
