@@ -206,3 +206,10 @@ def test_sequence_outgrowing_the_whole_cache_ends_with_length(llama):
     assert out[0].finish_reason == "length" and len(out[0].token_ids) == 48 - 30 + 1
     assert out[1].finish_reason == "length" and len(out[1].token_ids) == 40
     assert tiny.engine.blocks.num_free == 3 and not tiny.engine.has_unfinished_requests()
+
+
+def test_tiny_temperature_samples_like_greedy(llama):
+    _, _, llm = llama
+    greedy = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=8, temperature=0))
+    tiny = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=8, temperature=1e-30, seed=1))
+    assert [o.token_ids for o in tiny] == [o.token_ids for o in greedy]

@@ -24,7 +24,7 @@ class Sampler:
 
     def _sample_row(self, row: torch.Tensor, seq: Sequence) -> int:
         p = seq.params
-        row = row / p.temperature
+        row = (row - row.max()) / p.temperature  # shift first: a tiny temperature stays finite
         if p.top_k > 0 and p.top_k < row.numel():
             kth = torch.topk(row, p.top_k).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))
