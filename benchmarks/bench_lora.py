@@ -5,7 +5,7 @@ adapters on all seven projections, float32, 2 threads. In one run:
   vs the same prompts on the base model in loraplex; (c) the same mixed workload through
   transformers + PEFT (``adapter_names=``) and PEFT's own base.
 
-    python benchmarks/bench_lora.py [--adapters 32] [--repeat 2]
+    python benchmarks/bench_lora.py [--adapters 32] [--repeat 3]
 
 Prints the table with the decode floor computed from measured memory bandwidth, and writes
 it to docs/benchmarks.md.
@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parents[1] / "docs" / "benchmarks.md"))
     args = ap.parse_args()
