@@ -47,9 +47,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         """One forward over ``seqs``; returns one sampled token per sequence (input order)."""
-        order = sorted(range(len(seqs)), key=lambda i: self._slot(seqs[i].adapter))
+        seq_slots = [self._slot(s.adapter) for s in seqs]
+        order = sorted(range(len(seqs)), key=seq_slots.__getitem__)
         ordered = [seqs[i] for i in order]
-        slots = [self._slot(s.adapter) for s in ordered]
+        slots = [seq_slots[i] for i in order]
         if is_prefill:
             ids, positions, batch = self._prepare_prefill(ordered, slots)
             last = torch.tensor([e - 1 for e in batch.cu_seqlens[1:]], device=self.device)
