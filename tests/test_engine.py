@@ -213,3 +213,29 @@ def test_tiny_temperature_samples_like_greedy(llama):
     greedy = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=8, temperature=0))
     tiny = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=8, temperature=1e-30, seed=1))
     assert [o.token_ids for o in tiny] == [o.token_ids for o in greedy]
+
+
+def test_cpu_prepacked_weights_match_dense_and_free_the_dense_copy(tmp_path):
+    """On CPU the linear weights are prepacked by default (oneDNN layout): same logits and
+    tokens as the dense weights, the dense copies are gone, and a tied embedding survives."""
+    d, hf = make_tiny_model(tmp_path / "q", "qwen2", tie_word_embeddings=True)
+    packed = LLM(str(d), device="cpu")
+    dense = LLM(str(d), device="cpu", cpu_prepack=False)
+    from loraplex.layers.linear import LinearBase
+
+    def linears(llm):
+        return [m for m in llm.engine.runner.model.modules() if isinstance(m, LinearBase)]
+
+    assert all(m.packed is not None and m.weight.is_meta for m in linears(packed))
+    assert not any(m.packed is not None or m.weight.is_meta for m in linears(dense))
+    embed = packed.engine.runner.model.model.embed_tokens.weight
+    assert not embed.is_meta and torch.equal(embed, hf.model.embed_tokens.weight)
+    ids = [[1, 5, 9, 13, 2, 40, 7, 7, 3]]
+    _check_logits(packed.score(ids)[0], dense.score(ids)[0])
+    with torch.no_grad():
+        _check_logits(packed.score(ids)[0], hf(torch.tensor(ids)).logits[0])
+    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    assert ([o.token_ids for o in packed.generate(PROMPTS, sp)]
+            == [o.token_ids for o in dense.generate(PROMPTS, sp)])
+    with pytest.raises(ValueError, match="cpu_prepack"):
+        LLM(str(d), device="cpu", dtype="float16", cpu_prepack=True)

@@ -23,6 +23,7 @@ from loraplex.engine.sequence import RequestOutput, Sequence, SequenceStatus
 from loraplex.errors import CapacityError, InvalidRequestError
 from loraplex.kvcache.block_manager import BlockManager
 from loraplex.kvcache.kv_cache import allocate_kv_cache, bytes_per_block
+from loraplex.layers.linear import can_prepack, prepack_linear_weights
 from loraplex.lora.manager import LoRAManager
 from loraplex.models.loader import load_model, load_model_config
 from loraplex.sampling_params import SamplingParams
@@ -90,7 +91,13 @@ class LLMEngine:
         lora_backend: str = "auto",
         kv_cache_memory_bytes: int = 1 << 30,
         cuda_graphs: bool | None = None,
+        cpu_prepack: bool | None = None,
     ) -> LLMEngine:
+        """Build an engine from a Hugging Face model directory.
+
+        ``cuda_graphs`` / ``cpu_prepack``: None picks the default for the device (graphs on
+        CUDA; oneDNN-prepacked linear weights on CPU, see ``layers/linear.py``).
+        """
         from transformers import AutoTokenizer
 
         cfg, _ = load_model_config(model)
@@ -114,6 +121,13 @@ class LLMEngine:
         )
         lora_cfg = LoRAConfig(max_loras_per_batch, max_lora_rank, max_cpu_loras, lora_backend)
         net = load_model(model, cfg, dt, dev)
+        if cpu_prepack is None:
+            cpu_prepack = can_prepack(dev, dt)
+        elif cpu_prepack and not can_prepack(dev, dt):
+            raise ValueError(f"cpu_prepack needs a CPU device, float32 or bfloat16 and oneDNN "
+                             f"(got device={dev.type}, dtype={dt})")
+        if cpu_prepack:
+            prepack_linear_weights(net)
         tokenizer = AutoTokenizer.from_pretrained(model)
         engine = cls(
             model,

