@@ -59,10 +59,13 @@ class Attention(nn.Module):
         bsz = q.shape[0]
         tables = batch.block_tables  # [B, max_blocks]
         block_size = k_cache.shape[1]
-        # [B, max_blocks * block_size, kvh, d] -> [B, kvh, L, d]
-        keys = k_cache[tables].flatten(1, 2).transpose(1, 2)
-        values = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        # [B * max_blocks, block_size, kvh, d] -> [B, kvh, L, d]; index_select gathers about
+        # twice as fast as advanced indexing on CPU
         length = tables.shape[1] * block_size
+        flat = tables.reshape(-1)
+        keys = k_cache.index_select(0, flat).view(bsz, length, self.num_kv_heads, self.head_dim)
+        values = v_cache.index_select(0, flat).view(bsz, length, self.num_kv_heads, self.head_dim)
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)
         pos = torch.arange(length, device=q.device)
         mask = pos[None, :] < batch.context_lens[:, None]  # [B, L]
         qs = q.view(bsz, self.num_kv_heads, self.group, self.head_dim)

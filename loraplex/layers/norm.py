@@ -14,4 +14,4 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return x.to(dtype).mul_(self.weight)  # a fresh tensor: w * x in place, same bits

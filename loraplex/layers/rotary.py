@@ -43,10 +43,23 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
+    def lookup(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, d] for ``positions`` [T]; the model looks them up once per forward."""
+        return (self.cos[positions].to(dtype)[:, None, :],
+                self.sin[positions].to(dtype)[:, None, :])
+
+    @staticmethod
+    def apply(
+        cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, heads, d]; k [T, kv_heads, d], rotated as Hugging Face does."""
+        cos, sin = cos_sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T]; q [T, heads, d]; k [T, kv_heads, d]."""
-        cos = self.cos[positions].to(q.dtype)[:, None, :]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        return self.apply(self.lookup(positions, q.dtype), q, k)

@@ -18,7 +18,7 @@ from loraplex.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.qkv_proj = QKVLinear(
@@ -26,14 +26,14 @@ class LlamaAttention(nn.Module):
         )
         self.o_proj = RowLinear(cfg.q_size, cfg.hidden_size, bias=False)
         self.attn = Attention(layer_idx, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-        self.rotary = rotary  # shared table, not a parameter of this layer
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """rope: this step's (cos, sin) rows, looked up once by the model."""
         qkv = self.qkv_proj(x)  # [T, q + 2 * kv]
         q, k, v = qkv.split(self.qkv_proj.output_sizes, dim=-1)
         t = x.shape[0]
-        q, k = self.rotary(
-            positions, q.view(t, self.heads, self.head_dim), k.view(t, self.kv_heads, self.head_dim)
+        q, k = RotaryEmbedding.apply(
+            rope, q.view(t, self.heads, self.head_dim), k.view(t, self.kv_heads, self.head_dim)
         )
         o = self.attn(q, k, v.reshape(t, self.kv_heads, self.head_dim))
         return self.o_proj(o)
@@ -48,20 +48,22 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))  # in place: one [T, I] buffer less
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_idx, rotary)
+        self.self_attn = LlamaAttention(cfg, layer_idx)
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        # The residual adds go into the sublayer outputs, which are fresh tensors (a + b is
+        # b + a bit for bit), so no [T, hidden] buffer is allocated for them.
+        x = self.self_attn(rope, self.input_layernorm(x)).add_(x)
+        return self.mlp(self.post_attention_layernorm(x)).add_(x)
 
 
 class LlamaModel(nn.Module):
@@ -69,17 +71,15 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope)
-        self.rotary = rotary
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, rotary) for i in range(cfg.num_layers)
-        )
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions, x.dtype)
         for layer in self.layers:
-            x = layer(positions, x)
+            x = layer(rope, x)
         return self.norm(x)
 
 
