@@ -1,7 +1,7 @@
 """loraplex vs transformers ``generate`` on CPU: a ~150M-parameter random Llama, float32,
 2 threads, batches of 8 and 32 prompts of 128 tokens, 32 new tokens each (greedy).
 
-    python benchmarks/bench_engine.py [--batches 8 32] [--threads 2] [--repeat 2]
+    python benchmarks/bench_engine.py [--batches 8 32] [--threads 2] [--repeat 3]
 
 Both run side by side in one process; the table (tokens/s and the ratio) is printed and
 written to docs/benchmarks.md.
@@ -36,35 +36,49 @@ def main() -> None:
         for bsz in args.batches:
             g = torch.Generator().manual_seed(bsz)
             ids = torch.randint(3, 32000, (bsz, args.prompt_len), generator=g)
-            sp = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+            runs = {}  # name -> callable; each engine runs the whole request and prefill only
+            for label, new in (("", args.new_tokens), (" prefill", 1)):
+                sp = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
 
-            def run_ours(ids=ids, sp=sp):
-                outs = llm.generate(ids.tolist(), sp)
-                assert all(len(o.token_ids) == args.new_tokens for o in outs)
+                def run_ours(ids=ids, sp=sp, new=new):
+                    outs = llm.generate(ids.tolist(), sp)
+                    assert all(len(o.token_ids) == new for o in outs)
 
-            def run_hf(ids=ids):
-                with torch.no_grad():
-                    out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                      max_new_tokens=args.new_tokens,
-                                      min_new_tokens=args.new_tokens, pad_token_id=0)
-                assert out.shape[1] == args.prompt_len + args.new_tokens
+                def run_hf(ids=ids, new=new):
+                    with torch.no_grad():
+                        out = hf.generate(ids, attention_mask=torch.ones_like(ids),
+                                          do_sample=False, max_new_tokens=new,
+                                          min_new_tokens=new, pad_token_id=0)
+                    assert out.shape[1] == args.prompt_len + new
 
-            run_ours()  # warm up both
-            run_hf()
-            t_ours = t_hf = float("inf")
+                runs["ours" + label], runs["hf" + label] = run_ours, run_hf
+            for fn in runs.values():  # warm up
+                fn()
+            best = dict.fromkeys(runs, float("inf"))
             for _ in range(args.repeat):  # interleaved, so drifts in machine speed hit both
-                t_ours = min(t_ours, timed(run_ours))
-                t_hf = min(t_hf, timed(run_hf))
+                for name, fn in runs.items():
+                    best[name] = min(best[name], timed(fn))
             n = bsz * args.new_tokens
-            rows.append([bsz, f"{n / t_hf:.1f}", f"{n / t_ours:.1f}", f"{t_hf / t_ours:.2f}x"])
+            steps = args.new_tokens - 1
+
+            def per_step(name, best=best, steps=steps):
+                return 1e3 * max(best[name] - best[name + " prefill"], 0.0) / steps
+
+            rows.append([bsz, f"{n / best['hf']:.1f}", f"{n / best['ours']:.1f}",
+                         f"{best['hf'] / best['ours']:.2f}x",
+                         f"{best['hf prefill']:.2f} / {best['ours prefill']:.2f}",
+                         f"{per_step('hf'):.0f} / {per_step('ours'):.0f}"])
             print(rows[-1], flush=True)
     table = markdown_table(
-        ["batch", "transformers tok/s", "loraplex tok/s", "loraplex / HF"], rows)
+        ["batch", "transformers tok/s", "loraplex tok/s", "loraplex / HF",
+         "prefill s (HF / ours)", "decode ms/step (HF / ours)"], rows)
     body = (f"Random Llama, hidden 1024, 8 layers, 16 heads / 4 kv heads, intermediate 2816, "
             f"vocab 32000 (~150M parameters); CPU float32, {args.threads} threads; "
             f"{args.prompt_len}-token prompts, {args.new_tokens} new tokens (greedy); "
             f"best of {args.repeat}, measured side by side in one run. Tokens/s counts "
-            f"generated tokens over the whole request (prefill included).\n\n"
+            f"generated tokens over the whole request (prefill included). The prefill column is "
+            f"a 1-token run of the same prompts; a decode step is (whole - prefill) / "
+            f"{args.new_tokens - 1}.\n\n"
             f"`python benchmarks/bench_engine.py`\n\n{table}\n")
     print(table)
     write_section(Path(args.out), "Engine vs transformers (CPU)", body)
