@@ -239,3 +239,19 @@ def test_cpu_prepacked_weights_match_dense_and_free_the_dense_copy(tmp_path):
             == [o.token_ids for o in dense.generate(PROMPTS, sp)])
     with pytest.raises(ValueError, match="cpu_prepack"):
         LLM(str(d), device="cpu", dtype="float16", cpu_prepack=True)
+
+
+def test_token_budget_below_the_context_splits_prefills_and_still_runs_long_prompts(llama):
+    d, _, llm = llama
+    small = LLM(str(d), device="cpu", max_num_seqs=16, max_num_batched_tokens=16)
+    assert small.engine.scheduler.cfg.max_num_batched_tokens == 16 < small.engine.max_model_len
+    prompts = [[1] + [9] * 40, [1, 5, 6], [1, 7, 8, 9], [1] + [11] * 20]
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    assert ([o.token_ids for o in small.generate(prompts, sp)]
+            == [o.token_ids for o in llm.generate(prompts, sp)])
+    for i, p in enumerate(prompts):
+        small.engine.add_request(f"b{i}", p, sp)
+    steps = [len(small.engine.step()) for _ in range(3)]
+    assert steps == [1, 2, 1]  # 41 tokens alone, then 3 + 4 together, then 21 alone
+    while small.engine.has_unfinished_requests():
+        small.engine.step()

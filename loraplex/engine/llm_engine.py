@@ -58,7 +58,8 @@ class LLMEngine:
             model_config, num_blocks + 1, cache.block_size, dtype, device
         )
         self.lora = LoRAManager(
-            model, model_config, lora, device, dtype, max_tokens=sched.max_num_batched_tokens
+            model, model_config, lora, device, dtype,
+            max_tokens=max(sched.max_num_batched_tokens, sched.max_model_len),  # one forward
         )
         self.scheduler = Scheduler(sched, self.blocks, lora.max_loras_per_batch, self.lora)
         self.runner = ModelRunner(model, self.kv_caches, self.blocks, device, self.lora)
@@ -114,10 +115,13 @@ class LLMEngine:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's context ({limit}"
                              f"{' = its sliding window' if limit == cfg.sliding_window else ''})")
         max_len = max_model_len or limit
+        # Tokens per prefill step. On CPU smaller steps are faster overall: a 32 x 128-token
+        # prefill took 4.5-4.8 s in steps of 1024-2048 tokens vs 5.8 s in one 4096-token step
+        # (best of 8, interleaved), as the per-layer intermediates stay smaller. A prompt
+        # longer than the budget still runs, alone in its step.
+        budget = max_num_batched_tokens or (8192 if dev.type == "cuda" else 2048)
         sched = SchedulerConfig(
-            max_num_seqs=max_num_seqs,
-            max_model_len=max_len,
-            max_num_batched_tokens=max(max_num_batched_tokens or 8192, max_len),
+            max_num_seqs=max_num_seqs, max_model_len=max_len, max_num_batched_tokens=budget
         )
         lora_cfg = LoRAConfig(max_loras_per_batch, max_lora_rank, max_cpu_loras, lora_backend)
         net = load_model(model, cfg, dt, dev)
