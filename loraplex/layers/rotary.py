@@ -55,8 +55,13 @@ class RotaryEmbedding(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, heads, d]; k [T, kv_heads, d], rotated as Hugging Face does."""
+        return RotaryEmbedding.rotate(cos_sin, q), RotaryEmbedding.rotate(cos_sin, k)
+
+    @staticmethod
+    def rotate(cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """x [T, any heads, d] -> x * cos + rotate_half(x) * sin."""
         cos, sin = cos_sin
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        return x * cos + rotate_half(x) * sin
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
