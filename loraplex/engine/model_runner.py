@@ -99,22 +99,21 @@ class ModelRunner:
             with forward_context(batch):
                 return self.model.compute_logits(self.model(ids, positions))
         use_lora = self.lora is not None and any(s >= 0 for s in slots)
-        return self.graphs.run(
-            [s.output_token_ids[-1] if s.output_token_ids else s.prompt_token_ids[-1]
-             for s in seqs], [s.num_tokens - 1 for s in seqs],
-            [self.blocks.slot(s.seq_id, s.num_tokens - 1) for s in seqs],
-            [self.blocks.tables[s.seq_id] for s in seqs], [s.num_tokens for s in seqs],
-            slots if use_lora else None)
+        return self.graphs.run(*self._decode_lists(seqs), slots if use_lora else None)
 
-    def _decode_inputs(self, seqs: list[Sequence]):
+    def _decode_lists(self, seqs: list[Sequence]):
+        """Host lists of a decode step: ids, positions, slot_mapping, block tables, lengths."""
         ids = [s.output_token_ids[-1] if s.output_token_ids else s.prompt_token_ids[-1]
                for s in seqs]
         positions = [s.num_tokens - 1 for s in seqs]
         slot_mapping = [self.blocks.slot(s.seq_id, s.num_tokens - 1) for s in seqs]
-        width = max(len(self.blocks.tables[s.seq_id]) for s in seqs)
-        tables = [self.blocks.tables[s.seq_id] + [0] * (width - len(self.blocks.tables[s.seq_id]))
-                  for s in seqs]
-        context_lens = [s.num_tokens for s in seqs]
+        tables = [self.blocks.tables[s.seq_id] for s in seqs]
+        return ids, positions, slot_mapping, tables, [s.num_tokens for s in seqs]
+
+    def _decode_inputs(self, seqs: list[Sequence]):
+        ids, positions, slot_mapping, tables, context_lens = self._decode_lists(seqs)
+        width = max(len(t) for t in tables)
+        tables = [t + [0] * (width - len(t)) for t in tables]
         return tuple(self._tensor(v) for v in (ids, positions, slot_mapping, tables, context_lens))
 
     def _prepare_decode(self, seqs: list[Sequence], slots: list[int]):

@@ -35,6 +35,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    """The cos/sin tables; the model calls ``lookup`` once per forward and each attention
+    layer ``rotate``s its q/k with the result (there is no per-layer forward)."""
+
     def __init__(self, head_dim: int, max_position: int, rope: RopeConfig) -> None:
         super().__init__()
         inv = inv_frequencies(head_dim, rope)
@@ -51,20 +54,7 @@ class RotaryEmbedding(nn.Module):
                 self.sin[positions].to(dtype)[:, None, :])
 
     @staticmethod
-    def apply(
-        cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, heads, d]; k [T, kv_heads, d], rotated as Hugging Face does."""
-        return RotaryEmbedding.rotate(cos_sin, q), RotaryEmbedding.rotate(cos_sin, k)
-
-    @staticmethod
     def rotate(cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """x [T, any heads, d] -> x * cos + rotate_half(x) * sin."""
         cos, sin = cos_sin
         return x * cos + rotate_half(x) * sin
-
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T]; q [T, heads, d]; k [T, kv_heads, d]."""
-        return self.apply(self.lookup(positions, q.dtype), q, k)
