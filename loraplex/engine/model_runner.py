@@ -13,6 +13,7 @@ from loraplex.engine.sampler import Sampler
 from loraplex.engine.sequence import Sequence
 from loraplex.kvcache.block_manager import BlockManager
 from loraplex.layers.forward_context import ForwardBatch, forward_context
+from loraplex.layers.prefill_groups import plan_prefill
 
 
 class ModelRunner:
@@ -82,16 +83,21 @@ class ModelRunner:
             bs = self.blocks.block_size
             slot_mapping += [table[p // bs] * bs + p % bs for p in range(len(toks))]
             cu.append(cu[-1] + len(toks))
+        batch = self._prefill_batch(cu, self._tensor(slot_mapping), slots)
+        return self._tensor(ids), self._tensor(positions), batch
+
+    def _prefill_batch(self, cu: list[int], slot_mapping: torch.Tensor | None,
+                       slots: list[int]) -> ForwardBatch:
         lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
-        batch = ForwardBatch(
+        return ForwardBatch(
             is_prefill=True,
-            num_tokens=len(ids),
+            num_tokens=cu[-1],
             cu_seqlens=cu,
-            slot_mapping=self._tensor(slot_mapping),
+            prefill_groups=plan_prefill(cu, self.device),
+            slot_mapping=slot_mapping,
             kv_caches=self.kv_caches,
             lora=self._lora_batch(slots, lengths),
         )
-        return self._tensor(ids), self._tensor(positions), batch
 
     def _decode(self, seqs: list[Sequence], slots: list[int]) -> torch.Tensor:
         if self.graphs is None:
@@ -140,15 +146,7 @@ class ModelRunner:
             ids += prompts[i]
             positions += range(len(prompts[i]))
             cu.append(cu[-1] + len(prompts[i]))
-        slots = [self._slot(adapters[i]) for i in order]
-        batch = ForwardBatch(
-            is_prefill=True,
-            num_tokens=len(ids),
-            cu_seqlens=cu,
-            slot_mapping=None,
-            kv_caches=self.kv_caches,
-            lora=self._lora_batch(slots, [len(prompts[i]) for i in order]),
-        )
+        batch = self._prefill_batch(cu, None, [self._slot(adapters[i]) for i in order])
         with forward_context(batch):
             hidden = self.model(self._tensor(ids), self._tensor(positions))
         logits = self.model.compute_logits(hidden).cpu()

@@ -1,10 +1,11 @@
 """Attention over the paged KV cache, in plain torch (runs on CPU and CUDA).
 
 Prefill: each sequence's new keys/values are written to the cache and attention runs causally
-over that sequence's own tokens (no cached prefix). Decode: the new token's key/value is written,
-then each sequence attends over its cached context, gathered through its block table.
-Grouped-query attention folds the query heads of one kv head into the "query length" axis, so
-no key/value is repeated.
+over that sequence's own tokens (no cached prefix); sequences of similar length share one call
+(``prefill_groups.py``). Decode: the new token's key/value is written, then each sequence
+attends over its cached context, gathered through its block table. Grouped-query attention
+never repeats keys/values: decode folds the query heads of one kv head into the "query length"
+axis, prefill lets the attention kernel map heads onto kv heads (``enable_gqa``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.layers.forward_context import get_forward_batch
+from loraplex.layers.prefill_groups import PrefillGroup
+
+# torch >= 2.5: scaled_dot_product_attention reads grouped kv heads itself
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 class Attention(nn.Module):
@@ -33,26 +38,43 @@ class Attention(nn.Module):
             k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, k)
             v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, v)
         if batch.is_prefill:
-            out = self._prefill(q, k, v, batch.cu_seqlens)
+            out = self._prefill(q, k, v, batch.prefill_groups)
         else:
             out = self._decode(q, batch)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
-    def _prefill(self, q, k, v, cu_seqlens: list[int]) -> torch.Tensor:
-        out = torch.empty_like(q)
-        for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-            n = end - start
-            # queries grouped by their kv head: [kv_heads, group, n, d], causal per sequence
-            qs = q[start:end].view(n, self.num_kv_heads, self.group, self.head_dim)
-            qs = qs.permute(1, 2, 0, 3)  # [kvh, g, n, d]
-            # keys/values broadcast over the group (stride 0, no copy): the fused
-            # (flash) kernel takes this, while a size-1 group dim falls back to the math path
-            shape = (self.num_kv_heads, self.group, n, self.head_dim)
-            ks = k[start:end].transpose(0, 1).unsqueeze(1).expand(shape)
-            vs = v[start:end].transpose(0, 1).unsqueeze(1).expand(shape)
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale)
-            out[start:end] = o.permute(2, 0, 1, 3).reshape(n, self.num_heads, self.head_dim)
+    def _prefill(self, q, k, v, groups: list[PrefillGroup]) -> torch.Tensor:
+        """q [T, heads, d]; k, v [T, kv_heads, d] -> [T, heads, d], causal per sequence, one
+        attention call per group of similar-length sequences (see prefill_groups.py)."""
+        heads, d = self.num_heads, self.head_dim
+        if len(groups) == 1 and groups[0].gather is None:  # e.g. one prompt, or equal lengths
+            return self._causal(q, k, v, groups[0]).reshape(q.shape[0], heads, d)
+        out = q.new_empty(q.shape[0], heads, d)
+        for g in groups:
+            o = self._causal(q, k, v, g)  # [size, length, heads, d]
+            if g.gather is None:
+                out[g.start : g.start + g.covers].view_as(o).copy_(o)
+            else:
+                out.index_copy_(0, g.dest, o.reshape(-1, heads, d).index_select(0, g.rows))
         return out
+
+    def _causal(self, q, k, v, g: PrefillGroup) -> torch.Tensor:
+        """One group's causal attention -> [size, length, heads, d] (a transposed view)."""
+        def batched(x: torch.Tensor) -> torch.Tensor:  # [T, h, d] -> [size, h, length, d]
+            if g.gather is None:
+                x = x[g.start : g.start + g.covers]
+            else:
+                x = x.index_select(0, g.gather)
+            return x.view(g.size, g.length, x.shape[1], self.head_dim).transpose(1, 2)
+
+        qs, ks, vs = batched(q), batched(k), batched(v)
+        if _SDPA_GQA:  # query head h reads kv head h // group, without copying k/v
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale,
+                                               enable_gqa=True)
+        else:
+            ks, vs = (x.repeat_interleave(self.group, dim=1) for x in (ks, vs))
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale)
+        return o.transpose(1, 2)
 
     def _decode(self, q: torch.Tensor, batch) -> torch.Tensor:
         k_cache, v_cache = batch.kv_caches[self.layer_idx]

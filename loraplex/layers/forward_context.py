@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.layers.prefill_groups import PrefillGroup
 from loraplex.ops.lora_meta import LoRABatch
 
 
@@ -21,7 +22,8 @@ class ForwardBatch:
     """Everything a forward needs besides token ids and positions.
 
     Prefill: ``cu_seqlens`` (host list, len B+1) delimits each sequence's tokens; attention is
-    causal within a sequence and reads no cached context. Decode: one token per sequence;
+    causal within a sequence, reads no cached context, and runs as ``prefill_groups`` (built
+    from ``cu_seqlens`` by ``plan_prefill``). Decode: one token per sequence;
     attention reads ``context_lens[b]`` cached tokens through ``block_tables``.
     """
 
@@ -29,6 +31,7 @@ class ForwardBatch:
     num_tokens: int
     slot_mapping: torch.Tensor | None  # [T] int64, KV cache slot per token; None = don't cache
     cu_seqlens: list[int] | None = None  # prefill
+    prefill_groups: list[PrefillGroup] | None = None  # prefill
     block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] int64
     context_lens: torch.Tensor | None = None  # decode: [B] int64, incl. the new token
     lora: LoRABatch | None = None  # None: no request in the batch uses an adapter
