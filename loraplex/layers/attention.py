@@ -88,10 +88,10 @@ class Attention(nn.Module):
         keys = k_cache.index_select(0, flat).view(bsz, length, self.num_kv_heads, self.head_dim)
         values = v_cache.index_select(0, flat).view(bsz, length, self.num_kv_heads, self.head_dim)
         keys, values = keys.transpose(1, 2), values.transpose(1, 2)
-        pos = torch.arange(length, device=q.device)
-        mask = pos[None, :] < batch.context_lens[:, None]  # [B, L]
         qs = q.view(bsz, self.num_kv_heads, self.group, self.head_dim)
+        # the additive mask is built once per step, not per layer (a bool mask costs the
+        # kernel a conversion per call)
         o = F.scaled_dot_product_attention(
-            qs, keys, values, attn_mask=mask[:, None, None, :], scale=self.scale
+            qs, keys, values, attn_mask=batch.decode_mask(length, q.dtype), scale=self.scale
         )
         return o  # [B, kvh, g, d] == [B, heads, d] in head order

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,18 @@ class ForwardBatch:
     context_lens: torch.Tensor | None = None  # decode: [B] int64, incl. the new token
     lora: LoRABatch | None = None  # None: no request in the batch uses an adapter
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (k, v)
+    _decode_mask: torch.Tensor | None = field(default=None, repr=False)
+
+    def decode_mask(self, length: int, dtype: torch.dtype) -> torch.Tensor:
+        """Decode: [B, 1, 1, length] additive mask, 0 over each sequence's ``context_lens``
+        cached tokens and -inf past them. Built by the first layer that asks and shared by the
+        rest; a batch object lives for one forward, so it never outlives its context_lens."""
+        if self._decode_mask is None:
+            lens = self.context_lens
+            past = torch.arange(length, device=lens.device)[None, :] >= lens[:, None]
+            mask = torch.zeros(past.shape, dtype=dtype, device=lens.device)
+            self._decode_mask = mask.masked_fill_(past, float("-inf"))[:, None, None, :]
+        return self._decode_mask
 
 
 _current: ContextVar[ForwardBatch | None] = ContextVar("loraplex_forward_batch", default=None)
