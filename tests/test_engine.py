@@ -257,3 +257,22 @@ def test_token_budget_below_the_context_splits_prefills_and_still_runs_long_prom
     assert steps == [1, 2, 1]  # 41 tokens alone, then 3 + 4 together, then 21 alone
     while small.engine.has_unfinished_requests():
         small.engine.step()
+
+
+def test_default_token_budget_keeps_cpu_step_buffers_under_the_mmap_ceiling():
+    import dataclasses
+
+    from loraplex.config import ModelConfig, RopeConfig
+    from loraplex.engine.llm_engine import default_token_budget
+
+    base = ModelConfig("LlamaForCausalLM", 32000, 1024, 2816, 8, 16, 4, 64, 2048, 1e-5,
+                       RopeConfig(), False, False, torch.float32)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # the benchmark model: a [2048, 5632] float32 gate/up output is 46 MiB, [1024, 5632] 23 MiB
+    assert default_token_budget(base, cpu, torch.float32) == 1024
+    assert default_token_budget(base, cpu, torch.bfloat16) == 2048
+    tiny = dataclasses.replace(base, hidden_size=96, intermediate_size=160)
+    assert default_token_budget(tiny, cpu, torch.float32) == 2048
+    big = dataclasses.replace(base, hidden_size=4096, intermediate_size=14336)
+    assert default_token_budget(big, cpu, torch.float32) == 512  # the floor
+    assert default_token_budget(big, cuda, torch.bfloat16) == 8192
