@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loraplex.layers import attention
 from loraplex.layers.attention import Attention
 from loraplex.layers.forward_context import ForwardBatch, forward_context
 from loraplex.layers.prefill_groups import plan_prefill
@@ -53,7 +54,11 @@ def _covered(plan) -> list[int]:
     [7, 7, 7, 30, 7, 7],  # two contiguous runs of 7 and one of 30
 ])
 @pytest.mark.parametrize("max_waste", [1.25, 1e9])  # 1e9: every sequence in one padded call
-def test_grouped_prefill_attention_matches_each_sequence_alone(lengths, max_waste):
+@pytest.mark.parametrize("gqa_in_kernel", [True, False])  # False: k/v heads repeated (CUDA fp32)
+def test_grouped_prefill_attention_matches_each_sequence_alone(lengths, max_waste, gqa_in_kernel,
+                                                               monkeypatch):
+    if not gqa_in_kernel:
+        monkeypatch.setattr(attention, "_gqa_in_kernel", lambda q: False)
     g = torch.Generator().manual_seed(len(lengths))
     cu = _cu(lengths)
     t = cu[-1]

@@ -17,8 +17,15 @@ from torch import nn
 from loraplex.layers.forward_context import get_forward_batch
 from loraplex.layers.prefill_groups import PrefillGroup
 
-# torch >= 2.5: scaled_dot_product_attention reads grouped kv heads itself
+# torch >= 2.5: scaled_dot_product_attention reads grouped kv heads itself (enable_gqa)
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def _gqa_in_kernel(q: torch.Tensor) -> bool:
+    """Whether a fused attention kernel takes enable_gqa for ``q``: the CPU flash kernel
+    does, CUDA's flash kernel does for float16/bfloat16. CUDA float32 has only the memory-
+    efficient kernel, which does not, so there repeated k/v heads keep a fused kernel."""
+    return _SDPA_GQA and (q.device.type == "cpu" or q.dtype in (torch.float16, torch.bfloat16))
 
 
 class Attention(nn.Module):
@@ -68,7 +75,7 @@ class Attention(nn.Module):
             return x.view(g.size, g.length, x.shape[1], self.head_dim).transpose(1, 2)
 
         qs, ks, vs = batched(q), batched(k), batched(v)
-        if _SDPA_GQA:  # query head h reads kv head h // group, without copying k/v
+        if _gqa_in_kernel(qs):  # query head h reads kv head h // group, without copying k/v
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale,
                                                enable_gqa=True)
         else:
