@@ -83,11 +83,15 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def write_section(path: Path, heading: str, body: str) -> None:
-    """Replace (or append) the ``## heading`` section of a markdown file."""
+    """Replace the ``## heading`` section of a markdown file in place (or append it). Notes
+    that must outlive a rerun belong in a section of their own."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     marker = f"## {heading}\n"
-    if marker in text:
-        start = text.index(marker)
-        nxt = text.find("\n## ", start + len(marker))
-        text = text[:start] + text[nxt + 1:] if nxt != -1 else text[:start]
-    path.write_text(text.rstrip("\n") + f"\n\n{marker}\n{body.strip()}\n")
+    section = f"{marker}\n{body.strip()}\n"
+    if marker not in text:
+        path.write_text(text.rstrip("\n") + f"\n\n{section}")
+        return
+    start = text.index(marker)
+    nxt = text.find("\n## ", start + len(marker))
+    rest = text[nxt + 1:] if nxt != -1 else ""
+    path.write_text(text[:start] + section + ("\n" + rest if rest else ""))
