@@ -297,10 +297,11 @@ _MMAP_CEILING = 32 << 20
 def default_token_budget(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> int:
     """Tokens per prefill step when the user sets none: 8192 on CUDA. On CPU the largest power
     of two in [512, 2048] whose widest activation (the [T, 2 * intermediate] gate/up output)
-    stays under glibc's mmap ceiling, so a step's buffers are reused heap memory. On the
-    150M benchmark model 2048-token steps took 180k page faults per 32 x 128-token prefill and
-    1024-token steps none: best of 8, 5.73 s vs 5.43 s (interleaved in one process). A prompt
-    longer than the budget still runs, alone in its step."""
+    stays under glibc's mmap ceiling, so a step's buffers can be reused heap memory (glibc
+    still trims some of it between steps). On the 150M benchmark model a 32 x 128-token
+    prefill took 180k-370k minor page faults in 2048-token steps and 6k-190k in 1024-token
+    steps; the time effect is small: 2048 / 1024 = 0.99-1.13x (``bench_cpu_parts.py`` (c)).
+    A prompt longer than the budget still runs, alone in its step."""
     if device.type == "cuda":
         return 8192
     itemsize = torch.empty((), dtype=dtype).element_size()

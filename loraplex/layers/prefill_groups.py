@@ -1,11 +1,12 @@
 """How a prefill step's sequences are batched into causal attention calls.
 
-One attention call per sequence pays the kernel's fixed cost B times and runs small tiles: at
-16 sequences of 128 tokens it took twice as long as one [16, heads, 128, d] call. So sequences
-of similar length share a call. Each is right-padded to the group's longest: with a causal
-mask a real query only sees keys at or before it, all real, so padding changes no real output
-and needs no mask. Padded query rows are computed and dropped; a group is closed before that
-waste exceeds ``MAX_WASTE`` of its useful work (causal cost grows with n^2).
+One attention call per sequence pays the kernel's fixed cost B times and runs small tiles, so
+sequences of similar length share a call: for 8-16 prompts of 128 tokens, one call per
+prompt takes 1.06-1.13x as long per layer (``benchmarks/bench_cpu_parts.py`` (a)). Each is
+right-padded to the group's longest: with a causal mask a real query only sees keys at or
+before it, all real, so padding changes no real output and needs no mask. Padded query rows
+are computed and dropped; a group is closed before that waste exceeds ``MAX_WASTE`` of its
+useful work (causal cost grows with n^2).
 
 The plan depends only on the sequence lengths, so it is built once per step (not per layer).
 """

@@ -1,0 +1,202 @@
+"""The CPU engine choices that bench_engine.py does not isolate, each A/B side by side in one
+run (interleaved, best of ``--repeat``), on the ~150M benchmark model's shapes, float32:
+
+  (a) prefill attention: one causal call per group of equal-length prompts vs one per prompt;
+  (b) decode attention (gather + SDPA, batch 32, ~150-token contexts): an additive mask built
+      once per step vs a bool mask built in every layer (the code before);
+  (c) a 32 x 128-token prefill in steps of 2048 vs 1024 tokens (the CPU default budget), with
+      the minor page faults each run took;
+  (d) the torch LoRA op for one gate/up projection at decode, 32 distinct rank-16 adapters:
+      ``lora_shrink`` + ``lora_expand`` vs the bare bmm/add_ calls they make (the difference
+      is the op's Python work per call).
+
+    python benchmarks/bench_cpu_parts.py [--threads 2] [--repeat 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import bench_threads, make_bench_model, markdown_table, write_section
+
+from loraplex import LLM, SamplingParams
+from loraplex.layers.attention import Attention
+from loraplex.layers.forward_context import ForwardBatch, forward_context
+from loraplex.layers.prefill_groups import plan_prefill
+from loraplex.ops.lora_meta import LoRABatch
+from loraplex.ops.lora_ref import lora_expand, lora_shrink
+
+HEADS, KV_HEADS, D = 16, 4, 64
+
+
+def interleaved(fns: dict, repeat: int) -> dict[str, float]:
+    """Best wall time (s) of each callable, the callables interleaved ``repeat`` times."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
+def prefill_attention(num_seqs: int, n: int, repeat: int) -> dict[str, float]:
+    t = num_seqs * n
+    qkv = torch.randn(t, (HEADS + 2 * KV_HEADS) * D)
+    q = qkv[:, : HEADS * D].view(t, HEADS, D)
+    k = qkv[:, HEADS * D : (HEADS + KV_HEADS) * D].view(t, KV_HEADS, D)
+    v = qkv[:, (HEADS + KV_HEADS) * D :].view(t, KV_HEADS, D)
+    cu = list(range(0, t + 1, n))
+    attn = Attention(0, HEADS, KV_HEADS, D)
+
+    def call(max_waste: float):
+        plan = plan_prefill(cu, q.device, max_waste=max_waste)  # 0: every prompt alone
+        batch = ForwardBatch(is_prefill=True, num_tokens=t, slot_mapping=None, cu_seqlens=cu,
+                             prefill_groups=plan)
+
+        def fn():
+            with forward_context(batch):
+                attn(q, k, v)
+        return fn
+
+    def before():  # the code before: per prompt, [kv_heads, group, n, d] with k/v expanded
+        out = torch.empty_like(q)
+        shape = (KV_HEADS, HEADS // KV_HEADS, n, D)
+        for s in cu[:-1]:
+            qs = q[s : s + n].view(n, KV_HEADS, HEADS // KV_HEADS, D).permute(1, 2, 0, 3)
+            ks = k[s : s + n].transpose(0, 1).unsqueeze(1).expand(shape)
+            vs = v[s : s + n].transpose(0, 1).unsqueeze(1).expand(shape)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=D**-0.5)
+            out[s : s + n] = o.permute(2, 0, 1, 3).reshape(n, HEADS, D)
+
+    return interleaved({"grouped": call(1.25), "per prompt": call(0.0), "before": before},
+                       repeat)
+
+
+def decode_attention(bsz: int, ctx: int, layers: int, repeat: int) -> dict[str, float]:
+    bs, num_blocks = 16, 4096
+    width = -(-ctx // bs)
+    caches = [(torch.randn(num_blocks, bs, KV_HEADS, D), torch.randn(num_blocks, bs, KV_HEADS, D))
+              for _ in range(layers)]
+    tables = torch.randperm(num_blocks)[: bsz * width].view(bsz, width)
+    lens = torch.randint(ctx - 15, ctx + 1, (bsz,))
+    q = torch.randn(bsz, HEADS, D)
+    length, group = width * bs, HEADS // KV_HEADS
+
+    def step(shared: bool):
+        mask = None
+        for kc, vc in caches:
+            flat = tables.reshape(-1)
+            keys = kc.index_select(0, flat).view(bsz, length, KV_HEADS, D).transpose(1, 2)
+            values = vc.index_select(0, flat).view(bsz, length, KV_HEADS, D).transpose(1, 2)
+            if not shared:  # the code before: a bool mask per layer
+                mask = (torch.arange(length)[None, :] < lens[:, None])[:, None, None, :]
+            elif mask is None:  # ForwardBatch.decode_mask: additive, once per step
+                past = torch.arange(length)[None, :] >= lens[:, None]
+                mask = torch.zeros(past.shape).masked_fill_(past, float("-inf"))[:, None, None]
+            F.scaled_dot_product_attention(q.view(bsz, KV_HEADS, group, D), keys, values,
+                                           attn_mask=mask, scale=D**-0.5)
+
+    return interleaved({"mask once per step": lambda: step(True),
+                        "bool mask per layer": lambda: step(False)}, repeat)
+
+
+def prefill_steps(budgets: list[int], repeat: int) -> dict[str, tuple[float, int]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        make_bench_model(Path(tmp))
+        llms = {b: LLM(tmp, device="cpu", max_num_seqs=32, max_num_batched_tokens=b)
+                for b in budgets}
+        ids = torch.randint(3, 32000, (32, 128), generator=torch.Generator().manual_seed(0))
+        sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        faults: dict[int, int] = {}
+
+        def run(b: int):
+            def fn():
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                llms[b].generate(ids.tolist(), sp)
+                faults[b] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+            return fn
+
+        best = interleaved({b: run(b) for b in budgets}, repeat)
+        return {f"{b}-token steps": (best[b], faults[b]) for b in budgets}
+
+
+def lora_op_overhead(adapters: int, rank: int, repeat: int) -> dict[str, float]:
+    hidden, inter = 1024, 2816
+    a = torch.randn(adapters, 2 * rank, hidden)  # pool [S, n*R, in], both slices at full rank
+    b = torch.randn(adapters, 2 * inter, rank)  # [S, out, R]
+    ranks = torch.full((adapters, 2), rank, dtype=torch.int32)
+    scalings = torch.full((adapters, 2), 2.0)
+    batch = LoRABatch.from_token_slots(list(range(adapters)))  # one token per adapter
+    x, h, y = torch.randn(adapters, hidden), torch.empty(adapters, 2 * rank), torch.randn(
+        adapters, 2 * inter)
+    offsets = (0, inter, 2 * inter)
+
+    def op():
+        lora_shrink(x, a, ranks, batch, h)
+        lora_expand(h, b, ranks, scalings, offsets, batch, y)
+
+    def bare():
+        hh = torch.bmm(x.view(adapters, 1, hidden), a.transpose(1, 2))
+        for i in range(2):
+            c0, c1 = offsets[i], offsets[i + 1]
+            delta = torch.bmm(hh[:, :, i * rank : (i + 1) * rank], b[:, c0:c1].transpose(1, 2))
+            y[:, c0:c1].add_(delta.view(adapters, -1), alpha=2.0)
+
+    return interleaved({"op": op, "bare": bare}, repeat)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=8)
+    ap.add_argument("--out", default=str(Path(__file__).parents[1] / "docs" / "benchmarks.md"))
+    args = ap.parse_args()
+    bench_threads(args.threads)
+    rows = []
+    for seqs in (8, 16):
+        r = prefill_attention(seqs, 128, 3 * args.repeat)
+        rows.append([f"(a) prefill attention, {seqs} x 128 tokens, one layer",
+                     f"grouped {r['grouped'] * 1e3:.1f} ms",
+                     f"per prompt, kv expanded {r['before'] * 1e3:.1f} ms "
+                     f"(per prompt, enable_gqa {r['per prompt'] * 1e3:.1f} ms)",
+                     f"{r['before'] / r['grouped']:.2f}x "
+                     f"({r['per prompt'] / r['grouped']:.2f}x)"])
+        print(rows[-1], flush=True)
+    r = decode_attention(32, 150, 8, 3 * args.repeat)
+    rows.append(["(b) decode gather + attention, batch 32, 8 layers",
+                 f"mask once {r['mask once per step'] * 1e3:.2f} ms",
+                 f"bool mask per layer {r['bool mask per layer'] * 1e3:.2f} ms",
+                 f"{r['bool mask per layer'] / r['mask once per step']:.2f}x"])
+    print(rows[-1], flush=True)
+    r = prefill_steps([1024, 2048], args.repeat)
+    (t1, f1), (t2, f2) = r["1024-token steps"], r["2048-token steps"]
+    rows.append(["(c) prefill 32 x 128 tokens (minor page faults, last run)",
+                 f"1024-token steps {t1:.2f} s ({f1})", f"2048-token steps {t2:.2f} s ({f2})",
+                 f"{t2 / t1:.2f}x"])
+    print(rows[-1], flush=True)
+    r = lora_op_overhead(32, 16, 25 * args.repeat)
+    rows.append(["(d) LoRA op, gate/up at decode, 32 adapters (per call)",
+                 f"bare bmm/add_ {r['bare'] * 1e6:.0f} µs", f"the op {r['op'] * 1e6:.0f} µs",
+                 f"{r['op'] / r['bare']:.2f}x"])
+    print(rows[-1], flush=True)
+    table = markdown_table(["what", "new", "before", "before / new"], rows)
+    body = (f"CPU float32, {args.threads} threads, the benchmark model's shapes (16 heads / 4 kv "
+            f"heads, head dim 64); each pair interleaved in one run, best of "
+            f"{3 * args.repeat} ((a), (b)), {args.repeat} ((c)) or {25 * args.repeat} ((d)). "
+            f"In (d) \"new\" is the floor the op's own calls set, \"before\" the op.\n\n"
+            f"`python benchmarks/bench_cpu_parts.py`\n\n{table}\n")
+    print(table)
+    write_section(Path(args.out), "CPU engine parts", body)
+
+
+if __name__ == "__main__":
+    main()
