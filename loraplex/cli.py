@@ -18,6 +18,36 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-loras-per-batch", type=int, default=8)
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=64)
+    _memory_args(p)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+               "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """``"2GiB"`` / ``"512MiB"`` / ``"1.5GB"`` / ``"1073741824"`` -> bytes (argparse type)."""
+    value = text.strip()
+    num = value.rstrip("BbKkMmGgTtIi")
+    unit = value[len(num):].strip().lower()
+    try:
+        size = float(num) * _SIZE_UNITS[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: a number of bytes or e.g. 512MiB, 2GiB, 1.5GB") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least one byte")
+    return int(size)
+
+
+def _memory_args(p: argparse.ArgumentParser) -> None:
+    """KV-cache sizing flags (serve, generate, bench)."""
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="on CUDA the KV cache takes what is left of this fraction of the GPU "
+                        "after the weights, adapter slots and the largest step (default 0.9)")
+    p.add_argument("--kv-cache-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="KV cache budget, e.g. 2GiB or 512MiB (skips the GPU memory profile; "
+                        "default on CPU: 1GiB)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -35,7 +65,9 @@ def _build_llm(args):
 
     return LLM(args.model, adapters=parse_adapter_flags(args.adapter), device=args.device,
                dtype=args.dtype, max_loras_per_batch=args.max_loras_per_batch,
-               max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs)
+               max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
+               gpu_memory_utilization=args.gpu_memory_utilization,
+               kv_cache_memory_bytes=args.kv_cache_memory)
 
 
 def cmd_generate(args) -> None:
@@ -74,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from loraplex.server.api import add_serve_args
 
-    add_serve_args(sub.add_parser("serve", help="OpenAI-compatible HTTP server"))
+    _memory_args(add_serve_args(sub.add_parser("serve", help="OpenAI-compatible HTTP server")))
 
     g = sub.add_parser("generate", help="complete prompts and print the outputs")
     _engine_args(g)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from loraplex.errors import ModelLoadError
+from loraplex.errors import ConfigError, ConfigTypeError, ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,41 @@ def _sliding_window(hf) -> int | None:
     return int(window)
 
 
+def check_int(name: str, value, minimum: int = 1, optional: bool = False) -> None:
+    """An engine limit: an int (not a bool) >= ``minimum``; ``None`` too when ``optional``.
+    Every limit goes through here, so ``0`` never means "use the default"."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigTypeError(f"{name}={value!r} must be an integer"
+                              + (" or None" if optional else ""))
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be >= {minimum}")
+
+
+def check_fraction(name: str, value) -> None:
+    """A float in (0, 1] (an int 1 is accepted; a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigTypeError(f"{name}={value!r} must be a number in (0, 1]")
+    if not 0.0 < value <= 1.0:  # also refuses NaN
+        raise ConfigError(f"{name}={value} must be in (0, 1]")
+
+
+def check_adapter_map(adapters) -> None:
+    """``adapters`` is None or a mapping of adapter name -> PEFT directory (a list of
+    directories would leave the adapters nameless)."""
+    if adapters is None:
+        return
+    if not isinstance(adapters, Mapping):
+        raise ConfigTypeError(f"adapters must be a dict of name -> PEFT adapter directory, "
+                              f"got a {type(adapters).__name__}")
+    for name, path in adapters.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigTypeError(f"adapters: name {name!r} must be a non-empty string")
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigTypeError(f"adapters[{name!r}]={path!r} must be a directory path")
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
     max_loras_per_batch: int = 8  # device slots = distinct adapters in one batch
@@ -131,14 +167,11 @@ class LoRAConfig:
     backend: str = "auto"  # "torch" | "triton" | "auto"
 
     def __post_init__(self) -> None:
-        if self.max_loras_per_batch < 1:
-            raise ValueError(f"max_loras_per_batch={self.max_loras_per_batch} must be >= 1")
-        if self.max_lora_rank < 1:
-            raise ValueError(f"max_lora_rank={self.max_lora_rank} must be >= 1")
-        if self.max_cpu_loras is not None and self.max_cpu_loras < 1:
-            raise ValueError(f"max_cpu_loras={self.max_cpu_loras} must be >= 1 or None")
+        check_int("max_loras_per_batch", self.max_loras_per_batch)
+        check_int("max_lora_rank", self.max_lora_rank)
+        check_int("max_cpu_loras", self.max_cpu_loras, optional=True)
         if self.backend not in ("torch", "triton", "auto"):
-            raise ValueError(f"lora_backend={self.backend!r} must be 'torch', 'triton' or 'auto'")
+            raise ConfigError(f"lora_backend={self.backend!r} must be 'torch', 'triton' or 'auto'")
 
 
 @dataclass(frozen=True)
@@ -149,22 +182,40 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+            check_int(name, getattr(self, name))
+
+
+# The KV budget on CPU when neither a block count nor a byte budget is given: host memory
+# has no "free device memory" to measure, and other processes share it.
+DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
 class CacheConfig:
+    """How big the paged KV cache is, in order of precedence: ``num_blocks`` (exact count),
+    ``kv_cache_memory_bytes`` (a byte budget), else sized from memory: on CUDA
+    ``gpu_memory_utilization`` of the device minus the profiled peak of the largest step
+    (``kvcache/sizing.py``), on CPU ``DEFAULT_CPU_KV_BYTES``."""
+
     block_size: int = 16
-    num_blocks: int | None = None  # None: sized from memory
-    kv_cache_memory_bytes: int = 1 << 30  # budget when num_blocks is None
+    num_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+
+    def __post_init__(self) -> None:
+        check_int("block_size", self.block_size)
+        check_int("num_kv_blocks", self.num_blocks, optional=True)
+        check_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, optional=True)
+        check_fraction("gpu_memory_utilization", self.gpu_memory_utilization)
 
 
 def resolve_device(device: str) -> torch.device:
+    if not isinstance(device, str):
+        raise ConfigTypeError(f"device={device!r} must be a string: 'cpu', 'cuda' or 'auto'")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"device={device!r} must be 'cpu', 'cuda' or 'auto'")
+        raise ConfigError(f"device={device!r} must be 'cpu', 'cuda' or 'auto'")
     return torch.device(device)
 
 
@@ -180,7 +231,7 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtyp
             else torch.bfloat16
         )
     if dtype not in table:
-        raise ValueError(f"dtype={dtype!r} must be one of auto, {', '.join(table)}")
+        raise ConfigError(f"dtype={dtype!r} must be one of auto, {', '.join(table)}")
     return table[dtype]
 
 

@@ -26,3 +26,11 @@ class ModelLoadError(LoraplexError):
 
 class CapacityError(LoraplexError):
     """A request can never fit (e.g. needs more KV blocks than the cache has)."""
+
+
+class ConfigError(LoraplexError, ValueError):
+    """An engine argument is out of range (e.g. ``max_model_len=0``); names the argument."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """An engine argument has the wrong type (a bool or str for an int, a list for a dict)."""

@@ -28,8 +28,12 @@ class LLM:
         max_num_seqs: int = 64,
         max_model_len: int | None = None,
         lora_backend: str = "auto",
+        gpu_memory_utilization: float = 0.9,
         **engine_kwargs,
     ) -> None:
+        """Engine arguments beyond these (``max_num_batched_tokens``, ``num_kv_blocks``,
+        ``kv_cache_memory_bytes``, ``cuda_graphs``, ...) go to ``LLMEngine.from_args``; out of
+        range or mistyped ones raise ``ConfigError`` naming the argument."""
         self.engine = LLMEngine.from_args(
             model,
             adapters=adapters,
@@ -41,6 +45,7 @@ class LLM:
             max_num_seqs=max_num_seqs,
             max_model_len=max_model_len,
             lora_backend=lora_backend,
+            gpu_memory_utilization=gpu_memory_utilization,
             **engine_kwargs,
         )
         self._counter = itertools.count()

@@ -13,9 +13,12 @@ from loraplex.config import (
     ModelConfig,
     SchedulerConfig,
     apply_cpu_threads,
+    check_adapter_map,
+    check_int,
     resolve_device,
     resolve_dtype,
 )
+from loraplex.engine.cuda_graph import graph_batch_sizes
 from loraplex.engine.detokenizer import detokenize_step, find_stop, visible_text
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.scheduler import Scheduler
@@ -23,6 +26,8 @@ from loraplex.engine.sequence import RequestOutput, Sequence, SequenceStatus
 from loraplex.errors import CapacityError, InvalidRequestError
 from loraplex.kvcache.block_manager import BlockManager
 from loraplex.kvcache.kv_cache import allocate_kv_cache, bytes_per_block
+from loraplex.kvcache.profile import largest_step
+from loraplex.kvcache.sizing import MemorySplit, cuda_graph_reserve, measure_peak, num_kv_blocks
 from loraplex.layers.linear import can_prepack, prepack_linear_weights
 from loraplex.lora.manager import LoRAManager
 from loraplex.models.loader import load_model, load_model_config
@@ -48,27 +53,33 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.device, self.dtype = device, dtype
         self.max_model_len = sched.max_model_len
-        num_blocks = cache.num_blocks or max(
-            cache.kv_cache_memory_bytes // bytes_per_block(model_config, cache.block_size, dtype),
-            -(-sched.max_model_len // cache.block_size),
+        weights = sum(t.nbytes for t in itertools.chain(model.parameters(), model.buffers()))
+        # the adapter pool is allocated before the KV cache is sized, so the cache gets what
+        # is left after it
+        self.lora = LoRAManager(
+            model, model_config, lora, device, dtype,
+            max_tokens=max(sched.max_num_batched_tokens, sched.max_model_len),  # one forward
         )
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda"
+        capture = cuda_graphs and self._can_capture()
+        num_blocks = num_kv_blocks(
+            cache, bytes_per_block(model_config, cache.block_size, dtype), sched.max_model_len,
+            device, MemorySplit(weights, self.lora.pool.nbytes),
+            profile=lambda: measure_peak(
+                largest_step(model, sched, self.lora, lora.max_loras_per_batch, device), device),
+            graph_reserve=(cuda_graph_reserve(graph_batch_sizes(sched.max_num_seqs),
+                                              model_config.vocab_size) if capture else 0))
         self.blocks = BlockManager(num_blocks, cache.block_size)
         # one extra block that no sequence owns: CUDA-graph padding rows write there
         self.kv_caches = allocate_kv_cache(
             model_config, num_blocks + 1, cache.block_size, dtype, device
         )
-        self.lora = LoRAManager(
-            model, model_config, lora, device, dtype,
-            max_tokens=max(sched.max_num_batched_tokens, sched.max_model_len),  # one forward
-        )
         self.scheduler = Scheduler(sched, self.blocks, lora.max_loras_per_batch, self.lora)
         self.runner = ModelRunner(model, self.kv_caches, self.blocks, device, self.lora)
-        if cuda_graphs is None:
-            cuda_graphs = device.type == "cuda"
         if cuda_graphs:
             self.runner.enable_decode_graphs(sched.max_num_seqs, sched.max_model_len,
-                                             dummy_block=num_blocks,
-                                             capture=self._can_capture())
+                                             dummy_block=num_blocks, capture=capture)
         self.eos_ids = set(model_config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
@@ -90,17 +101,30 @@ class LLMEngine:
         max_num_batched_tokens: int | None = None,
         num_kv_blocks: int | None = None,
         lora_backend: str = "auto",
-        kv_cache_memory_bytes: int = 1 << 30,
+        kv_cache_memory_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.9,
         cuda_graphs: bool | None = None,
         cpu_prepack: bool | None = None,
     ) -> LLMEngine:
         """Build an engine from a Hugging Face model directory.
 
+        KV cache size, first given wins: ``num_kv_blocks``, ``kv_cache_memory_bytes``, else
+        ``gpu_memory_utilization`` of the GPU minus the profiled peak of the largest step
+        (CUDA) or 1 GiB (CPU); see ``kvcache/sizing.py``.
         ``cuda_graphs`` / ``cpu_prepack``: None picks the default for the device (graphs on
         CUDA; oneDNN-prepacked linear weights on CPU, see ``layers/linear.py``).
         """
         from transformers import AutoTokenizer
 
+        # every argument is checked before the (slow) model load; 0 never means "default"
+        check_int("max_model_len", max_model_len, optional=True)
+        check_int("max_num_batched_tokens", max_num_batched_tokens, optional=True)
+        check_adapter_map(adapters)
+        cache_cfg = CacheConfig(num_blocks=num_kv_blocks,
+                                kv_cache_memory_bytes=kv_cache_memory_bytes,
+                                gpu_memory_utilization=gpu_memory_utilization)
+        lora_cfg = LoRAConfig(max_loras_per_batch, max_lora_rank, max_cpu_loras, lora_backend)
+        SchedulerConfig(max_num_seqs=max_num_seqs)
         cfg, _ = load_model_config(model)
         dev = resolve_device(device)
         if dev.type == "cpu":
@@ -114,12 +138,12 @@ class LLMEngine:
         if max_model_len is not None and max_model_len > limit:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's context ({limit}"
                              f"{' = its sliding window' if limit == cfg.sliding_window else ''})")
-        max_len = max_model_len or limit
-        budget = max_num_batched_tokens or default_token_budget(cfg, dev, dt)
+        max_len = limit if max_model_len is None else max_model_len
+        budget = (default_token_budget(cfg, dev, dt) if max_num_batched_tokens is None
+                  else max_num_batched_tokens)
         sched = SchedulerConfig(
             max_num_seqs=max_num_seqs, max_model_len=max_len, max_num_batched_tokens=budget
         )
-        lora_cfg = LoRAConfig(max_loras_per_batch, max_lora_rank, max_cpu_loras, lora_backend)
         net = load_model(model, cfg, dt, dev)
         if cpu_prepack is None:
             cpu_prepack = can_prepack(dev, dt)
@@ -129,18 +153,7 @@ class LLMEngine:
         if cpu_prepack:
             prepack_linear_weights(net)
         tokenizer = AutoTokenizer.from_pretrained(model)
-        engine = cls(
-            model,
-            cfg,
-            net,
-            tokenizer,
-            sched,
-            CacheConfig(num_blocks=num_kv_blocks, kv_cache_memory_bytes=kv_cache_memory_bytes),
-            lora_cfg,
-            dev,
-            dt,
-            cuda_graphs,
-        )
+        engine = cls(model, cfg, net, tokenizer, sched, cache_cfg, lora_cfg, dev, dt, cuda_graphs)
         for name, path in (adapters or {}).items():
             engine.load_adapter(name, path)
         return engine

@@ -258,7 +258,9 @@ def run_server(args: argparse.Namespace) -> None:
         max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, device=args.device,
         dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks,
-        lora_backend=args.lora_backend)
+        lora_backend=args.lora_backend,
+        gpu_memory_utilization=getattr(args, "gpu_memory_utilization", 0.9),
+        kv_cache_memory_bytes=getattr(args, "kv_cache_memory", None))
     app = create_app(engine, config)
     logger.info("serving %r with adapters %s on http://%s:%d", config.served_model_name,
                 sorted(config.adapters), args.host, args.port)

@@ -1,0 +1,141 @@
+"""How many KV blocks the engine allocates.
+
+On CUDA the cache takes what is left of ``gpu_memory_utilization`` of the device once the
+weights, the adapter pool and the activations of the largest step are accounted for:
+
+    kv_bytes = total * utilization - in_use_at_peak - graph_reserve
+
+``in_use_at_peak`` is measured, not estimated: after the weights and the adapter pool are
+allocated, one profiled forward runs the largest step the engine will ever run (a prefill of
+``max(max_num_batched_tokens, max_model_len)`` tokens as ``max_model_len``-long dummy
+sequences, through the LoRA path when adapters are possible, then the ``[max_num_seqs,
+vocab]`` logits and a sampler's softmax/sort over them), and the peak is
+``torch.cuda.max_memory_allocated`` plus the memory the process holds outside torch's
+allocator (CUDA context, cuBLAS workspaces; from ``mem_get_info``, which also counts other
+processes on the device: memory they hold is not ours to take).
+
+``graph_reserve``: CUDA graphs are captured after the KV cache exists, into a private memory
+pool that the profile cannot see. What stays allocated there is each captured graph's
+``[bs, vocab]`` float32 logits (two graphs per size: with and without LoRA) plus the
+intermediates of the largest decode step; the reserve is those logits plus
+``GRAPH_RESERVE_BYTES`` for the intermediates and cuBLAS's per-stream workspaces.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.config import DEFAULT_CPU_KV_BYTES, CacheConfig
+from loraplex.errors import CapacityError
+
+logger = logging.getLogger(__name__)
+
+GRAPH_RESERVE_BYTES = 256 << 20
+
+
+def kv_cache_bytes(total: int, utilization: float, peak_in_use: int, reserve: int = 0) -> int:
+    """Bytes left for the KV cache: ``int(total * utilization) - peak_in_use - reserve``
+    (negative when the budget is already spent; the caller turns that into an error)."""
+    return int(total * utilization) - peak_in_use - reserve
+
+
+def cuda_graph_reserve(batch_sizes: Iterable[int], vocab_size: int) -> int:
+    """Memory the decode graphs keep after capture: float32 logits ``[bs, vocab]`` for every
+    captured size, with and without LoRA, plus ``GRAPH_RESERVE_BYTES``."""
+    return GRAPH_RESERVE_BYTES + 2 * sum(batch_sizes) * vocab_size * 4
+
+
+def profile_lengths(max_num_batched_tokens: int, max_model_len: int) -> list[int]:
+    """Sequence lengths of the largest prefill step: ``max_model_len``-long sequences filling
+    the token budget (a prompt longer than the budget runs alone, so at least one full-length
+    sequence)."""
+    left = max(max_num_batched_tokens, max_model_len)
+    lengths = []
+    while left > 0:
+        lengths.append(min(max_model_len, left))
+        left -= lengths[-1]
+    return lengths
+
+
+@dataclass(frozen=True)
+class MemorySplit:
+    """Where device memory goes, in bytes (logged at start-up)."""
+
+    weights: int
+    adapters: int
+    activations: int = 0  # peak of the profiled step above the weights and adapters
+    other: int = 0  # outside torch's allocator: CUDA context, workspaces, other processes
+    graph_reserve: int = 0
+    kv: int = 0
+
+
+def measure_peak(run_step: Callable[[], None], device: torch.device) -> tuple[int, int]:
+    """Run ``run_step`` once on ``device`` -> (bytes in use at its peak, by this process and
+    anything else outside torch's allocator; activation bytes above what was allocated before)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run_step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(device)
+    outside = max(0, (total - free) - torch.cuda.memory_reserved(device))
+    torch.cuda.empty_cache()  # the profile's activations must not stay cached
+    return peak + outside, peak - before
+
+
+def num_kv_blocks(
+    cache: CacheConfig,
+    bytes_per_block: int,
+    max_model_len: int,
+    device: torch.device,
+    split: MemorySplit,
+    profile: Callable[[], tuple[int, int]] | None = None,
+    graph_reserve: int = 0,
+) -> int:
+    """Blocks for sequences (one more is allocated for CUDA-graph padding rows).
+
+    ``profile`` (CUDA only) returns ``measure_peak``'s pair; it is skipped when the user gave
+    ``num_blocks`` or ``kv_cache_memory_bytes``. Raises ``CapacityError`` when the budget
+    does not hold one sequence of ``max_model_len`` tokens."""
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    if cache.kv_cache_memory_bytes is not None:
+        budget, source = cache.kv_cache_memory_bytes, "kv_cache_memory_bytes"
+    elif device.type == "cuda" and profile is not None:
+        peak_in_use, activations = profile()
+        total = torch.cuda.mem_get_info(device)[1]
+        budget = kv_cache_bytes(total, cache.gpu_memory_utilization, peak_in_use, graph_reserve)
+        split = MemorySplit(split.weights, split.adapters, activations,
+                            peak_in_use - split.weights - split.adapters - activations,
+                            graph_reserve)
+        source = (f"gpu_memory_utilization={cache.gpu_memory_utilization} of "
+                  f"{_gib(total)} GiB")
+    else:
+        budget, source = DEFAULT_CPU_KV_BYTES, "the CPU default"
+    blocks = max(0, budget) // bytes_per_block - 1  # the padding block comes out of the budget
+    needed = -(-max_model_len // cache.block_size)
+    if blocks < needed:
+        raise CapacityError(
+            f"the KV cache ({source}) has room for {max(blocks, 0) * cache.block_size} tokens, "
+            f"less than one sequence of max_model_len={max_model_len} tokens "
+            f"({needed * bytes_per_block / 2**20:.0f} MiB); raise gpu_memory_utilization "
+            f"(--gpu-memory-utilization), lower max_model_len (--max-model-len), or set "
+            f"kv_cache_memory_bytes (--kv-cache-memory) / num_kv_blocks (--num-kv-blocks)")
+    split = MemorySplit(split.weights, split.adapters, split.activations, split.other,
+                        split.graph_reserve, (blocks + 1) * bytes_per_block)
+    logger.info("KV cache: %d blocks x %d = %d tokens (sized from %s); memory GiB: weights %s, "
+                "adapters %s, activations peak %s, other %s, CUDA-graph reserve %s, KV %s",
+                blocks, cache.block_size, blocks * cache.block_size, source,
+                *(_gib(x) for x in (split.weights, split.adapters, split.activations,
+                                    split.other, split.graph_reserve, split.kv)))
+    return blocks
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
