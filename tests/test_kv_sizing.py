@@ -3,6 +3,7 @@ CPU engine with an explicit budget) and engine-argument validation."""
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import pytest
@@ -195,3 +196,22 @@ def test_cli_kv_cache_memory_flag_reaches_the_engine(tiny, capsys):
     rc = cli_main(["generate", "--model", d, "--device", "cpu",
                    "--gpu-memory-utilization", "1.5", "--prompt", "hi"])
     assert rc == 2 and "gpu_memory_utilization" in capsys.readouterr().err
+
+
+# -- CUDA: the profiled budget holds -------------------------------------------------------------
+@pytest.mark.gpu
+def test_cuda_engine_stays_within_gpu_memory_utilization(tiny):
+    d, _, adapter = tiny
+    gc.collect()
+    torch.cuda.empty_cache()  # engines of earlier tests in this process
+    free, total = torch.cuda.mem_get_info()
+    util = 0.25
+    if total - free > total * util / 2:
+        pytest.skip("the GPU is already busy")
+    llm = LLM(d, device="cuda", dtype="bfloat16", adapters={"a0": adapter},
+              gpu_memory_utilization=util, max_num_seqs=8)
+    llm.generate([[1, 5, 6]], adapters=["a0"])  # a step after the graphs were captured
+    used = total - torch.cuda.mem_get_info()[0]
+    kv = sum(k.nbytes + v.nbytes for k, v in llm.engine.kv_caches)
+    assert kv > total * util / 2  # the cache took most of the budget (tiny model)...
+    assert used <= total * util  # ...and everything together stays within it
