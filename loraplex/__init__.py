@@ -4,6 +4,7 @@ from loraplex.errors import (
     AdapterLoadError,
     AdapterNotFoundError,
     CapacityError,
+    ConfigError,
     InvalidRequestError,
     LoraplexError,
     ModelLoadError,
@@ -17,6 +18,7 @@ __all__ = [
     "AdapterLoadError",
     "AdapterNotFoundError",
     "CapacityError",
+    "ConfigError",
     "InvalidRequestError",
     "ModelLoadError",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -129,7 +130,7 @@ def check_int(name: str, value, minimum: int = 1, optional: bool = False) -> Non
     Every limit goes through here, so ``0`` never means "use the default"."""
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy ints pass
         raise ConfigTypeError(f"{name}={value!r} must be an integer"
                               + (" or None" if optional else ""))
     if value < minimum:
@@ -138,7 +139,7 @@ def check_int(name: str, value, minimum: int = 1, optional: bool = False) -> Non
 
 def check_fraction(name: str, value) -> None:
     """A float in (0, 1] (an int 1 is accepted; a bool is not)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigTypeError(f"{name}={value!r} must be a number in (0, 1]")
     if not 0.0 < value <= 1.0:  # also refuses NaN
         raise ConfigError(f"{name}={value} must be in (0, 1]")

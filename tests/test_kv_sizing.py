@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 
+import numpy as np
 import pytest
 import torch
 from helpers_lora import make_peft_adapter, make_tiny_model
@@ -110,6 +111,10 @@ def test_gpu_memory_utilization_outside_0_1_is_refused(value):
 def test_gpu_memory_utilization_edges_are_accepted():
     assert CacheConfig(gpu_memory_utilization=1).gpu_memory_utilization == 1
     assert CacheConfig(gpu_memory_utilization=1e-3).gpu_memory_utilization == 1e-3
+    # numpy scalars are numbers too (a sweep script's np.arange); numpy bools are not
+    assert CacheConfig(num_blocks=np.int64(5), gpu_memory_utilization=np.float32(0.5))
+    with pytest.raises(ConfigError, match="num_kv_blocks"):
+        CacheConfig(num_blocks=np.bool_(True))
 
 
 # -- a real CPU engine -------------------------------------------------------------------------
@@ -215,3 +220,34 @@ def test_cuda_engine_stays_within_gpu_memory_utilization(tiny):
     kv = sum(k.nbytes + v.nbytes for k, v in llm.engine.kv_caches)
     assert kv > total * util / 2  # the cache took most of the budget (tiny model)...
     assert used <= total * util  # ...and everything together stays within it
+
+
+def test_serve_flags_reach_the_engine(tiny, capsys):
+    pytest.importorskip("fastapi")
+    d, _, _ = tiny
+    with pytest.raises(SystemExit):
+        cli_main(["serve", "--model", d, "--kv-cache-memory", "lots"])
+    assert "--kv-cache-memory" in capsys.readouterr().err
+    # refused by the engine before the server starts: the flag went through run_server
+    assert cli_main(["serve", "--model", d, "--device", "cpu",
+                     "--gpu-memory-utilization", "0"]) == 2
+    assert "gpu_memory_utilization=0" in capsys.readouterr().err
+    assert cli_main(["serve", "--model", d, "--device", "cpu", "--kv-cache-memory", "64KiB"]) == 2
+    assert "max_model_len" in capsys.readouterr().err
+
+
+def test_profiled_step_runs_the_largest_prefill_through_lora(tiny):
+    """The profile's forward on CPU: every token of the largest step goes through the LoRA
+    path, spread over the adapter slots, and no KV cache is written."""
+    from loraplex.kvcache.profile import largest_step
+
+    d, _, _ = tiny
+    llm = LLM(d, device="cpu", max_num_batched_tokens=600, max_model_len=256, max_num_seqs=4,
+              num_kv_blocks=64)
+    engine = llm.engine
+    before = [k.clone() for k, _ in engine.kv_caches]
+    run = largest_step(engine.runner.model, engine.scheduler.cfg, engine.lora, 8, engine.device)
+    run()
+    batch = engine.lora.batch
+    assert batch.num_tokens == 600 and batch.num_segs == 3  # 256 + 256 + 88, slots 0, 1, 2
+    assert all(torch.equal(b, k) for b, (k, _) in zip(before, engine.kv_caches))
