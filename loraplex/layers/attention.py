@@ -1,11 +1,11 @@
 """Attention over the paged KV cache.
 
-Prefill (plain torch, CPU and CUDA): each sequence's new keys/values are written to the cache and attention runs causally
-over that sequence's own tokens (no cached prefix); sequences of similar length share one call
-(``prefill_groups.py``). Decode: the new token's key/value is written, then each sequence
-attends over its cached context through its block table (``ops/paged_attention.py``: a Triton
-flash-decoding kernel on CUDA, a torch gather over the batch's real width elsewhere).
-Grouped-query attention never repeats keys/values.
+Prefill (plain torch, CPU and CUDA): each sequence's new keys/values are written to the cache
+and attention runs causally over that sequence's own tokens (no cached prefix); sequences of
+similar length share one call (``prefill_groups.py``). Decode: the new token's key/value is
+written, then each sequence attends over its cached context through its block table
+(``ops/paged_attention.py``: a Triton flash-decoding kernel on CUDA, a torch gather over the
+batch's real width elsewhere). Grouped-query attention never repeats keys/values.
 """
 
 from __future__ import annotations

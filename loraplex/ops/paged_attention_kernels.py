@@ -19,9 +19,9 @@ accumulator stays in the MMA layout; a broadcast-multiply-sum would hold
 small groups. Softmax runs online in float32 in base 2 (``qk_scale`` = scale * log2 e).
 
 ``DIRECT`` (one split): the program normalises and stores the output itself. Otherwise it
-stores float32 partials ``(m, l, acc)`` for each real query row (max score, sum of
+stores float32 partials ``(m, denom, acc)`` for each real query row (max score, sum of
 exponentials, unnormalised output) into scratch; an empty share stores the neutral partial
-(m = -inf, l = 0, acc = 0). ``paged_decode_reduce_kernel`` (grid ``(B, H)``) then combines a
+(m = -inf, denom = 0, acc = 0). ``paged_decode_reduce_kernel`` (grid ``(B, H)``) then combines a
 head's splits with weights ``2^(m_s - max m)``, which are 0 for the neutral partials.
 """
 
@@ -33,7 +33,7 @@ import triton.language as tl
 
 @triton.jit
 def paged_decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
+    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, m_ptr, denom_ptr, acc_ptr,
     qk_scale, num_heads, num_splits,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -55,7 +55,7 @@ def paged_decode_split_kernel(
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + cols[None, :],
                 mask=row_ok[:, None], other=0.0)  # [GROUP_PAD, d]
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
+    denom = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     table = tables_ptr + b * stride_tb
     head_off = kvh * stride_kh + cols[None, :]
@@ -70,25 +70,25 @@ def paged_decode_split_kernel(
         m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile has a real token
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
+        denom = denom * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + offs, mask=ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
 
     if DIRECT:
-        o = acc / l[:, None]
+        o = acc / denom[:, None]
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + cols[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
         part = (b * num_heads + heads) * num_splits + split  # partial [b, head, split]
         tl.store(m_ptr + part, m, mask=row_ok)
-        tl.store(l_ptr + part, l, mask=row_ok)
+        tl.store(denom_ptr + part, denom, mask=row_ok)
         tl.store(acc_ptr + part[:, None] * HEAD_DIM + cols[None, :], acc, mask=row_ok[:, None])
 
 
 @triton.jit
 def paged_decode_reduce_kernel(
-    m_ptr, l_ptr, acc_ptr, out_ptr, num_heads, num_splits, stride_ob, stride_oh,
+    m_ptr, denom_ptr, acc_ptr, out_ptr, num_heads, num_splits, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, SPLIT_PAD: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -97,9 +97,9 @@ def paged_decode_reduce_kernel(
     ok = splits < num_splits
     part = (b * num_heads + h) * num_splits + splits
     m = tl.load(m_ptr + part, mask=ok, other=float("-inf"))
-    l = tl.load(l_ptr + part, mask=ok, other=0.0)
+    denom = tl.load(denom_ptr + part, mask=ok, other=0.0)
     w = tl.exp2(m - tl.max(m, 0))  # split 0 is never empty, so the max is finite
     cols = tl.arange(0, HEAD_DIM)
     acc = tl.load(acc_ptr + part[:, None] * HEAD_DIM + cols[None, :], mask=ok[:, None], other=0.0)
-    o = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    o = tl.sum(acc * w[:, None], 0) / tl.sum(denom * w, 0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + cols, o.to(out_ptr.dtype.element_ty))

@@ -74,13 +74,13 @@ def paged_decode_attention(
     tile_n = _tile_tokens(d, q.element_size())
     splits = num_splits(bsz, kv_heads, heads, d, block_tables.shape[1] * block_size, tile_n,
                         q.device)
-    m = l = acc = out  # one split: the kernel stores the output itself, no partials
-    if splits > 1:  # partials [B, H, splits] of m, l and acc (d floats each) in the scratch
+    m = denom = acc = out  # one split: the kernel stores the output itself, no partials
+    if splits > 1:  # partials [B, H, splits] of m, denom and acc (d floats each) in the scratch
         parts = bsz * heads * splits
         scratch = _scratch(q.device)
-        m, l, acc = scratch[:parts], scratch[parts : 2 * parts], scratch[2 * parts :]
+        m, denom, acc = scratch[:parts], scratch[parts : 2 * parts], scratch[2 * parts :]
     K.paged_decode_split_kernel[(bsz, kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, m, l, acc,
+        q, k_cache, v_cache, block_tables, context_lens, out, m, denom, acc,
         scale * math.log2(math.e), heads, splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
@@ -91,7 +91,7 @@ def paged_decode_attention(
     )
     if splits > 1:
         K.paged_decode_reduce_kernel[(bsz, heads)](
-            m, l, acc, out, heads, splits, out.stride(0), out.stride(1),
+            m, denom, acc, out, heads, splits, out.stride(0), out.stride(1),
             HEAD_DIM=d, SPLIT_PAD=triton.next_power_of_2(splits), num_warps=4,
         )
     return out
