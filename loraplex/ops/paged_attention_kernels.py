@@ -89,17 +89,25 @@ def paged_decode_split_kernel(
 @triton.jit
 def paged_decode_reduce_kernel(
     m_ptr, denom_ptr, acc_ptr, out_ptr, num_heads, num_splits, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, SPLIT_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SPLIT_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    first = (b * num_heads + h) * num_splits  # partial [b, h, 0]
     splits = tl.arange(0, SPLIT_PAD)
-    ok = splits < num_splits
-    part = (b * num_heads + h) * num_splits + splits
-    m = tl.load(m_ptr + part, mask=ok, other=float("-inf"))
-    denom = tl.load(denom_ptr + part, mask=ok, other=0.0)
-    w = tl.exp2(m - tl.max(m, 0))  # split 0 is never empty, so the max is finite
+    m = tl.load(m_ptr + first + splits, mask=splits < num_splits, other=float("-inf"))
+    m_max = tl.max(m, 0)  # split 0 is never empty, so this is finite
     cols = tl.arange(0, HEAD_DIM)
-    acc = tl.load(acc_ptr + part[:, None] * HEAD_DIM + cols[None, :], mask=ok[:, None], other=0.0)
-    o = tl.sum(acc * w[:, None], 0) / tl.sum(denom * w, 0)
+    total = tl.zeros([HEAD_DIM], tl.float32)
+    denom = tl.zeros([SPLIT_CHUNK], tl.float32)
+    # acc rows in chunks: a [SPLIT_PAD, d] tile would not fit in registers at 128 x 256
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        part = s0 + tl.arange(0, SPLIT_CHUNK)
+        ok = part < num_splits
+        w = tl.exp2(tl.load(m_ptr + first + part, mask=ok, other=float("-inf")) - m_max)
+        denom += w * tl.load(denom_ptr + first + part, mask=ok, other=0.0)
+        acc = tl.load(acc_ptr + (first + part)[:, None] * HEAD_DIM + cols[None, :],
+                      mask=ok[:, None], other=0.0)
+        total += tl.sum(acc * w[:, None], 0)
+    o = total / tl.sum(denom, 0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + cols, o.to(out_ptr.dtype.element_ty))

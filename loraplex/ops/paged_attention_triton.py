@@ -87,12 +87,15 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
         BLOCK_SIZE=block_size, TILE_N=tile_n, DIRECT=splits == 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        # 3 stages: two tiles in flight behind the one being used, and no spills on sm_90
+        # (2 stages spilled at fp32 d=128; paged_attention_aot.py reports it)
+        num_warps=4, num_stages=3,
     )
     if splits > 1:
         K.paged_decode_reduce_kernel[(bsz, heads)](
             m, denom, acc, out, heads, splits, out.stride(0), out.stride(1),
-            HEAD_DIM=d, SPLIT_PAD=triton.next_power_of_2(splits), num_warps=4,
+            HEAD_DIM=d, SPLIT_PAD=triton.next_power_of_2(splits),
+            SPLIT_CHUNK=min(triton.next_power_of_2(splits), max(1, 2048 // d)), num_warps=4,
         )
     return out
 
