@@ -52,11 +52,15 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.pool = None
 
-    def _forward(self, bs: int, use_lora: bool) -> torch.Tensor:
+    def _forward(self, bs: int, use_lora: bool, max_context_len: int | None = None
+                 ) -> torch.Tensor:
+        """``max_context_len``: this step's longest context when run eagerly, so attention
+        reads only the table columns it needs; None when capturing (any later step replays)."""
         batch = ForwardBatch(
             is_prefill=False, num_tokens=bs, slot_mapping=self.slot_mapping[:bs],
             block_tables=self.block_tables[:bs], context_lens=self.context_lens[:bs],
-            kv_caches=self.kv_caches, lora=self.lora.batch if use_lora else None)
+            max_context_len=max_context_len, kv_caches=self.kv_caches,
+            lora=self.lora.batch if use_lora else None)
         with forward_context(batch):
             hidden = self.model(self.ids[:bs], self.positions[:bs])
         return self.model.compute_logits(hidden)
@@ -118,5 +122,5 @@ class DecodeGraphs:
         if self.capture:
             self.graphs[(bs, use_lora)].replay()
             return self.logits[(bs, use_lora)][:n]
-        with torch.inference_mode():
-            return self._forward(bs, use_lora)[:n]
+        with torch.inference_mode():  # padding rows have context 1, never the longest
+            return self._forward(bs, use_lora, max(context_lens))[:n]

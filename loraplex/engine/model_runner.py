@@ -127,7 +127,7 @@ class ModelRunner:
         batch = ForwardBatch(
             is_prefill=False, num_tokens=len(seqs), slot_mapping=slot_mapping,
             block_tables=tables, context_lens=context_lens,
-            kv_caches=self.kv_caches,
+            max_context_len=max(s.num_tokens for s in seqs), kv_caches=self.kv_caches,
             lora=self._lora_batch(slots, [1] * len(seqs), is_decode=True))
         return ids, positions, batch
 

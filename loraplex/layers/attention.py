@@ -1,11 +1,11 @@
-"""Attention over the paged KV cache, in plain torch (runs on CPU and CUDA).
+"""Attention over the paged KV cache.
 
-Prefill: each sequence's new keys/values are written to the cache and attention runs causally
-over that sequence's own tokens (no cached prefix); sequences of similar length share one call
-(``prefill_groups.py``). Decode: the new token's key/value is written, then each sequence
-attends over its cached context, gathered through its block table. Grouped-query attention
-never repeats keys/values: decode folds the query heads of one kv head into the "query length"
-axis, prefill lets the attention kernel map heads onto kv heads (``enable_gqa``).
+Prefill (plain torch, CPU and CUDA): each sequence's new keys/values are written to the cache
+and attention runs causally over that sequence's own tokens (no cached prefix); sequences of
+similar length share one call (``prefill_groups.py``). Decode: the new token's key/value is
+written, then each sequence attends over its cached context through its block table
+(``ops/paged_attention.py``: a Triton flash-decoding kernel on CUDA, a torch gather over the
+batch's real width elsewhere). Grouped-query attention never repeats keys/values.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 
 from loraplex.layers.forward_context import get_forward_batch
 from loraplex.layers.prefill_groups import PrefillGroup
+from loraplex.ops.paged_attention import paged_decode_attention, resolve_attention_backend
 
 # torch >= 2.5: scaled_dot_product_attention reads grouped kv heads itself (enable_gqa)
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -85,22 +86,15 @@ class Attention(nn.Module):
         return o.transpose(1, 2)
 
     def _decode(self, q: torch.Tensor, batch) -> torch.Tensor:
+        """q [B, heads, d] -> [B, heads, d] over each sequence's cached context."""
         k_cache, v_cache = batch.kv_caches[self.layer_idx]
-        bsz = q.shape[0]
-        tables = batch.block_tables  # [B, max_blocks]
         block_size = k_cache.shape[1]
-        # [B * max_blocks, block_size, kvh, d] -> [B, kvh, L, d]; index_select gathers about
-        # twice as fast as advanced indexing on CPU
-        length = tables.shape[1] * block_size
-        flat = tables.reshape(-1)
-        keys = k_cache.index_select(0, flat).view(bsz, length, self.num_kv_heads, self.head_dim)
-        values = v_cache.index_select(0, flat).view(bsz, length, self.num_kv_heads, self.head_dim)
-        keys, values = keys.transpose(1, 2), values.transpose(1, 2)
-        qs = q.view(bsz, self.num_kv_heads, self.group, self.head_dim)
-        # the additive mask is built once per step, not per layer: 8 layers of gather +
-        # attention at batch 32 took 1.03-1.07x as long with a bool mask per layer
-        # (bench_cpu_parts.py (b))
-        o = F.scaled_dot_product_attention(
-            qs, keys, values, attn_mask=batch.decode_mask(length, q.dtype), scale=self.scale
-        )
-        return o  # [B, kvh, g, d] == [B, heads, d] in head order
+        backend = resolve_attention_backend(batch.attn_backend, q.device, q.dtype, self.head_dim)
+        # only the columns the batch's longest context needs: the torch backend gathers every
+        # column it is given (the Triton kernel reads only real blocks whatever the width)
+        tables = batch.decode_block_tables(block_size)
+        bias = None
+        if backend == "torch":
+            bias = batch.decode_mask(tables.shape[1] * block_size, q.dtype)
+        return paged_decode_attention(q, k_cache, v_cache, tables, batch.context_lens,
+                                      self.scale, backend=backend, attn_bias=bias)

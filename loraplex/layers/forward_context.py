@@ -15,6 +15,7 @@ import torch
 
 from loraplex.layers.prefill_groups import PrefillGroup
 from loraplex.ops.lora_meta import LoRABatch
+from loraplex.ops.paged_attention_torch import decode_attention_bias
 
 
 @dataclass
@@ -24,7 +25,9 @@ class ForwardBatch:
     Prefill: ``cu_seqlens`` (host list, len B+1) delimits each sequence's tokens; attention is
     causal within a sequence, reads no cached context, and runs as ``prefill_groups`` (built
     from ``cu_seqlens`` by ``plan_prefill``). Decode: one token per sequence;
-    attention reads ``context_lens[b]`` cached tokens through ``block_tables``.
+    attention reads ``context_lens[b]`` cached tokens through ``block_tables``, which may be
+    wider than any context (the static CUDA-graph buffers are max_model_len wide):
+    ``max_context_len``, when the host knows it, bounds the columns attention looks at.
     """
 
     is_prefill: bool
@@ -34,19 +37,29 @@ class ForwardBatch:
     prefill_groups: list[PrefillGroup] | None = None  # prefill
     block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] int64
     context_lens: torch.Tensor | None = None  # decode: [B] int64, incl. the new token
+    # decode: host bound on context_lens (None: the table's full width, e.g. under capture)
+    max_context_len: int | None = None
+    attn_backend: str = "auto"  # paged attention backend (ops/paged_attention.py)
     lora: LoRABatch | None = None  # None: no request in the batch uses an adapter
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (k, v)
     _decode_mask: torch.Tensor | None = field(default=None, repr=False)
 
+    def decode_block_tables(self, block_size: int) -> torch.Tensor:
+        """Decode: ``block_tables`` cut to the blocks ``max_context_len`` tokens span (a view):
+        what a backend whose work grows with the table's width (torch) should be given."""
+        tables = self.block_tables
+        if self.max_context_len is None:
+            return tables
+        return tables[:, : min(tables.shape[1], -(-self.max_context_len // block_size))]
+
     def decode_mask(self, length: int, dtype: torch.dtype) -> torch.Tensor:
         """Decode: [B, 1, 1, length] additive mask, 0 over each sequence's ``context_lens``
         cached tokens and -inf past them. Built by the first layer that asks and shared by the
-        rest; a batch object lives for one forward, so it never outlives its context_lens."""
-        if self._decode_mask is None:
-            lens = self.context_lens
-            past = torch.arange(length, device=lens.device)[None, :] >= lens[:, None]
-            mask = torch.zeros(past.shape, dtype=dtype, device=lens.device)
-            self._decode_mask = mask.masked_fill_(past, float("-inf"))[:, None, None, :]
+        rest; a batch object lives for one forward, so it never outlives its context_lens.
+        (8 layers of attention at batch 32 took 1.03-1.07x as long with a mask per layer,
+        ``benchmarks/bench_cpu_parts.py`` (b).)"""
+        if self._decode_mask is None or self._decode_mask.shape[-1] != length:
+            self._decode_mask = decode_attention_bias(self.context_lens, length, dtype)
         return self._decode_mask
 
 
