@@ -186,7 +186,8 @@ class LLMEngine:
         self.validate_prompt(ids)
         if adapter is not None:
             self.lora.check_servable(adapter)
-        seq = Sequence(next(self._ids), request_id, ids, params, adapter)
+        seed = params.seed if params.seed is not None else self.runner.sampler.new_seed()
+        seq = Sequence(next(self._ids), request_id, ids, params, adapter, seed=seed)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 
@@ -219,22 +220,36 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
+        """Schedule -> run -> finish. A request whose row fails (non-finite logits, or an
+        error while finishing it) ends alone with finish_reason "error"; the step goes on."""
         seqs, is_prefill = self.scheduler.schedule()
         outputs = [self._finish_failed(s) for s in self.scheduler.failed]
         self.scheduler.failed.clear()
         if not seqs:
             return outputs
-        tokens = self.runner.run(seqs, is_prefill)
-        for seq, tok in zip(seqs, tokens):
-            seq.output_token_ids.append(tok)
-            self._check_stop(seq, tok)
+        sampled = self.runner.run(seqs, is_prefill)
+        for seq, tok, ok in zip(seqs, sampled.token_ids, sampled.finite):
+            if not ok:
+                self._fail(seq, "the model produced non-finite logits (NaN or inf) for this "
+                                f"request{_adapter_note(seq.adapter)}")
+            else:
+                try:
+                    seq.output_token_ids.append(tok)
+                    self._check_stop(seq, tok)
+                except Exception as exc:  # e.g. the tokenizer cannot decode this id
+                    self._fail(seq, f"finishing the step failed for this request: "
+                                    f"{type(exc).__name__}: {exc}")
             if seq.finished:
-                self.scheduler.finish(seq)
+                self.scheduler.finish(seq)  # frees its KV blocks and its adapter pin
                 self.requests.pop(seq.request_id, None)
                 outputs.append(seq.output())
             else:
                 outputs.append(seq.output(visible_text(seq.text, seq.params.stop)))
         return outputs
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        seq.error = message
+        self._set_finished(seq, "error")
 
     def _finish_failed(self, seq: Sequence) -> RequestOutput:
         self.requests.pop(seq.request_id, None)
@@ -300,6 +315,10 @@ class LLMEngine:
             for i, r in zip(idx, res):
                 out[i] = r
         return out
+
+
+def _adapter_note(adapter: str | None) -> str:
+    return f" (adapter {adapter!r})" if adapter is not None else " (base model, no adapter)"
 
 
 # glibc serves allocations above 32 MiB with fresh mmap()ed pages every time (smaller ones

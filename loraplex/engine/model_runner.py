@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from loraplex.engine.cuda_graph import DecodeGraphs
-from loraplex.engine.sampler import Sampler
+from loraplex.engine.sampler import Sampler, SamplerOutput
 from loraplex.engine.sequence import Sequence
 from loraplex.kvcache.block_manager import BlockManager
 from loraplex.layers.forward_context import ForwardBatch, forward_context
@@ -46,8 +46,9 @@ class ModelRunner:
         return -1 if adapter is None or self.lora is None else self.lora.slot_of(adapter)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        """One forward over ``seqs``; returns one sampled token per sequence (input order)."""
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> SamplerOutput:
+        """One forward over ``seqs``; one sampled token and finiteness flag per sequence
+        (input order)."""
         seq_slots = [self._slot(s.adapter) for s in seqs]
         order = sorted(range(len(seqs)), key=seq_slots.__getitem__)
         ordered = [seqs[i] for i in order]
@@ -59,11 +60,11 @@ class ModelRunner:
                 logits = self.model.compute_logits(self.model(ids, positions)[last])
         else:
             logits = self._decode(ordered, slots)
-        tokens = self.sampler(logits, ordered)
-        result = [0] * len(seqs)
+        sampled = self.sampler(logits, ordered)
+        tokens, finite = [0] * len(seqs), [True] * len(seqs)
         for pos, i in enumerate(order):
-            result[i] = tokens[pos]
-        return result
+            tokens[i], finite[i] = sampled.token_ids[pos], sampled.finite[pos]
+        return SamplerOutput(tokens, finite)
 
     def _lora_batch(self, slots: list[int], lengths: list[int], is_decode: bool = False):
         if self.lora is None or all(s < 0 for s in slots):

@@ -6,8 +6,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from loraplex.sampling_params import SamplingParams
 
 
@@ -22,7 +20,10 @@ class RequestOutput:
     """A request's state after a step: cumulative ``token_ids`` and ``text``.
 
     ``text`` has stop strings removed and, while running, may hold back a tail that could
-    still become a stop string. ``finish_reason`` is "stop", "length", "abort" or None.
+    still become a stop string. ``finish_reason`` is "stop", "length", "abort", "error" or
+    None. "error": the engine ended this request alone (e.g. its logits were NaN/inf, as a
+    broken adapter can cause) and ``error`` says why; the other requests ran on. "abort"
+    with ``error`` set: the request could not start (e.g. its adapter failed to load).
     """
 
     request_id: str
@@ -32,7 +33,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     adapter: str | None = None
-    error: str | None = None  # set when the engine failed this request (finish_reason "abort")
+    error: str | None = None  # why the engine failed this request (see finish_reason)
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     arrival_time: float = field(default_factory=time.monotonic)
-    generator: torch.Generator | None = None  # per-request RNG when params.seed is set
+    seed: int | None = None  # keys the request's random draws; params.seed when set
     text: str = ""  # detokenized output, stop strings removed
     finish_reason: str | None = None
     error: str | None = None
@@ -55,8 +56,8 @@ class Sequence:
     read_offset: int = 0
 
     def __post_init__(self) -> None:
-        if self.params.seed is not None and self.generator is None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
+        if self.seed is None:
+            self.seed = self.params.seed
         self.read_offset = len(self.prompt_token_ids)
         self.prefix_offset = max(self.read_offset - 5, 0)
 

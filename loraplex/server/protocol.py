@@ -50,6 +50,7 @@ class _SamplingFields(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None  # vLLM extension; -1 or absent = disabled
+    min_p: float | None = None  # vLLM extension; 0 or absent = disabled
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # vLLM extension
@@ -86,6 +87,7 @@ class _SamplingFields(BaseModel):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=-1 if self.top_k in (None, 0) else self.top_k,
+            min_p=0.0 if self.min_p is None else self.min_p,
             stop=[stop] if isinstance(stop, str) else list(stop),
             stop_token_ids=list(self.stop_token_ids or []),
             seed=None if self.seed is None else self.seed + choice,

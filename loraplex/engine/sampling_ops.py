@@ -1,0 +1,144 @@
+"""Batched sampling ops: counter-based noise, the exponential race, top-k / top-p / min-p.
+
+Rows draw with the exponential race (the Gumbel-max trick): token ``j`` of row ``i`` gets
+``E_ij ~ Exp(1)`` and the row picks ``argmax_j (s_ij - log E_ij)`` over its kept tokens,
+where ``s = logits / temperature``; ``P(j wins) = softmax(s over kept)_j`` exactly. Rows with
+no filter race first over blocks of the vocabulary, then within the chosen block
+(``race_blocks``), so only two small sets of noise are drawn.
+
+``E_ij`` comes from a counter-based generator: a splitmix64 stream keyed by the row's
+``(seed, step)`` and indexed by the token id, computed with int64 tensor ops. So a row's
+draw depends on its seed, its step and its logits only: not on the batch size, the row's
+position, its neighbours, or on how many candidates a pass looked at (a token's noise is
+the same whether the candidate pass or the full-vocabulary pass scores it, so both passes
+pick the same token whenever the candidates hold the whole kept set).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+GOLDEN = _signed(0x9E3779B97F4A7C15)  # splitmix64's stream increment
+_MUL1 = _signed(0xBF58476D1CE4E5B9)
+_MUL2 = _signed(0x94D049BB133111EB)
+_BLOCK_STREAM = 0x5DEECE66D  # separates the block races' stream from the tokens'
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer, in place on an int64 tensor (arithmetic mod 2**64).
+
+    Semantics: ``x ^= x >>> 30; x *= 0xBF58476D1CE4E5B9; x ^= x >>> 27;
+    x *= 0x94D049BB133111EB; x ^= x >>> 31`` with ``>>>`` a logical shift (torch's ``>>``
+    is arithmetic on int64, so the sign-extended bits are masked off).
+    """
+    tmp = torch.empty_like(x)
+    for shift, mul in ((30, _MUL1), (27, _MUL2), (31, None)):
+        torch.bitwise_right_shift(x, shift, out=tmp)
+        tmp &= (1 << (64 - shift)) - 1
+        x ^= tmp
+        if mul is not None:
+            x *= mul
+    return x
+
+
+def row_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """seeds [n] int64, steps [n] int64 (tokens the sequence generated so far) -> keys [n].
+
+    ``key = mix64(mix64(seed + G) + (step + 1) * G)``: one independent stream per
+    (request, step).
+    """
+    key = mix64(seeds + GOLDEN)
+    key += (steps + 1) * GOLDEN
+    return mix64(key)
+
+
+def log_exponential(keys: torch.Tensor, token_terms: torch.Tensor) -> torch.Tensor:
+    """keys [n, 1] int64, token_terms [n or 1, k] int64 (``(token_id + 1) * GOLDEN``)
+    -> log E [n, k] float32 with ``E = -log(u)``, ``u`` the top 24 bits of
+    ``mix64(key + token_term)`` mapped to the open interval (0, 1)."""
+    h = mix64(keys + token_terms)
+    h >>= 40
+    h &= (1 << 24) - 1  # the top 24 bits (>> sign-extends); float32 holds them exactly
+    u = h.to(torch.float32).add_(0.5).mul_(2.0**-24)
+    return u.log_().neg_().log_()
+
+
+def token_terms(token_ids: torch.Tensor) -> torch.Tensor:
+    """token ids (any shape, int64) -> ``(token_id + 1) * GOLDEN`` (the counter of the stream)."""
+    return (token_ids + 1) * GOLDEN
+
+
+def race_blocks(s: torch.Tensor, keys: torch.Tensor, block: int) -> torch.Tensor:
+    """Unfiltered rows, in two small races instead of noise for every token.
+
+    s [n, W] float32 scaled logits, ``W`` a multiple of ``block`` (padding columns -inf);
+    keys [n] int64 -> token ids [n]. Semantics: pick block ``b`` with probability
+    ``sum_{j in b} p_j`` (a race over the blocks' log-sum-exp, noise keyed on the block
+    index in a stream of its own), then token ``j`` within ``b`` with probability
+    ``p_j / sum_{j in b} p_j`` (a race keyed on the token id): overall ``P(j) = p_j``.
+    The full-vocabulary work is one ``logsumexp``.
+    """
+    n, width = s.shape
+    blocks = s.view(n, width // block, block)
+    lse = torch.logsumexp(blocks, dim=-1)  # [n, blocks]
+    block_keys = mix64(keys ^ _BLOCK_STREAM)
+    b = (lse - log_exponential(block_keys[:, None], token_terms(
+        torch.arange(lse.shape[1], device=s.device))[None])).argmax(dim=-1)  # [n]
+    inner = blocks[torch.arange(n, device=s.device), b]  # [n, block]
+    ids = b[:, None] * block + torch.arange(block, device=s.device)
+    j = (inner - log_exponential(keys[:, None], token_terms(ids))).argmax(dim=-1, keepdim=True)
+    return ids.gather(1, j).squeeze(1)
+
+
+def filtered_race(
+    s: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    keys: torch.Tensor,
+    num_candidates: int,
+    full_mass: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k, then top-p, then min-p, then the race, over each row's best candidates.
+
+    s [n, V] float32 scaled logits; top_k [n] int64 (<= 0: off; at most ``num_candidates``
+    when on); top_p [n], min_p [n] float32; keys [n] int64; ``full_mass`` [n]: per row
+    ``sum_j exp(s_ij - max_j s_ij)`` over the whole row, needed by rows with top-p on and
+    top-k off (None when no row is such). Returns (token ids [n], covered [n] bool).
+
+    Semantics, per row, with ``p = exp(s - max s)`` (probabilities up to one factor):
+      1. top-k: keep ``s_j >= (k-th largest s)`` (ties with the k-th value are kept);
+      2. top-p: with ``Z`` the kept mass and the kept tokens sorted by ``p`` descending,
+         ``b`` = the first token where the running mass reaches ``top_p * Z``; keep
+         ``p_j >= p_b`` (the smallest set whose mass reaches top_p, plus any token tied
+         with its last member, so the set does not depend on how ties were ordered);
+      3. min-p: keep ``p_j >= min_p`` (``p`` is relative to the row maximum);
+      4. token = ``argmax`` over kept ``j`` of ``s_j - log E_j``.
+    All of this runs on the ``num_candidates`` largest values only. ``covered`` is False
+    when the last candidate is still kept (the kept set may go on past the candidates):
+    the caller reruns such rows with ``num_candidates = V``, which is exact.
+    """
+    n, vocab = s.shape
+    vals, idx = s.topk(num_candidates, dim=-1)  # [n, kc], sorted descending
+    p = (vals - vals[:, :1]).exp_()
+    k = torch.where(top_k > 0, top_k, num_candidates).clamp_(1, num_candidates)
+    keep = vals >= vals.gather(1, (k - 1)[:, None])
+    kept_p = p * keep
+    cum = kept_p.cumsum(dim=-1)
+    mass = cum[:, -1]
+    if full_mass is not None:
+        mass = torch.where(top_k > 0, mass, full_mass)
+    reach = (cum >= (top_p * mass)[:, None]) & (top_p < 1)[:, None]
+    first = reach.to(torch.uint8).argmax(dim=-1, keepdim=True)  # first True (0 if none)
+    bound = torch.where(reach.any(dim=-1, keepdim=True), p.gather(1, first), 0.0)
+    keep &= (p >= bound) & (p >= min_p[:, None])
+    score = vals - log_exponential(keys[:, None], token_terms(idx))
+    score.masked_fill_(~keep, float("-inf"))
+    tokens = idx.gather(1, score.argmax(dim=-1, keepdim=True)).squeeze(1)
+    covered = ~keep[:, -1] if num_candidates < vocab else torch.ones_like(keep[:, -1])
+    return tokens, covered
