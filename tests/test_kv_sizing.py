@@ -20,6 +20,7 @@ from loraplex.kvcache import sizing
 from loraplex.kvcache.sizing import (
     GRAPH_RESERVE_BYTES,
     MemorySplit,
+    Profile,
     cuda_graph_reserve,
     kv_cache_bytes,
     num_kv_blocks,
@@ -64,7 +65,7 @@ def test_cuda_budget_from_the_profiled_peak(monkeypatch, caplog):
 
     def profile():
         calls.append(1)
-        return 30 * GiB, 4 * GiB  # in use at peak, of which activations
+        return Profile(in_use=30 * GiB, activations=4 * GiB, free=45 * GiB)
 
     cache = CacheConfig(gpu_memory_utilization=0.5)
     with caplog.at_level(logging.INFO, logger=sizing.__name__):
@@ -96,10 +97,19 @@ def test_too_little_memory_for_one_sequence_names_the_knobs(monkeypatch, peak):
     cache = CacheConfig(gpu_memory_utilization=0.5)
     with pytest.raises(CapacityError) as e:
         num_kv_blocks(cache, 1 << 20, 32768, torch.device("cuda"), MemorySplit(0, 0),
-                      profile=lambda: (peak, 0), graph_reserve=4 * GiB)
+                      profile=lambda: Profile(peak, 0, 80 * GiB - peak), graph_reserve=4 * GiB)
     for knob in ("gpu_memory_utilization", "max_model_len=32768", "kv_cache_memory_bytes",
                  "--kv-cache-memory"):
         assert knob in str(e.value)
+
+
+def test_budget_beyond_free_memory_is_an_error_not_a_later_oom(monkeypatch):
+    _mock_cuda(monkeypatch, 80 * GiB)  # e.g. another engine already holds 60 GiB
+    cache = CacheConfig(gpu_memory_utilization=0.5)
+    with pytest.raises(CapacityError, match="only 15.00 GiB are free") as e:
+        num_kv_blocks(cache, 1 << 20, 4096, torch.device("cuda"), MemorySplit(0, 0),
+                      profile=lambda: Profile(5 * GiB, GiB, 16 * GiB), graph_reserve=GiB)
+    assert "gpu_memory_utilization" in str(e.value)
 
 
 @pytest.mark.parametrize("value", [0, 0.0, -0.1, 1.01, 2, float("nan"), True, "0.9"])
@@ -205,21 +215,28 @@ def test_cli_kv_cache_memory_flag_reaches_the_engine(tiny, capsys):
 
 # -- CUDA: the profiled budget holds -------------------------------------------------------------
 @pytest.mark.gpu
-def test_cuda_engine_stays_within_gpu_memory_utilization(tiny):
+def test_cuda_engines_stay_within_their_gpu_memory_utilization(tiny):
     d, _, adapter = tiny
     gc.collect()
     torch.cuda.empty_cache()  # engines of earlier tests in this process
     free, total = torch.cuda.mem_get_info()
-    util = 0.25
+    util = 0.2
     if total - free > total * util / 2:
         pytest.skip("the GPU is already busy")
-    llm = LLM(d, device="cuda", dtype="bfloat16", adapters={"a0": adapter},
+    kw = dict(device="cuda", dtype="bfloat16", adapters={"a0": adapter},
               gpu_memory_utilization=util, max_num_seqs=8)
-    llm.generate([[1, 5, 6]], adapters=["a0"])  # a step after the graphs were captured
+    first = LLM(d, **kw)
+    first.generate([[1, 5, 6]], adapters=["a0"])  # a step after the graphs were captured
     used = total - torch.cuda.mem_get_info()[0]
-    kv = sum(k.nbytes + v.nbytes for k, v in llm.engine.kv_caches)
+    kv = sum(k.nbytes + v.nbytes for k, v in first.engine.kv_caches)
     assert kv > total * util / 2  # the cache took most of the budget (tiny model)...
     assert used <= total * util  # ...and everything together stays within it
+    # the fraction is per engine (as in vLLM): a second one gets about the same cache
+    second = LLM(d, **kw)
+    second.generate([[1, 5, 6]], adapters=["a0"])
+    kv2 = sum(k.nbytes + v.nbytes for k, v in second.engine.kv_caches)
+    assert abs(kv2 - kv) < 0.02 * kv
+    assert total - torch.cuda.mem_get_info()[0] <= 2 * total * util
 
 
 def test_serve_flags_reach_the_engine(tiny, capsys):

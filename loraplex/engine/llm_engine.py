@@ -23,7 +23,7 @@ from loraplex.engine.detokenizer import detokenize_step, find_stop, visible_text
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import RequestOutput, Sequence, SequenceStatus
-from loraplex.errors import CapacityError, InvalidRequestError
+from loraplex.errors import CapacityError, ConfigError, InvalidRequestError
 from loraplex.kvcache.block_manager import BlockManager
 from loraplex.kvcache.kv_cache import allocate_kv_cache, bytes_per_block
 from loraplex.kvcache.profile import largest_step
@@ -54,6 +54,9 @@ class LLMEngine:
         self.device, self.dtype = device, dtype
         self.max_model_len = sched.max_model_len
         weights = sum(t.nbytes for t in itertools.chain(model.parameters(), model.buffers()))
+        # what torch held before this engine's weights: other engines in this process
+        others = (max(0, torch.cuda.memory_allocated(device) - weights)
+                  if device.type == "cuda" else 0)
         # the adapter pool is allocated before the KV cache is sized, so the cache gets what
         # is left after it
         self.lora = LoRAManager(
@@ -67,7 +70,8 @@ class LLMEngine:
             cache, bytes_per_block(model_config, cache.block_size, dtype), sched.max_model_len,
             device, MemorySplit(weights, self.lora.pool.nbytes),
             profile=lambda: measure_peak(
-                largest_step(model, sched, self.lora, lora.max_loras_per_batch, device), device),
+                largest_step(model, sched, self.lora, lora.max_loras_per_batch, device), device,
+                others),
             graph_reserve=(cuda_graph_reserve(graph_batch_sizes(sched.max_num_seqs),
                                               model_config.vocab_size) if capture else 0))
         self.blocks = BlockManager(num_blocks, cache.block_size)
@@ -124,7 +128,7 @@ class LLMEngine:
                                 kv_cache_memory_bytes=kv_cache_memory_bytes,
                                 gpu_memory_utilization=gpu_memory_utilization)
         lora_cfg = LoRAConfig(max_loras_per_batch, max_lora_rank, max_cpu_loras, lora_backend)
-        SchedulerConfig(max_num_seqs=max_num_seqs)
+        SchedulerConfig(max_num_seqs=max_num_seqs)  # validates it now; the real one is below
         cfg, _ = load_model_config(model)
         dev = resolve_device(device)
         if dev.type == "cpu":
@@ -136,7 +140,7 @@ class LLMEngine:
             # the context is capped there rather than silently diverging from the reference.
             limit = min(limit, cfg.sliding_window)
         if max_model_len is not None and max_model_len > limit:
-            raise ValueError(f"max_model_len={max_model_len} exceeds the model's context ({limit}"
+            raise ConfigError(f"max_model_len={max_model_len} exceeds the model's context ({limit}"
                              f"{' = its sliding window' if limit == cfg.sliding_window else ''})")
         max_len = limit if max_model_len is None else max_model_len
         budget = (default_token_budget(cfg, dev, dt) if max_num_batched_tokens is None

@@ -1,7 +1,7 @@
 """How many KV blocks the engine allocates.
 
-On CUDA the cache takes what is left of ``gpu_memory_utilization`` of the device once the
-weights, the adapter pool and the activations of the largest step are accounted for:
+On CUDA the cache takes what is left of ``gpu_memory_utilization`` of the device once this
+engine's weights, adapter pool and the activations of its largest step are accounted for:
 
     kv_bytes = total * utilization - in_use_at_peak - graph_reserve
 
@@ -9,10 +9,11 @@ weights, the adapter pool and the activations of the largest step are accounted 
 allocated, one profiled forward runs the largest step the engine will ever run (a prefill of
 ``max(max_num_batched_tokens, max_model_len)`` tokens as ``max_model_len``-long dummy
 sequences, through the LoRA path when adapters are possible, then the ``[max_num_seqs,
-vocab]`` logits and a sampler's softmax/sort over them), and the peak is
-``torch.cuda.max_memory_allocated`` plus the memory the process holds outside torch's
-allocator (CUDA context, cuBLAS workspaces; from ``mem_get_info``, which also counts other
-processes on the device: memory they hold is not ours to take).
+vocab]`` logits and a sampler's softmax/sort over them). It is this engine's allocations at
+the peak (``torch.cuda.max_memory_allocated`` less what other engines in the process held
+before it) plus the memory outside torch's allocator (CUDA context, workspaces, other
+processes; from ``mem_get_info``). So the fraction is per engine, as in vLLM: two engines at
+0.45 share a GPU. A budget larger than the memory actually free is an error, not an OOM later.
 
 ``graph_reserve``: CUDA graphs are captured after the KV cache exists, into a private memory
 pool that the profile cannot see. What stays allocated there is each captured graph's
@@ -26,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -73,9 +75,16 @@ class MemorySplit:
     kv: int = 0
 
 
-def measure_peak(run_step: Callable[[], None], device: torch.device) -> tuple[int, int]:
-    """Run ``run_step`` once on ``device`` -> (bytes in use at its peak, by this process and
-    anything else outside torch's allocator; activation bytes above what was allocated before)."""
+class Profile(NamedTuple):
+    in_use: int  # bytes this engine holds at its peak, plus memory outside torch's allocator
+    activations: int  # of which: the profiled step's activations
+    free: int  # bytes free on the device after the step's memory was released
+
+
+def measure_peak(run_step: Callable[[], None], device: torch.device,
+                 others: int = 0) -> Profile:
+    """Run ``run_step`` once on ``device``. ``others``: bytes that torch had allocated for
+    other engines in this process before this engine's weights (not this engine's)."""
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -86,7 +95,8 @@ def measure_peak(run_step: Callable[[], None], device: torch.device) -> tuple[in
     free, total = torch.cuda.mem_get_info(device)
     outside = max(0, (total - free) - torch.cuda.memory_reserved(device))
     torch.cuda.empty_cache()  # the profile's activations must not stay cached
-    return peak + outside, peak - before
+    free = torch.cuda.mem_get_info(device)[0]
+    return Profile(peak - others + outside, peak - before, free)
 
 
 def num_kv_blocks(
@@ -95,27 +105,34 @@ def num_kv_blocks(
     max_model_len: int,
     device: torch.device,
     split: MemorySplit,
-    profile: Callable[[], tuple[int, int]] | None = None,
+    profile: Callable[[], Profile] | None = None,
     graph_reserve: int = 0,
 ) -> int:
     """Blocks for sequences (one more is allocated for CUDA-graph padding rows).
 
-    ``profile`` (CUDA only) returns ``measure_peak``'s pair; it is skipped when the user gave
-    ``num_blocks`` or ``kv_cache_memory_bytes``. Raises ``CapacityError`` when the budget
-    does not hold one sequence of ``max_model_len`` tokens."""
+    ``profile`` (CUDA only) is ``measure_peak`` over the engine's largest step; it is skipped
+    when the user gave ``num_blocks`` or ``kv_cache_memory_bytes``. Raises ``CapacityError``
+    when the budget does not hold one sequence of ``max_model_len`` tokens, or is more than
+    the device has free."""
     if cache.num_blocks is not None:
         return cache.num_blocks
     if cache.kv_cache_memory_bytes is not None:
         budget, source = cache.kv_cache_memory_bytes, "kv_cache_memory_bytes"
     elif device.type == "cuda" and profile is not None:
-        peak_in_use, activations = profile()
+        prof = profile()
         total = torch.cuda.mem_get_info(device)[1]
-        budget = kv_cache_bytes(total, cache.gpu_memory_utilization, peak_in_use, graph_reserve)
-        split = MemorySplit(split.weights, split.adapters, activations,
-                            peak_in_use - split.weights - split.adapters - activations,
+        budget = kv_cache_bytes(total, cache.gpu_memory_utilization, prof.in_use, graph_reserve)
+        split = MemorySplit(split.weights, split.adapters, prof.activations,
+                            prof.in_use - split.weights - split.adapters - prof.activations,
                             graph_reserve)
         source = (f"gpu_memory_utilization={cache.gpu_memory_utilization} of "
                   f"{_gib(total)} GiB")
+        if budget > prof.free - graph_reserve:
+            raise CapacityError(
+                f"{source} leaves {_gib(budget)} GiB for the KV cache, but only "
+                f"{_gib(prof.free - graph_reserve)} GiB are free (other engines or processes "
+                f"hold the rest): lower gpu_memory_utilization (--gpu-memory-utilization) "
+                f"or set kv_cache_memory_bytes (--kv-cache-memory)")
     else:
         budget, source = DEFAULT_CPU_KV_BYTES, "the CPU default"
     blocks = max(0, budget) // bytes_per_block - 1  # the padding block comes out of the budget
