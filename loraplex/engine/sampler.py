@@ -8,9 +8,10 @@ a seed: unseeded requests get one from the engine at creation, so all rows share
 and a seeded request's tokens do not depend on the batch around it.
 
 Only what some row needs runs, decided from the parameters on the host (no device sync):
-an all-greedy batch is one ``argmax``; rows without top-k/top-p/min-p race over the whole
-vocabulary; filtered rows race over their ``candidates`` best tokens and, in the rare case
-where a row's kept set reaches past them, are rerun exactly over the full vocabulary.
+an all-greedy batch is one ``argmax``; rows without top-k/top-p/min-p race over vocabulary
+blocks and then within one block (one ``logsumexp`` over the vocabulary); filtered rows
+race over their ``candidates`` best tokens and, in the rare case where a row's kept set
+reaches past them, are rerun with 16x the candidates, then over the full vocabulary.
 Per-row parameters go to the device in one copy from a reused host buffer; the sampled ids,
 a finiteness flag per row and the candidate-coverage flags come back in one copy.
 
@@ -56,13 +57,13 @@ class _Rows:
 class Sampler:
     """``sampler(logits [B, vocab], seqs) -> SamplerOutput``; see the module docstring."""
 
-    def __init__(self, seed: int = 0, candidates: int = 1024) -> None:
+    def __init__(self, seed: int = 0, candidates: int = 1024, block: int = 1024) -> None:
         self._rng = random.Random(seed)  # seeds for unseeded requests
         self.candidates = candidates
+        self.block = block  # vocabulary block of the unfiltered rows' two-level race
         self._host: torch.Tensor | None = None  # [rows, capacity] int64, floats as f64 bits
         self._dev: torch.Tensor | None = None
-        self._vocab_terms: torch.Tensor | None = None  # (j + 1) * GOLDEN for j < vocab
-        self.num_fallback_rows = 0  # filtered rows rerun over the full vocabulary
+        self.num_fallback_rows = 0  # filtered rows the first candidate pass did not settle
 
     def new_seed(self) -> int:
         return self._rng.getrandbits(64)
@@ -77,9 +78,7 @@ class Sampler:
         if plain.index or filtered.index:
             plain_t, filt_t = self._upload([plain, filtered], logits.device)
             if plain.index:
-                s = logits[plain_t["index"]] / plain_t["temperature"][:, None]
-                keys = ops.row_keys(plain_t["seed"], plain_t["step"])
-                ids.index_copy_(0, plain_t["index"], ops.race_full(s, keys, self._terms(logits)))
+                ids.index_copy_(0, plain_t["index"], self._plain(logits, plain_t))
             if filtered.index:
                 tok, covered = self._filtered(logits, filtered, filt_t, self._num_candidates(
                     filtered, vocab))
@@ -92,8 +91,17 @@ class Sampler:
         tokens, ok = host[:batch], [bool(v) for v in host[batch : 2 * batch]]
         missed = [i for i, c in enumerate(host[2 * batch :]) if not c]
         if missed:
-            self._rerun_full(logits, filtered, missed, tokens)
+            self._rerun(logits, filtered, missed, tokens, self._num_candidates(filtered, vocab))
         return SamplerOutput(tokens, ok)
+
+    def _plain(self, logits: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        vocab = logits.shape[1]
+        block = min(self.block, vocab)
+        width = -(-vocab // block) * block
+        s = torch.empty(len(t["index"]), width, device=logits.device)
+        s[:, vocab:] = float("-inf")  # padding to whole blocks: never drawn
+        torch.div(logits[t["index"]], t["temperature"][:, None], out=s[:, :vocab])
+        return ops.race_blocks(s, ops.row_keys(t["seed"], t["step"]), block)
 
     def _filtered(self, logits: torch.Tensor, rows: _Rows, t: dict[str, torch.Tensor],
                   num_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,29 +113,28 @@ class Sampler:
         return ops.filtered_race(s, t["top_k"], t["top_p"], t["min_p"], keys, num_candidates,
                                  full_mass)
 
-    def _rerun_full(self, logits: torch.Tensor, rows: _Rows, missed: list[int],
-                    tokens: list[int]) -> None:
-        """Exact pass over the whole vocabulary for rows whose kept set passed the candidates."""
+    def _rerun(self, logits: torch.Tensor, rows: _Rows, missed: list[int], tokens: list[int],
+               num_candidates: int) -> None:
+        """Rows whose kept set passed the candidates: again with 16x as many, then with the
+        whole vocabulary (a sort, always exact). One small copy back per round."""
+        vocab = logits.shape[1]
         self.num_fallback_rows += len(missed)
-        sub = _Rows(*([getattr(rows, f)[i] for i in missed] for f in _Rows.__dataclass_fields__))
-        (t,) = self._upload([sub], logits.device)
-        tok, _ = self._filtered(logits, sub, t, logits.shape[1])
-        for i, v in zip(sub.index, tok.tolist()):
-            tokens[i] = v
+        while missed:
+            rows = _Rows(*([getattr(rows, f)[i] for i in missed] for f in _FIELD_NAMES))
+            num_candidates = min(vocab, num_candidates * _ESCALATION)
+            (t,) = self._upload([rows], logits.device)
+            tok, covered = self._filtered(logits, rows, t, num_candidates)
+            host = torch.cat([tok, covered.to(torch.int64)]).tolist()
+            n = len(rows.index)
+            for i, v in zip(rows.index, host[:n]):
+                tokens[i] = v
+            missed = [k for k, c in enumerate(host[n:]) if not c]
 
     def _num_candidates(self, rows: _Rows, vocab: int) -> int:
-        """Enough for every row's top-k set; ``candidates`` for rows limited by top-p/min-p
-        only (those may need the exact rerun)."""
-        need = max(k if k > 0 else self.candidates for k in rows.top_k)
+        """Every row's top-k set plus one (which shows whether ties run on past it);
+        ``candidates`` for rows limited by top-p/min-p only (those may need the rerun)."""
+        need = max(k + 1 if k > 0 else self.candidates for k in rows.top_k)
         return min(vocab, need)
-
-    def _terms(self, logits: torch.Tensor) -> torch.Tensor:
-        vocab = logits.shape[1]
-        t = self._vocab_terms
-        if t is None or t.numel() != vocab or t.device != logits.device:
-            t = ops.token_terms(torch.arange(vocab, device=logits.device))
-            self._vocab_terms = t
-        return t
 
     def _upload(self, groups: list[_Rows], device: torch.device) -> list[dict[str, torch.Tensor]]:
         """All groups' columns in one host -> device copy through reused buffers."""
@@ -159,8 +166,12 @@ class Sampler:
         return out
 
 
+_ESCALATION = 16  # candidates grow by this factor per rerun round (topk(16k) << a sort)
 _FIELDS = [("index", False), ("temperature", True), ("top_k", False), ("top_p", True),
            ("min_p", True), ("seed", False), ("step", False)]
+
+
+_FIELD_NAMES = list(_Rows.__dataclass_fields__)
 
 
 def _plan(seqs: list[Sequence], vocab: int) -> tuple[_Rows, _Rows]:
