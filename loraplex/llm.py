@@ -62,8 +62,10 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt in one continuously batched run; outputs in prompt order.
 
-        Every request is validated before any runs; a request the engine fails (e.g. its
-        adapter's files vanished) comes back with ``finish_reason="abort"`` and ``error`` set.
+        Every request is validated before any runs; a request the engine fails comes back
+        with ``error`` set and ``finish_reason="abort"`` (it could not start, e.g. its
+        adapter's files vanished) or ``"error"`` (e.g. its logits were NaN/inf); the others
+        run on.
         """
         if isinstance(prompts, str):
             prompts = [prompts]

@@ -96,22 +96,24 @@ def race_blocks(s: torch.Tensor, keys: torch.Tensor, block: int) -> torch.Tensor
 
 
 def filtered_race(
-    s: torch.Tensor,
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     min_p: torch.Tensor,
     keys: torch.Tensor,
     num_candidates: int,
-    full_mass: torch.Tensor | None,
+    need_full_mass: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k, then top-p, then min-p, then the race, over each row's best candidates.
 
-    s [n, V] float32 scaled logits; top_k [n] int64 (<= 0: off; at most ``num_candidates``
-    when on); top_p [n], min_p [n] float32; keys [n] int64; ``full_mass`` [n]: per row
-    ``sum_j exp(s_ij - max_j s_ij)`` over the whole row, needed by rows with top-p on and
-    top-k off (None when no row is such). Returns (token ids [n], covered [n] bool).
+    logits [n, V] float32; temperature [n] float32 (> 0); top_k [n] int64 (<= 0: off; when
+    on, below ``num_candidates``); top_p [n], min_p [n] float32; keys [n] int64;
+    ``need_full_mass``: some row has top-p on and top-k off (its top-p mass is over the
+    whole row). Returns (token ids [n], covered [n] bool).
 
-    Semantics, per row, with ``p = exp(s - max s)`` (probabilities up to one factor):
+    Semantics, per row, with ``s = logits / temperature`` and ``p = exp(s - max s)``
+    (probabilities up to one factor):
       1. top-k: keep ``s_j >= (k-th largest s)`` (ties with the k-th value are kept);
       2. top-p: with ``Z`` the kept mass and the kept tokens sorted by ``p`` descending,
          ``b`` = the first token where the running mass reaches ``top_p * Z``; keep
@@ -119,20 +121,23 @@ def filtered_race(
          with its last member, so the set does not depend on how ties were ordered);
       3. min-p: keep ``p_j >= min_p`` (``p`` is relative to the row maximum);
       4. token = ``argmax`` over kept ``j`` of ``s_j - log E_j``.
-    All of this runs on the ``num_candidates`` largest values only. ``covered`` is False
-    when the last candidate is still kept (the kept set may go on past the candidates):
-    the caller reruns such rows with ``num_candidates = V``, which is exact.
+    All of this runs on the ``num_candidates`` largest values only (dividing by a positive
+    temperature keeps the order, so they are picked from the raw logits). ``covered`` is
+    False when the last candidate is still kept (the kept set may go on past the
+    candidates): the caller reruns such rows with more, up to ``V`` (exact).
     """
-    n, vocab = s.shape
-    vals, idx = s.topk(num_candidates, dim=-1)  # [n, kc], sorted descending
+    vocab = logits.shape[1]
+    vals, idx = logits.topk(num_candidates, dim=-1)  # [n, kc], sorted descending
+    vals /= temperature[:, None]
     p = (vals - vals[:, :1]).exp_()
     k = torch.where(top_k > 0, top_k, num_candidates).clamp_(1, num_candidates)
     keep = vals >= vals.gather(1, (k - 1)[:, None])
     kept_p = p * keep
     cum = kept_p.cumsum(dim=-1)
     mass = cum[:, -1]
-    if full_mass is not None:
-        mass = torch.where(top_k > 0, mass, full_mass)
+    if need_full_mass:
+        full = (torch.logsumexp(logits / temperature[:, None], dim=-1) - vals[:, 0]).exp_()
+        mass = torch.where(top_k > 0, mass, full)
     reach = (cum >= (top_p * mass)[:, None]) & (top_p < 1)[:, None]
     first = reach.to(torch.uint8).argmax(dim=-1, keepdim=True)  # first True (0 if none)
     bound = torch.where(reach.any(dim=-1, keepdim=True), p.gather(1, first), 0.0)
