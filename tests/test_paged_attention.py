@@ -122,6 +122,19 @@ def test_triton_block_sizes(block):
     check(paged_attention_triton.paged_decode_attention, case, torch.float32)
 
 
+def test_triton_int32_metadata_and_checks():
+    """int32 block tables and lengths read the same; bad inputs raise before any launch."""
+    case = list(make_case([5, 49], 8, 2, 64, torch.float32, seed=11))
+    case[3], case[4] = case[3].int(), case[4].int()
+    check(paged_attention_triton.paged_decode_attention, tuple(case), torch.float32)
+    with pytest.raises(ValueError, match="head_dim 48"):
+        q = torch.randn(2, 8, 48, device=DEVICE)
+        kv = torch.randn(4, BLOCK, 2, 48, device=DEVICE)
+        paged_attention_triton.paged_decode_attention(q, kv, kv, case[3], case[4], 1.0)
+    with pytest.raises(ValueError, match="dtypes"):
+        paged_attention_triton.paged_decode_attention(case[0].half(), *case[1:])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (16, 2)])
 def test_torch_path_matches_reference(dtype, heads, kv_heads):
