@@ -230,17 +230,19 @@ class LLMEngine:
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         p = seq.params
         prev = len(seq.text)
+        stop_token = (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids
+        length = len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
         if self.tokenizer is not None:  # engines built without one (benchmarks) emit ids only
-            detokenize_step(self.tokenizer, seq)
+            detokenize_step(self.tokenizer, seq, final=stop_token or length)
         if p.stop:
             start = max(0, prev - max(len(s) for s in p.stop) + 1)
             cut = find_stop(seq.text, p.stop, start)
             if cut != -1:
                 seq.text = seq.text[:cut]
                 return self._set_finished(seq, "stop")
-        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+        if stop_token:
             return self._set_finished(seq, "stop")
-        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if length:
             return self._set_finished(seq, "length")
 
     @staticmethod
