@@ -54,10 +54,16 @@ def pytest_collection_modifyitems(config, items):
             if key == entry or key.startswith(entry if "::" in entry else entry + "::"):
                 item.add_marker(pytest.mark.slow)
                 used.add(entry)
-    stale = [e for e in SLOW if e.split("::")[0] in files and e not in used
-             and not config.getoption("keyword")]
+    # (only when whole files were collected: -k or a node id selects part of one)
+    whole_files = not config.getoption("keyword") and not any("::" in a for a in config.args)
+    stale = [e for e in SLOW if e.split("::")[0] in files and e not in used and whole_files]
     if stale:
         raise pytest.UsageError(f"tests/conftest.py SLOW names no collected test: {stale}")
+    if "quickstart" not in (config.getoption("markexpr") or ""):
+        ask = pytest.mark.skip(reason="minutes long: run with -m quickstart")
+        for item in items:
+            if "quickstart" in item.keywords:
+                item.add_marker(ask)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
