@@ -20,6 +20,7 @@ SLOW = [
     "test_demo.py::test_one_mixed_batch_is_right_for_every_adapter",
     "test_demo.py::test_shipped_adapters_are_peft_adapters_with_the_same_outputs",
     "test_demo.py::test_bench_runs_on_the_demo_model_with_its_default_sizes",
+    "test_demo.py::test_training_script_run_leaves_the_shipped_files_alone",
     "test_lora_triton.py::test_token_counts[133]",
     "test_lora_triton.py::test_split_k_shrink",
     "test_lora_triton.py::test_kernels_compile_for_hopper",

@@ -160,3 +160,33 @@ def test_training_script_writes_a_new_directory_by_default(tmp_path, monkeypatch
     assert out == tmp_path / "loraplex-demo-trained"
     assert shipped not in (out, *out.parents)
     assert train.parse_args(["--out", "x"]).out == Path("x")
+
+
+def test_training_script_run_leaves_the_shipped_files_alone(tmp_path):
+    """``python -m loraplex.demo.train`` (a few steps) without --out: everything lands in
+    ./loraplex-demo-trained, loadable by loraplex; the shipped files are untouched."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shipped = Path(demo.__file__).resolve().parent / "data"
+
+    def digest() -> dict[str, str]:
+        return {str(p.relative_to(shipped)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(shipped.rglob("*")) if p.is_file()}
+
+    before = digest()
+    done = subprocess.run(
+        [sys.executable, "-m", "loraplex.demo.train", "--base-steps", "5",
+         "--adapter-steps", "2", "--eval-n", "2", "--batch", "8"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(Path(demo.__file__).parents[2])},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "loraplex-demo-trained"
+    assert {p.name for p in out.iterdir()} == {"model", *demo.ADAPTERS}
+    assert digest() == before
+    llm = LLM(str(out / "model"), adapters={n: str(out / n) for n in demo.ADAPTERS}, device="cpu")
+    assert len(llm.generate(["in: ab"], SamplingParams(max_tokens=2), adapters="upper")) == 1
