@@ -106,8 +106,9 @@ def show_defaults(parser: argparse.ArgumentParser) -> None:
             for sub in action.choices.values():
                 show_defaults(sub)
             continue
-        if (not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS)
-                or "default" in (action.help or "")):
+        default = action.default
+        if (not action.option_strings or default is None or default is False or default == []
+                or default == argparse.SUPPRESS or "default" in (action.help or "")):
             continue
         note = "default: %(default)s"
         action.help = f"{action.help} ({note})" if action.help else note

@@ -147,6 +147,8 @@ def test_help_shows_defaults_and_no_markup(capsys):
         assert "``" not in text and "from_args" not in text, argv
         if argv != ["--help"]:
             assert "default: 8" in " ".join(text.split()), argv  # --max-loras-per-batch
+        if argv == ["generate", "--help"]:
+            assert "--temperature TEMPERATURE default: 0.0" in " ".join(text.split())
 
 
 def test_training_script_writes_a_new_directory_by_default(tmp_path, monkeypatch):
