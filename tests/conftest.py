@@ -39,6 +39,7 @@ SLOW = [
     "test_multi_lora.py::test_lora_metadata_and_scratch_are_reused_across_steps",
     "test_engine.py::test_cpu_prepacked_weights_match_dense_and_free_the_dense_copy",
     "test_quickstart.py",
+    "test_cpu_allocations.py",  # the profiler around every LoRA op call
 ]
 
 
