@@ -4,8 +4,10 @@
 #   - otherwise ./.venv, created on first use (a system Python may refuse `pip install`).
 if [ -n "${PYTHON:-}" ]; then
   PY=$PYTHON
-elif [ -n "${VIRTUAL_ENV:-}" ] || [ -n "${CONDA_PREFIX:-}" ]; then
-  PY=python3
+elif [ -n "${VIRTUAL_ENV:-}" ] && [ -x "$VIRTUAL_ENV/bin/python" ]; then
+  PY=$VIRTUAL_ENV/bin/python
+elif [ -n "${CONDA_PREFIX:-}" ] && [ -x "$CONDA_PREFIX/bin/python" ]; then
+  PY=$CONDA_PREFIX/bin/python
 else
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   if [ ! -x "$root/.venv/bin/python" ]; then
