@@ -10,7 +10,9 @@ run (interleaved, best of ``--repeat``), on the ~150M benchmark model's shapes, 
       ``lora_shrink`` + ``lora_expand`` vs the bare bmm/add_ calls they make (the difference
       is the op's Python work per call).
 
-    python benchmarks/bench_cpu_parts.py [--threads 2] [--repeat 8]
+    python benchmarks/bench_cpu_parts.py [--threads 2] [--repeat 8] [--write-docs]
+
+Prints the table; ``--write-docs`` also writes it into docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import bench_threads, make_bench_model, markdown_table, write_section
+from common import add_write_docs_flag, bench_threads, make_bench_model, markdown_table, report
 
 from loraplex import LLM, SamplingParams
 from loraplex.layers.attention import Attention
@@ -158,7 +160,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=8)
-    ap.add_argument("--out", default=str(Path(__file__).parents[1] / "docs" / "benchmarks.md"))
+    add_write_docs_flag(ap)
     args = ap.parse_args()
     bench_threads(args.threads)
     rows = []
@@ -194,8 +196,7 @@ def main() -> None:
             f"{3 * args.repeat} ((a), (b)), {args.repeat} ((c)) or {25 * args.repeat} ((d)). "
             f"In (d) \"new\" is the floor the op's own calls set, \"before\" the op.\n\n"
             f"`python benchmarks/bench_cpu_parts.py`\n\n{table}\n")
-    print(table)
-    write_section(Path(args.out), "CPU engine parts", body)
+    report(args, "CPU engine parts", body)
 
 
 if __name__ == "__main__":

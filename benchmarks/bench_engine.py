@@ -1,10 +1,10 @@
 """loraplex vs transformers ``generate`` on CPU: a ~150M-parameter random Llama, float32,
 2 threads, batches of 8 and 32 prompts of 128 tokens, 32 new tokens each (greedy).
 
-    python benchmarks/bench_engine.py [--batches 8 32] [--threads 2] [--repeat 5]
+    python benchmarks/bench_engine.py [--batches 8 32] [--threads 2] [--repeat 5] [--write-docs]
 
-Both run side by side in one process; the table (tokens/s and the ratio) is printed and
-written to docs/benchmarks.md.
+Both run side by side in one process; the table (tokens/s and the ratio) is printed, and
+written to docs/benchmarks.md with ``--write-docs``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import bench_threads, make_bench_model, markdown_table, timed, write_section
+from common import (
+    add_write_docs_flag,
+    bench_threads,
+    make_bench_model,
+    markdown_table,
+    report,
+    timed,
+)
 
 from loraplex import LLM, SamplingParams
 
@@ -28,7 +35,7 @@ def main() -> None:
     # best of 5: on a shared host one slow stretch can cover a whole 10 s run, and a best of 3
     # moved the batch-32 ratio by +-0.1 between runs of the same code
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--out", default=str(Path(__file__).parents[1] / "docs" / "benchmarks.md"))
+    add_write_docs_flag(ap)
     args = ap.parse_args()
     bench_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,8 +89,7 @@ def main() -> None:
             f"a 1-token run of the same prompts; a decode step is (whole - prefill) / "
             f"{args.new_tokens - 1}.\n\n"
             f"`python benchmarks/bench_engine.py`\n\n{table}\n")
-    print(table)
-    write_section(Path(args.out), "Engine vs transformers (CPU)", body)
+    report(args, "Engine vs transformers (CPU)", body)
 
 
 if __name__ == "__main__":

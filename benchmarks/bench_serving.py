@@ -11,8 +11,9 @@ started on the CPU benchmark model (random Llama, ~150M parameters, see common.p
     python benchmarks/bench_serving.py [--request-rate 1] [--num-requests 64] [--small]
 
 Measures requests/s, output tokens/s, p50/p99 time to first token, inter-token latency (gap
-between streamed chunks) and end-to-end latency; prints a markdown table and writes it to
-docs/benchmarks.md under "## Serving" (that section only is replaced).
+between streamed chunks) and end-to-end latency; prints a markdown table, and with
+``--write-docs`` writes it to docs/benchmarks.md under "## Serving" (that section only is
+replaced).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from common import make_adapters, make_bench_model, markdown_table, write_section
+from common import add_write_docs_flag, make_adapters, make_bench_model, markdown_table, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,8 +197,7 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=32000, help="for random prompt ids")
     ap.add_argument("--small", action="store_true",
                     help="quick run: 16 requests, 8 adapters, 32 prompt / 16 output tokens")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
-    ap.add_argument("--no-write", action="store_true", help="print only")
+    add_write_docs_flag(ap)
     args = ap.parse_args()
     if args.small:
         args.num_requests, args.num_adapters = 16, 8
@@ -243,10 +243,7 @@ def main() -> None:
              f"vocab 32000), float32. `python benchmarks/bench_serving.py"
              f"{' --small' if args.small else ''}`.")
     table = markdown_table(["metric", "value"], rows)
-    print(f"\n{setup}\n\n{table}")
-    if not args.no_write:
-        write_section(Path(args.out), "Serving", f"{setup}\n\n{table}")
-        print(f"\nwritten to {args.out}")
+    report(args, "Serving", f"{setup}\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ PEFT adapters for it, and markdown tables."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from pathlib import Path
@@ -80,6 +81,24 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def add_write_docs_flag(ap: argparse.ArgumentParser) -> None:
+    """``--write-docs [FILE]``: also replace this script's section of docs/benchmarks.md (or
+    FILE). Without it a script only prints, so running one leaves the checkout clean."""
+    ap.add_argument("--write-docs", nargs="?", type=Path, const=DOCS, default=None,
+                    metavar="FILE", help=f"also write the results into FILE (default: {DOCS})")
+
+
+def report(args: argparse.Namespace, heading: str, body: str) -> None:
+    """Print a script's results section; write it into the docs when ``--write-docs``."""
+    print(f"\n## {heading}\n\n{body.strip()}\n", flush=True)
+    if args.write_docs is not None:
+        write_section(args.write_docs, heading, body)
+        print(f"written to {args.write_docs}")
 
 
 def write_section(path: Path, heading: str, body: str) -> None:

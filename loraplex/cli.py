@@ -1,5 +1,5 @@
-"""The ``loraplex`` command: serve, generate, demo, bench. Flags map onto config in one place
-(``LLMEngine.from_args``)."""
+"""The ``loraplex`` command: serve, generate, demo, bench. Flags map onto the engine's config
+in one place (``LLMEngine.from_args``)."""
 
 from __future__ import annotations
 
@@ -80,28 +80,83 @@ def cmd_generate(args) -> None:
         print(out.text)
 
 
+# Synthetic request size when the flags leave it open; clipped to the model's context.
+BENCH_INPUT_LEN, BENCH_OUTPUT_LEN = 128, 32
+
+
+def bench_sizes(context: int, input_len: int | None, output_len: int | None) -> tuple[int, int]:
+    """(input, output) tokens per request: the defaults, shrunk so that prompt plus output fit
+    in ``context`` tokens (a quarter of it at most for the output). Explicit values are kept
+    as given: a prompt that does not fit is the user's error, reported by the engine."""
+    out = output_len if output_len is not None else max(1, min(BENCH_OUTPUT_LEN, context // 4))
+    inp = input_len if input_len is not None else max(1, min(BENCH_INPUT_LEN, context - out))
+    return inp, out
+
+
+def bench_prompts(n: int, length: int, vocab_size: int, special_ids: list[int]) -> list[list[int]]:
+    """``n`` distinct synthetic prompts of ``length`` ids below ``vocab_size``, no special ids
+    (a BOS or EOS in the middle of a prompt is not what a user sends)."""
+    specials = set(special_ids)
+    ids = [t for t in range(vocab_size) if t not in specials] or list(range(vocab_size))
+    return [[ids[(7 * i + 3 * j) % len(ids)] for j in range(length)] for i in range(n)]
+
+
 def cmd_bench(args) -> None:
-    """Offline throughput of one mixed batch: prompts spread over every registered adapter."""
+    """Offline throughput of one batch: prompts spread over every registered adapter."""
     import time
 
     from loraplex.sampling_params import SamplingParams
 
     llm = _build_llm(args)
+    engine = llm.engine
+    input_len, output_len = bench_sizes(engine.max_model_len, args.input_len, args.output_len)
+    vocab = engine.model_config.vocab_size
+    specials: list[int] = []
+    if engine.tokenizer is not None:
+        vocab = min(vocab, len(engine.tokenizer))  # ids past the tokenizer decode to nothing
+        specials = list(engine.tokenizer.all_special_ids)
+    prompts = bench_prompts(args.batch, input_len, vocab, specials)
     names = llm.list_adapters() or [None]
-    prompts = [[(7 * i + j) % 100 + 4 for j in range(args.input_len)] for i in range(args.batch)]
     adapters = [names[i % len(names)] for i in range(args.batch)]
-    sp = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=2), adapters=adapters[:1])  # warm up
     t = time.perf_counter()
     outs = llm.generate(prompts, sp, adapters=adapters)
     dt = time.perf_counter() - t
     n = sum(len(o.token_ids) for o in outs)
-    print(f"{args.batch} requests over {len(set(adapters))} adapter(s): {n} tokens in "
-          f"{dt:.2f} s = {n / dt:.1f} generated tokens/s")
+    spread = ("base model only" if names == [None]
+              else f"over {len(set(adapters))} adapter{'s' if len(set(adapters)) > 1 else ''}")
+    print(f"{args.batch} requests ({input_len} prompt + {output_len} output tokens each), "
+          f"{spread}: {n} tokens in {dt:.2f} s = {n / dt:.1f} generated tokens/s")
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append each option's default to its help text (argparse's ArgumentDefaultsHelpFormatter
+    skips options without help text, and most of ours have none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                show_defaults(sub)
+            continue
+        default = action.default
+        if (not action.option_strings or default is None or default is False or default == []
+                or default == argparse.SUPPRESS or "default" in (action.help or "")):
+            continue
+        note = "default: %(default)s"
+        action.help = f"{action.help} ({note})" if action.help else note
+
+
+DESCRIPTION = """Serve one base LLM with many LoRA adapters in one batch.
+
+Start with 'loraplex demo': a tiny shipped model and three adapters, one mixed batch.
+Each command's flags: loraplex COMMAND --help."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="loraplex", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     from loraplex.server.api import add_serve_args
@@ -121,10 +176,15 @@ def main(argv: list[str] | None = None) -> int:
 
     b = sub.add_parser("bench", help="offline throughput of one mixed-adapter batch")
     _engine_args(b)
-    b.add_argument("--batch", type=int, default=32)
-    b.add_argument("--input-len", type=int, default=128)
-    b.add_argument("--output-len", type=int, default=32)
+    b.add_argument("--batch", type=int, default=32, help="requests in the batch")
+    b.add_argument("--input-len", type=int, default=None,
+                   help=f"prompt tokens per request (default: {BENCH_INPUT_LEN}, "
+                        f"less where the model's context is shorter)")
+    b.add_argument("--output-len", type=int, default=None,
+                   help=f"generated tokens per request (default: {BENCH_OUTPUT_LEN}, at most "
+                        f"a quarter of the model's context)")
 
+    show_defaults(parser)
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":

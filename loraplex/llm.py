@@ -14,7 +14,7 @@ from loraplex.sampling_params import SamplingParams
 
 
 class LLM:
-    """One base model plus named PEFT adapters; see DESIGN.md for the contract."""
+    """One base model plus named PEFT adapters; see docs/design.md for the contract."""
 
     def __init__(
         self,

@@ -9,8 +9,63 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers_lora.py and frie
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# Tests marked `slow`: the cases that took ~2 s or more on 2 shared CPU cores
+# (`pytest --durations=40`), so that `pytest -m "not slow"` stays under a minute while
+# developing; CI runs them all. One list rather than decorators spread over files that several
+# people edit; a name here that no longer matches a collected test is an error (below).
+# Entries are node ids or their prefixes ("file.py" marks the whole module).
+SLOW = [
+    "test_server.py",  # one uvicorn subprocess per fixture; ~30 s to start on 2 cores
+    "test_demo.py::test_same_through_the_http_server",
+    "test_demo.py::test_one_mixed_batch_is_right_for_every_adapter",
+    "test_demo.py::test_shipped_adapters_are_peft_adapters_with_the_same_outputs",
+    "test_demo.py::test_bench_runs_on_the_demo_model_with_its_default_sizes",
+    "test_demo.py::test_training_script_run_leaves_the_shipped_files_alone",
+    "test_lora_triton.py::test_token_counts[133]",
+    "test_lora_triton.py::test_split_k_shrink",
+    "test_lora_triton.py::test_kernels_compile_for_hopper",
+    "test_lora_triton.py::test_ranks[64]",
+    "test_lora_triton.py::test_ranks[128]",
+    "test_lora_triton.py::test_padded_and_stale_metadata",
+    "test_lora_triton.py::test_unaligned_widths",
+    "test_lora_triton.py::test_kernels_match_oracle[2-",  # n = 1 (one slice) stays fast
+    "test_lora_triton.py::test_kernels_match_oracle[3-",
+    "test_lora_triton.py::test_real_decode_heuristic",
+    "test_multi_lora.py::test_static_buffer_decode_with_adapters_matches_eager",
+    "test_multi_lora.py::test_runtime_load_unload_while_running",
+    "test_multi_lora.py::test_many_adapters_through_few_slots_and_small_host_cache",
+    "test_multi_lora.py::test_bad_adapter_is_refused_and_others_keep_serving",
+    "test_multi_lora.py::test_mixed_batch_equals_peft[qwen2]",
+    "test_multi_lora.py::test_lora_metadata_and_scratch_are_reused_across_steps",
+    "test_engine.py::test_cpu_prepacked_weights_match_dense_and_free_the_dense_copy",
+    "test_quickstart.py",
+    "test_cpu_allocations.py",  # the profiler around every LoRA op call
+]
+
+
+def _slow_key(item) -> str:
+    return f"{Path(str(item.fspath)).name}::{item.name}"
+
 
 def pytest_collection_modifyitems(config, items):
+    files = {Path(str(item.fspath)).name for item in items}
+    used = set()
+    for item in items:
+        key = _slow_key(item)
+        for entry in SLOW:
+            if key == entry or key.startswith(entry if "::" in entry else entry + "::"):
+                item.add_marker(pytest.mark.slow)
+                used.add(entry)
+    # (only when whole files were collected: -k or a node id selects part of one)
+    whole_files = not config.getoption("keyword") and not any("::" in a for a in config.args)
+    stale = [e for e in SLOW if e.split("::")[0] in files and e not in used and whole_files]
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py SLOW names no collected test: {stale}")
+    if "quickstart" not in (config.getoption("markexpr") or ""):
+        ask = pytest.mark.skip(reason="minutes long: run with -m quickstart")
+        for item in items:
+            if "quickstart" in item.keywords:
+                item.add_marker(ask)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

@@ -42,9 +42,12 @@ def test_graphs_equal_eager_and_reference_backend(setup):
     out_g = [o.token_ids for o in graphs.generate(prompts, sp, adapters=names)]
     out_e = [o.token_ids for o in eager.generate(prompts, sp, adapters=names)]
     assert out_g == out_e
-    # float32 on GPU: Triton may use tf32 dots; compare logits, not argmax chains
+    # float32: the kernels' fp32 dots are forced to IEEE (lora_triton._precision; the decode
+    # kernels multiply and reduce on CUDA cores), so only the summation order differs from
+    # the torch backend. 1e-4 of the largest logit is ~1000x float32 rounding over this
+    # model, and far below what a wrong scaling or a missed slice would move.
     for a, b in zip(graphs.score(prompts, names), ref.score(prompts, names), strict=True):
-        assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
 
 
 def test_bf16_scores_match_peft(setup):

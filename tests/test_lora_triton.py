@@ -164,21 +164,66 @@ def test_k_chunks_cover_k() -> None:
                 assert s == 1 or chunk % bk == 0
 
 
-def test_real_shapes_split_k_grids(monkeypatch) -> None:
-    """The H100/H200 heuristics: decode at 32 tokens runs 2 rank columns a program, K split
-    in 4 only for down (fastest measured on an H200), the 4096-token prefill 64-row tiles x
-    5 chunks;
-    every partial fits the scratch."""
-    from loraplex.ops.lora_triton_aot import OpShape, record_op_launches
+def _launch_args(launch) -> dict:
+    """A recorded launch's arguments by the kernel's parameter names."""
+    import inspect
 
-    monkeypatch.setattr(lora_triton, "_num_sms", lambda device: 132)
-    down = record_op_launches(OpShape("down", 14336, (4096,), 16, 32))[0]
-    qkv = record_op_launches(OpShape("qkv", 4096, (4096, 1024, 1024), 16, 32))[0]
-    pre = record_op_launches(OpShape("qkv", 4096, (4096, 1024, 1024), 16, 4096, seg_len=128))
-    assert down.grid == (32, 8, 4) and down.kwargs["BLOCK_K"] == 1024
-    assert qkv.grid == (32, 24, 1) and qkv.kwargs["BLOCK_N"] == 2
-    assert pre[0].grid == (1, 2, 32 * 5) and pre[0].kwargs["BLOCK_M"] == 64
-    assert pre[1].grid[0] == 32 + 8 + 8  # expand: exactly the (slice, tile) pairs
+    fn = getattr(lora_triton_kernels, launch.kernel).fn
+    return dict(zip(inspect.signature(fn).parameters, launch.args)) | launch.kwargs
+
+
+def _grid_shapes():
+    from loraplex.ops.lora_triton_aot import OpShape, target_shapes
+
+    odd = [OpShape("odd r=8 decode 5", 5000, (1000, 200, 96), 8, 5, num_adapters=3),
+           OpShape("odd r=128 decode 3", 96, (48,), 128, 3, num_adapters=2),
+           OpShape("odd r=4 prefill 300", 3000, (700, 300), 4, 300, num_adapters=3, seg_len=100),
+           # 260 64x64 tiles: a 2-way split-K would overflow the scratch by a few percent
+           OpShape("many r=64 prefill 16640", 4096, (4096,), 64, 260 * 64, seg_len=64)]
+    return target_shapes(decode_tokens=(1, 8, 32, 128, 512)) + odd
+
+
+@pytest.mark.parametrize("sms", [4, 132])
+def test_launch_grids_cover_every_output_tile_once(monkeypatch, sms: int) -> None:
+    """For the Llama-8B shapes (and a few odd ones), whatever block sizes the heuristics pick:
+    shrink's grid has one program per token (decode) or covers every segment row (prefill),
+    covers every stacked rank column with no idle column tile, and its K chunks cover ``in``
+    with none empty; split-K partials and counters fit the scratch; expand enumerates exactly
+    the (slice, column tile) pairs; no grid dimension past the first exceeds CUDA's 65535."""
+    from loraplex.ops.lora_triton_aot import record_op_launches
+
+    monkeypatch.setattr(lora_triton, "_num_sms", lambda device: sms)
+    cdiv = triton.cdiv
+    for shape in _grid_shapes():
+        shrink, expand = record_op_launches(shape)
+        nr, k = len(shape.widths) * shape.rank, shape.in_features
+        s, e = _launch_args(shrink), _launch_args(expand)
+        assert all(d <= 65535 for d in shrink.grid[1:] + expand.grid[1:]), shape.name
+        if shape.seg_len is None:
+            assert shrink.kernel == "shrink_decode_kernel"
+            assert shrink.grid[0] == shape.num_tokens, shape.name
+            assert expand.kernel == "expand_decode_kernel" and expand.grid[0] == shape.num_tokens
+            split, out_tiles = shrink.grid[2], shrink.grid[0] * shrink.grid[1]
+            tile = s["BLOCK_N"]
+        else:
+            segs = cdiv(shape.num_tokens, shape.seg_len)
+            assert shrink.grid[1] * s["BLOCK_M"] >= shape.seg_len > (shrink.grid[1] - 1) * \
+                s["BLOCK_M"], shape.name
+            assert shrink.grid[2] % segs == 0, shape.name
+            split, out_tiles = shrink.grid[2] // segs, shrink.grid[0] * shrink.grid[1] * segs
+            tile = s["BLOCK_M"] * s["BLOCK_N"]
+            assert expand.grid[1:] == (cdiv(shape.seg_len, e["BLOCK_M"]), segs), shape.name
+        # every rank column, no idle column tile
+        assert cdiv(nr, s["BLOCK_N"]) == shrink.grid[1 if shape.seg_len is None else 0]
+        # K chunks: SPLIT_K of them, each a whole number of BLOCK_K, covering in, none empty
+        assert s["SPLIT_K"] == split and split <= s["SPLIT_BOUND"], shape.name
+        assert s["K_CHUNK"] * split >= k > s["K_CHUNK"] * (split - 1), shape.name
+        if split > 1:
+            assert s["K_CHUNK"] % s["BLOCK_K"] == 0, shape.name
+            assert out_tiles <= lora_triton.WS_COUNTERS, shape.name
+            assert out_tiles * tile * split <= lora_triton.WS_FLOATS, shape.name
+        pairs = sum(cdiv(w, e["BLOCK_N"]) for w in shape.widths)
+        assert expand.grid[1 if shape.seg_len is None else 0] == pairs, shape.name
 
 
 def _stale_batch(real: LoRABatch, token_slots: torch.Tensor, seg_slot: int) -> LoRABatch:

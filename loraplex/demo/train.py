@@ -2,6 +2,9 @@
 
     python -m loraplex.demo.train [--out DIR] [--quick]
 
+Writes to ``./loraplex-demo-trained`` unless ``--out`` says otherwise; the shipped files in
+``loraplex/demo/data`` change only when ``--out`` names that directory.
+
 Uses only torch, transformers, peft and tokenizers (never the loraplex engine), so the shipped
 files are plain Hugging Face / PEFT artifacts that any loader can read.
 
@@ -205,16 +208,25 @@ def evaluate(out: Path, n: int) -> dict[str, float]:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "data")
+DEFAULT_OUT = Path("loraplex-demo-trained")  # relative to the working directory
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="output directory (the shipped files are loraplex/demo/data)")
     parser.add_argument("--base-steps", type=int, default=3000)
     parser.add_argument("--adapter-steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-n", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="tiny run to check the pipeline")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.quick:
         args.base_steps, args.adapter_steps, args.eval_n = 50, 20, 20
     torch.set_num_threads(args.threads)

@@ -5,17 +5,20 @@ from __future__ import annotations
 from loraplex.engine.sequence import Sequence
 
 
-def detokenize_step(tokenizer, seq: Sequence) -> None:
+def detokenize_step(tokenizer, seq: Sequence, final: bool = False) -> None:
     """Append the text of newly generated tokens to ``seq.text``.
 
     Decodes a short window (a few earlier tokens for context, so leading spaces and merged
-    bytes come out right) instead of the whole output each step. Incomplete UTF-8 (a trailing
-    U+FFFD) waits for the next token.
+    bytes come out right) instead of the whole output each step. A trailing U+FFFD is
+    usually the first bytes of a character that the next token completes, so it waits for
+    that token; on the ``final`` token nothing will complete it, and it is the text the model
+    generated (a genuine U+FFFD, or a cut-off character), as ``tokenizer.decode`` of the whole
+    output gives it.
     """
     ids = seq.all_token_ids
     prefix = tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
     full = tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=True)
-    if len(full) > len(prefix) and not full.endswith("\ufffd"):
+    if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
         seq.text += full[len(prefix) :]
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
 

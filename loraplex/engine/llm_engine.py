@@ -262,17 +262,19 @@ class LLMEngine:
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         p = seq.params
         prev = len(seq.text)
+        stop_token = (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids
+        length = len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
         if self.tokenizer is not None:  # engines built without one (benchmarks) emit ids only
-            detokenize_step(self.tokenizer, seq)
+            detokenize_step(self.tokenizer, seq, final=stop_token or length)
         if p.stop:
             start = max(0, prev - max(len(s) for s in p.stop) + 1)
             cut = find_stop(seq.text, p.stop, start)
             if cut != -1:
                 seq.text = seq.text[:cut]
                 return self._set_finished(seq, "stop")
-        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+        if stop_token:
             return self._set_finished(seq, "stop")
-        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if length:
             return self._set_finished(seq, "length")
 
     @staticmethod
@@ -334,9 +336,8 @@ def default_token_budget(cfg: ModelConfig, device: torch.device, dtype: torch.dt
     """Tokens per prefill step when the user sets none: 8192 on CUDA. On CPU the largest power
     of two in [512, 2048] whose widest activation (the [T, 2 * intermediate] gate/up output)
     stays under glibc's mmap ceiling, so a step's buffers can be reused heap memory (glibc
-    still trims some of it between steps). On the 150M benchmark model a 32 x 128-token
-    prefill took 180k-370k minor page faults in 2048-token steps and 6k-190k in 1024-token
-    steps; the time effect is small: 2048 / 1024 = 0.99-1.13x (``bench_cpu_parts.py`` (c)).
+    still trims some of it between steps): fewer fresh pages per step, at about the same
+    speed (``bench_cpu_parts.py`` (c) measures both step sizes; docs/benchmarks.md).
     A prompt longer than the budget still runs, alone in its step."""
     if device.type == "cuda":
         return 8192

@@ -175,10 +175,10 @@ def _shrink_decode_config(
     t: int, nr: int, k: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, split, num_warps): 2 rank columns a program. When that leaves few
-    programs (< 4 a SM) and K is wide, split K in ~4096-wide chunks. Measured on an H200
-    (bf16, CUDA graphs, 32 tokens over 32 adapters, shrink + expand): q/k/v r=16 12.7 us (no
-    split; 15-19 with split-K), down r=16 12.6 us with (2, 1024, 4) vs 18.4 unsplit and 16.4
-    with the 16-column, 16-way split; q/k/v r=64 33.3 and down r=64 30.5 unsplit."""
+    programs (< 4 a SM) and K is wide, split K in ~4096-wide chunks. The K loop has no dot,
+    so its loads are not pipelined: bandwidth comes from many programs with few loop trips,
+    and split-K adds programs only where the grid is small (it costs a reduction). Chosen by
+    an on-device sweep over the alternatives; the timings are in docs/kernels.md."""
     del dtype
     block_n = min(2, max(1, triton.next_power_of_2(nr)))
     programs = t * triton.cdiv(nr, block_n)
