@@ -26,3 +26,7 @@ class ModelLoadError(LoraplexError):
 
 class CapacityError(LoraplexError):
     """A request can never fit (e.g. needs more KV blocks than the cache has)."""
+
+
+class DeviceError(LoraplexError, RuntimeError):
+    """The requested device is not available in this torch build or on this machine."""
