@@ -42,7 +42,12 @@ class EngineStepError(RuntimeError):
 
 
 class RequestFailedError(EngineStepError):
-    """The engine ended this one request with an error; the rest of its batch went on."""
+    """The engine ended this one request with an error; the rest of its batch went on.
+    ``index``: the sub-request that failed."""
+
+    def __init__(self, message: str, index: int = 0) -> None:
+        super().__init__(message)
+        self.index = index
 
 
 class StreamBacklogError(RuntimeError):
@@ -117,13 +122,12 @@ class RequestStream:
         while self._unfinished:
             for index, item in await self._queue.get():
                 if isinstance(item, BaseException):
-                    self._unfinished.clear()  # the rest is aborted (or already failed)
+                    self._unfinished.discard(index)  # the caller's close() aborts the rest
                     raise item
                 if item.finished:
                     self._unfinished.discard(index)
                     if item.error is not None:
-                        self.close()
-                        raise RequestFailedError(item.error)
+                        raise RequestFailedError(item.error, index)
                 yield index, item
 
     def close(self) -> None:

@@ -136,6 +136,7 @@ class OpenAIServing:
                 trackers[index].observe(delta)
                 finals[index].add(delta)
         except RequestFailedError as exc:
+            trackers[exc.index].finish("error")
             raise self._request_error(exc, model) from None
         finally:
             _close(stream, trackers)
@@ -161,6 +162,8 @@ class OpenAIServing:
             if include_usage:
                 yield _sse(header.usage_chunk(finals, prompts_per_choice))
         except Exception as exc:  # an engine failure mid-stream becomes an error event
+            if isinstance(exc, RequestFailedError):
+                trackers[exc.index].finish("error")
             yield _sse(error_from_exception(self._request_error(exc, header.model)).body())
         finally:
             _close(stream, trackers)
