@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.errors import ConfigError, ConfigTypeError, ModelLoadError
+from loraplex.errors import ConfigError, ConfigTypeError, DeviceError, ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -211,13 +211,29 @@ class CacheConfig:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` = CUDA when available, else CPU. Raises ``DeviceError`` saying what torch
+    found when a CUDA device is asked for and there is none (or not that index)."""
     if not isinstance(device, str):
         raise ConfigTypeError(f"device={device!r} must be a string: 'cpu', 'cuda' or 'auto'")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"device={device!r} must be 'cpu', 'cuda' or 'auto'")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:  # "cuda:x"
+        raise ConfigError(f"device={device!r} is not a valid device: {exc}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            built = (f"CUDA {torch.version.cuda}" if torch.version.cuda
+                     else "CUDA not compiled in")
+            raise DeviceError(f"device={device!r} but torch reports no CUDA device "
+                              f"(torch {torch.__version__}, {built}); use device='cpu'")
+        if dev.index is not None and dev.index >= count:
+            raise DeviceError(f"device={device!r} but torch sees only {count} CUDA "
+                              f"device(s) (indices 0-{count - 1})")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:

@@ -34,3 +34,7 @@ class ConfigError(LoraplexError, ValueError):
 
 class ConfigTypeError(ConfigError, TypeError):
     """An engine argument has the wrong type (a bool or str for an int, a list for a dict)."""
+
+
+class DeviceError(LoraplexError, RuntimeError):
+    """The requested device is not available in this torch build or on this machine."""

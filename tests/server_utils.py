@@ -102,3 +102,64 @@ class InProcessServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(15)
+
+
+class RawHTTP:
+    """A bare HTTP/1.1 keep-alive connection: one socket, requests sent one after another.
+
+    httpx silently opens a new connection when the server drops one; this does not, so a
+    test can tell a dropped keep-alive connection (``ConnectionError``) from an answered
+    request. Bodies with ``Content-Length`` and chunked bodies (event streams) are read.
+    """
+
+    def __init__(self, base_url: str, timeout_s: float = 60.0) -> None:
+        host, port = base_url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout_s)
+        self._buf = b""
+
+    def request(self, method: str, path: str, body: bytes = b"",
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        head = {"Host": "test", "Content-Length": str(len(body)),
+                "Content-Type": "application/json", **(headers or {})}
+        lines = [f"{method} {path} HTTP/1.1", *(f"{k}: {v}" for k, v in head.items())]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        return self.read_response()
+
+    def read_response(self) -> tuple[int, dict[str, str], bytes]:
+        status_line, *header_lines = self._read_until(b"\r\n\r\n").decode("latin-1").split(
+            "\r\n")
+        status = int(status_line.split()[1])
+        headers = {k.strip().lower(): v.strip()
+                   for k, _, v in (h.partition(":") for h in header_lines if h)}
+        if headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size = int(self._read_until(b"\r\n"), 16)
+                body += self._read_exact(size)
+                self._read_until(b"\r\n")
+                if size == 0:
+                    break
+        else:
+            body = self._read_exact(int(headers.get("content-length", "0")))
+        return status, headers, body
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("the server closed the connection")
+        self._buf += data
+
+    def _read_until(self, sep: bytes) -> bytes:
+        while sep not in self._buf:
+            self._fill()
+        out, self._buf = self._buf.split(sep, 1)
+        return out
+
+    def _read_exact(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            self._fill()
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def close(self) -> None:
+        self.sock.close()

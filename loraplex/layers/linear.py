@@ -15,9 +15,14 @@ dropped (the parameter keeps its shape and dtype on the meta device), so memory 
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 class LinearBase(nn.Module):
@@ -111,10 +116,29 @@ class QKVLinear(MergedColumnLinear):
 
 
 def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``prepack_linear_weights`` applies: CPU, float32/bfloat16, oneDNN built in."""
+    """Whether ``prepack_linear_weights`` applies: CPU, float32/bfloat16, oneDNN built in,
+    and this CPU able to run oneDNN's kernels in ``dtype`` (bfloat16 needs AVX-512 BW/VL/DQ
+    or AVX-NE-CONVERT: on an AVX2-only CPU the reorder raises, so those weights stay dense).
+    """
     return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and _prepack_runs_on_this_cpu(dtype))
+
+
+@functools.cache
+def _prepack_runs_on_this_cpu(dtype: torch.dtype) -> bool:
+    """Try the reorder and a packed GEMM once on a tiny weight; log once if this CPU can't."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=dtype))
+        torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8, dtype=dtype), packed, None,
+                                           "none", [], "")
+    except RuntimeError as exc:
+        logger.warning("oneDNN cannot prepack %s linear weights on this CPU (%s, %s); using "
+                    "dense weights", dtype, torch.backends.cpu.get_cpu_capability(),
+                    str(exc).splitlines()[0])
+        return False
+    return True
 
 
 def prepack_linear_weights(model: nn.Module) -> int:

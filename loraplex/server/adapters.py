@@ -30,8 +30,7 @@ class AdapterRegistry:
             return None
         if model in self.paths:
             return model
-        raise not_found(f"The model '{model}' does not exist. Served: base model "
-                        f"'{self.served_model_name}' and adapters {sorted(self.paths)}")
+        raise not_found(f"The model '{model}' does not exist; GET /v1/models lists them.")
 
     def check_load(self, name: str, path: str) -> str:
         """Validate a runtime load request; return the real path to hand to the engine."""
@@ -43,16 +42,15 @@ class AdapterRegistry:
             raise bad_request(f"lora_name '{name}' is the served base model's name",
                               param="lora_name", code="adapter_name_taken")
         if name in self.paths:
-            raise bad_request(f"an adapter named '{name}' is already loaded "
-                              f"(from {self.paths[name]}); unload it first",
+            raise bad_request(f"an adapter named '{name}' is already loaded; unload it first",
                               param="lora_name", code="adapter_name_taken")
         if self.adapter_root is None:
             return os.path.realpath(path)
         root = os.path.realpath(self.adapter_root)
         real = os.path.realpath(os.path.join(root, path))  # absolute paths replace root
         if os.path.commonpath([root, real]) != root:
-            raise APIError(403, f"lora_path '{path}' resolves to '{real}', outside the "
-                           f"adapter root '{root}'", "PermissionDeniedError",
+            raise APIError(403, f"lora_path '{path}' is outside the adapter root",
+                           "PermissionDeniedError",
                            "adapter_path_forbidden", param="lora_path")
         return real
 
@@ -65,5 +63,4 @@ class AdapterRegistry:
             raise bad_request(f"'{name}' is the base model and cannot be unloaded",
                               param="lora_name")
         if name not in self.paths:
-            raise not_found(f"no adapter named '{name}' is loaded; loaded: "
-                            f"{sorted(self.paths)}", code="adapter_not_found")
+            raise not_found(f"no adapter named '{name}' is loaded", code="adapter_not_found")

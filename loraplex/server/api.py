@@ -2,9 +2,14 @@
 
 ``create_app`` wires an engine into routes; ``add_serve_args`` / ``run_server`` are what
 ``loraplex serve`` calls. Every ``/v1`` route requires ``Authorization: Bearer KEY`` when
-an API key is set; ``/health`` and ``/metrics`` never do. Every error, including pydantic
-validation (FastAPI's 422, answered here as 400) and unknown routes, is an OpenAI-style body
-``{"error": {"message", "type", "code", "param"}}``.
+an API key is set, checked before the body is read; ``/health`` and ``/metrics`` never do.
+Bodies are capped (``--max-request-bytes``, 413) and requests at ``len(prompts) * n``
+sequences (``--max-sequences-per-request``). Every error, including pydantic validation
+(FastAPI's 422, answered here as 400) and unknown routes, is an OpenAI-style body
+``{"error": {"message", "type", "code", "param"}}``, and none closes the connection. The
+interactive docs (``/docs``, ``/redoc``, ``/openapi.json``) are off unless
+``--enable-docs``. Errors name adapters and paths as the client gave them, never the
+server's absolute paths.
 """
 
 from __future__ import annotations
@@ -13,30 +18,28 @@ import argparse
 import contextlib
 import logging
 import os
-import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loraplex.errors import AdapterNotFoundError, LoraplexError
+from loraplex.errors import AdapterLoadError, AdapterNotFoundError
 from loraplex.server.adapters import AdapterRegistry
-from loraplex.server.async_engine import AsyncEngine, EngineDeadError, EngineStepError
-from loraplex.server.http_errors import error_from_exception
+from loraplex.server.async_engine import AsyncEngine
 from loraplex.server.metrics import ServerMetrics
+from loraplex.server.middleware import RequestGuard, install_error_handlers
+from loraplex.server.prompts import PromptTokenizer
 from loraplex.server.protocol import (
-    APIError,
     ChatCompletionRequest,
     CompletionRequest,
     LoadLoRAAdapterRequest,
     UnloadLoRAAdapterRequest,
     bad_request,
+    not_found,
 )
 from loraplex.server.serving import OpenAIServing
 
@@ -45,23 +48,49 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServerConfig:
+    """What the HTTP layer needs besides the engine. ``allow_runtime_adapters`` needs an
+    ``adapter_root`` unless ``allow_any_adapter_path`` says any server-readable directory
+    may be loaded (then a warning is logged at start)."""
+
     served_model_name: str
     model_path: str
     adapters: dict[str, str]  # adapters registered at startup: name -> dir
     api_key: str | None = None
     allow_runtime_adapters: bool = False
     adapter_root: str | None = None
+    allow_any_adapter_path: bool = False
+    enable_docs: bool = False
+    max_request_bytes: int = 8 << 20
+    max_sequences_per_request: int = 256
+    max_stream_backlog: int = 256  # engine steps a stream's reader may fall behind
+    tokenizer_threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.allow_runtime_adapters and self.adapter_root is None \
+                and not self.allow_any_adapter_path:
+            raise ValueError("--allow-runtime-adapters needs --adapter-root DIR (the directory "
+                             "runtime-loaded adapters must lie in); pass "
+                             "--allow-any-adapter-path to let clients load any directory the "
+                             "server can read")
+        for name in ("max_request_bytes", "max_sequences_per_request", "max_stream_backlog",
+                     "tokenizer_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
 
 def create_app(engine: Any, config: ServerConfig) -> FastAPI:
     """Build the app around a synchronous ``LLMEngine`` (stepped in a background thread)."""
-    async_engine = AsyncEngine(engine)
+    if config.allow_runtime_adapters and config.adapter_root is None:
+        logger.warning("SECURITY: --allow-any-adapter-path: clients with the API key can load "
+                       "an adapter from ANY directory this server can read")
+    async_engine = AsyncEngine(engine, max_backlog=config.max_stream_backlog)
     registry = AdapterRegistry(config.served_model_name, config.model_path,
                                config.allow_runtime_adapters, config.adapter_root,
                                dict(config.adapters))
     metrics = ServerMetrics()
-    serving = OpenAIServing(async_engine, registry, metrics, engine.tokenizer,
-                            engine.max_model_len)
+    prompts = PromptTokenizer(engine.tokenizer, engine.max_model_len, config.tokenizer_threads)
+    serving = OpenAIServing(async_engine, registry, metrics, prompts,
+                            config.max_sequences_per_request)
     started = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -71,11 +100,15 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
             yield
         finally:
             async_engine.shutdown()
+            prompts.shutdown()
 
-    app = FastAPI(title="loraplex", lifespan=lifespan)
+    docs = {} if config.enable_docs else dict(docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="loraplex", lifespan=lifespan, **docs)
     app.state.async_engine = async_engine
-    _install_error_handlers(app)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth_dependency(config.api_key))])
+    app.add_middleware(RequestGuard, api_key=config.api_key,
+                       max_request_bytes=config.max_request_bytes)
+    install_error_handlers(app)
+    v1 = APIRouter(prefix="/v1")
 
     @app.get("/health")
     async def health() -> Response:
@@ -112,7 +145,11 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
         if not os.path.isdir(path):
             raise bad_request(f"lora_path '{body.lora_path}' is not a directory",
                               param="lora_path", code="adapter_load_failed")
-        await async_engine.call(engine.load_adapter, body.lora_name, path)
+        try:
+            await async_engine.call(engine.load_adapter, body.lora_name, path)
+        except AdapterLoadError as exc:  # name the files as the client did, not by real path
+            raise bad_request(str(exc).replace(path, body.lora_path), param="lora_path",
+                              code="adapter_load_failed") from None
         registry.paths[body.lora_name] = path
         logger.info("loaded adapter %r from %s", body.lora_name, path)
         return {"object": "lora_adapter", "id": body.lora_name, "root": path,
@@ -124,8 +161,9 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
         path = registry.paths.pop(body.lora_name)  # refuse new requests at once
         try:
             await async_engine.call(engine.unload_adapter, body.lora_name)
-        except AdapterNotFoundError:
-            raise  # the engine does not know it either: stays unregistered
+        except AdapterNotFoundError:  # the engine does not know it either: stays unregistered
+            raise not_found(f"no adapter named '{body.lora_name}' is loaded",
+                            code="adapter_not_found") from None
         except Exception:
             registry.paths[body.lora_name] = path
             raise
@@ -134,52 +172,6 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
 
     app.include_router(v1)
     return app
-
-
-def _auth_dependency(api_key: str | None):
-    async def check(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-                token.strip().encode(), api_key.encode()):
-            raise APIError(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'",
-                           "AuthenticationError", "invalid_api_key")
-    return check
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    def answer(err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        # One message per top-level field (a union type fails once per member: keep the first).
-        fields: dict[str, str] = {}
-        for e in exc.errors():
-            loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-            fields.setdefault(loc[0] if loc else "body", f"{'.'.join(loc) or 'body'}: "
-                                                         f"{e.get('msg')}")
-        message = "invalid request: " + "; ".join(fields.values())
-        return answer(bad_request(message, param=next(iter(fields), None)))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(exc.status_code,
-                                                                         "HTTPError")
-        return answer(APIError(exc.status_code, str(exc.detail), kind, str(exc.status_code)))
-
-    async def on_error(_: Request, exc: Exception) -> JSONResponse:
-        err = error_from_exception(exc)
-        if err.status >= 500:
-            logger.error("request failed: %s", err.message, exc_info=exc)
-        return answer(err)
-
-    # Expected errors by class (answered without a traceback); anything else is a 500.
-    for kind in (APIError, LoraplexError, ValueError, EngineStepError, EngineDeadError,
-                 Exception):
-        app.add_exception_handler(kind, on_error)
 
 
 # ---------------------------------------------------------------------- CLI
@@ -210,9 +202,25 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1 routes "
                         "(default: $LORAPLEX_API_KEY)")
     p.add_argument("--allow-runtime-adapters", action="store_true",
-                   help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
+                   help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter "
+                        "(needs --adapter-root)")
     p.add_argument("--adapter-root", default=None,
                    help="runtime-loaded adapters must lie inside this directory")
+    p.add_argument("--allow-any-adapter-path", action="store_true",
+                   help="with --allow-runtime-adapters and no --adapter-root: let clients load "
+                        "any directory the server can read (unsafe; logged at start)")
+    p.add_argument("--enable-docs", action="store_true",
+                   help="serve /docs, /redoc and /openapi.json (off by default)")
+    p.add_argument("--max-request-bytes", type=int, default=ServerConfig.max_request_bytes,
+                   help="larger request bodies are refused with 413 (default: 8 MiB)")
+    p.add_argument("--max-sequences-per-request", type=int,
+                   default=ServerConfig.max_sequences_per_request,
+                   help="cap on len(prompts) x n in one request (default: 256)")
+    p.add_argument("--max-stream-backlog", type=int, default=ServerConfig.max_stream_backlog,
+                   help="engine steps a stream's client may fall behind before its request "
+                        "is aborted and the connection closed (default: 256)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds to let requests finish on SIGTERM before aborting them")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -241,7 +249,11 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
                         adapters={k: os.path.realpath(v) for k, v in adapters.items()},
                         api_key=args.api_key or None,
                         allow_runtime_adapters=args.allow_runtime_adapters,
-                        adapter_root=args.adapter_root)
+                        adapter_root=args.adapter_root,
+                        allow_any_adapter_path=args.allow_any_adapter_path,
+                        enable_docs=args.enable_docs, max_request_bytes=args.max_request_bytes,
+                        max_sequences_per_request=args.max_sequences_per_request,
+                        max_stream_backlog=args.max_stream_backlog)
 
 
 def run_server(args: argparse.Namespace) -> None:
@@ -264,4 +276,7 @@ def run_server(args: argparse.Namespace) -> None:
     app = create_app(engine, config)
     logger.info("serving %r with adapters %s on http://%s:%d", config.served_model_name,
                 sorted(config.adapters), args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    # timeout_graceful_shutdown: on SIGTERM, connections still open after the deadline (a
+    # stream nobody reads) are cancelled, which aborts their engine requests.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                timeout_graceful_shutdown=args.shutdown_timeout)

@@ -4,10 +4,19 @@ The engine is single-threaded: every call into it (add, abort, step, adapter loa
 stats) runs on the engine thread. The event loop hands work over as commands on a
 thread-safe queue; the thread runs pending commands between steps, then steps while any
 request is unfinished, and blocks on the queue when idle. Each HTTP request owns one
-``RequestStream`` (an ``asyncio.Queue`` fed through ``loop.call_soon_threadsafe``), so no
-request waits on an unrelated one. A request whose consumer goes away is aborted, which frees
-its KV blocks and its adapter slot pin. An exception in ``step()`` fails the requests in
-flight with ``EngineStepError`` and the loop keeps serving.
+``RequestStream`` (a queue fed once per step through ``loop.call_soon_threadsafe``), so no
+request waits on an unrelated one.
+
+What crosses to the event loop is an ``OutputDelta`` per sub-request and step: the text and
+token ids that step added, never cumulative copies, so a queue's memory is proportional to
+how far its reader is behind, not to the square of the output length. Each queue holds at
+most ``max_backlog`` steps: a reader that falls further behind (a client that stopped
+reading its stream) has its requests aborted with ``StreamBacklogError``, which frees their
+KV blocks and adapter pins; ``RequestStream.abandoned`` tells the HTTP layer to drop the
+connection. A request whose consumer goes away is aborted too. An exception in ``step()``
+fails the requests in flight with ``EngineStepError``; a request the engine ends on its own
+with an error (``RequestOutput.error`` or finish reason "error") fails alone with
+``RequestFailedError``. The loop keeps serving.
 """
 
 from __future__ import annotations
@@ -29,7 +38,20 @@ T = TypeVar("T")
 
 
 class EngineStepError(RuntimeError):
-    """The engine failed this request: ``step()`` raised, or the output carries ``error``."""
+    """The engine failed this request: ``step()`` raised while running it."""
+
+
+class RequestFailedError(EngineStepError):
+    """The engine ended this one request with an error; the rest of its batch went on.
+    ``index``: the sub-request that failed."""
+
+    def __init__(self, message: str, index: int = 0) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+class StreamBacklogError(RuntimeError):
+    """The reader of a stream fell too many steps behind; its requests were aborted."""
 
 
 class EngineDeadError(RuntimeError):
@@ -38,26 +60,44 @@ class EngineDeadError(RuntimeError):
 
 @dataclass
 class SubRequest:
-    """One engine request: a prompt (text or token ids), its sampling params and adapter."""
+    """One engine request: a prompt (token ids), its sampling params and adapter."""
 
     prompt: str | list[int]
     params: SamplingParams
     adapter: str | None = None
 
 
+@dataclass
+class OutputDelta:
+    """What one step added to one sub-request (``text`` and ``token_ids`` are new only)."""
+
+    text: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    finished: bool
+    finish_reason: str | None
+    error: str | None = None
+
+
+# One step's deliveries to one stream: (sub-request index, delta or exception).
+_Step = list[tuple[int, Any]]
+
+
 class RequestStream:
     """The outputs of one HTTP request's sub-requests, in arrival order.
 
-    Iterating yields ``(index, RequestOutput)`` where ``index`` is the sub-request's position
+    Iterating yields ``(index, OutputDelta)`` where ``index`` is the sub-request's position
     in the list given to ``AsyncEngine.add``; iteration ends once every sub-request finished.
     ``close()`` aborts any sub-request not finished yet (safe to call more than once).
     """
 
-    def __init__(self, engine: AsyncEngine, request_ids: list[str]) -> None:
+    def __init__(self, engine: AsyncEngine, request_ids: list[str], max_backlog: int) -> None:
         self._engine = engine
         self.request_ids = request_ids
-        self._queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Step] = asyncio.Queue()
+        self._max_backlog = max_backlog
         self._unfinished = set(range(len(request_ids)))
+        self.abandoned = asyncio.Event()  # set when the reader fell too far behind
 
     @property
     def finished(self) -> bool:
@@ -66,20 +106,29 @@ class RequestStream:
     def unfinished_indices(self) -> list[int]:
         return sorted(self._unfinished)
 
-    def _put(self, index: int, item: Any) -> None:  # event-loop thread only
-        self._queue.put_nowait((index, item))
+    def _put(self, step: _Step) -> None:  # event-loop thread only
+        if self.abandoned.is_set():
+            return  # aborted for its backlog: what the engine still sends is dropped
+        if self._queue.qsize() >= self._max_backlog:
+            self.abandoned.set()
+            self._engine.abort([self.request_ids[i] for i in self._unfinished])
+            error = StreamBacklogError(
+                f"the client fell more than {self._max_backlog} engine steps behind reading "
+                f"this stream; the request was aborted")
+            step = [(i, error) for i in self._unfinished]
+        self._queue.put_nowait(step)
 
-    async def __aiter__(self) -> AsyncIterator[tuple[int, Any]]:
+    async def __aiter__(self) -> AsyncIterator[tuple[int, OutputDelta]]:
         while self._unfinished:
-            index, item = await self._queue.get()
-            if isinstance(item, BaseException):
-                self._unfinished.discard(index)
-                raise item
-            if item.finished:
-                self._unfinished.discard(index)
-                if getattr(item, "error", None):  # the engine failed this request
-                    raise EngineStepError(f"the engine failed this request: {item.error}")
-            yield index, item
+            for index, item in await self._queue.get():
+                if isinstance(item, BaseException):
+                    self._unfinished.discard(index)  # the caller's close() aborts the rest
+                    raise item
+                if item.finished:
+                    self._unfinished.discard(index)
+                    if item.error is not None:
+                        raise RequestFailedError(item.error, index)
+                yield index, item
 
     def close(self) -> None:
         if self._unfinished:
@@ -87,14 +136,37 @@ class RequestStream:
             self._unfinished.clear()
 
 
+@dataclass
+class _Route:
+    """Where a request's outputs go, and what of its text was already delivered."""
+
+    stream: RequestStream
+    index: int
+    text: str = ""
+    num_tokens: int = 0
+
+    def delta(self, out: Any) -> OutputDelta:
+        """The part of the cumulative ``out`` not delivered yet (engine thread)."""
+        text = out.text[len(self.text):] if out.text.startswith(self.text) else ""
+        self.text += text
+        new_ids = out.token_ids[self.num_tokens:]
+        self.num_tokens = len(out.token_ids)
+        error = getattr(out, "error", None)
+        if error is None and out.finish_reason == "error":
+            error = "the engine ended this request with an error"
+        return OutputDelta(text, new_ids, len(out.prompt_token_ids), out.finished,
+                           out.finish_reason, error)
+
+
 class AsyncEngine:
     """Owns the engine thread. ``start()`` from inside the running event loop."""
 
-    def __init__(self, engine: Any, idle_poll_s: float = 0.5) -> None:
+    def __init__(self, engine: Any, idle_poll_s: float = 0.5, max_backlog: int = 256) -> None:
         self.engine = engine
+        self.max_backlog = max_backlog
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        # request id -> (stream, index); touched only on the engine thread.
-        self._routes: dict[str, tuple[RequestStream, int]] = {}
+        # request id -> route; touched only on the engine thread.
+        self._routes: dict[str, _Route] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -139,7 +211,7 @@ class AsyncEngine:
         ValueError) after undoing the sub-requests already added.
         """
         ids = [f"{request_id}-{j}" for j in range(len(subs))]
-        stream = RequestStream(self, ids)
+        stream = RequestStream(self, ids, self.max_backlog)
         try:
             await self.call(self._add_all, stream, subs)
         except asyncio.CancelledError:
@@ -165,7 +237,7 @@ class AsyncEngine:
             for index, (rid, sub) in enumerate(zip(stream.request_ids, subs, strict=True)):
                 self.engine.add_request(rid, sub.prompt, sub.params, adapter=sub.adapter)
                 added.append(rid)
-                self._routes[rid] = (stream, index)
+                self._routes[rid] = _Route(stream, index)
         except Exception:
             self._abort_all(added)
             raise
@@ -220,33 +292,35 @@ class AsyncEngine:
         if not outputs:
             time.sleep(0.001)  # work pending but nothing ran (e.g. all waiting): do not spin
             return
-        deliveries: list[tuple[RequestStream, int, Any]] = []
+        deliveries: dict[RequestStream, _Step] = {}
         for out in outputs:
             route = self._routes.get(out.request_id)
             if route is None:
                 continue  # aborted meanwhile: nobody listens any more
             if out.finished:
                 del self._routes[out.request_id]
-            deliveries.append((route[0], route[1], out))
+            deliveries.setdefault(route.stream, []).append((route.index, route.delta(out)))
         self._deliver(deliveries)
 
     def _fail_all(self, error: BaseException) -> None:
         routes, self._routes = self._routes, {}
-        for rid in routes:
+        deliveries: dict[RequestStream, _Step] = {}
+        for rid, route in routes.items():
             try:
                 self.engine.abort_request(rid)
             except Exception:
                 logger.exception("engine.abort_request(%r) failed", rid)
-        self._deliver([(stream, index, error) for stream, index in routes.values()])
+            deliveries.setdefault(route.stream, []).append((route.index, error))
+        self._deliver(deliveries)
 
-    def _deliver(self, deliveries: list[tuple[RequestStream, int, Any]]) -> None:
+    def _deliver(self, deliveries: dict[RequestStream, _Step]) -> None:
         """Hand one step's outputs to the event loop in a single thread-safe callback."""
         if not deliveries or self._loop is None:
             return
 
         def put_all() -> None:
-            for stream, index, item in deliveries:
-                stream._put(index, item)
+            for stream, step in deliveries.items():
+                stream._put(step)
 
         try:
             self._loop.call_soon_threadsafe(put_all)

@@ -92,15 +92,15 @@ class RequestTracker:
         self.counted_prompt = False
         self.done = False
 
-    def observe(self, out: Any) -> None:
-        """Record a ``RequestOutput`` (cumulative ``token_ids``) as it reaches the server."""
+    def observe(self, delta: Any) -> None:
+        """Record an ``OutputDelta`` (the tokens one step added) as it reaches the server."""
         if self.done:
             return
         now = time.perf_counter()
         if not self.counted_prompt:
-            self._m.prompt_tokens.labels(self.model).inc(len(out.prompt_token_ids))
+            self._m.prompt_tokens.labels(self.model).inc(delta.num_prompt_tokens)
             self.counted_prompt = True
-        new = len(out.token_ids) - self.num_tokens
+        new = len(delta.token_ids)
         if new > 0:
             if self.num_tokens == 0:
                 self._m.ttft.observe(now - self.arrival)
@@ -110,10 +110,10 @@ class RequestTracker:
             for _ in range(new_gaps):
                 self._m.itl.observe((now - self._last) / new)
             self._m.generation_tokens.labels(self.model).inc(new)
-            self.num_tokens = len(out.token_ids)
+            self.num_tokens += new
             self._last = now
-        if out.finished:
-            self.finish(out.finish_reason or "stop", now)
+        if delta.finished:
+            self.finish(delta.finish_reason or "stop", now)
 
     def finish(self, reason: str, now: float | None = None) -> None:
         if self.done:

@@ -2,17 +2,37 @@
 
 Only what loraplex can honour is accepted: fields OpenAI defines but we cannot serve
 (``logprobs``, ``echo``, penalties, tools, ...) are refused by name with a 400 when set to
-anything but their neutral value, instead of being silently ignored. Unknown extra fields
-are ignored, as OpenAI's own clients add new ones over time.
+anything but their neutral value, instead of being silently ignored. Unknown fields are
+refused too (``extra="forbid"``), and types are strict: ``true`` is not an integer, ``1.0``
+is not a token id, ``5`` is not a stop string, ``NaN`` is not a temperature. Every string
+must be encodable as UTF-8 (a lone surrogate such as ``"\\ud800"`` is refused with a 400).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from loraplex.sampling_params import SamplingParams
+
+# The bounds a well-formed request can reach: token ids and seeds fit in int64.
+_INT64_MAX = 2**63 - 1
+_STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+def _utf8(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid UTF-8 text ({exc.reason} at position {exc.start})") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+TokenId = Annotated[int, Field(ge=0, le=_INT64_MAX)]
+# Adapter names a client may load: no spaces, newlines or megabyte-long names.
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9._:/-]{1,128}$"
 
 
 class APIError(Exception):
@@ -38,30 +58,32 @@ def not_found(message: str, code: str = "model_not_found") -> APIError:
 
 
 class StreamOptions(BaseModel):
+    model_config = _STRICT
+
     include_usage: bool = False
 
 
 class _SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
-    model: str
+    model: Text
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None  # vLLM extension; -1 or absent = disabled
-    min_p: float | None = None  # vLLM extension; 0 or absent = disabled
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None  # vLLM extension
+    min_p: float | None = Field(default=None, ge=0, le=1)  # vLLM extension
+    top_k: int | None = Field(default=None, ge=-1, le=_INT64_MAX)  # vLLM; -1/absent = off
+    seed: int | None = Field(default=None, ge=-_INT64_MAX, le=_INT64_MAX - 128)
+    stop: Text | list[Text] | None = None
+    stop_token_ids: list[TokenId] | None = None  # vLLM extension
     ignore_eos: bool = False  # vLLM extension
     n: int = Field(default=1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    logit_bias: dict[Text, float] | None = None
+    user: Text | None = None
 
     def _refuse_unsupported(self, fields: dict[str, Any]) -> None:
         """Raise a 400 naming the first field set to a value loraplex cannot honour."""
@@ -102,12 +124,12 @@ class _SamplingFields(BaseModel):
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions``. ``prompt``: text, texts, token ids, or lists of token ids."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = Field(default=16, ge=1, le=_INT64_MAX)
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a flat list: each a string or a list of token ids."""
@@ -126,17 +148,31 @@ class CompletionRequest(_SamplingFields):
 
 
 class TextPart(BaseModel):
+    model_config = _STRICT
+
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
-    """One chat turn. Extra keys (``name``, ``tool_calls``...) pass through to the template."""
+    """One chat turn. Extra keys (``name``, ``tool_calls``...) pass through to the template
+    (checked for UTF-8 like every other string)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
-    role: str
-    content: str | list[TextPart] | None = None
+    role: Text
+    content: Text | list[TextPart] | None = None
+
+    @model_validator(mode="after")
+    def _extras_are_utf8(self) -> ChatMessage:
+        for key, value in (self.model_extra or {}).items():
+            for s in _strings([key, value]):
+                _utf8(s)
+        return self
+
+    def num_chars(self) -> int:
+        """Characters of text this turn hands to the chat template (a size bound)."""
+        return sum(len(s) for s in _strings(self.model_dump(exclude_none=True)))
 
     def to_template_dict(self) -> dict[str, Any]:
         d = self.model_dump(exclude_none=True)
@@ -149,12 +185,12 @@ class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions``. Without ``max_tokens``, generation may fill the context."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=_INT64_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=_INT64_MAX)
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Text | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True  # vLLM extension
 
@@ -171,15 +207,31 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class LoadLoRAAdapterRequest(BaseModel):
-    """vLLM's body for ``POST /v1/load_lora_adapter``."""
+    """vLLM's body for ``POST /v1/load_lora_adapter``. ``lora_name``: 1-128 characters of
+    ``[A-Za-z0-9._:/-]``."""
 
-    lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
+    model_config = _STRICT
+
+    lora_name: Text = Field(pattern=ADAPTER_NAME_PATTERN)
+    lora_path: Text = Field(min_length=1, max_length=4096)
 
 
 class UnloadLoRAAdapterRequest(BaseModel):
-    """vLLM's body for ``POST /v1/unload_lora_adapter`` (``lora_int_id`` is ignored)."""
+    """vLLM's body for ``POST /v1/unload_lora_adapter``."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
-    lora_name: str = Field(min_length=1)
+    lora_name: Text = Field(min_length=1, max_length=128)
+    lora_int_id: int | None = None  # vLLM sends it; names identify adapters here
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string (keys included) inside a JSON value."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+

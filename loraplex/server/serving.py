@@ -1,10 +1,14 @@
 """The OpenAI completions and chat-completions endpoints over an ``AsyncEngine``.
 
 One HTTP request becomes ``len(prompts) * n`` engine requests (choice ``i * n + j`` is
-prompt i's j-th sample). Streams are answered as server-sent events in OpenAI's chunk format
-ending with ``data: [DONE]``; text deltas are cut from each output's cumulative ``text``.
-Leaving a stream early (client disconnect) or a non-streaming request whose client hangs
-up aborts the engine requests that are still running.
+prompt i's j-th sample), at most ``max_sequences`` of them. Prompts are size-checked and
+tokenized by ``PromptTokenizer`` (off the event loop and the engine thread); the engine gets
+token ids. Streams are answered as server-sent events in OpenAI's chunk format ending with
+``data: [DONE]``, one chunk per ``OutputDelta``. Leaving a stream early (client disconnect),
+a stream whose client stops reading (``RequestStream.abandoned``) or a non-streaming request
+whose client hangs up aborts the engine requests that are still running. A request that
+fails alone gets an error body, or an error event in its stream; one whose adapter was
+unloaded while it waited gets a 404 naming the model it asked for.
 """
 
 from __future__ import annotations
@@ -18,38 +22,71 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
+from loraplex.errors import AdapterNotFoundError
 from loraplex.server.adapters import AdapterRegistry
-from loraplex.server.async_engine import AsyncEngine, RequestStream, SubRequest
+from loraplex.server.async_engine import (
+    AsyncEngine,
+    OutputDelta,
+    RequestFailedError,
+    RequestStream,
+    SubRequest,
+)
 from loraplex.server.http_errors import error_from_exception
 from loraplex.server.metrics import RequestTracker, ServerMetrics
-from loraplex.server.protocol import ChatCompletionRequest, CompletionRequest, bad_request
+from loraplex.server.prompts import PromptTokenizer
+from loraplex.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    bad_request,
+    not_found,
+)
+from loraplex.server.sse import EventStreamResponse
 
 T = TypeVar("T")
 
 
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, registry: AdapterRegistry, metrics: ServerMetrics,
-                 tokenizer: Any, max_model_len: int) -> None:
+                 prompts: PromptTokenizer, max_sequences: int) -> None:
         self.engine, self.registry, self.metrics = engine, registry, metrics
-        self.tokenizer, self.max_model_len = tokenizer, max_model_len
+        self.prompts, self.max_model_len = prompts, prompts.max_model_len
+        self.max_sequences = max_sequences
+        self.served_model_name = registry.served_model_name
+
+    def _check_sequences(self, num_prompts: int, n: int) -> None:
+        if num_prompts * n > self.max_sequences:
+            raise bad_request(f"this request asks for {num_prompts} prompt(s) x n={n} = "
+                              f"{num_prompts * n} sequences; the limit is "
+                              f"{self.max_sequences} (--max-sequences-per-request)",
+                              param="n", code="too_many_sequences")
 
     # ------------------------------------------------------------------ completions
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
         req.check_supported()
         adapter = self.registry.resolve_model(req.model)
         prompts = req.prompts()
+        self._check_sequences(len(prompts), req.n)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        subs = [SubRequest(p, req.sampling_params(max_tokens, j), adapter)
-                for p in prompts for j in range(req.n)]
+        params = [req.sampling_params(max_tokens, j) for j in range(req.n)]  # 400 if invalid
+        ids = await self.prompts.encode(prompts)
+        subs = [SubRequest(p, params[j], adapter) for p in ids for j in range(req.n)]
         return await self._serve(req, raw, subs, chat=False, prompts_per_choice=req.n)
 
     # ------------------------------------------------------------------ chat
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         req.check_supported()
         adapter = self.registry.resolve_model(req.model)
-        prompt_ids = self._chat_prompt_ids(req)
+        self._check_sequences(1, req.n)
+        if not getattr(self.prompts.tokenizer, "chat_template", None):
+            raise bad_request(f"the model '{self.served_model_name}' has no chat "
+                              "template (tokenizer_config.json 'chat_template'); use "
+                              "/v1/completions instead", param="messages",
+                              code="no_chat_template")
+        prompt_ids = await self.prompts.chat(
+            [m.to_template_dict() for m in req.messages], req.add_generation_prompt,
+            sum(m.num_chars() for m in req.messages))
         max_tokens = req.requested_max_tokens()
         if max_tokens is None:
             max_tokens = self.max_model_len - len(prompt_ids)
@@ -61,45 +98,46 @@ class OpenAIServing:
                 for j in range(req.n)]
         return await self._serve(req, raw, subs, chat=True, prompts_per_choice=req.n)
 
-    def _chat_prompt_ids(self, req: ChatCompletionRequest) -> list[int]:
-        """Render the chat template and tokenize without adding special tokens again."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise bad_request(f"the model '{self.registry.served_model_name}' has no chat "
-                              "template (tokenizer_config.json 'chat_template'); use "
-                              "/v1/completions instead", param="messages",
-                              code="no_chat_template")
-        messages = [m.to_template_dict() for m in req.messages]
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=req.add_generation_prompt)
-        except Exception as exc:  # jinja errors on bad roles / orderings are the client's
-            raise bad_request(f"the chat template failed on these messages: {exc}",
-                              param="messages") from exc
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
     # ------------------------------------------------------------------ shared
     async def _serve(self, req: CompletionRequest | ChatCompletionRequest, raw: Request,
                      subs: list[SubRequest], chat: bool, prompts_per_choice: int) -> Response:
         kind = "chatcmpl" if chat else "cmpl"
         request_id = f"{kind}-{uuid.uuid4().hex}"
         trackers = [self.metrics.tracker(req.model) for _ in subs]
-        stream = await self.engine.add(request_id, subs)  # validation errors raise here
+        try:
+            stream = await self.engine.add(request_id, subs)  # validation errors raise here
+        except AdapterNotFoundError:  # unloaded since resolve_model: answer as it would
+            raise self._model_gone(req.model) from None
         header = _Header(request_id, int(time.time()), req.model, chat)
         if req.stream:
             events = self._events(stream, trackers, header, req.include_usage,
                                   prompts_per_choice)
-            return StreamingResponse(events, media_type="text/event-stream")
-        outputs = await _unless_disconnected(raw, self._collect(stream, trackers))
+            return EventStreamResponse(events, stream.abandoned)
+        outputs = await _unless_disconnected(raw, self._collect(stream, trackers, req.model))
         if outputs is None:
             return Response(status_code=499)  # nobody is listening any more
         return JSONResponse(header.full_response(outputs, prompts_per_choice))
 
-    async def _collect(self, stream: RequestStream, trackers: list[RequestTracker]) -> list[Any]:
-        finals: list[Any] = [None] * len(stream.request_ids)
+    def _model_gone(self, model: str) -> Exception:
+        return not_found(f"The model '{model}' does not exist (any more).")
+
+    def _request_error(self, exc: Exception, model: str) -> Exception:
+        """A request that failed alone: 404 if its adapter was unloaded while it waited."""
+        if isinstance(exc, RequestFailedError) and model != self.served_model_name \
+                and model not in self.registry.paths:
+            return self._model_gone(model)
+        return exc
+
+    async def _collect(self, stream: RequestStream, trackers: list[RequestTracker],
+                       model: str) -> list[_Final]:
+        finals = [_Final() for _ in stream.request_ids]
         try:
-            async for index, out in stream:
-                trackers[index].observe(out)
-                finals[index] = out
+            async for index, delta in stream:
+                trackers[index].observe(delta)
+                finals[index].add(delta)
+        except RequestFailedError as exc:
+            trackers[exc.index].finish("error")
+            raise self._request_error(exc, model) from None
         finally:
             _close(stream, trackers)
         return finals
@@ -107,30 +145,49 @@ class OpenAIServing:
     async def _events(self, stream: RequestStream, trackers: list[RequestTracker],
                       header: _Header, include_usage: bool,
                       prompts_per_choice: int) -> AsyncIterator[str]:
-        sent = [""] * len(stream.request_ids)
-        finals: list[Any] = [None] * len(stream.request_ids)
+        finals = [_Final() for _ in stream.request_ids]
         try:
             if header.chat:
-                for index in range(len(sent)):
+                for index in range(len(finals)):
                     yield _sse(header.chunk(index, {"role": "assistant", "content": ""}, None))
-            async for index, out in stream:
-                trackers[index].observe(out)
-                finals[index] = out
-                delta = out.text[len(sent[index]):] if out.text.startswith(sent[index]) else ""
-                if delta:
-                    sent[index] = out.text
-                    content = {"content": delta} if header.chat else delta
+            async for index, delta in stream:
+                trackers[index].observe(delta)
+                finals[index].add(delta)
+                if delta.text:
+                    content = {"content": delta.text} if header.chat else delta.text
                     yield _sse(header.chunk(index, content, None))
-                if out.finished:
+                if delta.finished:
                     yield _sse(header.chunk(index, {} if header.chat else "",
-                                            _finish_reason(out)))
+                                            _finish_reason(delta)))
             if include_usage:
                 yield _sse(header.usage_chunk(finals, prompts_per_choice))
         except Exception as exc:  # an engine failure mid-stream becomes an error event
-            yield _sse(error_from_exception(exc).body())
+            if isinstance(exc, RequestFailedError):
+                trackers[exc.index].finish("error")
+            yield _sse(error_from_exception(self._request_error(exc, header.model)).body())
         finally:
             _close(stream, trackers)
         yield "data: [DONE]\n\n"
+
+
+class _Final:
+    """A sub-request's output put together from its deltas (for full responses, usage)."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.num_prompt_tokens = self.num_tokens = 0
+        self.finish_reason: str | None = None
+
+    def add(self, delta: OutputDelta) -> None:
+        if delta.text:
+            self.parts.append(delta.text)
+        self.num_prompt_tokens = delta.num_prompt_tokens
+        self.num_tokens += len(delta.token_ids)
+        self.finish_reason = delta.finish_reason
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 class _Header:
@@ -150,11 +207,11 @@ class _Header:
         choice = {"index": index, "text": delta, "logprobs": None, "finish_reason": finish_reason}
         return {**self._base("text_completion"), "choices": [choice]}
 
-    def usage_chunk(self, finals: list[Any], per_prompt: int) -> dict[str, Any]:
+    def usage_chunk(self, finals: list[_Final], per_prompt: int) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._base(kind), "choices": [], "usage": _usage(finals, per_prompt)}
 
-    def full_response(self, finals: list[Any], per_prompt: int) -> dict[str, Any]:
+    def full_response(self, finals: list[_Final], per_prompt: int) -> dict[str, Any]:
         choices = []
         for index, out in enumerate(finals):
             if self.chat:
@@ -168,15 +225,15 @@ class _Header:
         return {**self._base(kind), "choices": choices, "usage": _usage(finals, per_prompt)}
 
 
-def _usage(finals: list[Any], per_prompt: int) -> dict[str, int]:
+def _usage(finals: list[_Final], per_prompt: int) -> dict[str, int]:
     """Prompt tokens count once per prompt (not per choice), as OpenAI counts them."""
-    prompt = sum(len(out.prompt_token_ids) for out in finals[::per_prompt] if out is not None)
-    completion = sum(len(out.token_ids) for out in finals if out is not None)
+    prompt = sum(out.num_prompt_tokens for out in finals[::per_prompt])
+    completion = sum(out.num_tokens for out in finals)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
 
 
-def _finish_reason(out: Any) -> str:
+def _finish_reason(out: OutputDelta | _Final) -> str:
     return out.finish_reason or "stop"
 
 
