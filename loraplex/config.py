@@ -129,6 +129,8 @@ class LoRAConfig:
     max_lora_rank: int = 64
     max_cpu_loras: int | None = None  # host LRU cache size; None = unbounded
     backend: str = "auto"  # "torch" | "triton" | "auto"
+    # host LRU cache bound in bytes (serving dtype); None = min(1/8 of RAM, 32 GiB)
+    max_cpu_lora_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_loras_per_batch < 1:
@@ -137,6 +139,10 @@ class LoRAConfig:
             raise ValueError(f"max_lora_rank={self.max_lora_rank} must be >= 1")
         if self.max_cpu_loras is not None and self.max_cpu_loras < 1:
             raise ValueError(f"max_cpu_loras={self.max_cpu_loras} must be >= 1 or None")
+        cap = self.max_cpu_lora_bytes
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(f"max_cpu_lora_bytes={self.max_cpu_lora_bytes!r} must be an int >= 1 "
+                             f"or None")
         if self.backend not in ("torch", "triton", "auto"):
             raise ValueError(f"lora_backend={self.backend!r} must be 'torch', 'triton' or 'auto'")
 

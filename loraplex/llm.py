@@ -69,7 +69,7 @@ class LLM:
         for p, a in zip(ids, names):
             self.engine.validate_prompt(p)
             if a is not None:
-                self.engine.lora.check_servable(a)
+                self.engine.check_adapter(a)
         rids = [f"llm-{next(self._counter)}" for _ in prompts]
         done: dict[str, RequestOutput] = {}
         try:

@@ -43,26 +43,40 @@ class LoRABatch:
 
     @classmethod
     def from_token_slots(cls, slots: list[int], device: torch.device | str = "cpu") -> LoRABatch:
-        """Build from a per-token slot list (tests, benchmarks). Runs of equal slots form
+        """Build from a per-token lora slot list (tests, benchmarks). Runs of equal slots form
         segments; the list need not be sorted."""
-        starts: list[int] = []
-        lens: list[int] = []
-        seg_slots: list[int] = []
-        for i, s in enumerate(slots):
-            if seg_slots and seg_slots[-1] == s and starts[-1] + lens[-1] == i:
-                lens[-1] += 1
-            else:
-                starts.append(i)
-                lens.append(1)
-                seg_slots.append(s)
+        segs = segments(slots, [1] * len(slots))
         i32 = dict(dtype=torch.int32, device=device)
         return cls(
-            seg_starts=torch.tensor(starts, **i32),
-            seg_lens=torch.tensor(lens, **i32),
-            seg_slots=torch.tensor(seg_slots, **i32),
+            seg_starts=torch.tensor([s[0] for s in segs], **i32),
+            seg_lens=torch.tensor([s[1] for s in segs], **i32),
+            seg_slots=torch.tensor([s[2] for s in segs], **i32),
             token_slots=torch.tensor(slots, **i32),
-            num_segs=len(starts),
+            num_segs=len(segs),
             num_tokens=len(slots),
-            max_seg_len=max(lens, default=0),
-            host_segs=[(a, n, s) for a, n, s in zip(starts, lens, seg_slots) if s >= 0],
+            max_seg_len=max((s[1] for s in segs), default=0),
+            host_segs=[s for s in segs if s[2] >= 0],
         )
+
+
+def segments(lora_slots: list[int], lengths: list[int]) -> list[tuple[int, int, int]]:
+    """The one definition of a segment: ``(start, length, lora_slot)`` per maximal run of
+    consecutive rows with the same lora slot, given row groups (e.g. sequences) in batch order
+    with ``lengths[i]`` tokens on ``lora_slots[i]`` (-1 = no adapter). Semantics::
+
+        token_slot = [s for s, n in zip(lora_slots, lengths) for _ in range(n)]
+        # split token_slot wherever the value changes; zero-length groups vanish
+
+    Every LoRA op backend reads segments from here (``LoRABatch.host_segs`` on the host)."""
+    segs: list[tuple[int, int, int]] = []
+    pos = 0
+    for slot, n in zip(lora_slots, lengths, strict=True):
+        if n <= 0:
+            continue
+        if segs and segs[-1][2] == slot:
+            start, m, _ = segs[-1]
+            segs[-1] = (start, m + n, slot)
+        else:
+            segs.append((pos, n, slot))
+        pos += n
+    return segs

@@ -10,6 +10,7 @@ validation (FastAPI's 422, answered here as 400) and unknown routes, is an OpenA
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import os
@@ -25,8 +26,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loraplex.errors import AdapterNotFoundError, LoraplexError
-from loraplex.server.adapters import AdapterRegistry
+from loraplex.errors import LoraplexError
+from loraplex.server.adapters import ServedModels
 from loraplex.server.async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from loraplex.server.http_errors import error_from_exception
 from loraplex.server.metrics import ServerMetrics
@@ -56,9 +57,8 @@ class ServerConfig:
 def create_app(engine: Any, config: ServerConfig) -> FastAPI:
     """Build the app around a synchronous ``LLMEngine`` (stepped in a background thread)."""
     async_engine = AsyncEngine(engine)
-    registry = AdapterRegistry(config.served_model_name, config.model_path,
-                               config.allow_runtime_adapters, config.adapter_root,
-                               dict(config.adapters))
+    registry = ServedModels(config.served_model_name, config.model_path, engine.adapters,
+                            config.allow_runtime_adapters, config.adapter_root)
     metrics = ServerMetrics()
     serving = OpenAIServing(async_engine, registry, metrics, engine.tokenizer,
                             engine.max_model_len)
@@ -93,9 +93,9 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
         base = {"id": config.served_model_name, "object": "model", "created": started,
                 "owned_by": "loraplex", "root": config.model_path, "parent": None,
                 "max_model_len": engine.max_model_len}
-        adapters = [{"id": name, "object": "model", "created": started, "owned_by": "loraplex",
-                     "root": path, "parent": config.served_model_name}
-                    for name, path in registry.paths.items()]
+        adapters = [{"id": a.name, "object": "model", "created": started, "owned_by": "loraplex",
+                     "root": a.path, "parent": config.served_model_name}
+                    for a in engine.adapters.entries()]
         return {"object": "list", "data": [base, *adapters]}
 
     @v1.post("/completions")
@@ -112,8 +112,8 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
         if not os.path.isdir(path):
             raise bad_request(f"lora_path '{body.lora_path}' is not a directory",
                               param="lora_path", code="adapter_load_failed")
-        await async_engine.call(engine.load_adapter, body.lora_name, path)
-        registry.paths[body.lora_name] = path
+        # parsed on the engine's loader threads: neither the event loop nor steps wait
+        await asyncio.wrap_future(engine.submit_adapter_load(body.lora_name, path))
         logger.info("loaded adapter %r from %s", body.lora_name, path)
         return {"object": "lora_adapter", "id": body.lora_name, "root": path,
                 "status": "loaded"}
@@ -121,14 +121,7 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
     @v1.post("/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> dict[str, Any]:
         registry.check_unload(body.lora_name)
-        path = registry.paths.pop(body.lora_name)  # refuse new requests at once
-        try:
-            await async_engine.call(engine.unload_adapter, body.lora_name)
-        except AdapterNotFoundError:
-            raise  # the engine does not know it either: stays unregistered
-        except Exception:
-            registry.paths[body.lora_name] = path
-            raise
+        await async_engine.call(engine.unload_adapter, body.lora_name)
         logger.info("unloaded adapter %r", body.lora_name)
         return {"object": "lora_adapter", "id": body.lora_name, "status": "unloaded"}
 
@@ -198,6 +191,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-loras-per-batch", type=int, default=8)
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--max-cpu-loras", type=int, default=None)
+    p.add_argument("--max-cpu-lora-bytes", type=int, default=None,
+                   help="host adapter cache bound in bytes (default: min(RAM/8, 32 GiB))")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto")
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -255,7 +250,8 @@ def run_server(args: argparse.Namespace) -> None:
     config = server_config_from_args(args)
     engine = LLMEngine.from_args(
         model=args.model, adapters=config.adapters, max_loras_per_batch=args.max_loras_per_batch,
-        max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, device=args.device,
+        max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
+        max_cpu_lora_bytes=args.max_cpu_lora_bytes, device=args.device,
         dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks,
         lora_backend=args.lora_backend)

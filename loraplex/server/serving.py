@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from loraplex.server.adapters import AdapterRegistry
+from loraplex.server.adapters import ServedModels
 from loraplex.server.async_engine import AsyncEngine, RequestStream, SubRequest
 from loraplex.server.http_errors import error_from_exception
 from loraplex.server.metrics import RequestTracker, ServerMetrics
@@ -30,7 +30,7 @@ T = TypeVar("T")
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, registry: AdapterRegistry, metrics: ServerMetrics,
+    def __init__(self, engine: AsyncEngine, registry: ServedModels, metrics: ServerMetrics,
                  tokenizer: Any, max_model_len: int) -> None:
         self.engine, self.registry, self.metrics = engine, registry, metrics
         self.tokenizer, self.max_model_len = tokenizer, max_model_len
