@@ -194,7 +194,12 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         ids = self.tokenize(prompt)
         self.validate_prompt(ids)
-        generation = None if adapter is None else self.check_adapter(adapter).generation
+        generation = None
+        if adapter is not None:
+            entry = self.check_adapter(adapter)
+            generation = entry.generation
+            if self.lora_pool.lora_slot_of(entry.key) is None:
+                self.lora_loader.prefetch(entry)  # cold: read it while the request queues
         seq = Sequence(next(self._ids), request_id, ids, params, adapter, generation)
         self.requests[request_id] = seq
         self.scheduler.add(seq)

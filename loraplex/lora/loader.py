@@ -89,6 +89,16 @@ class AdapterLoader:
             del self._fetches[entry.key]
         return fut.result()  # raises AdapterLoadError when the files went bad since
 
+    def prefetch(self, entry: AdapterEntry) -> None:
+        """Start reading ``entry`` if it is neither cached nor being read (requests call this
+        when added, so the read overlaps their wait in the queue)."""
+        if entry.key in self.cache:
+            return
+        with self._lock:
+            if entry.key not in self._fetches:
+                self.num_disk_loads += 1
+                self._fetches[entry.key] = self._pool.submit(self._reread, entry)
+
     def _reread(self, entry: AdapterEntry) -> LoRAAdapter:
         adapter = self.parse(entry.name, entry.path)
         if self.registry.is_current(entry.key):  # unloaded meanwhile: don't cache it
