@@ -169,8 +169,8 @@ def test_lora_metadata_and_scratch_are_reused_across_steps(tmp_path):
 
     def spy(slots, lengths, **kw):
         b = prepare(slots, lengths, **kw)
-        seen.append((b, b.seg_starts.data_ptr(), b.seg_slots.data_ptr(),
-                     b.token_slots.data_ptr(), llm.engine.lora_layers[0].scratch.data_ptr()))
+        seen.append((b, b.seg_starts.data_ptr(), b.seg_lora_slots.data_ptr(),
+                     b.token_lora_slots.data_ptr(), llm.engine.lora_layers[0].scratch.data_ptr()))
         return b
 
     lora.prepare = spy
@@ -186,7 +186,7 @@ def test_lora_metadata_and_scratch_are_reused_across_steps(tmp_path):
 
 def test_static_buffer_decode_with_adapters_matches_eager(tmp_path):
     """Decode through the CUDA-graph buffers (run eagerly on CPU): adapters switch through
-    the static ``token_slots`` and padding rows (slot -1) leave real rows alone."""
+    the static ``token_lora_slots`` and padding rows (slot -1) leave real rows alone."""
     d, hf = make_tiny_model(tmp_path / "base", "llama")
     dirs = {n: str(make_peft_adapter(hf, tmp_path / n, seed=i, r=4 + i))
             for i, n in enumerate("abc")}

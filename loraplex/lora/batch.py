@@ -34,11 +34,11 @@ class LoRABatchBuilder:
         count get slot -1 (CUDA-graph padding). Host work is a few numpy slice writes, then
         one host->device copy."""
         segs = segments(lora_slots, lengths)
-        starts, lens, seg_slots, tok = self._np
+        starts, lens, seg_lora_slots, tok = self._np
         k, pos = len(segs), sum(lengths)
         assert pos <= self.max_tokens and k <= len(starts)
         table = np.asarray(segs, dtype=np.int32).reshape(k, 3)
-        starts[:k], lens[:k], seg_slots[:k] = table[:, 0], table[:, 1], table[:, 2]
+        starts[:k], lens[:k], seg_lora_slots[:k] = table[:, 0], table[:, 1], table[:, 2]
         tok[:pos] = np.repeat(table[:, 2], table[:, 1])
         if pad_to > pos:
             tok[pos:pad_to] = -1
