@@ -224,3 +224,31 @@ def test_adapter_names_are_validated(base, plain_llm, name):
     assert plain_llm.list_adapters() == []
     plain_llm.load_adapter("ok.name:v1/x-2_3", base[2]["old"])  # the allowed alphabet
     plain_llm.unload_adapter("ok.name:v1/x-2_3")
+
+
+def test_staged_slot_write_packs_each_layer_into_one_copy(base):
+    """The staged path (pinned buffer + one host->device copy per layer, the CUDA path) lays
+    the weights out exactly as direct per-projection copies do."""
+    from loraplex.lora.buffers import LoRABuffers
+    from loraplex.lora.peft_loader import load_peft_adapter
+    from loraplex.models.loader import load_model_config
+
+    d, _, dirs = base
+    cfg, _ = load_model_config(d)
+    adapter = load_peft_adapter(dirs["old"], cfg, 8, name="old")
+    cpu = torch.device("cpu")
+    direct = LoRABuffers(cfg, 3, 8, torch.float32, cpu, staged=False)
+    staged = LoRABuffers(cfg, 3, 8, torch.float32, cpu, staged=True)
+    for bufs in (direct, staged):
+        bufs.write(2, adapter)
+    assert staged.num_transfers == cfg.num_layers
+    for key, want in direct.buffers.items():
+        got = staged.buffers[key]
+        for name in ("a", "b", "ranks", "scalings"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (key, name)
+    # and the direct copy holds the adapter's weights where the ops read them
+    w = adapter.weights[(1, "v_proj")]
+    qkv = direct.buffers[(1, "qkv_proj")]
+    assert torch.equal(qkv.a[2, 2 * 8 : 2 * 8 + w.rank], w.a)
+    assert torch.equal(qkv.b[2, qkv.offsets[2] : qkv.offsets[3], : w.rank], w.b)
+    assert qkv.ranks[2, 2].item() == w.rank and qkv.ranks[0].sum().item() == 0

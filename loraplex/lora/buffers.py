@@ -48,7 +48,10 @@ class LoRABuffers:
         max_rank: int,
         dtype: torch.dtype,
         device: torch.device,
+        staged: bool | None = None,
     ) -> None:
+        """``staged``: copy through the per-layer staging buffers (default: on CUDA only;
+        tests force it on CPU to check the packing)."""
         self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
         self.num_layers = cfg.num_layers
         shapes = cfg.proj_shapes()
@@ -69,16 +72,18 @@ class LoRABuffers:
         # On CUDA a slot load goes through pinned host buffers, each big enough for one layer
         # of a max-rank adapter: one host->device copy per layer. Two of them alternate, so
         # packing layer k+1 on the host overlaps layer k's transfer.
-        self._staging: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = []
-        if device.type == "cuda":
+        self._staging: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]] = []
+        cuda = device.type == "cuda"
+        if staged if staged is not None else cuda:
             per_layer = max(
                 sum(b.a[0].numel() + b.b[0].numel() for (lay, _), b in self.buffers.items()
                     if lay == layer)
                 for layer in range(cfg.num_layers)
             )
-            self._staging = [(torch.empty(per_layer, dtype=dtype, pin_memory=True),
+            self._staging = [(torch.empty(per_layer, dtype=dtype, pin_memory=cuda),
                               torch.empty(per_layer, dtype=dtype, device=device),
-                              torch.cuda.Event()) for _ in range(2)]
+                              torch.cuda.Event() if cuda else None) for _ in range(2)]
+        self.num_transfers = 0  # host->device copies of packed layers (staged writes)
 
     @property
     def nbytes(self) -> int:
@@ -117,16 +122,19 @@ class LoRABuffers:
         # Pack the layer into a pinned buffer, send it in one transfer, then split it on the
         # device (device-local copies are cheap; host->device transfers are not).
         host, dev, done = self._staging[layer % 2]
-        done.synchronize()  # the transfer that last read this pinned buffer has finished
+        if done is not None:
+            done.synchronize()  # the transfer that last read this pinned buffer has finished
         sizes = [src.numel() for src, _ in pairs]
         total = sum(sizes)
         torch.cat([src.reshape(-1) for src, _ in pairs], out=host[:total])
         dev[:total].copy_(host[:total], non_blocking=True)
+        self.num_transfers += 1
         start = 0
         for (src, dst), n in zip(pairs, sizes):
             dst.copy_(dev[start : start + n].view(src.shape))
             start += n
-        done.record()
+        if done is not None:
+            done.record()
 
     def clear(self, lora_slot: int) -> None:
         for buf in self.buffers.values():
