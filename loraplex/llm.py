@@ -58,7 +58,8 @@ class LLM:
         """Generate for every prompt in one continuously batched run; outputs in prompt order.
 
         Every request is validated before any runs; a request the engine fails (e.g. its
-        adapter's files vanished) comes back with ``finish_reason="abort"`` and ``error`` set.
+        adapter was unloaded or its files vanished) comes back with ``finish_reason="error"`` and
+        ``error`` set.
         """
         if isinstance(prompts, str):
             prompts = [prompts]

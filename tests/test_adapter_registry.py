@@ -252,3 +252,22 @@ def test_staged_slot_write_packs_each_layer_into_one_copy(base):
     assert torch.equal(qkv.a[2, 2 * 8 : 2 * 8 + w.rank], w.a)
     assert torch.equal(qkv.b[2, qkv.offsets[2] : qkv.offsets[3], : w.rank], w.b)
     assert qkv.ranks[2, 2].item() == w.rank and qkv.ranks[0].sum().item() == 0
+
+
+def test_cold_adapter_whose_files_vanished_fails_alone(base, tmp_path):
+    import shutil
+
+    d, _, dirs = base
+    doomed = tmp_path / "doomed"
+    shutil.copytree(dirs["old"], doomed)
+    llm = LLM(d, adapters={"X": str(doomed)}, device="cpu", max_lora_rank=8, max_cpu_loras=1)
+    engine = llm.engine
+    llm.load_adapter("Y", dirs["new"])  # X leaves the 1-entry host cache; it has no slot
+    shutil.rmtree(doomed)
+    engine.add_request("base", [1, 5, 6], GREEDY, None)
+    engine.add_request("cold", [1, 5, 7], GREEDY, "X")
+    done = _drain(engine)
+    assert done["cold"].finish_reason == "error"
+    assert "'X'" in done["cold"].error and "does not exist" in done["cold"].error
+    assert done["base"].finish_reason == "length" and len(done["base"].token_ids) == 6
+    assert sum(engine.lora_pool.pins) == 0

@@ -20,7 +20,7 @@ from collections import deque
 
 from loraplex.config import SchedulerConfig
 from loraplex.engine.sequence import Sequence, SequenceStatus
-from loraplex.errors import AdapterNotFoundError, LoraplexError
+from loraplex.errors import AdapterLoadError, AdapterNotFoundError, LoraplexError
 from loraplex.kvcache.block_manager import BlockManager
 from loraplex.lora.adapter import LoRAAdapter
 from loraplex.lora.loader import AdapterLoader
@@ -108,7 +108,10 @@ class Scheduler:
             raise AdapterNotFoundError(unloaded_message(seq.adapter))
         if self.pool.lora_slot_of(key) is not None:
             return True, None
-        adapter = self.loader.fetch(self.registry.get(seq.adapter))
+        try:
+            adapter = self.loader.fetch(self.registry.get(seq.adapter))
+        except AdapterLoadError as e:
+            raise AdapterLoadError(f"adapter {seq.adapter!r} could not be read again: {e}") from e
         return adapter is not None, adapter
 
     def drop_waiting(self, name: str) -> None:

@@ -22,7 +22,7 @@ class RequestOutput:
     """A request's state after a step: cumulative ``token_ids`` and ``text``.
 
     ``text`` has stop strings removed and, while running, may hold back a tail that could
-    still become a stop string. ``finish_reason`` is "stop", "length", "abort" or None.
+    still become a stop string. ``finish_reason`` is "stop", "length", "abort", "error" or None.
     """
 
     request_id: str
@@ -32,7 +32,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     adapter: str | None = None
-    error: str | None = None  # set when the engine failed this request (finish_reason "abort")
+    error: str | None = None  # why the engine failed this request (finish_reason "error")
 
 
 @dataclass

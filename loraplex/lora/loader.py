@@ -101,8 +101,9 @@ class AdapterLoader:
 
     def _reread(self, entry: AdapterEntry) -> LoRAAdapter:
         adapter = self.parse(entry.name, entry.path)
-        if self.registry.is_current(entry.key):  # unloaded meanwhile: don't cache it
-            self.cache.put(entry.key, adapter)
+        self.cache.put(entry.key, adapter)
+        if not self.registry.is_current(entry.key):  # unloaded meanwhile: don't keep it
+            self.cache.discard(entry.key)
         return adapter
 
     def busy(self) -> bool:
