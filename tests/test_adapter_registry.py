@@ -176,14 +176,14 @@ def test_slow_adapter_read_does_not_stall_running_requests(base, monkeypatch):
     engine.add_request("base", [1, 5, 6], sp, None)
     engine.step()  # "base" runs
     engine.add_request("cold", [1, 5, 7], GREEDY, "X")  # X must be read again from disk
+    engine.add_request("behind", [1, 5, 8], sp, None)  # queued after the cold request
     assert entered.wait(60)
-    tokens_while_loading = 0
-    for _ in range(5):  # the parse is blocked: steps must still decode "base"
+    tokens_while_loading = {"base": 0, "behind": 0}
+    for _ in range(5):  # the parse is blocked: steps still run, "behind" is admitted
         for out in engine.step():
-            assert out.request_id == "base"
-            tokens_while_loading += 1
-    assert tokens_while_loading == 5
-    assert engine.scheduler.waiting[0].request_id == "cold"  # waiting, not failed
+            tokens_while_loading[out.request_id] += 1
+    assert tokens_while_loading["base"] >= 4 and tokens_while_loading["behind"] >= 4
+    assert [s.request_id for s in engine.scheduler.waiting] == ["cold"]  # waiting, not failed
     release.set()
     done = _drain(engine)
     assert done["cold"].token_ids == _peft_tokens(hf, dirs["old"], [1, 5, 7], 6)

@@ -296,6 +296,7 @@ class LLMEngine:
         an error naming it, and a later load of the same name gets a new generation."""
         self.adapters.remove(name)
         self.lora_cache.drop_name(name)
+        self.lora_loader.forget(name)
         self.lora_pool.retire(name)
         self.scheduler.drop_waiting(name)
 

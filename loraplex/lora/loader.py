@@ -106,6 +106,12 @@ class AdapterLoader:
             self.cache.discard(entry.key)
         return adapter
 
+    def forget(self, name: str) -> None:
+        """Drop the pending reads of ``name`` (an unload): nobody will ask for them."""
+        with self._lock:
+            for key in [k for k in self._fetches if k[0] == name]:
+                self._fetches.pop(key).cancel()
+
     def busy(self) -> bool:
         """Whether a background read for the scheduler is in flight."""
         with self._lock:
