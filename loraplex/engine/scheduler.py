@@ -70,20 +70,20 @@ class Scheduler:
             adapter: LoRAAdapter | None = None
             if needs_pin:
                 try:
-                    ready, adapter = self._adapter_ready(seq)
+                    state, adapter = self._adapter_state(seq)
                 except LoraplexError as e:  # unloaded since it was queued, or files gone
                     self.waiting.popleft()
                     self._fail(seq, str(e))
                     continue
-                if not ready:
+                if state == "loading":
                     loading.append(self.waiting.popleft())
                     continue
+                if state == "no_slot":
+                    break
             n = seq.num_tokens
             if admitted and n > budget:
                 break
             if not self.blocks.can_allocate(n):
-                break
-            if needs_pin and not self.pool.can_pin(self._key(seq)):
                 break
             self.waiting.popleft()
             if needs_pin:
@@ -100,19 +100,25 @@ class Scheduler:
     def _key(seq: Sequence) -> tuple[str, int]:
         return (seq.adapter, seq.adapter_generation)
 
-    def _adapter_ready(self, seq: Sequence) -> tuple[bool, LoRAAdapter | None]:
-        """(ready to pin, host weights when it has no slot yet); raises for a request whose
-        adapter generation is gone or whose files can no longer be read."""
+    def _adapter_state(self, seq: Sequence) -> tuple[str, LoRAAdapter | None]:
+        """Whether ``seq``'s adapter can be pinned now: ("ready", its host weights, or None
+        when it already has a slot), ("no_slot", None): every slot is pinned, or ("loading",
+        None): its weights are still being read. Raises for a request whose adapter
+        generation is gone or whose files can no longer be read."""
         key = self._key(seq)
         if not self.registry.is_current(key):
             raise AdapterNotFoundError(unloaded_message(seq.adapter))
         if self.pool.lora_slot_of(key) is not None:
-            return True, None
+            return "ready", None
+        entry = self.registry.get(seq.adapter)
+        if not self.pool.can_pin(key):
+            self.loader.prefetch(entry)  # read it meanwhile; no weights taken that can't be used
+            return "no_slot", None
         try:
-            adapter = self.loader.fetch(self.registry.get(seq.adapter))
+            adapter = self.loader.fetch(entry)
         except AdapterLoadError as e:
             raise AdapterLoadError(f"adapter {seq.adapter!r} could not be read again: {e}") from e
-        return adapter is not None, adapter
+        return ("loading", None) if adapter is None else ("ready", adapter)
 
     def drop_waiting(self, name: str) -> None:
         """End every queued request for adapter ``name`` that holds no pin (it was unloaded);
