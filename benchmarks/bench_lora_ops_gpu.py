@@ -133,7 +133,7 @@ def build_problem(shape, env: Env, rotate: int, seed: int) -> Problem:
     def randn(*size: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*size, generator=gen, device=env.device) * scale).to(env.dtype)
 
-    base_slots = shape.token_slots()
+    base_slots = shape.token_lora_slots()
     return Problem(
         shape, x=randn(t, k), a=randn(slots, n * r, k, scale=k**-0.5),
         b=randn(slots, out, r, scale=r**-0.5),
@@ -160,7 +160,8 @@ def check(p: Problem, ops, env: Env, mixed: bool) -> float:
         ranks = ranks.to(torch.int32)
         ranks[0] = r
         group = p.shape.seg_len or 1  # prefill: whole segments without an adapter
-        slots = [-1 if (i // group) % 5 == 3 else s for i, s in enumerate(p.shape.token_slots())]
+        slots = [-1 if (i // group) % 5 == 3 else s
+                 for i, s in enumerate(p.shape.token_lora_slots())]
         batch = LoRABatch.from_token_slots(slots, device=env.device)
     h, h_ref = torch.full_like(p.h, float("nan")), torch.full_like(p.h, float("nan"))
     ops.lora_shrink(x, p.a, ranks, batch, h)
@@ -173,7 +174,7 @@ def check(p: Problem, ops, env: Env, mixed: bool) -> float:
     y, y_ref = y0.clone(), y0.clone()
     ops.lora_expand(h_ref, p.b, ranks, p.scalings, p.offsets, batch, y)
     lora_ref.lora_expand(h_ref, p.b, ranks, p.scalings, p.offsets, batch, y_ref)
-    idle = batch.token_slots < 0
+    idle = batch.token_lora_slots < 0
     err_y = _rel(y, y_ref) if torch.equal(y[idle], y0[idle]) else float("inf")
     return max(err_h, err_y)
 
@@ -187,7 +188,7 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def floor_bytes(p: Problem) -> int:
     s, e = p.shape, p.x.element_size()
-    used = len({slot for slot in s.token_slots()})
+    used = len({slot for slot in s.token_lora_slots()})
     n, r, out = len(s.widths), s.rank, sum(s.widths)
     return e * (s.num_tokens * s.in_features + used * r * (n * s.in_features + out)
                 + 2 * s.num_tokens * out)

@@ -9,6 +9,7 @@ started on the CPU benchmark model (random Llama, ~150M parameters, see common.p
 ``--base-url`` points at a running server.
 
     python benchmarks/bench_serving.py [--request-rate 1] [--num-requests 64] [--small]
+    python benchmarks/bench_serving.py --adapter-load-stall   # in-process, prints only
 
 Measures requests/s, output tokens/s, p50/p99 time to first token, inter-token latency (gap
 between streamed chunks) and end-to-end latency; prints a markdown table, and with
@@ -176,6 +177,66 @@ def start_server(tmp: Path, args) -> tuple[subprocess.Popen, str]:
         time.sleep(0.5)
 
 
+def adapter_load_stall(args) -> None:
+    """How long running streams stall while an adapter loads (``--adapter-load-stall``).
+
+    In process, no HTTP: ``max_num_seqs`` base-model streams decode while a new adapter is
+    registered (parsed on the loader's threads). Compares the longest step during the load
+    with the median step without one, and with the parse time, which is the stall the old
+    design added (it parsed on the engine thread between two steps)."""
+    import statistics
+
+    from loraplex.engine.llm_engine import LLMEngine
+    from loraplex.sampling_params import SamplingParams
+
+    with tempfile.TemporaryDirectory(prefix="loraplex-bench-stall-") as tmp:
+        hf = make_bench_model(Path(tmp) / "model")
+        dirs = make_adapters(hf, Path(tmp), 4, r=args.rank)
+        del hf
+        engine = LLMEngine.from_args(str(Path(tmp) / "model"), device=args.device,
+                                     max_num_seqs=args.max_num_seqs, max_lora_rank=args.rank)
+        sp = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
+        rng = random.Random(args.seed)
+        for i in range(args.max_num_seqs):
+            prompt = [rng.randrange(4, args.vocab_size) for _ in range(args.input_len)]
+            engine.add_request(f"s{i}", prompt, sp, None)
+
+        def step_time() -> float:
+            t = time.perf_counter()
+            engine.step()
+            return time.perf_counter() - t
+
+        for _ in range(3):  # prefill and warm-up
+            step_time()
+        quiet = [step_time() for _ in range(20)]
+        parse = min(timed_once(lambda p=p: engine.lora_loader.parse("probe", p))
+                    for p in list(dirs.values())[:3])
+        during: list[float] = []
+        for name, path in dirs.items():
+            load = engine.submit_adapter_load(name, path)
+            while not load.done():
+                during.append(step_time())
+            load.result()
+    median = statistics.median(quiet)
+    rows = [["median step, no load (ms)", f"{1e3 * median:.1f}"],
+            ["adapter parse time = old design's stall (ms)", f"{1e3 * parse:.1f}"],
+            ["steps taken during 4 background loads", str(len(during))],
+            ["longest step during a load (ms)", f"{1e3 * max(during, default=0):.1f}"],
+            ["longest step during a load / median step",
+             f"{max(during, default=0) / median:.2f}x"],
+            ["old design: step + parse / median step", f"{(median + parse) / median:.2f}x"]]
+    print(f"{args.max_num_seqs} base-model decode streams on the ~150M CPU benchmark model; "
+          f"rank-{args.rank} adapters on all 7 projections of 8 layers, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f}.\n")
+    print(markdown_table(["adapter load while streaming", "value"], rows))
+
+
+def timed_once(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,7 +259,13 @@ def main() -> None:
     ap.add_argument("--small", action="store_true",
                     help="quick run: 16 requests, 8 adapters, 32 prompt / 16 output tokens")
     add_write_docs_flag(ap)
+    ap.add_argument("--adapter-load-stall", action="store_true",
+                    help="measure the stall an adapter load causes to running streams "
+                         "(in process; prints only)")
     args = ap.parse_args()
+    if args.adapter_load_stall:
+        adapter_load_stall(args)
+        return
     if args.small:
         args.num_requests, args.num_adapters = 16, 8
         args.input_len, args.output_len = 32, 16

@@ -76,7 +76,7 @@ def build_engine(model, cfg: ModelConfig, device: torch.device, dtype: torch.dty
     engine = LLMEngine("<random>", cfg, model, None, sched, CacheConfig(num_blocks=num_blocks),
                        lora, device, dtype, cuda_graphs=True)
     for a in adapters:
-        engine.lora.register(a.name, "<random>", a)
+        engine.load_adapter(a.name, "<random>", a)
     for k, v in engine.kv_caches:
         k.normal_()
         v.normal_()
@@ -94,8 +94,13 @@ def inject_decoding(engine: LLMEngine, context: int, params: SamplingParams,
     for i, name in enumerate(adapters):
         rid = f"bench-{i}"
         ids = torch.randint(3, vocab, (context,), generator=g).tolist()
-        seq = Sequence(next(engine._ids), rid, ids, params, name)
-        assert engine.scheduler._pin_adapter(seq), seq.error
+        gen = None if name is None else engine.check_adapter(name).generation
+        seq = Sequence(next(engine._ids), rid, ids, params, name, gen, seed=1000 + i)
+        if name is not None:  # pin its lora slot as admission would
+            sched = engine.scheduler
+            state, weights = sched._adapter_state(seq)
+            assert state == "ready", state
+            seq.lora_slot = sched.pool.pin(sched._key(seq), weights)
         engine.blocks.allocate(seq.seq_id, context)
         seq.status = SequenceStatus.RUNNING
         engine.scheduler.running.append(seq)

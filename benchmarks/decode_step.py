@@ -58,7 +58,7 @@ def build_engine(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, n_a
     engine = LLMEngine("<random>", cfg, model, None, sched, CacheConfig(num_blocks=batch * 34),
                        lora, device, dtype, cuda_graphs=graphs)
     for i in range(n_adapters):
-        engine.lora.register(f"lora{i}", "<random>", random_adapter(cfg, f"lora{i}", rank, i))
+        engine.load_adapter(f"lora{i}", "<random>", random_adapter(cfg, f"lora{i}", rank, i))
     return engine
 
 

@@ -1,6 +1,7 @@
 """loraplex: serve one base LLM with many LoRA adapters in one batch."""
 
 from loraplex.errors import (
+    AdapterExistsError,
     AdapterLoadError,
     AdapterNotFoundError,
     CapacityError,
@@ -15,6 +16,7 @@ __all__ = [
     "LLM",
     "SamplingParams",
     "LoraplexError",
+    "AdapterExistsError",
     "AdapterLoadError",
     "AdapterNotFoundError",
     "CapacityError",

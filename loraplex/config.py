@@ -166,11 +166,14 @@ class LoRAConfig:
     max_lora_rank: int = 64
     max_cpu_loras: int | None = None  # host LRU cache size; None = unbounded
     backend: str = "auto"  # "torch" | "triton" | "auto"
+    # host LRU cache bound in bytes (serving dtype); None = min(1/8 of RAM, 32 GiB)
+    max_cpu_lora_bytes: int | None = None
 
     def __post_init__(self) -> None:
         check_int("max_loras_per_batch", self.max_loras_per_batch)
         check_int("max_lora_rank", self.max_lora_rank)
         check_int("max_cpu_loras", self.max_cpu_loras, optional=True)
+        check_int("max_cpu_lora_bytes", self.max_cpu_lora_bytes, optional=True)
         if self.backend not in ("torch", "triton", "auto"):
             raise ConfigError(f"lora_backend={self.backend!r} must be 'torch', 'triton' or 'auto'")
 

@@ -16,6 +16,10 @@ class AdapterNotFoundError(LoraplexError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class AdapterExistsError(InvalidRequestError):
+    """A load named an adapter that is already registered (unload it first)."""
+
+
 class AdapterLoadError(LoraplexError):
     """An adapter directory is missing, malformed or does not fit the base model."""
 

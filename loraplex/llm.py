@@ -63,8 +63,8 @@ class LLM:
         """Generate for every prompt in one continuously batched run; outputs in prompt order.
 
         Every request is validated before any runs; a request the engine fails comes back
-        with ``error`` set and ``finish_reason="abort"`` (it could not start, e.g. its
-        adapter's files vanished) or ``"error"`` (e.g. its logits were NaN/inf); the others
+        with ``finish_reason="error"`` and ``error`` set (e.g. its logits were NaN/inf, its
+        adapter was unloaded before it started, or its adapter's files vanished); the others
         run on.
         """
         if isinstance(prompts, str):
@@ -76,7 +76,7 @@ class LLM:
         for p, a in zip(ids, names):
             self.engine.validate_prompt(p)
             if a is not None:
-                self.engine.lora.check_servable(a)
+                self.engine.check_adapter(a)
         rids = [f"llm-{next(self._counter)}" for _ in prompts]
         done: dict[str, RequestOutput] = {}
         try:

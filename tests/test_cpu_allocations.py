@@ -34,7 +34,7 @@ def test_lora_step_metadata_and_ops_allocate_no_weight_copies(tmp_path):
     dirs = {n: str(make_peft_adapter(hf, tmp_path / n, seed=i, r=4 + 4 * i))
             for i, n in enumerate("abc")}
     llm = LLM(str(d), adapters=dirs, device="cpu", dtype="float32")
-    lora = llm.engine.lora
+    lora = llm.engine.lora_batches
     prepared: list[list[int]] = []
     op_calls: list[tuple[str, int, int, list[int]]] = []  # (op, tokens, width, sizes)
 
@@ -46,7 +46,7 @@ def test_lora_step_metadata_and_ops_allocate_no_weight_copies(tmp_path):
         return batch
 
     lora.prepare = prepare
-    for w in lora.layers:
+    for w in llm.engine.lora_layers:
         shrink, expand = w.shrink, w.expand
 
         def spy_shrink(x, a, ranks, batch, out, _op=shrink):

@@ -263,8 +263,9 @@ def test_profiled_step_runs_the_largest_prefill_through_lora(tiny):
               num_kv_blocks=64)
     engine = llm.engine
     before = [k.clone() for k, _ in engine.kv_caches]
-    run = largest_step(engine.runner.model, engine.scheduler.cfg, engine.lora, 8, engine.device)
+    run = largest_step(engine.runner.model, engine.scheduler.cfg, engine.lora_batches, 8,
+                       engine.device)
     run()
-    batch = engine.lora.batch
+    batch = engine.lora_batches.batch
     assert batch.num_tokens == 600 and batch.num_segs == 3  # 256 + 256 + 88, slots 0, 1, 2
     assert all(torch.equal(b, k) for b, (k, _) in zip(before, engine.kv_caches))

@@ -226,7 +226,7 @@ def test_launch_grids_cover_every_output_tile_once(monkeypatch, sms: int) -> Non
         assert expand.grid[1 if shape.seg_len is None else 0] == pairs, shape.name
 
 
-def _stale_batch(real: LoRABatch, token_slots: torch.Tensor, seg_slot: int) -> LoRABatch:
+def _stale_batch(real: LoRABatch, token_lora_slots: torch.Tensor, seg_slot: int) -> LoRABatch:
     """``real`` inside longer buffers, as the manager and CUDA graphs hold it: entries past
     ``num_segs`` hold leftovers of an earlier, longer batch."""
     i32 = dict(dtype=torch.int32, device=DEVICE)
@@ -234,8 +234,8 @@ def _stale_batch(real: LoRABatch, token_slots: torch.Tensor, seg_slot: int) -> L
         real,
         seg_starts=torch.cat([real.seg_starts, torch.tensor([3, 9, 1], **i32)]),
         seg_lens=torch.cat([real.seg_lens, torch.tensor([40, 7, 2], **i32)]),
-        seg_slots=torch.cat([real.seg_slots, torch.full((3,), seg_slot, **i32)]),
-        token_slots=token_slots,
+        seg_lora_slots=torch.cat([real.seg_lora_slots, torch.full((3,), seg_slot, **i32)]),
+        token_lora_slots=token_lora_slots,
     )
 
 
@@ -244,7 +244,7 @@ def _stale_batch(real: LoRABatch, token_slots: torch.Tensor, seg_slot: int) -> L
 def test_padded_and_stale_metadata(monkeypatch, layout: str, split: int) -> None:
     """"manager": buffers longer than the batch with stale *valid* entries past num_segs /
     num_tokens, activations exactly T rows. "graph": static activations with more rows than
-    tokens, token_slots padded with -1, segment entries past num_segs with slot -1.
+    tokens, token_lora_slots padded with -1, segment entries past num_segs with slot -1.
     ``split`` 3: shrink forced to split-K (stale tiles must not leave counters set)."""
     if split > 1:
         _force_split_k(monkeypatch, split)
@@ -256,8 +256,8 @@ def test_padded_and_stale_metadata(monkeypatch, layout: str, split: int) -> None
                      pattern=slots + [-1] * (rows - t), device=DEVICE, seed=2)
     real = LoRABatch.from_token_slots(slots, device=DEVICE)
     tail = [1] * pad if layout == "manager" else [-1] * pad
-    token_slots = torch.tensor(slots + tail, dtype=torch.int32, device=DEVICE)
-    stale = _stale_batch(real, token_slots, 1 if layout == "manager" else -1)
+    token_lora_slots = torch.tensor(slots + tail, dtype=torch.int32, device=DEVICE)
+    stale = _stale_batch(real, token_lora_slots, 1 if layout == "manager" else -1)
     variants = paths(stale)
     if layout == "graph":  # segment path captured with num_segs at its static bound
         variants["static_segs"] = replace(variants["segment"], num_segs=len(stale.seg_starts))
@@ -337,10 +337,11 @@ def test_decode_path_replays_under_cuda_graph(in_features: int) -> None:
         step()
     graph.replay()  # split-K counters must be back at 0 for the next replay
     y.zero_()
-    case.batch.token_slots.copy_(case.batch.token_slots.roll(1))  # new metadata, same graph
+    lora_slots = case.batch.token_lora_slots
+    lora_slots.copy_(lora_slots.roll(1))  # new metadata, same graph
     graph.replay()
     torch.cuda.synchronize()
-    rolled = replace(case, batch=LoRABatch.from_token_slots(case.batch.token_slots.tolist(),
+    rolled = replace(case, batch=LoRABatch.from_token_slots(case.batch.token_lora_slots.tolist(),
                                                             device="cuda"))
     y_ref = torch.zeros_like(y)
     h_ref = torch.zeros_like(h)

@@ -134,7 +134,8 @@ def test_runtime_load_unload_while_running(tmp_path):
     while engine.has_unfinished_requests():
         outs += engine.step()
     assert outs[-1].token_ids == expected
-    assert engine.stats()["num_pinned_slots"] == 0 and engine.lora.slot_names.count("a") == 0
+    assert engine.stats()["num_pinned_slots"] == 0 and all(
+        k is None or k[0] != "a" for k in engine.lora_pool.keys)
     llm.load_adapter("a", str(a))  # can come back
     assert llm.generate([[1, 7, 8]], sp, adapters="a")[0].token_ids == expected
 
@@ -162,14 +163,14 @@ def test_lora_metadata_and_scratch_are_reused_across_steps(tmp_path):
     d, hf = make_tiny_model(tmp_path / "base", "llama")
     dirs = {n: make_peft_adapter(hf, tmp_path / n, seed=i, r=4) for i, n in enumerate("ab")}
     llm = LLM(str(d), adapters={k: str(v) for k, v in dirs.items()}, device="cpu")
-    lora = llm.engine.lora
+    lora = llm.engine.lora_batches
     seen = []
     prepare = lora.prepare
 
     def spy(slots, lengths, **kw):
         b = prepare(slots, lengths, **kw)
-        seen.append((b, b.seg_starts.data_ptr(), b.seg_slots.data_ptr(),
-                     b.token_slots.data_ptr(), lora.layers[0].scratch.data_ptr()))
+        seen.append((b, b.seg_starts.data_ptr(), b.seg_lora_slots.data_ptr(),
+                     b.token_lora_slots.data_ptr(), llm.engine.lora_layers[0].scratch.data_ptr()))
         return b
 
     lora.prepare = spy
@@ -177,7 +178,7 @@ def test_lora_metadata_and_scratch_are_reused_across_steps(tmp_path):
                  adapters=["a", "b", None])
     assert len(seen) == 5  # one prefill + four decode steps
     assert len({tuple(map(id, [s[0]])) + s[1:] for s in seen}) == 1
-    assert len({w.scratch.data_ptr() for w in lora.layers}) == 1
+    assert len({w.scratch.data_ptr() for w in llm.engine.lora_layers}) == 1
     # a base-only batch skips the LoRA path: prepare() is not called
     llm.generate([[1, 4]], SamplingParams(max_tokens=3))
     assert len(seen) == 5
@@ -185,7 +186,7 @@ def test_lora_metadata_and_scratch_are_reused_across_steps(tmp_path):
 
 def test_static_buffer_decode_with_adapters_matches_eager(tmp_path):
     """Decode through the CUDA-graph buffers (run eagerly on CPU): adapters switch through
-    the static ``token_slots`` and padding rows (slot -1) leave real rows alone."""
+    the static ``token_lora_slots`` and padding rows (slot -1) leave real rows alone."""
     d, hf = make_tiny_model(tmp_path / "base", "llama")
     dirs = {n: str(make_peft_adapter(hf, tmp_path / n, seed=i, r=4 + i))
             for i, n in enumerate("abc")}
@@ -196,4 +197,4 @@ def test_static_buffer_decode_with_adapters_matches_eager(tmp_path):
     static = LLM(str(d), adapters=dirs, device="cpu", max_num_seqs=8, cuda_graphs=True)
     want = [o.token_ids for o in eager.generate(prompts, sp, adapters=names)]
     assert [o.token_ids for o in static.generate(prompts, sp, adapters=names)] == want
-    assert static.engine.lora.batch.is_decode
+    assert static.engine.lora_batches.batch.is_decode

@@ -548,14 +548,9 @@ def _chaos_poisons(assets) -> dict[str, object]:
     }
 
 
-NEEDS_SAMPLER = pytest.mark.xfail(reason="needs the batched sampler branch", strict=False)
-
-
 @pytest.mark.parametrize("poison", [
-    pytest.param("temperature_1e-300", marks=NEEDS_SAMPLER),
-    pytest.param("top_p_1e-300", marks=NEEDS_SAMPLER),
-    "prompt_4mb", "surrogate", "body_over_limit", "never_read_stream", "loose_types",
-    pytest.param("adapter_b_1e30", marks=NEEDS_SAMPLER),
+    "temperature_1e-300", "top_p_1e-300", "prompt_4mb", "surrogate", "body_over_limit",
+    "never_read_stream", "loose_types", "adapter_b_1e30",
 ])
 def test_chaos_bystanders_finish_exactly(server, llm, assets, poison):
     """8 concurrent greedy streams (base and ad0) while one poisoned request is sent: every

@@ -2,7 +2,7 @@
 
 Every input of a decode forward lives in a static buffer that is updated in place: token ids,
 positions, KV slot mapping, block tables, context lengths, and the LoRA metadata (the
-manager's reused ``token_slots``). A graph captured for batch size ``bs`` therefore replays for
+manager's reused ``token_lora_slots``). A graph captured for batch size ``bs`` therefore replays for
 any sequences and any adapter mix; switching adapters never recaptures. Graphs are captured
 twice per size, with and without the LoRA path, so base-only batches skip LoRA entirely.
 

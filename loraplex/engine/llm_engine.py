@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -29,8 +30,16 @@ from loraplex.kvcache.kv_cache import allocate_kv_cache, bytes_per_block
 from loraplex.kvcache.profile import largest_step
 from loraplex.kvcache.sizing import MemorySplit, cuda_graph_reserve, measure_peak, num_kv_blocks
 from loraplex.layers.linear import can_prepack, prepack_linear_weights
-from loraplex.lora.manager import LoRAManager
+from loraplex.lora.adapter import LoRAAdapter
+from loraplex.lora.batch import LoRABatchBuilder
+from loraplex.lora.buffers import LoRABuffers
+from loraplex.lora.host_cache import HostCache, default_max_cpu_lora_bytes
+from loraplex.lora.layers import install_lora_layers
+from loraplex.lora.loader import AdapterLoader
+from loraplex.lora.pool import LoRASlotPool
+from loraplex.lora.registry import AdapterEntry, AdapterRegistry
 from loraplex.models.loader import load_model, load_model_config
+from loraplex.ops.lora_ops import resolve_lora_backend
 from loraplex.sampling_params import SamplingParams
 
 
@@ -57,21 +66,30 @@ class LLMEngine:
         # what torch held before this engine's weights: other engines in this process
         others = (max(0, torch.cuda.memory_allocated(device) - weights)
                   if device.type == "cuda" else 0)
-        # the adapter pool is allocated before the KV cache is sized, so the cache gets what
-        # is left after it
-        self.lora = LoRAManager(
-            model, model_config, lora, device, dtype,
-            max_tokens=max(sched.max_num_batched_tokens, sched.max_model_len),  # one forward
-        )
+        # The adapter subsystem, one owner per concern (see docs/architecture.md). Its device
+        # buffers are allocated before the KV cache is sized, so the cache gets what is left.
+        max_tokens = max(sched.max_num_batched_tokens, sched.max_model_len)  # one forward
+        self.adapters = AdapterRegistry()
+        self.lora_cache = HostCache(lora.max_cpu_loras,
+                                    lora.max_cpu_lora_bytes or default_max_cpu_lora_bytes())
+        self.lora_loader = AdapterLoader(model_config, lora, dtype, self.adapters, self.lora_cache)
+        buffers = LoRABuffers(model_config, lora.max_loras_per_batch, lora.max_lora_rank, dtype,
+                              device)
+        self.lora_pool = LoRASlotPool(buffers)
+        self.lora_batches = LoRABatchBuilder(max_tokens, lora.max_loras_per_batch, device)
+        self.lora_backend = resolve_lora_backend(lora.backend, device)
+        self.lora_layers = install_lora_layers(model, buffers, self.lora_backend, max_tokens,
+                                               dtype, device)
+        self.max_tokens = max_tokens
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
         capture = cuda_graphs and self._can_capture()
         num_blocks = num_kv_blocks(
             cache, bytes_per_block(model_config, cache.block_size, dtype), sched.max_model_len,
-            device, MemorySplit(weights, self.lora.pool.nbytes),
+            device, MemorySplit(weights, buffers.nbytes),
             profile=lambda: measure_peak(
-                largest_step(model, sched, self.lora, lora.max_loras_per_batch, device), device,
-                others),
+                largest_step(model, sched, self.lora_batches, lora.max_loras_per_batch, device),
+                device, others),
             graph_reserve=(cuda_graph_reserve(graph_batch_sizes(sched.max_num_seqs),
                                               model_config.vocab_size) if capture else 0))
         self.blocks = BlockManager(num_blocks, cache.block_size)
@@ -79,8 +97,9 @@ class LLMEngine:
         self.kv_caches = allocate_kv_cache(
             model_config, num_blocks + 1, cache.block_size, dtype, device
         )
-        self.scheduler = Scheduler(sched, self.blocks, lora.max_loras_per_batch, self.lora)
-        self.runner = ModelRunner(model, self.kv_caches, self.blocks, device, self.lora)
+        self.scheduler = Scheduler(sched, self.blocks, self.adapters, self.lora_pool,
+                                   self.lora_loader)
+        self.runner = ModelRunner(model, self.kv_caches, self.blocks, device, self.lora_batches)
         if cuda_graphs:
             self.runner.enable_decode_graphs(sched.max_num_seqs, sched.max_model_len,
                                              dummy_block=num_blocks, capture=capture)
@@ -98,6 +117,7 @@ class LLMEngine:
         max_loras_per_batch: int = 8,
         max_lora_rank: int = 64,
         max_cpu_loras: int | None = None,
+        max_cpu_lora_bytes: int | None = None,
         device: str = "auto",
         dtype: str = "auto",
         max_num_seqs: int = 64,
@@ -127,7 +147,8 @@ class LLMEngine:
         cache_cfg = CacheConfig(num_blocks=num_kv_blocks,
                                 kv_cache_memory_bytes=kv_cache_memory_bytes,
                                 gpu_memory_utilization=gpu_memory_utilization)
-        lora_cfg = LoRAConfig(max_loras_per_batch, max_lora_rank, max_cpu_loras, lora_backend)
+        lora_cfg = LoRAConfig(max_loras_per_batch, max_lora_rank, max_cpu_loras, lora_backend,
+                              max_cpu_lora_bytes)
         SchedulerConfig(max_num_seqs=max_num_seqs)  # validates it now; the real one is below
         cfg, _ = load_model_config(model)
         dev = resolve_device(device)
@@ -158,14 +179,15 @@ class LLMEngine:
             prepack_linear_weights(net)
         tokenizer = AutoTokenizer.from_pretrained(model)
         engine = cls(model, cfg, net, tokenizer, sched, cache_cfg, lora_cfg, dev, dt, cuda_graphs)
-        for name, path in (adapters or {}).items():
-            engine.load_adapter(name, path)
+        loads = [engine.submit_adapter_load(name, path) for name, path in (adapters or {}).items()]
+        for load in loads:  # parsed in parallel on the loader's threads
+            load.result()
         return engine
 
     def _can_capture(self) -> bool:
         # The torch reference LoRA ops read host-side segment lists, which a graph would
         # freeze; the Triton ops read only device buffers.
-        return self.device.type == "cuda" and self.lora.backend == "triton"
+        return self.device.type == "cuda" and self.lora_backend == "triton"
 
     # -- requests ------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -188,10 +210,14 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         ids = self.tokenize(prompt)
         self.validate_prompt(ids)
+        generation = None
         if adapter is not None:
-            self.lora.check_servable(adapter)
+            entry = self.check_adapter(adapter)
+            generation = entry.generation
+            if self.lora_pool.lora_slot_of(entry.key) is None:
+                self.lora_loader.prefetch(entry)  # cold: read it while the request queues
         seed = params.seed if params.seed is not None else self.runner.sampler.new_seed()
-        seq = Sequence(next(self._ids), request_id, ids, params, adapter, seed=seed)
+        seq = Sequence(next(self._ids), request_id, ids, params, adapter, generation, seed=seed)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 
@@ -230,6 +256,9 @@ class LLMEngine:
         outputs = [self._finish_failed(s) for s in self.scheduler.failed]
         self.scheduler.failed.clear()
         if not seqs:
+            if not outputs and self.lora_loader.busy():
+                # only requests whose adapters are being read: wait for the reads, not spin
+                self.lora_loader.wait(_LOAD_POLL_S)
             return outputs
         sampled = self.runner.run(seqs, is_prefill)
         for seq, tok, ok in zip(seqs, sampled.token_ids, sampled.finite):
@@ -283,14 +312,33 @@ class LLMEngine:
         seq.status = SequenceStatus.FINISHED
 
     # -- adapters ------------------------------------------------------------------------------
-    def load_adapter(self, name: str, path: str) -> None:
-        self.lora.register(name, path)
+    def submit_adapter_load(self, name: str, path: str,
+                            adapter: LoRAAdapter | None = None) -> Future[AdapterEntry]:
+        """Start registering ``name`` (files parsed on the loader's threads, never this one).
+        Raises at once for a bad or taken name; the future raises AdapterLoadError for bad
+        files. Safe to call from any thread."""
+        return self.lora_loader.register(name, path, adapter)
+
+    def load_adapter(self, name: str, path: str, adapter: LoRAAdapter | None = None) -> None:
+        """Register ``name`` and return once it is servable (``adapter``: prebuilt weights,
+        e.g. in benchmarks, instead of parsing ``path``)."""
+        self.submit_adapter_load(name, path, adapter).result()
 
     def unload_adapter(self, name: str) -> None:
-        self.lora.unregister(name)
+        """Unregister ``name``: running requests finish on its weights, queued ones end with
+        an error naming it, and a later load of the same name gets a new generation."""
+        self.adapters.remove(name)
+        self.lora_cache.drop_name(name)
+        self.lora_loader.forget(name)
+        self.lora_pool.retire(name)
+        self.scheduler.drop_waiting(name)
 
     def list_adapters(self) -> list[str]:
-        return self.lora.names()
+        return self.adapters.names()
+
+    def check_adapter(self, name: str) -> AdapterEntry:
+        """The registered entry of ``name``; AdapterNotFoundError naming it if none."""
+        return self.adapters.get(name)
 
     def stats(self) -> dict:
         return {
@@ -299,29 +347,44 @@ class LLMEngine:
             "num_free_blocks": self.blocks.num_free,
             "num_total_blocks": self.blocks.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
-            **self.lora.stats(),
+            **self.lora_pool.stats(),
+            "adapter_disk_loads": self.lora_loader.num_disk_loads,
+            "num_adapters": len(self.adapters),
+            "adapter_host_cache_bytes": self.lora_cache.nbytes,
         }
 
     def score(self, prompts: list[list[int]], adapters: list[str | None]) -> list[torch.Tensor]:
         for ids in prompts:
             self.validate_prompt(ids)
-        for a in adapters:
-            if a is not None:
-                self.lora.check_servable(a)
+        entries = [None if a is None else self.check_adapter(a) for a in adapters]
+        keys = [None if e is None else e.key for e in entries]
         out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
-        for idx in self.lora.plan_groups(adapters, [len(p) for p in prompts]):
-            names = {adapters[i] for i in idx} - {None}
-            for n in names:
-                self.lora.acquire(n)
+        for idx in self.lora_pool.plan_groups(keys, [len(p) for p in prompts], self.max_tokens):
+            group = {keys[i]: entries[i] for i in idx if keys[i] is not None}
+            slots: dict = {}
             try:
-                res = self.runner.score([prompts[i] for i in idx], [adapters[i] for i in idx])
+                for key, entry in group.items():
+                    slots[key] = self.lora_pool.pin(key, self._host_adapter(entry))
+                res = self.runner.score([prompts[i] for i in idx],
+                                        [slots.get(keys[i], -1) for i in idx])
             finally:
-                for n in names:
-                    self.lora.release(n)
+                for slot in slots.values():
+                    self.lora_pool.unpin(slot)
             for i, r in zip(idx, res):
                 out[i] = r
         return out
 
+    def _host_adapter(self, entry: AdapterEntry) -> LoRAAdapter | None:
+        """Host weights for a synchronous pin (score): None when it already has a slot."""
+        if self.lora_pool.lora_slot_of(entry.key) is not None:
+            return None
+        while (adapter := self.lora_loader.fetch(entry)) is None:
+            self.lora_loader.wait(_LOAD_POLL_S)
+        return adapter
+
+
+# How long an idle step waits for a background adapter read before returning.
+_LOAD_POLL_S = 0.01
 
 def _adapter_note(adapter: str | None) -> str:
     return f" (adapter {adapter!r})" if adapter is not None else " (base model, no adapter)"

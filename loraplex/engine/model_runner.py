@@ -1,7 +1,8 @@
 """Builds the ForwardBatch for a step, runs the model, and samples.
 
-Sequences are ordered by adapter slot before the batch is built, so each adapter's tokens are
-one contiguous segment and the LoRA ops do work per distinct adapter.
+Sequences are ordered by lora slot (the adapter weight slot the scheduler pinned for them; not
+a KV-cache slot) before the batch is built, so each adapter's tokens are one contiguous segment
+and the LoRA ops do work per distinct adapter.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from loraplex.engine.sequence import Sequence
 from loraplex.kvcache.block_manager import BlockManager
 from loraplex.layers.forward_context import ForwardBatch, forward_context
 from loraplex.layers.prefill_groups import plan_prefill
+from loraplex.lora.batch import LoRABatchBuilder
 
 
 class ModelRunner:
@@ -23,14 +25,14 @@ class ModelRunner:
         kv_caches,
         blocks: BlockManager,
         device: torch.device,
-        lora_manager=None,
+        lora_batches: LoRABatchBuilder | None = None,
         seed: int = 0,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.blocks = blocks
         self.device = device
-        self.lora = lora_manager
+        self.lora = lora_batches
         self.sampler = Sampler(seed)
         self.graphs: DecodeGraphs | None = None
 
@@ -42,14 +44,15 @@ class ModelRunner:
                                    -(-max_model_len // bs), bs, dummy_block, self.device, capture)
         self.graphs.capture_all()
 
-    def _slot(self, adapter: str | None) -> int:
-        return -1 if adapter is None or self.lora is None else self.lora.slot_of(adapter)
+    @staticmethod
+    def _lora_slot(seq: Sequence) -> int:
+        return -1 if seq.lora_slot is None else seq.lora_slot
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> SamplerOutput:
         """One forward over ``seqs``; one sampled token and finiteness flag per sequence
         (input order)."""
-        seq_slots = [self._slot(s.adapter) for s in seqs]
+        seq_slots = [self._lora_slot(s) for s in seqs]
         order = sorted(range(len(seqs)), key=seq_slots.__getitem__)
         ordered = [seqs[i] for i in order]
         slots = [seq_slots[i] for i in order]
@@ -66,10 +69,10 @@ class ModelRunner:
             tokens[i], finite[i] = sampled.token_ids[pos], sampled.finite[pos]
         return SamplerOutput(tokens, finite)
 
-    def _lora_batch(self, slots: list[int], lengths: list[int], is_decode: bool = False):
-        if self.lora is None or all(s < 0 for s in slots):
+    def _lora_batch(self, lora_slots: list[int], lengths: list[int], is_decode: bool = False):
+        if self.lora is None or all(s < 0 for s in lora_slots):
             return None  # base-model-only batch: skip the LoRA path entirely
-        return self.lora.prepare(slots, lengths, is_decode=is_decode)
+        return self.lora.prepare(lora_slots, lengths, is_decode=is_decode)
 
     def _prepare_prefill(self, seqs: list[Sequence], slots: list[int]):
         ids: list[int] = []
@@ -136,10 +139,10 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 
     @torch.inference_mode()
-    def score(self, prompts: list[list[int]], adapters: list[str | None]) -> list[torch.Tensor]:
+    def score(self, prompts: list[list[int]], lora_slots: list[int]) -> list[torch.Tensor]:
         """Next-token logits at every position of each prompt (no KV cache written).
-        Adapters named here must be pinned by the caller."""
-        order = sorted(range(len(prompts)), key=lambda i: self._slot(adapters[i]))
+        ``lora_slots``: one per prompt, pinned by the caller (-1 = no adapter)."""
+        order = sorted(range(len(prompts)), key=lora_slots.__getitem__)
         ids: list[int] = []
         positions: list[int] = []
         cu = [0]
@@ -147,7 +150,7 @@ class ModelRunner:
             ids += prompts[i]
             positions += range(len(prompts[i]))
             cu.append(cu[-1] + len(prompts[i]))
-        batch = self._prefill_batch(cu, None, [self._slot(adapters[i]) for i in order])
+        batch = self._prefill_batch(cu, None, [lora_slots[i] for i in order])
         with forward_context(batch):
             hidden = self.model(self._tensor(ids), self._tensor(positions))
         logits = self.model.compute_logits(hidden).cpu()

@@ -43,6 +43,10 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter: str | None = None
+    # the adapter generation recorded when the request was added (see lora.registry), and
+    # the lora slot it holds a pin on from admission until it ends (kept across preemption)
+    adapter_generation: int | None = None
+    lora_slot: int | None = None
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     arrival_time: float = field(default_factory=time.monotonic)

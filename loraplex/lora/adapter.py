@@ -1,8 +1,9 @@
 """A LoRA adapter in normalized host form: per layer and projection, A, B and a scaling.
 
 Whatever the source format (PEFT today), an adapter reaches the pool as a ``LoRAAdapter``
-whose tensors are CPU, contiguous, float32 and already checked against the base model, so
-the pool only has to copy them into its slots and cast to the serving dtype.
+whose tensors are CPU, contiguous and already checked against the base model. The host cache
+keeps them in the serving dtype (``to``), so a slot load is a plain copy and the cache holds
+no float32 copies of half-precision weights.
 
 The update a module applies is ``y += scaling * (x @ a.T) @ b.T`` with ``x: [tokens, in]``.
 """
@@ -39,10 +40,6 @@ class LoRAWeights:
     def rank(self) -> int:
         return self.a.shape[0]
 
-    def delta_weight(self) -> torch.Tensor:
-        """The dense update ``scaling * b @ a``, ``[out, in]``; for tests and merging."""
-        return self.scaling * (self.b @ self.a)
-
 
 @dataclass
 class LoRAAdapter:
@@ -70,6 +67,10 @@ class LoRAAdapter:
         """The projection names this adapter touches in at least one layer."""
         return {proj for _, proj in self.weights}
 
-    def layers(self) -> set[int]:
-        """The layer indices this adapter touches."""
-        return {layer for layer, _ in self.weights}
+    def to(self, dtype: torch.dtype) -> LoRAAdapter:
+        """The same adapter with A and B in ``dtype`` (self when they already are)."""
+        if all(w.a.dtype == dtype and w.b.dtype == dtype for w in self.weights.values()):
+            return self
+        weights = {k: LoRAWeights(w.a.to(dtype).contiguous(), w.b.to(dtype).contiguous(), w.scaling)
+                   for k, w in self.weights.items()}
+        return LoRAAdapter(self.name, self.path, weights)

@@ -16,7 +16,7 @@ from torch import nn
 
 from loraplex.layers.forward_context import get_forward_batch
 from loraplex.layers.linear import LinearBase
-from loraplex.lora.pool import FUSED_PROJECTIONS, LoRAPool, SlotBuffers
+from loraplex.lora.buffers import FUSED_PROJECTIONS, LoRABuffers, SlotBuffers
 from loraplex.ops.lora_ops import get_lora_ops
 
 
@@ -50,14 +50,14 @@ class LoRALinear(nn.Module):
 
 def install_lora_layers(
     model: nn.Module,
-    pool: LoRAPool,
+    buffers: LoRABuffers,
     backend: str,
     max_tokens: int,
     dtype: torch.dtype,
     device: torch.device,
 ) -> list[LoRALinear]:
     ops = get_lora_ops(backend)
-    width = max(b.a.shape[1] for b in pool.buffers.values())
+    width = max(b.a.shape[1] for b in buffers.buffers.values())
     scratch = torch.zeros(max_tokens, width, dtype=dtype, device=device)
     wrappers = []
     for layer_idx, layer in enumerate(model.model.layers):
@@ -66,7 +66,7 @@ def install_lora_layers(
             base = getattr(parent, fused)
             if isinstance(base, LoRALinear):
                 base = base.base
-            w = LoRALinear(base, pool.buffers[(layer_idx, fused)], scratch, ops)
+            w = LoRALinear(base, buffers.buffers[(layer_idx, fused)], scratch, ops)
             setattr(parent, fused, w)
             wrappers.append(w)
     return wrappers

@@ -1,89 +1,128 @@
-"""Device slots for adapter weights: buffers allocated once, per layer and fused projection.
+"""The lora slot pool: which adapter generation each device slot holds, pins, and eviction.
 
-For a fused projection with ``n`` slices (q/k/v: 3, gate/up: 2, o/down: 1), ``S`` slots and
-``R = max_lora_rank``:
-    a        [S, n*R, in]   slice i's A in rows i*R : i*R + rank
-    b        [S, out, R]    slice i's B in rows offsets[i] : offsets[i+1], columns : rank
-    ranks    [S, n] int32   0 = slice not targeted by the adapter in that slot
-    scalings [S, n] float32
-Rank columns beyond a slot's rank are never read, so loading an adapter writes only its own
-rows/columns and clearing a slot only zeroes its ranks.
+A lora slot (an index into the adapter weight buffers, ``buffers.py``; not a KV-cache slot)
+holds one adapter *generation*, keyed ``(name, generation)``, never by name alone: a name
+unloaded and loaded again from other files gets a new generation and so a new slot, while
+requests already running finish on the old one.
+
+Contract:
+- ``pin`` / ``unpin`` are the only pin counts in the engine; every ``pin`` is matched by
+  exactly one ``unpin`` (the scheduler holds one pin per admitted sequence until it ends).
+- A pinned slot is never evicted or overwritten. Unpinned slots are reused empty-first, then
+  least recently used.
+- ``retire(name)`` (an unload) frees the name's unpinned slots at once; a pinned one is
+  retired for good and freed when its last pin drops, so it can never serve again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-
-from loraplex.config import ModelConfig
+from loraplex.errors import CapacityError
 from loraplex.lora.adapter import LoRAAdapter
-
-# fused module -> the HF projections stacked in it, in order
-FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "o_proj": ("o_proj",),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-    "down_proj": ("down_proj",),
-}
+from loraplex.lora.buffers import LoRABuffers
+from loraplex.lora.registry import AdapterKey
 
 
-@dataclass
-class SlotBuffers:
-    a: torch.Tensor
-    b: torch.Tensor
-    ranks: torch.Tensor
-    scalings: torch.Tensor
-    offsets: tuple[int, ...]  # output column offsets of the slices, len n + 1
-
-
-class LoRAPool:
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        num_slots: int,
-        max_rank: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        self.num_slots, self.max_rank = num_slots, max_rank
-        shapes = cfg.proj_shapes()
-        self.buffers: dict[tuple[int, str], SlotBuffers] = {}
-        for layer in range(cfg.num_layers):
-            for fused, projs in FUSED_PROJECTIONS.items():
-                in_f = shapes[projs[0]][0]
-                outs = [shapes[p][1] for p in projs]
-                offsets = tuple(sum(outs[:i]) for i in range(len(outs) + 1))
-                n = len(projs)
-                self.buffers[(layer, fused)] = SlotBuffers(
-                    a=torch.zeros(num_slots, n * max_rank, in_f, dtype=dtype, device=device),
-                    b=torch.zeros(num_slots, offsets[-1], max_rank, dtype=dtype, device=device),
-                    ranks=torch.zeros(num_slots, n, dtype=torch.int32, device=device),
-                    scalings=torch.zeros(num_slots, n, dtype=torch.float32, device=device),
-                    offsets=offsets,
-                )
+class LoRASlotPool:
+    def __init__(self, buffers: LoRABuffers) -> None:
+        self.buffers = buffers
+        n = buffers.num_slots
+        self.keys: list[AdapterKey | None] = [None] * n
+        self.pins = [0] * n
+        self.retired = [False] * n
+        self.last_used = [0] * n
+        self._clock = 0
+        self.num_loads = self.num_evictions = 0
 
     @property
-    def nbytes(self) -> int:
-        return sum(b.a.nbytes + b.b.nbytes for b in self.buffers.values())
+    def num_slots(self) -> int:
+        return len(self.keys)
 
-    def write(self, slot: int, adapter: LoRAAdapter) -> None:
-        """Copy an adapter's weights into ``slot`` (replacing whatever was there)."""
-        assert adapter.max_rank <= self.max_rank
-        self.clear(slot)
-        R = self.max_rank
-        for (layer, fused), buf in self.buffers.items():
-            for i, proj in enumerate(FUSED_PROJECTIONS[fused]):
-                w = adapter.weights.get((layer, proj))
-                if w is None:
-                    continue
-                r = w.a.shape[0]
-                buf.a[slot, i * R : i * R + r].copy_(w.a)
-                buf.b[slot, buf.offsets[i] : buf.offsets[i + 1], :r].copy_(w.b)
-                buf.ranks[slot, i] = r
-                buf.scalings[slot, i] = w.scaling
+    def lora_slot_of(self, key: AdapterKey) -> int | None:
+        """The live slot holding ``key``, or None."""
+        for s, k in enumerate(self.keys):
+            if k == key and not self.retired[s]:
+                return s
+        return None
 
-    def clear(self, slot: int) -> None:
-        for buf in self.buffers.values():
-            buf.ranks[slot].zero_()
-            buf.scalings[slot].zero_()
+    def can_pin(self, key: AdapterKey) -> bool:
+        """Whether ``pin(key)`` would succeed now: ``key`` already has a slot, or an unpinned
+        slot exists to load it into."""
+        return self.lora_slot_of(key) is not None or 0 in self.pins
+
+    def pin(self, key: AdapterKey, adapter: LoRAAdapter | None) -> int:
+        """Pin ``key`` in a lora slot and return the slot. ``adapter`` (the host weights) is
+        needed only when ``key`` has no slot yet; then an unpinned slot is (re)written."""
+        slot = self.lora_slot_of(key)
+        if slot is None:
+            free = [s for s in range(self.num_slots) if self.pins[s] == 0]
+            if not free:
+                raise CapacityError("every LoRA slot is pinned by running requests")
+            assert adapter is not None, f"adapter {key} has no slot and no host weights"
+            slot = min(free, key=lambda s: (self.keys[s] is not None, self.last_used[s]))
+            if self.keys[slot] is not None:
+                self.num_evictions += 1
+            self.buffers.write(slot, adapter)
+            self.keys[slot] = key
+            self.num_loads += 1
+        self.pins[slot] += 1
+        self._touch(slot)
+        return slot
+
+    def unpin(self, lora_slot: int) -> None:
+        assert self.pins[lora_slot] > 0, f"lora slot {lora_slot} is not pinned"
+        self.pins[lora_slot] -= 1
+        self._touch(lora_slot)
+        if self.pins[lora_slot] == 0 and self.retired[lora_slot]:
+            self._free(lora_slot)
+
+    def retire(self, name: str) -> None:
+        """Every slot of any generation of ``name`` stops serving (see the module docstring)."""
+        for s, k in enumerate(self.keys):
+            if k is not None and k[0] == name:
+                if self.pins[s]:
+                    self.retired[s] = True
+                else:
+                    self._free(s)
+
+    def plan_groups(self, keys: list[AdapterKey | None], lengths: list[int],
+                    max_tokens: int) -> list[list[int]]:
+        """Split requests (in order) into groups that can run at once: the adapters without
+        a pinned slot fit the unpinned slots, and the tokens fit ``max_tokens``."""
+        pinned = {k for k, p, r in zip(self.keys, self.pins, self.retired) if p and not r}
+        free = self.pins.count(0)
+        groups: list[list[int]] = []
+        new: set[AdapterKey] = set()
+        tokens = 0
+        for i, (key, n) in enumerate(zip(keys, lengths)):
+            if n > max_tokens:
+                raise CapacityError(f"prompt {i} has {n} tokens; at most {max_tokens} fit one "
+                                    f"forward (max_num_batched_tokens)")
+            needs_slot = key is not None and key not in pinned and key not in new
+            if needs_slot and free == 0:
+                raise CapacityError(
+                    "every LoRA slot is pinned by running requests; retry when they finish")
+            if not groups or tokens + n > max_tokens or (needs_slot and len(new) == free):
+                groups.append([])
+                new, tokens = set(), 0
+                needs_slot = key is not None and key not in pinned
+            groups[-1].append(i)
+            tokens += n
+            if needs_slot:
+                new.add(key)
+        return groups
+
+    def _touch(self, lora_slot: int) -> None:
+        self._clock += 1
+        self.last_used[lora_slot] = self._clock
+
+    def _free(self, lora_slot: int) -> None:
+        self.buffers.clear(lora_slot)
+        self.keys[lora_slot] = None
+        self.retired[lora_slot] = False
+
+    def stats(self) -> dict:
+        return {
+            "num_pinned_slots": sum(1 for p in self.pins if p > 0),
+            "adapter_loads": self.num_loads,
+            "adapter_evictions": self.num_evictions,
+        }

@@ -1,9 +1,11 @@
 """The per-forward LoRA metadata every batched LoRA op reads.
 
 Tokens of a batch are ordered so that each adapter's tokens are contiguous: a *segment* is a
-run of tokens that use one slot. ``slot == -1`` means "no adapter" (the op leaves those
-tokens untouched). The manager fills these tensors in place every step (preallocated, so
-CUDA graphs can capture them); only the first ``num_segs`` / ``num_tokens`` entries are valid.
+run of tokens that use one lora slot (an index into the adapter weight buffers; KV-cache slots
+are a different thing, ``slot_mapping``). Lora slot -1 means "no adapter" (the op leaves
+those tokens untouched). ``lora.batch.LoRABatchBuilder`` fills these tensors in place every
+step (preallocated, so CUDA graphs can capture them); only the first ``num_segs`` /
+``num_tokens`` entries are valid.
 
 Per (layer, projection) the adapter pool holds, for ``S`` slots and ``n`` stacked slices
 (q/k/v: n=3, gate/up: n=2, o/down: n=1) and ``R = max_lora_rank``:
@@ -24,15 +26,16 @@ import torch
 class LoRABatch:
     seg_starts: torch.Tensor  # [max_segs] int32, first token of each segment
     seg_lens: torch.Tensor  # [max_segs] int32
-    seg_slots: torch.Tensor  # [max_segs] int32, -1 = no adapter
-    token_slots: torch.Tensor  # [max_tokens] int32, slot of each token, -1 = no adapter
+    seg_lora_slots: torch.Tensor  # [max_segs] int32, -1 = no adapter
+    token_lora_slots: torch.Tensor  # [max_tokens] int32, slot of each token, -1 = no adapter
     num_segs: int
     num_tokens: int
     max_seg_len: int
-    # Host copy of the segments that use an adapter: (start, length, slot). The torch
-    # reference loops over these (work per distinct adapter, no device->host sync).
+    # Host copy of the segments that use an adapter: (start, length, lora_slot), in token
+    # order, from ``segments`` (the one definition). Host-side backends loop over these
+    # (work per distinct adapter, no device->host sync).
     host_segs: list[tuple[int, int, int]]
-    # A decode step (one token per sequence): per-token kernels read only ``token_slots``,
+    # A decode step (one token per sequence): per-token kernels read only ``token_lora_slots``,
     # so a CUDA graph captured once replays for any adapter mix.
     is_decode: bool = False
 
@@ -43,26 +46,40 @@ class LoRABatch:
 
     @classmethod
     def from_token_slots(cls, slots: list[int], device: torch.device | str = "cpu") -> LoRABatch:
-        """Build from a per-token slot list (tests, benchmarks). Runs of equal slots form
+        """Build from a per-token lora slot list (tests, benchmarks). Runs of equal slots form
         segments; the list need not be sorted."""
-        starts: list[int] = []
-        lens: list[int] = []
-        seg_slots: list[int] = []
-        for i, s in enumerate(slots):
-            if seg_slots and seg_slots[-1] == s and starts[-1] + lens[-1] == i:
-                lens[-1] += 1
-            else:
-                starts.append(i)
-                lens.append(1)
-                seg_slots.append(s)
+        segs = segments(slots, [1] * len(slots))
         i32 = dict(dtype=torch.int32, device=device)
         return cls(
-            seg_starts=torch.tensor(starts, **i32),
-            seg_lens=torch.tensor(lens, **i32),
-            seg_slots=torch.tensor(seg_slots, **i32),
-            token_slots=torch.tensor(slots, **i32),
-            num_segs=len(starts),
+            seg_starts=torch.tensor([s[0] for s in segs], **i32),
+            seg_lens=torch.tensor([s[1] for s in segs], **i32),
+            seg_lora_slots=torch.tensor([s[2] for s in segs], **i32),
+            token_lora_slots=torch.tensor(slots, **i32),
+            num_segs=len(segs),
             num_tokens=len(slots),
-            max_seg_len=max(lens, default=0),
-            host_segs=[(a, n, s) for a, n, s in zip(starts, lens, seg_slots) if s >= 0],
+            max_seg_len=max((s[1] for s in segs), default=0),
+            host_segs=[s for s in segs if s[2] >= 0],
         )
+
+
+def segments(lora_slots: list[int], lengths: list[int]) -> list[tuple[int, int, int]]:
+    """The one definition of a segment: ``(start, length, lora_slot)`` per maximal run of
+    consecutive rows with the same lora slot, given row groups (e.g. sequences) in batch order
+    with ``lengths[i]`` tokens on ``lora_slots[i]`` (-1 = no adapter). Semantics::
+
+        token_slot = [s for s, n in zip(lora_slots, lengths) for _ in range(n)]
+        # split token_slot wherever the value changes; zero-length groups vanish
+
+    Every LoRA op backend reads segments from here (``LoRABatch.host_segs`` on the host)."""
+    segs: list[tuple[int, int, int]] = []
+    pos = 0
+    for slot, n in zip(lora_slots, lengths, strict=True):
+        if n <= 0:
+            continue
+        if segs and segs[-1][2] == slot:
+            start, m, _ = segs[-1]
+            segs[-1] = (start, m + n, slot)
+        else:
+            segs.append((pos, n, slot))
+        pos += n
+    return segs

@@ -22,7 +22,7 @@ class LoRACase:
     ranks: torch.Tensor  # [S, n] int32
     scalings: torch.Tensor  # [S, n] float32
     offsets: tuple[int, ...]  # n + 1 output column offsets
-    token_slots: list[int]  # [T], -1 = no adapter
+    token_lora_slots: list[int]  # [T], -1 = no adapter
     batch: LoRABatch
 
     @property
@@ -85,7 +85,7 @@ def make_case(
     return LoRACase(
         x=x.to(device, dtype), a=a.to(device, dtype), b=b.to(device, dtype),
         ranks=torch.tensor(slot_ranks, dtype=torch.int32, device=device),
-        scalings=scalings.to(device), offsets=offsets, token_slots=slots,
+        scalings=scalings.to(device), offsets=offsets, token_lora_slots=slots,
         batch=LoRABatch.from_token_slots(slots, device=device),
     )
 
@@ -93,10 +93,10 @@ def make_case(
 def poisoned_h(case: LoRACase, seed: int = 1) -> torch.Tensor:
     """A valid ``h`` for ``lora_expand``: random where shrink would write, NaN elsewhere."""
     gen = torch.Generator().manual_seed(seed)
-    t, n, big_r = len(case.token_slots), case.ranks.shape[1], case.max_rank
+    t, n, big_r = len(case.token_lora_slots), case.ranks.shape[1], case.max_rank
     h = torch.full((t, n * big_r), float("nan"))
     ranks = case.ranks.tolist()
-    for tok, slot in enumerate(case.token_slots):
+    for tok, slot in enumerate(case.token_lora_slots):
         if slot >= 0:
             for i, r in enumerate(ranks[slot]):
                 h[tok, i * big_r : i * big_r + r] = torch.randn(r, generator=gen)
@@ -108,7 +108,7 @@ def naive_shrink(case: LoRACase, out: torch.Tensor) -> torch.Tensor:
     ref = out.detach().cpu().double().clone()
     ranks, big_r = case.ranks.tolist(), case.max_rank
     x, a = case.x.cpu().double(), case.a.cpu().double()
-    for tok, slot in enumerate(case.token_slots):
+    for tok, slot in enumerate(case.token_lora_slots):
         if slot < 0:
             continue
         for i, r in enumerate(ranks[slot]):
@@ -123,7 +123,7 @@ def naive_expand(case: LoRACase, h: torch.Tensor, y: torch.Tensor) -> torch.Tens
     ranks, big_r, offs = case.ranks.tolist(), case.max_rank, case.offsets
     h64, b = h.cpu().double(), case.b.cpu().double()
     scalings = case.scalings.tolist()
-    for tok, slot in enumerate(case.token_slots):
+    for tok, slot in enumerate(case.token_lora_slots):
         if slot < 0:
             continue
         for i, r in enumerate(ranks[slot]):
@@ -137,10 +137,10 @@ def naive_expand(case: LoRACase, h: torch.Tensor, y: torch.Tensor) -> torch.Tens
 
 def written_mask(case: LoRACase) -> torch.Tensor:
     """[T, n*R] bool: the entries of ``out`` that ``lora_shrink`` must write."""
-    t, n, big_r = len(case.token_slots), case.ranks.shape[1], case.max_rank
+    t, n, big_r = len(case.token_lora_slots), case.ranks.shape[1], case.max_rank
     mask = torch.zeros(t, n * big_r, dtype=torch.bool)
     ranks = case.ranks.tolist()
-    for tok, slot in enumerate(case.token_slots):
+    for tok, slot in enumerate(case.token_lora_slots):
         if slot >= 0:
             for i, r in enumerate(ranks[slot]):
                 mask[tok, i * big_r : i * big_r + r] = True
@@ -149,7 +149,7 @@ def written_mask(case: LoRACase) -> torch.Tensor:
 
 def touched_rows(case: LoRACase) -> torch.Tensor:
     """[T] bool: tokens that use an adapter (rows ``lora_expand`` may change)."""
-    return torch.tensor([s >= 0 for s in case.token_slots], dtype=torch.bool)
+    return torch.tensor([s >= 0 for s in case.token_lora_slots], dtype=torch.bool)
 
 
 # ---- sweep helpers shared by tests/test_lora_ops.py and tests/test_lora_triton.py
@@ -182,7 +182,7 @@ def build(n: int, num_tokens: int, pattern: str | list[int], max_rank: int, seed
 
 def check_shrink(shrink, case: LoRACase, rtol: float, atol: float) -> None:
     """Run ``shrink`` on a random ``out``: written entries match the oracle, others unchanged."""
-    t, cols = len(case.token_slots), case.a.shape[1]
+    t, cols = len(case.token_lora_slots), case.a.shape[1]
     gen = torch.Generator().manual_seed(3)
     out0 = torch.randn(t, cols, generator=gen).to(case.x.device, case.x.dtype)
     out = out0.clone()
@@ -197,7 +197,7 @@ def check_shrink(shrink, case: LoRACase, rtol: float, atol: float) -> None:
 def check_expand(expand, case: LoRACase, rtol: float, atol: float) -> None:
     """Run ``expand`` on a random ``y`` and NaN-poisoned ``h``: rows with an adapter match the
     oracle, rows without one are bit-identical, and no poison leaks in."""
-    t, out_features = len(case.token_slots), case.b.shape[1]
+    t, out_features = len(case.token_lora_slots), case.b.shape[1]
     gen = torch.Generator().manual_seed(4)
     y0 = torch.randn(t, out_features, generator=gen).to(case.x.device, case.x.dtype)
     y = y0.clone()

@@ -4,10 +4,11 @@
 ``batch.decode_shaped`` (every segment <= 4 tokens) picks the per-token decode kernels, else
 the segment (prefill) kernels. Stacked slices (q/k/v, gate/up) run in one launch per op.
 
-CUDA graphs: the decode path is capturable. Its grid is ``(min(len(batch.token_slots),
+CUDA graphs: the decode path is capturable. Its grid is ``(min(len(batch.token_lora_slots),
 rows of x/out resp. h/y), column tiles[, K chunks])``: shapes only, so a graph captured for a
-padded batch size replays for any metadata written into the same buffers. ``token_slots`` entries of
-padding rows should hold -1 (they exit at once; a stale valid slot only writes padding rows).
+padded batch size replays for any metadata written into the same buffers.
+``token_lora_slots`` entries of padding rows should hold -1 (they exit at once; a stale valid
+slot only writes padding rows).
 The segment path's grid is ``(column tiles, cdiv(batch.max_seg_len, BLOCK_M),
 batch.num_segs * K chunks)``, so stale entries past ``num_segs`` (the manager reuses its
 buffers) are never read. To capture it, hold ``max_seg_len`` and ``num_segs`` at static bounds
@@ -44,15 +45,15 @@ def lora_shrink(
     _require(out.dim() == 2 and out.shape[1] == nr and out.stride(1) == 1, "out: [T, n*R]")
     r = nr // n
     if batch.decode_shaped:
-        t = min(batch.token_slots.shape[0], x.shape[0], out.shape[0])
+        t = min(batch.token_lora_slots.shape[0], x.shape[0], out.shape[0])
         if t == 0:
             return
         block_n, block_k, split, warps = _shrink_decode_config(t, nr, k, x.dtype, x.device)
         tiles = t * triton.cdiv(nr, block_n)
         chunk, split = _k_chunks(k, block_k, min(_fit_split(split, tiles, block_n), 65535))
-        ws, counts = _split_k_buffers(x.device) if split > 1 else (out, batch.token_slots)
+        ws, counts = _split_k_buffers(x.device) if split > 1 else (out, batch.token_lora_slots)
         K.shrink_decode_kernel[(t, triton.cdiv(nr, block_n), split)](
-            x, a, ranks, batch.token_slots, out, ws, counts, k, chunk, split, nr, r, n,
+            x, a, ranks, batch.token_lora_slots, out, ws, counts, k, chunk, split, nr, r, n,
             x.stride(0), a.stride(0), a.stride(1), out.stride(0),
             BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_BOUND=_bound(split), num_warps=warps,
             num_stages=2,
@@ -64,10 +65,10 @@ def lora_shrink(
     grid = [triton.cdiv(nr, block_n), triton.cdiv(batch.max_seg_len, block_m), batch.num_segs]
     split = min(_fit_split(split, math.prod(grid), block_m * block_n), 65535 // grid[2])
     chunk, split = _k_chunks(k, block_k, split)
-    ws, counts = _split_k_buffers(x.device) if split > 1 else (out, batch.token_slots)
+    ws, counts = _split_k_buffers(x.device) if split > 1 else (out, batch.token_lora_slots)
     grid[2] *= split
     K.shrink_segment_kernel[tuple(grid)](
-        x, a, ranks, batch.seg_starts, batch.seg_lens, batch.seg_slots, out, ws, counts,
+        x, a, ranks, batch.seg_starts, batch.seg_lens, batch.seg_lora_slots, out, ws, counts,
         k, chunk, split, nr, r, n, x.stride(0), a.stride(0), a.stride(1), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=_precision(x),
         SPLIT_BOUND=_bound(split), num_warps=4, num_stages=4,
@@ -102,13 +103,13 @@ def lora_expand(
     if widest == 0:
         return
     if batch.decode_shaped:
-        t = min(batch.token_slots.shape[0], h.shape[0], y.shape[0])
+        t = min(batch.token_lora_slots.shape[0], h.shape[0], y.shape[0])
         if t == 0:
             return
         block_n, block_r = _expand_decode_config(r, widest)
         tiles = sum(triton.cdiv(w, block_n) for w in widths)  # (slice, tile) pairs, exactly
         K.expand_decode_kernel[(t, tiles)](
-            h, b, ranks, scalings, batch.token_slots, y, r, n, *offs,
+            h, b, ranks, scalings, batch.token_lora_slots, y, r, n, *offs,
             h.stride(0), b.stride(0), b.stride(1), y.stride(0),
             BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4, num_stages=2,
         )
@@ -119,7 +120,7 @@ def lora_expand(
     tiles = sum(triton.cdiv(w, block_n) for w in widths)
     grid = (tiles, triton.cdiv(batch.max_seg_len, block_m), batch.num_segs)
     K.expand_segment_kernel[grid](
-        h, b, ranks, scalings, batch.seg_starts, batch.seg_lens, batch.seg_slots, y,
+        h, b, ranks, scalings, batch.seg_starts, batch.seg_lens, batch.seg_lora_slots, y,
         r, n, *offs, h.stride(0), b.stride(0), b.stride(1), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, DOT_PRECISION=_precision(y),
         num_warps=8 if block_m * block_n >= 8192 else 4, num_stages=2,
@@ -239,10 +240,10 @@ def _check_common(x, w, ranks, out, batch: LoRABatch) -> None:
              f"dtypes must match: activations {x.dtype}, weights {w.dtype}, output {out.dtype}")
     _require(ranks.dtype == torch.int32 and ranks.is_contiguous() and ranks.dim() == 2
              and ranks.shape[0] == w.shape[0], "ranks: contiguous int32 [S, n]")
-    for name in ("seg_starts", "seg_lens", "seg_slots", "token_slots"):
+    for name in ("seg_starts", "seg_lens", "seg_lora_slots", "token_lora_slots"):
         meta = getattr(batch, name)
         _require(meta.dtype == torch.int32 and meta.is_contiguous(), f"batch.{name}: int32")
-    devices = {t.device for t in (x, w, ranks, out, batch.token_slots, batch.seg_slots)}
+    devices = {t.device for t in (x, w, ranks, out, batch.token_lora_slots, batch.seg_lora_slots)}
     _require(len(devices) == 1, f"all tensors must be on one device, got {devices}")
 
 

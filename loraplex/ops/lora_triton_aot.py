@@ -46,7 +46,7 @@ class OpShape:
     seg_len: int | None = None
     dtype: torch.dtype = torch.bfloat16
 
-    def token_slots(self) -> list[int]:
+    def token_lora_slots(self) -> list[int]:
         if self.seg_len is None:
             return [i % self.num_adapters for i in range(self.num_tokens)]
         return [(i // self.seg_len) % self.num_adapters for i in range(self.num_tokens)]
@@ -78,7 +78,7 @@ def record_op_launches(shape: OpShape) -> list[Launch]:
     a, b = torch.empty(s, n * r, shape.in_features, **meta), torch.empty(s, out, r, **meta)
     ranks = torch.empty(s, n, dtype=torch.int32, device="meta")
     scalings = torch.empty(s, n, dtype=torch.float32, device="meta")
-    batch = LoRABatch.from_token_slots(shape.token_slots(), device="meta")
+    batch = LoRABatch.from_token_slots(shape.token_lora_slots(), device="meta")
     with recording_launches() as log:
         lora_triton.lora_shrink(x, a, ranks, batch, h)
         lora_triton.lora_expand(h, b, ranks, scalings, offsets, batch, y)

@@ -15,6 +15,7 @@ server's absolute paths.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import os
@@ -27,8 +28,8 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from loraplex.errors import AdapterLoadError, AdapterNotFoundError
-from loraplex.server.adapters import AdapterRegistry
+from loraplex.errors import AdapterLoadError
+from loraplex.server.adapters import ServedModels
 from loraplex.server.async_engine import AsyncEngine
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.middleware import RequestGuard, install_error_handlers
@@ -39,7 +40,6 @@ from loraplex.server.protocol import (
     LoadLoRAAdapterRequest,
     UnloadLoRAAdapterRequest,
     bad_request,
-    not_found,
 )
 from loraplex.server.serving import OpenAIServing
 
@@ -84,9 +84,8 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
         logger.warning("SECURITY: --allow-any-adapter-path: clients with the API key can load "
                        "an adapter from ANY directory this server can read")
     async_engine = AsyncEngine(engine, max_backlog=config.max_stream_backlog)
-    registry = AdapterRegistry(config.served_model_name, config.model_path,
-                               config.allow_runtime_adapters, config.adapter_root,
-                               dict(config.adapters))
+    registry = ServedModels(config.served_model_name, config.model_path, engine.adapters,
+                            config.allow_runtime_adapters, config.adapter_root)
     metrics = ServerMetrics()
     prompts = PromptTokenizer(engine.tokenizer, engine.max_model_len, config.tokenizer_threads)
     serving = OpenAIServing(async_engine, registry, metrics, prompts,
@@ -126,9 +125,9 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
         base = {"id": config.served_model_name, "object": "model", "created": started,
                 "owned_by": "loraplex", "root": config.model_path, "parent": None,
                 "max_model_len": engine.max_model_len}
-        adapters = [{"id": name, "object": "model", "created": started, "owned_by": "loraplex",
-                     "root": path, "parent": config.served_model_name}
-                    for name, path in registry.paths.items()]
+        adapters = [{"id": a.name, "object": "model", "created": started, "owned_by": "loraplex",
+                     "root": a.path, "parent": config.served_model_name}
+                    for a in engine.adapters.entries()]
         return {"object": "list", "data": [base, *adapters]}
 
     @v1.post("/completions")
@@ -145,12 +144,11 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
         if not os.path.isdir(path):
             raise bad_request(f"lora_path '{body.lora_path}' is not a directory",
                               param="lora_path", code="adapter_load_failed")
-        try:
-            await async_engine.call(engine.load_adapter, body.lora_name, path)
+        try:  # parsed on the engine's loader threads: neither the event loop nor steps wait
+            await asyncio.wrap_future(engine.submit_adapter_load(body.lora_name, path))
         except AdapterLoadError as exc:  # name the files as the client did, not by real path
             raise bad_request(str(exc).replace(path, body.lora_path), param="lora_path",
                               code="adapter_load_failed") from None
-        registry.paths[body.lora_name] = path
         logger.info("loaded adapter %r from %s", body.lora_name, path)
         return {"object": "lora_adapter", "id": body.lora_name, "root": path,
                 "status": "loaded"}
@@ -158,15 +156,7 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
     @v1.post("/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> dict[str, Any]:
         registry.check_unload(body.lora_name)
-        path = registry.paths.pop(body.lora_name)  # refuse new requests at once
-        try:
-            await async_engine.call(engine.unload_adapter, body.lora_name)
-        except AdapterNotFoundError:  # the engine does not know it either: stays unregistered
-            raise not_found(f"no adapter named '{body.lora_name}' is loaded",
-                            code="adapter_not_found") from None
-        except Exception:
-            registry.paths[body.lora_name] = path
-            raise
+        await async_engine.call(engine.unload_adapter, body.lora_name)
         logger.info("unloaded adapter %r", body.lora_name)
         return {"object": "lora_adapter", "id": body.lora_name, "status": "unloaded"}
 
@@ -190,6 +180,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-loras-per-batch", type=int, default=8)
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--max-cpu-loras", type=int, default=None)
+    p.add_argument("--max-cpu-lora-bytes", type=int, default=None,
+                   help="host adapter cache bound in bytes (default: min(RAM/8, 32 GiB))")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto")
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -267,7 +259,8 @@ def run_server(args: argparse.Namespace) -> None:
     config = server_config_from_args(args)
     engine = LLMEngine.from_args(
         model=args.model, adapters=config.adapters, max_loras_per_batch=args.max_loras_per_batch,
-        max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, device=args.device,
+        max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
+        max_cpu_lora_bytes=args.max_cpu_lora_bytes, device=args.device,
         dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks,
         lora_backend=args.lora_backend,

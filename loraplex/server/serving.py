@@ -25,7 +25,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from loraplex.errors import AdapterNotFoundError
-from loraplex.server.adapters import AdapterRegistry
+from loraplex.server.adapters import ServedModels
 from loraplex.server.async_engine import (
     AsyncEngine,
     OutputDelta,
@@ -48,7 +48,7 @@ T = TypeVar("T")
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, registry: AdapterRegistry, metrics: ServerMetrics,
+    def __init__(self, engine: AsyncEngine, registry: ServedModels, metrics: ServerMetrics,
                  prompts: PromptTokenizer, max_sequences: int) -> None:
         self.engine, self.registry, self.metrics = engine, registry, metrics
         self.prompts, self.max_model_len = prompts, prompts.max_model_len
@@ -124,7 +124,7 @@ class OpenAIServing:
     def _request_error(self, exc: Exception, model: str) -> Exception:
         """A request that failed alone: 404 if its adapter was unloaded while it waited."""
         if isinstance(exc, RequestFailedError) and model != self.served_model_name \
-                and model not in self.registry.paths:
+                and model not in self.registry.adapters:
             return self._model_gone(model)
         return exc
 

@@ -1,0 +1,142 @@
+"""Device buffers for adapter weights: allocated once, per layer and fused projection.
+
+For a fused projection with ``n`` slices (q/k/v: 3, gate/up: 2, o/down: 1), ``S`` lora slots and
+``R = max_lora_rank``:
+    a        [S, n*R, in]   slice i's A in rows i*R : i*R + rank
+    b        [S, out, R]    slice i's B in rows offsets[i] : offsets[i+1], columns : rank
+    ranks    [S, n] int32   0 = slice not targeted by the adapter in that slot
+    scalings [S, n] float32
+Rank columns beyond a slot's rank are never read, so loading an adapter writes only its own
+rows/columns and clearing a slot only zeroes its ranks.
+
+Which adapter a slot holds, and who pins it, is the slot pool's business (``pool.py``); this
+file only moves weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.config import ModelConfig
+from loraplex.lora.adapter import LoRAAdapter
+
+# fused module -> the HF projections stacked in it, in order
+FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+
+
+@dataclass
+class SlotBuffers:
+    a: torch.Tensor
+    b: torch.Tensor
+    ranks: torch.Tensor
+    scalings: torch.Tensor
+    offsets: tuple[int, ...]  # output column offsets of the slices, len n + 1
+
+
+class LoRABuffers:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        staged: bool | None = None,
+    ) -> None:
+        """``staged``: copy through the per-layer staging buffers (default: on CUDA only;
+        tests force it on CPU to check the packing)."""
+        self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
+        self.num_layers = cfg.num_layers
+        shapes = cfg.proj_shapes()
+        self.buffers: dict[tuple[int, str], SlotBuffers] = {}
+        for layer in range(cfg.num_layers):
+            for fused, projs in FUSED_PROJECTIONS.items():
+                in_f = shapes[projs[0]][0]
+                outs = [shapes[p][1] for p in projs]
+                offsets = tuple(sum(outs[:i]) for i in range(len(outs) + 1))
+                n = len(projs)
+                self.buffers[(layer, fused)] = SlotBuffers(
+                    a=torch.zeros(num_slots, n * max_rank, in_f, dtype=dtype, device=device),
+                    b=torch.zeros(num_slots, offsets[-1], max_rank, dtype=dtype, device=device),
+                    ranks=torch.zeros(num_slots, n, dtype=torch.int32, device=device),
+                    scalings=torch.zeros(num_slots, n, dtype=torch.float32, device=device),
+                    offsets=offsets,
+                )
+        # On CUDA a slot load goes through pinned host buffers, each big enough for one layer
+        # of a max-rank adapter: one host->device copy per layer. Two of them alternate, so
+        # packing layer k+1 on the host overlaps layer k's transfer.
+        self._staging: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]] = []
+        cuda = device.type == "cuda"
+        if staged if staged is not None else cuda:
+            per_layer = max(
+                sum(b.a[0].numel() + b.b[0].numel() for (lay, _), b in self.buffers.items()
+                    if lay == layer)
+                for layer in range(cfg.num_layers)
+            )
+            self._staging = [(torch.empty(per_layer, dtype=dtype, pin_memory=cuda),
+                              torch.empty(per_layer, dtype=dtype, device=device),
+                              torch.cuda.Event() if cuda else None) for _ in range(2)]
+        self.num_transfers = 0  # host->device copies of packed layers (staged writes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.a.nbytes + b.b.nbytes for b in self.buffers.values())
+
+    def write(self, lora_slot: int, adapter: LoRAAdapter) -> None:
+        """Copy an adapter's weights into ``lora_slot`` (replacing whatever was there)."""
+        assert adapter.max_rank <= self.max_rank
+        R = self.max_rank
+        for layer in range(self.num_layers):
+            # (host source, device destination) pairs of this layer, in one fixed order
+            pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+            for fused, projs in FUSED_PROJECTIONS.items():
+                buf = self.buffers[(layer, fused)]
+                ranks = torch.zeros(len(projs), dtype=torch.int32)
+                scalings = torch.zeros(len(projs), dtype=torch.float32)
+                for i, proj in enumerate(projs):
+                    w = adapter.weights.get((layer, proj))
+                    if w is None:
+                        continue
+                    r = w.rank
+                    pairs.append((w.a, buf.a[lora_slot, i * R : i * R + r]))
+                    pairs.append((w.b, buf.b[lora_slot, buf.offsets[i] : buf.offsets[i + 1], :r]))
+                    ranks[i], scalings[i] = r, w.scaling
+                buf.ranks[lora_slot].copy_(ranks)
+                buf.scalings[lora_slot].copy_(scalings)
+            self._copy_layer(layer, pairs)
+
+    def _copy_layer(self, layer: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if not self._staging:  # host memory: copy straight into the slot
+            for src, dst in pairs:
+                dst.copy_(src)
+            return
+        if not pairs:
+            return
+        # Pack the layer into a pinned buffer, send it in one transfer, then split it on the
+        # device (device-local copies are cheap; host->device transfers are not).
+        host, dev, done = self._staging[layer % 2]
+        if done is not None:
+            done.synchronize()  # the transfer that last read this pinned buffer has finished
+        sizes = [src.numel() for src, _ in pairs]
+        total = sum(sizes)
+        torch.cat([src.reshape(-1) for src, _ in pairs], out=host[:total])
+        dev[:total].copy_(host[:total], non_blocking=True)
+        self.num_transfers += 1
+        start = 0
+        for (src, dst), n in zip(pairs, sizes):
+            dst.copy_(dev[start : start + n].view(src.shape))
+            start += n
+        if done is not None:
+            done.record()
+
+    def clear(self, lora_slot: int) -> None:
+        for buf in self.buffers.values():
+            buf.ranks[lora_slot].zero_()
+            buf.scalings[lora_slot].zero_()
