@@ -57,8 +57,7 @@ class _Rows:
     top_k: list[int]
     top_p: list[float]
     min_p: list[float]
-    seed: list[int]
-    step: list[int]
+    key: list[int]  # sampling_ops.row_key(seed, step): the row's noise stream
 
 
 class Sampler:
@@ -108,16 +107,15 @@ class Sampler:
         s = torch.empty(len(t["index"]), width, device=logits.device)
         s[:, vocab:] = float("-inf")  # padding to whole blocks: never drawn
         torch.div(logits[t["index"]], t["temperature"][:, None], out=s[:, :vocab])
-        return ops.race_blocks(s, ops.row_keys(t["seed"], t["step"]), block)
+        return ops.race_blocks(s, t["key"], block)
 
     def _filtered(self, logits: torch.Tensor, rows: _Rows, t: dict[str, torch.Tensor],
                   num_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
         if rows.index != list(range(logits.shape[0])):
             logits = logits[t["index"]]
         need_full_mass = any(p < 1 and k <= 0 for p, k in zip(rows.top_p, rows.top_k))
-        keys = ops.row_keys(t["seed"], t["step"])
         return ops.filtered_race(logits, t["temperature"], t["top_k"], t["top_p"], t["min_p"],
-                                 keys, num_candidates, need_full_mass)
+                                 t["key"], num_candidates, need_full_mass)
 
     def _rerun(self, logits: torch.Tensor, rows: _Rows, missed: list[int], tokens: list[int],
                num_candidates: int) -> None:
@@ -174,7 +172,7 @@ class Sampler:
 
 _ESCALATION = 16  # candidates grow by this factor per rerun round (topk(16k) << a sort)
 _FIELDS = [("index", False), ("temperature", True), ("top_k", False), ("top_p", True),
-           ("min_p", True), ("seed", False), ("step", False)]
+           ("min_p", True), ("key", False)]
 
 
 _FIELD_NAMES = list(_Rows.__dataclass_fields__)
@@ -182,7 +180,7 @@ _FIELD_NAMES = list(_Rows.__dataclass_fields__)
 
 def _plan(seqs: list[Sequence], vocab: int) -> tuple[_Rows, _Rows]:
     """Split the sampled rows into (no filter, top-k/top-p/min-p) from their params."""
-    plain, filtered = _Rows([], [], [], [], [], [], []), _Rows([], [], [], [], [], [], [])
+    plain, filtered = _Rows([], [], [], [], [], []), _Rows([], [], [], [], [], [])
     for i, seq in enumerate(seqs):
         p = seq.params
         if p.temperature == 0:
@@ -194,11 +192,5 @@ def _plan(seqs: list[Sequence], vocab: int) -> tuple[_Rows, _Rows]:
         rows.top_k.append(top_k)
         rows.top_p.append(p.top_p)
         rows.min_p.append(p.min_p)
-        rows.seed.append(_int64(seq.seed))
-        rows.step.append(len(seq.output_token_ids))
+        rows.key.append(ops.row_key(seq.seed or 0, len(seq.output_token_ids)))
     return plain, filtered
-
-
-def _int64(seed: int | None) -> int:
-    v = (seed or 0) & ((1 << 64) - 1)
-    return v - (1 << 64) if v >= 1 << 63 else v

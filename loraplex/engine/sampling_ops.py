@@ -29,15 +29,18 @@ _MUL2 = _signed(0x94D049BB133111EB)
 _BLOCK_STREAM = 0x5DEECE66D  # separates the block races' stream from the tokens'
 
 
-def mix64(x: torch.Tensor) -> torch.Tensor:
+def mix64(x: torch.Tensor, top_bits_only: bool = False) -> torch.Tensor:
     """splitmix64's finalizer, in place on an int64 tensor (arithmetic mod 2**64).
 
     Semantics: ``x ^= x >>> 30; x *= 0xBF58476D1CE4E5B9; x ^= x >>> 27;
     x *= 0x94D049BB133111EB; x ^= x >>> 31`` with ``>>>`` a logical shift (torch's ``>>``
-    is arithmetic on int64, so the sign-extended bits are masked off).
+    is arithmetic on int64, so the sign-extended bits are masked off). The last xorshift
+    leaves bits 33..63 as they are: ``top_bits_only`` skips it (3 kernels fewer).
     """
     tmp = torch.empty_like(x)
-    for shift, mul in ((30, _MUL1), (27, _MUL2), (31, None)):
+    rounds = ((30, _MUL1), (27, _MUL2)) if top_bits_only else ((30, _MUL1), (27, _MUL2),
+                                                                 (31, None))
+    for shift, mul in rounds:
         torch.bitwise_right_shift(x, shift, out=tmp)
         tmp &= (1 << (64 - shift)) - 1
         x ^= tmp
@@ -46,22 +49,28 @@ def mix64(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def row_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """seeds [n] int64, steps [n] int64 (tokens the sequence generated so far) -> keys [n].
+def _mix64_int(x: int) -> int:
+    """``mix64`` on one Python int (unsigned 64-bit in, unsigned out)."""
+    m = (1 << 64) - 1
+    x = ((x ^ (x >> 30)) * (_MUL1 % (1 << 64))) & m
+    x = ((x ^ (x >> 27)) * (_MUL2 % (1 << 64))) & m
+    return x ^ (x >> 31)
 
-    ``key = mix64(mix64(seed + G) + (step + 1) * G)``: one independent stream per
-    (request, step).
-    """
-    key = mix64(seeds + GOLDEN)
-    key += (steps + 1) * GOLDEN
-    return mix64(key)
+
+def row_key(seed: int, step: int) -> int:
+    """A row's stream key (signed int64), computed on the host when the step is planned:
+    ``mix64(mix64(seed + G) + (step + 1) * G)``, one independent stream per (request, step)."""
+    m = (1 << 64) - 1
+    g = GOLDEN % (1 << 64)
+    key = _mix64_int((_mix64_int((seed + g) & m) + (step + 1) * g) & m)
+    return key - (1 << 64) if key >= 1 << 63 else key
 
 
 def log_exponential(keys: torch.Tensor, token_terms: torch.Tensor) -> torch.Tensor:
     """keys [n, 1] int64, token_terms [n or 1, k] int64 (``(token_id + 1) * GOLDEN``)
     -> log E [n, k] float32 with ``E = -log(u)``, ``u`` the top 24 bits of
     ``mix64(key + token_term)`` mapped to the open interval (0, 1)."""
-    h = mix64(keys + token_terms)
+    h = mix64(keys + token_terms, top_bits_only=True)
     h >>= 40
     h &= (1 << 24) - 1  # the top 24 bits (>> sign-extends); float32 holds them exactly
     u = h.to(torch.float32).add_(0.5).mul_(2.0**-24)
