@@ -32,6 +32,7 @@ At vocab 128256, 78% of those top-p rows kept more than 1024 tokens and took the
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -113,9 +114,11 @@ class Sampler:
                   num_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
         if rows.index != list(range(logits.shape[0])):
             logits = logits[t["index"]]
-        need_full_mass = any(p < 1 and k <= 0 for p, k in zip(rows.top_p, rows.top_k))
+        need_full_mass = any(p <= 1 and k <= 0 for p, k in zip(rows.top_p, rows.top_k))
+        uses = (any(k > 0 for k in rows.top_k), any(p <= 1 for p in rows.top_p),
+                any(m > 0 for m in rows.min_p))
         return ops.filtered_race(logits, t["temperature"], t["top_k"], t["top_p"], t["min_p"],
-                                 t["key"], num_candidates, need_full_mass)
+                                 t["key"], num_candidates, need_full_mass, uses)
 
     def _rerun(self, logits: torch.Tensor, rows: _Rows, missed: list[int], tokens: list[int],
                num_candidates: int) -> None:
@@ -146,35 +149,35 @@ class Sampler:
         if self._host is None or self._host.shape[1] < n or self._dev.device != device:
             cap = max(n, 64)
             pin = device.type == "cuda"
-            self._host = torch.empty(len(_FIELDS), cap, dtype=torch.int64, pin_memory=pin)
+            rows = len(_INT_FIELDS) + len(_FLOAT_FIELDS)
+            self._host = torch.empty(rows, cap, dtype=torch.int64, pin_memory=pin)
             self._dev = self._host if device.type == "cpu" else torch.empty_like(
                 self._host, device=device)
-        a = self._host.numpy()
-        af = a.view(np.float64)
+        ints = self._host.numpy()
+        floats = ints.view(np.float64)[len(_INT_FIELDS):]  # the float columns, as f64 bits
         col = 0
         for g in groups:
             m = len(g.index)
-            for r, (name, is_float) in enumerate(_FIELDS):
-                (af if is_float else a)[r, col : col + m] = getattr(g, name)
+            for r, name in enumerate(_INT_FIELDS):
+                ints[r, col : col + m] = getattr(g, name)
+            for r, name in enumerate(_FLOAT_FIELDS):
+                floats[r, col : col + m] = getattr(g, name)
             col += m
         dev = self._dev
         if dev is not self._host:
             dev[:, :n].copy_(self._host[:, :n], non_blocking=True)
         out, col = [], 0
         for g in groups:
-            m = len(g.index)
-            cols = dev[:, col : col + m]
-            out.append({name: (cols[r].view(torch.float64).to(torch.float32) if is_float
-                               else cols[r]) for r, (name, is_float) in enumerate(_FIELDS)})
-            col += m
+            cols = dev[:, col : col + len(g.index)]
+            f32 = cols[len(_INT_FIELDS):].view(torch.float64).to(torch.float32)  # one kernel
+            out.append(dict(zip(_INT_FIELDS, cols)) | dict(zip(_FLOAT_FIELDS, f32)))
+            col += len(g.index)
         return out
 
 
 _ESCALATION = 16  # candidates grow by this factor per rerun round (topk(16k) << a sort)
-_FIELDS = [("index", False), ("temperature", True), ("top_k", False), ("top_p", True),
-           ("min_p", True), ("key", False)]
-
-
+_INT_FIELDS = ("index", "top_k", "key")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p")
 _FIELD_NAMES = list(_Rows.__dataclass_fields__)
 
 
@@ -190,7 +193,7 @@ def _plan(seqs: list[Sequence], vocab: int) -> tuple[_Rows, _Rows]:
         rows.index.append(i)
         rows.temperature.append(p.temperature)
         rows.top_k.append(top_k)
-        rows.top_p.append(p.top_p)
+        rows.top_p.append(p.top_p if p.top_p < 1 else math.inf)  # inf: top-p off
         rows.min_p.append(p.min_p)
         rows.key.append(ops.row_key(seq.seed or 0, len(seq.output_token_ids)))
     return plain, filtered

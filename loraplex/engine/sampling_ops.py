@@ -113,13 +113,16 @@ def filtered_race(
     keys: torch.Tensor,
     num_candidates: int,
     need_full_mass: bool,
+    uses: tuple[bool, bool, bool] = (True, True, True),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k, then top-p, then min-p, then the race, over each row's best candidates.
 
     logits [n, V] float32; temperature [n] float32 (> 0); top_k [n] int64 (<= 0: off; when
-    on, below ``num_candidates``); top_p [n], min_p [n] float32; keys [n] int64;
-    ``need_full_mass``: some row has top-p on and top-k off (its top-p mass is over the
-    whole row). Returns (token ids [n], covered [n] bool).
+    on, below ``num_candidates``); top_p [n] float32 (> 1, e.g. inf: off); min_p [n]
+    float32; keys [n] int64; ``need_full_mass``: some row has top-p on and top-k off (its
+    top-p mass is over the whole row); ``uses``: whether any row has top-k / top-p / min-p
+    on (the host knows; a stage no row uses is skipped). Returns (token ids [n], covered [n]
+    bool).
 
     Semantics, per row, with ``s = logits / temperature`` and ``p = exp(s - max s)``
     (probabilities up to one factor):
@@ -139,20 +142,25 @@ def filtered_race(
     vals, idx = logits.topk(num_candidates, dim=-1)  # [n, kc], sorted descending
     vals /= temperature[:, None]
     p = (vals - vals[:, :1]).exp_()
-    k = torch.where(top_k > 0, top_k, num_candidates).clamp_(1, num_candidates)
-    keep = vals >= vals.gather(1, (k - 1)[:, None])
-    kept_p = p * keep
-    cum = kept_p.cumsum(dim=-1)
-    mass = cum[:, -1]
-    if need_full_mass:
-        full = (torch.logsumexp(logits / temperature[:, None], dim=-1) - vals[:, 0]).exp_()
-        mass = torch.where(top_k > 0, mass, full)
-    reach = (cum >= (top_p * mass)[:, None]) & (top_p < 1)[:, None]
-    first = reach.to(torch.uint8).argmax(dim=-1, keepdim=True)  # first True (0 if none)
-    bound = torch.where(reach.any(dim=-1, keepdim=True), p.gather(1, first), 0.0)
-    keep &= (p >= bound) & (p >= min_p[:, None])
-    score = vals - log_exponential(keys[:, None], token_terms(idx))
-    score.masked_fill_(~keep, float("-inf"))
+    use_k, use_p, use_min_p = uses
+    keep = torch.ones_like(vals, dtype=torch.bool)
+    if use_k:
+        k = torch.where(top_k > 0, top_k, num_candidates).clamp_(1, num_candidates)
+        keep = vals >= vals.gather(1, (k - 1)[:, None])
+    if use_p:
+        cum = (p * keep if use_k else p).cumsum(dim=-1)
+        mass = cum[:, -1]
+        if need_full_mass:
+            full = (torch.logsumexp(logits / temperature[:, None], dim=-1) - vals[:, 0]).exp_()
+            mass = torch.where(top_k > 0, mass, full) if use_k else full
+        reach = cum >= (top_p * mass)[:, None]  # never for top_p > 1 rows
+        first = reach.to(torch.uint8).argmax(dim=-1, keepdim=True)  # first True (0 if none)
+        bound = torch.where(reach.any(dim=-1, keepdim=True), p.gather(1, first), 0.0)
+        keep &= p >= bound
+    if use_min_p:
+        keep &= p >= min_p[:, None]
+    score = torch.where(keep, vals - log_exponential(keys[:, None], token_terms(idx)),
+                        float("-inf"))
     tokens = idx.gather(1, score.argmax(dim=-1, keepdim=True)).squeeze(1)
     covered = ~keep[:, -1] if num_candidates < vocab else torch.ones_like(keep[:, -1])
     return tokens, covered
