@@ -7,7 +7,8 @@ no filter race first over blocks of the vocabulary, then within the chosen block
 (``race_blocks``), so only two small sets of noise are drawn.
 
 ``E_ij`` comes from a counter-based generator: a splitmix64 stream keyed by the row's
-``(seed, step)`` and indexed by the token id, computed with int64 tensor ops. So a row's
+``(seed, step)`` (``row_key``, on the host) and indexed by the token id (int64 tensor ops
+on the device; ``step`` = tokens the request generated so far). So a row's
 draw depends on its seed, its step and its logits only: not on the batch size, the row's
 position, its neighbours, or on how many candidates a pass looked at (a token's noise is
 the same whether the candidate pass or the full-vocabulary pass scores it, so both passes
