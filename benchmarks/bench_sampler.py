@@ -9,6 +9,10 @@ share of filtered rows whose kept set reached past the candidates and took the e
 full-vocabulary pass. Times include the sampled ids' copy to the host (the step's sync).
 
     python benchmarks/bench_sampler.py [--quick] [--device cpu|cuda] [--repeat 5]
+        [--candidates 4096] [--logit-scale 4] [--threads 2]
+
+On a shared, oversubscribed CPU host use ``--threads 1``: with 2 threads every small op
+waits for OpenMP wake-ups and the table measures the neighbours.
 
 On CUDA the timings are CUDA events between ``torch.cuda.synchronize()`` calls. Prints a
 markdown table; writes nothing.
@@ -85,7 +89,7 @@ def bench(batch: int, vocab: int, args, device: torch.device) -> list[list]:
     logits = (torch.randn(batch, vocab, generator=g) * args.logit_scale).to(device)
     steps = [[Sequence(i, f"r{i}", [1], p, seed=1000 + i) for i in range(batch)]
              for p in MODES.values()]
-    samplers = [Sampler() for _ in MODES]
+    samplers = [Sampler(candidates=args.candidates) for _ in MODES]
     for sampler, seqs in zip(samplers, steps):  # warm-up (allocator, buffers, kernels)
         sampler(logits, seqs)
     times: list[list[float]] = [[] for _ in MODES]
@@ -116,6 +120,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="3 repeats; the old sampler only where batch * vocab <= 8 * 32000")
     ap.add_argument("--logit-scale", type=float, default=4.0)
+    ap.add_argument("--candidates", type=int, default=4096,
+                    help="Sampler(candidates=...): filtered rows' first pass")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     args.repeat = args.repeat or (3 if args.quick else 10)
@@ -129,7 +135,7 @@ def main() -> None:
             for batch in (1, 8, 64):
                 rows += bench(batch, vocab, args, device)
     print(f"Sampler step cost on {name} (median of {args.repeat}; logits N(0, "
-          f"{args.logit_scale}^2))\n")
+          f"{args.logit_scale}^2); {args.candidates} candidates)\n")
     print(markdown_table(["batch", "vocab", "rows", "ms / step", "x greedy",
                           "rerun", "old sampler ms (x greedy)"], rows))
 

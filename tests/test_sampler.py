@@ -98,8 +98,7 @@ def test_kept_set_is_exact_on_a_large_vocabulary():
         seqs = [_seq(i, p, seed=7 * i, step=i % 3) for i, p in enumerate(params)]
         sampler = Sampler(candidates=candidates)
         got = _draw(sampler, logits, seqs)
-        keys = ops.row_keys(torch.tensor([7 * i for i in range(n)]),
-                            torch.tensor([i % 3 for i in range(n)]))
+        keys = torch.tensor([ops.row_key(7 * i, i % 3) for i in range(n)])
         noise = ops.log_exponential(keys[:, None], ops.token_terms(torch.arange(vocab))[None])
         for i, p in enumerate(params):
             kept = reference_probs(logits[i], p) > 0
@@ -174,7 +173,7 @@ def test_all_greedy_batch_runs_only_argmax(monkeypatch):
 
 def test_noise_is_uniform_enough():
     """The 24-bit uniforms behind the race: mean, and no correlation between neighbours."""
-    keys = ops.row_keys(torch.arange(64), torch.zeros(64, dtype=torch.int64))
+    keys = torch.tensor([ops.row_key(i, 0) for i in range(64)])
     terms = ops.token_terms(torch.arange(4096))[None]
     u = (-ops.log_exponential(keys[:, None], terms).exp()).exp()
     assert abs(u.mean().item() - 0.5) < 2e-3
@@ -215,3 +214,12 @@ def test_cuda_matches_cpu():
     gpu = _draw(Sampler(), logits.cuda(), seqs)
     assert cpu[0::5] == gpu[0::5]
     assert sum(a == b for a, b in zip(cpu, gpu)) >= 60
+
+
+def test_host_and_tensor_mix64_agree_and_the_last_round_keeps_the_top_bits():
+    xs = [0, 1, 2**63 - 1, -(2**63), -1, 0x123456789ABCDEF, -987654321987654321]
+    full = ops.mix64(torch.tensor(xs))
+    host = [ops._mix64_int(x % (1 << 64)) for x in xs]
+    assert [v % (1 << 64) for v in full.tolist()] == host
+    top = ops.mix64(torch.tensor(xs), top_bits_only=True)
+    assert ((top >> 33) == (full >> 33)).all()  # bits 33..63; the noise uses 40..63

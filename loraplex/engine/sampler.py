@@ -20,18 +20,20 @@ from the ``argmax`` every step computes anyway (it ranks NaN above everything), 
 check costs no extra pass. Such rows are reported, never raised: the engine ends only them.
 
 Measured on CPU (``benchmarks/bench_sampler.py --threads 1 --repeat 5``, one thread of a
-shared, noisy 2-core host, batch 64, logits N(0, 4^2), median ms per step; old = the
-previous per-row host loop):
+shared, noisy 2-core host, batch 64, logits N(0, 4^2), 4096 candidates, median ms per step;
+old = the previous per-row host loop on the same logits):
 
   vocab   | greedy | temperature    | top-k 50       | top-p 0.95      | min-p 0.05
-  32000   | 20.8   | 75 (old 175)   | 38 (old 235)   | 142 (old 643)   | 89 (old 201)
-  128256  | 64.5   | 246 (old 665)  | 154 (old 854)  | 952 (old 1680)  | 228 (old 299)
+  32000   | 15.3   | 44 (old 153)   | 27 (old 183)   | 120 (old 507)   | 103 (old 168)
+  128256  | 53.6   | 150 (old 551)  | 109 (old 761)  | 365 (old 2112)  | 265 (old 601)
 
-At vocab 128256, 78% of those top-p rows kept more than 1024 tokens and took the rerun.
+With 1024 candidates, 78% of those top-p rows at vocab 128256 kept more tokens than that
+and took the rerun (952 ms per step), hence the default of 4096.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -57,14 +59,13 @@ class _Rows:
     top_k: list[int]
     top_p: list[float]
     min_p: list[float]
-    seed: list[int]
-    step: list[int]
+    key: list[int]  # sampling_ops.row_key(seed, step): the row's noise stream
 
 
 class Sampler:
     """``sampler(logits [B, vocab], seqs) -> SamplerOutput``; see the module docstring."""
 
-    def __init__(self, seed: int = 0, candidates: int = 1024, block: int = 1024) -> None:
+    def __init__(self, seed: int = 0, candidates: int = 4096, block: int = 1024) -> None:
         self._rng = random.Random(seed)  # seeds for unseeded requests
         self.candidates = candidates
         self.block = block  # vocabulary block of the unfiltered rows' two-level race
@@ -108,16 +109,17 @@ class Sampler:
         s = torch.empty(len(t["index"]), width, device=logits.device)
         s[:, vocab:] = float("-inf")  # padding to whole blocks: never drawn
         torch.div(logits[t["index"]], t["temperature"][:, None], out=s[:, :vocab])
-        return ops.race_blocks(s, ops.row_keys(t["seed"], t["step"]), block)
+        return ops.race_blocks(s, t["key"], block)
 
     def _filtered(self, logits: torch.Tensor, rows: _Rows, t: dict[str, torch.Tensor],
                   num_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
         if rows.index != list(range(logits.shape[0])):
             logits = logits[t["index"]]
-        need_full_mass = any(p < 1 and k <= 0 for p, k in zip(rows.top_p, rows.top_k))
-        keys = ops.row_keys(t["seed"], t["step"])
+        need_full_mass = any(p <= 1 and k <= 0 for p, k in zip(rows.top_p, rows.top_k))
+        uses = (any(k > 0 for k in rows.top_k), any(p <= 1 for p in rows.top_p),
+                any(m > 0 for m in rows.min_p))
         return ops.filtered_race(logits, t["temperature"], t["top_k"], t["top_p"], t["min_p"],
-                                 keys, num_candidates, need_full_mass)
+                                 t["key"], num_candidates, need_full_mass, uses)
 
     def _rerun(self, logits: torch.Tensor, rows: _Rows, missed: list[int], tokens: list[int],
                num_candidates: int) -> None:
@@ -148,41 +150,41 @@ class Sampler:
         if self._host is None or self._host.shape[1] < n or self._dev.device != device:
             cap = max(n, 64)
             pin = device.type == "cuda"
-            self._host = torch.empty(len(_FIELDS), cap, dtype=torch.int64, pin_memory=pin)
+            rows = len(_INT_FIELDS) + len(_FLOAT_FIELDS)
+            self._host = torch.empty(rows, cap, dtype=torch.int64, pin_memory=pin)
             self._dev = self._host if device.type == "cpu" else torch.empty_like(
                 self._host, device=device)
-        a = self._host.numpy()
-        af = a.view(np.float64)
+        ints = self._host.numpy()
+        floats = ints.view(np.float64)[len(_INT_FIELDS):]  # the float columns, as f64 bits
         col = 0
         for g in groups:
             m = len(g.index)
-            for r, (name, is_float) in enumerate(_FIELDS):
-                (af if is_float else a)[r, col : col + m] = getattr(g, name)
+            for r, name in enumerate(_INT_FIELDS):
+                ints[r, col : col + m] = getattr(g, name)
+            for r, name in enumerate(_FLOAT_FIELDS):
+                floats[r, col : col + m] = getattr(g, name)
             col += m
         dev = self._dev
         if dev is not self._host:
             dev[:, :n].copy_(self._host[:, :n], non_blocking=True)
         out, col = [], 0
         for g in groups:
-            m = len(g.index)
-            cols = dev[:, col : col + m]
-            out.append({name: (cols[r].view(torch.float64).to(torch.float32) if is_float
-                               else cols[r]) for r, (name, is_float) in enumerate(_FIELDS)})
-            col += m
+            cols = dev[:, col : col + len(g.index)]
+            f32 = cols[len(_INT_FIELDS):].view(torch.float64).to(torch.float32)  # one kernel
+            out.append(dict(zip(_INT_FIELDS, cols)) | dict(zip(_FLOAT_FIELDS, f32)))
+            col += len(g.index)
         return out
 
 
 _ESCALATION = 16  # candidates grow by this factor per rerun round (topk(16k) << a sort)
-_FIELDS = [("index", False), ("temperature", True), ("top_k", False), ("top_p", True),
-           ("min_p", True), ("seed", False), ("step", False)]
-
-
+_INT_FIELDS = ("index", "top_k", "key")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p")
 _FIELD_NAMES = list(_Rows.__dataclass_fields__)
 
 
 def _plan(seqs: list[Sequence], vocab: int) -> tuple[_Rows, _Rows]:
     """Split the sampled rows into (no filter, top-k/top-p/min-p) from their params."""
-    plain, filtered = _Rows([], [], [], [], [], [], []), _Rows([], [], [], [], [], [], [])
+    plain, filtered = _Rows([], [], [], [], [], []), _Rows([], [], [], [], [], [])
     for i, seq in enumerate(seqs):
         p = seq.params
         if p.temperature == 0:
@@ -192,13 +194,7 @@ def _plan(seqs: list[Sequence], vocab: int) -> tuple[_Rows, _Rows]:
         rows.index.append(i)
         rows.temperature.append(p.temperature)
         rows.top_k.append(top_k)
-        rows.top_p.append(p.top_p)
+        rows.top_p.append(p.top_p if p.top_p < 1 else math.inf)  # inf: top-p off
         rows.min_p.append(p.min_p)
-        rows.seed.append(_int64(seq.seed))
-        rows.step.append(len(seq.output_token_ids))
+        rows.key.append(ops.row_key(seq.seed or 0, len(seq.output_token_ids)))
     return plain, filtered
-
-
-def _int64(seed: int | None) -> int:
-    v = (seed or 0) & ((1 << 64) - 1)
-    return v - (1 << 64) if v >= 1 << 63 else v

@@ -7,7 +7,8 @@ no filter race first over blocks of the vocabulary, then within the chosen block
 (``race_blocks``), so only two small sets of noise are drawn.
 
 ``E_ij`` comes from a counter-based generator: a splitmix64 stream keyed by the row's
-``(seed, step)`` and indexed by the token id, computed with int64 tensor ops. So a row's
+``(seed, step)`` (``row_key``, on the host) and indexed by the token id (int64 tensor ops
+on the device; ``step`` = tokens the request generated so far). So a row's
 draw depends on its seed, its step and its logits only: not on the batch size, the row's
 position, its neighbours, or on how many candidates a pass looked at (a token's noise is
 the same whether the candidate pass or the full-vocabulary pass scores it, so both passes
@@ -29,15 +30,18 @@ _MUL2 = _signed(0x94D049BB133111EB)
 _BLOCK_STREAM = 0x5DEECE66D  # separates the block races' stream from the tokens'
 
 
-def mix64(x: torch.Tensor) -> torch.Tensor:
+def mix64(x: torch.Tensor, top_bits_only: bool = False) -> torch.Tensor:
     """splitmix64's finalizer, in place on an int64 tensor (arithmetic mod 2**64).
 
     Semantics: ``x ^= x >>> 30; x *= 0xBF58476D1CE4E5B9; x ^= x >>> 27;
     x *= 0x94D049BB133111EB; x ^= x >>> 31`` with ``>>>`` a logical shift (torch's ``>>``
-    is arithmetic on int64, so the sign-extended bits are masked off).
+    is arithmetic on int64, so the sign-extended bits are masked off). The last xorshift
+    leaves bits 33..63 as they are: ``top_bits_only`` skips it (3 kernels fewer).
     """
     tmp = torch.empty_like(x)
-    for shift, mul in ((30, _MUL1), (27, _MUL2), (31, None)):
+    rounds = ((30, _MUL1), (27, _MUL2)) if top_bits_only else ((30, _MUL1), (27, _MUL2),
+                                                                 (31, None))
+    for shift, mul in rounds:
         torch.bitwise_right_shift(x, shift, out=tmp)
         tmp &= (1 << (64 - shift)) - 1
         x ^= tmp
@@ -46,22 +50,28 @@ def mix64(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def row_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """seeds [n] int64, steps [n] int64 (tokens the sequence generated so far) -> keys [n].
+def _mix64_int(x: int) -> int:
+    """``mix64`` on one Python int (unsigned 64-bit in, unsigned out)."""
+    m = (1 << 64) - 1
+    x = ((x ^ (x >> 30)) * (_MUL1 % (1 << 64))) & m
+    x = ((x ^ (x >> 27)) * (_MUL2 % (1 << 64))) & m
+    return x ^ (x >> 31)
 
-    ``key = mix64(mix64(seed + G) + (step + 1) * G)``: one independent stream per
-    (request, step).
-    """
-    key = mix64(seeds + GOLDEN)
-    key += (steps + 1) * GOLDEN
-    return mix64(key)
+
+def row_key(seed: int, step: int) -> int:
+    """A row's stream key (signed int64), computed on the host when the step is planned:
+    ``mix64(mix64(seed + G) + (step + 1) * G)``, one independent stream per (request, step)."""
+    m = (1 << 64) - 1
+    g = GOLDEN % (1 << 64)
+    key = _mix64_int((_mix64_int((seed + g) & m) + (step + 1) * g) & m)
+    return key - (1 << 64) if key >= 1 << 63 else key
 
 
 def log_exponential(keys: torch.Tensor, token_terms: torch.Tensor) -> torch.Tensor:
     """keys [n, 1] int64, token_terms [n or 1, k] int64 (``(token_id + 1) * GOLDEN``)
     -> log E [n, k] float32 with ``E = -log(u)``, ``u`` the top 24 bits of
     ``mix64(key + token_term)`` mapped to the open interval (0, 1)."""
-    h = mix64(keys + token_terms)
+    h = mix64(keys + token_terms, top_bits_only=True)
     h >>= 40
     h &= (1 << 24) - 1  # the top 24 bits (>> sign-extends); float32 holds them exactly
     u = h.to(torch.float32).add_(0.5).mul_(2.0**-24)
@@ -104,13 +114,16 @@ def filtered_race(
     keys: torch.Tensor,
     num_candidates: int,
     need_full_mass: bool,
+    uses: tuple[bool, bool, bool] = (True, True, True),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k, then top-p, then min-p, then the race, over each row's best candidates.
 
     logits [n, V] float32; temperature [n] float32 (> 0); top_k [n] int64 (<= 0: off; when
-    on, below ``num_candidates``); top_p [n], min_p [n] float32; keys [n] int64;
-    ``need_full_mass``: some row has top-p on and top-k off (its top-p mass is over the
-    whole row). Returns (token ids [n], covered [n] bool).
+    on, below ``num_candidates``); top_p [n] float32 (> 1, e.g. inf: off); min_p [n]
+    float32; keys [n] int64; ``need_full_mass``: some row has top-p on and top-k off (its
+    top-p mass is over the whole row); ``uses``: whether any row has top-k / top-p / min-p
+    on (the host knows; a stage no row uses is skipped). Returns (token ids [n], covered [n]
+    bool).
 
     Semantics, per row, with ``s = logits / temperature`` and ``p = exp(s - max s)``
     (probabilities up to one factor):
@@ -130,20 +143,25 @@ def filtered_race(
     vals, idx = logits.topk(num_candidates, dim=-1)  # [n, kc], sorted descending
     vals /= temperature[:, None]
     p = (vals - vals[:, :1]).exp_()
-    k = torch.where(top_k > 0, top_k, num_candidates).clamp_(1, num_candidates)
-    keep = vals >= vals.gather(1, (k - 1)[:, None])
-    kept_p = p * keep
-    cum = kept_p.cumsum(dim=-1)
-    mass = cum[:, -1]
-    if need_full_mass:
-        full = (torch.logsumexp(logits / temperature[:, None], dim=-1) - vals[:, 0]).exp_()
-        mass = torch.where(top_k > 0, mass, full)
-    reach = (cum >= (top_p * mass)[:, None]) & (top_p < 1)[:, None]
-    first = reach.to(torch.uint8).argmax(dim=-1, keepdim=True)  # first True (0 if none)
-    bound = torch.where(reach.any(dim=-1, keepdim=True), p.gather(1, first), 0.0)
-    keep &= (p >= bound) & (p >= min_p[:, None])
-    score = vals - log_exponential(keys[:, None], token_terms(idx))
-    score.masked_fill_(~keep, float("-inf"))
+    use_k, use_p, use_min_p = uses
+    keep = torch.ones_like(vals, dtype=torch.bool)
+    if use_k:
+        k = torch.where(top_k > 0, top_k, num_candidates).clamp_(1, num_candidates)
+        keep = vals >= vals.gather(1, (k - 1)[:, None])
+    if use_p:
+        cum = (p * keep if use_k else p).cumsum(dim=-1)
+        mass = cum[:, -1]
+        if need_full_mass:
+            full = (torch.logsumexp(logits / temperature[:, None], dim=-1) - vals[:, 0]).exp_()
+            mass = torch.where(top_k > 0, mass, full) if use_k else full
+        reach = cum >= (top_p * mass)[:, None]  # never for top_p > 1 rows
+        first = reach.to(torch.uint8).argmax(dim=-1, keepdim=True)  # first True (0 if none)
+        bound = torch.where(reach.any(dim=-1, keepdim=True), p.gather(1, first), 0.0)
+        keep &= p >= bound
+    if use_min_p:
+        keep &= p >= min_p[:, None]
+    score = torch.where(keep, vals - log_exponential(keys[:, None], token_terms(idx)),
+                        float("-inf"))
     tokens = idx.gather(1, score.argmax(dim=-1, keepdim=True)).squeeze(1)
     covered = ~keep[:, -1] if num_candidates < vocab else torch.ones_like(keep[:, -1])
     return tokens, covered
