@@ -108,3 +108,32 @@ def test_negative_infinity_logits_never_drawn():
     logits[::3] = float("-inf")  # e.g. masked by a logit bias
     got = draw(logits, 60, 1.0, -1, 0.95, 0.0, block=16)
     assert bool((got % 3 != 0).all())
+
+
+def test_fused_sampling_path_over_sequences():
+    """The engine's CUDA path (engine/fused_sampler.py) over a mixed batch: greedy rows keep
+    their argmax, top-k rows draw from their k best, min-p rows only above their floor, and
+    a seeded row's token does not depend on the rows around it."""
+    from loraplex.engine.fused_sampler import FusedSampling
+    from loraplex.engine.sequence import Sequence
+    from loraplex.sampling_params import SamplingParams
+
+    torch.manual_seed(3)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=3, seed=7),
+              SamplingParams(temperature=0.9, min_p=0.3, seed=8),
+              SamplingParams(temperature=1.2, top_p=0.5, top_k=10, seed=9)]
+    seqs = [Sequence(i, f"r{i}", [1, 2], p, seed=p.seed) for i, p in enumerate(params)]
+    logits = (torch.randn(4, 45) * 2).to(DEV)
+    ids = logits.argmax(dim=-1)
+    fused = FusedSampling(torch.device(DEV))
+    fused(logits, seqs, ids)
+    ids = ids.cpu()
+    ref = logits.cpu()
+    assert int(ids[0]) == int(ref[0].argmax())
+    assert int(ids[1]) in torch.topk(ref[1], 3).indices.tolist()
+    p2 = torch.softmax(ref[2] / 0.9, dim=0)
+    assert float(p2[ids[2]]) >= 0.3 * float(p2.max())
+    assert int(ids[3]) in torch.topk(ref[3], 10).indices.tolist()
+    alone = logits[1:2].argmax(dim=-1)
+    fused(logits[1:2].contiguous(), seqs[1:2], alone)
+    assert int(alone) == int(ids[1])

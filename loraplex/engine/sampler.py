@@ -29,6 +29,12 @@ old = the previous per-row host loop on the same logits):
 
 With 1024 candidates, 78% of those top-p rows at vocab 128256 kept more tokens than that
 and took the rerun (952 ms per step), hence the default of 4096.
+
+On CUDA (with triton) every sampled row goes through one fused kernel instead
+(``fused_sampler.py`` / ``ops/sampling_triton.py``): the tensor ops below launch dozens of
+small kernels a step, 1.5-2.3 ms on an H200 whatever the batch (``bench_sampler.py``). The
+kernel keeps the same kept set and order of operations; its noise is Philox keyed on the
+same row key, so CUDA draws are reproducible per seed but not equal to the CPU path's.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class Sampler:
         self.block = block  # vocabulary block of the unfiltered rows' two-level race
         self._host: torch.Tensor | None = None  # [rows, capacity] int64, floats as f64 bits
         self._dev: torch.Tensor | None = None
+        self._fused = None  # the CUDA path (fused_sampler.py), built on first use
         self.num_fallback_rows = 0  # filtered rows the first candidate pass did not settle
 
     def new_seed(self) -> int:
@@ -81,6 +88,11 @@ class Sampler:
         batch, vocab = logits.shape
         ids = logits.argmax(dim=-1)  # NaN ranks first, then +inf: the finiteness check
         finite = logits.gather(1, ids[:, None]).squeeze(1).isfinite()
+        fused = self._fused_path(logits.device) if logits.is_cuda else None
+        if fused is not None and any(s.params.temperature > 0 for s in seqs):
+            fused(logits, seqs, ids)  # every sampled row in one launch, see fused_sampler
+            host = torch.cat([ids, finite.to(torch.int64)]).tolist()
+            return SamplerOutput(host[:batch], [bool(v) for v in host[batch:]])
         plain, filtered = _plan(seqs, vocab)
         covered: torch.Tensor | None = None
         if plain.index or filtered.index:
@@ -101,6 +113,17 @@ class Sampler:
         if missed:
             self._rerun(logits, filtered, missed, tokens, self._num_candidates(filtered, vocab))
         return SamplerOutput(tokens, ok)
+
+    def _fused_path(self, device: torch.device):
+        """The CUDA path, built on first use; None (tensor ops) where triton is missing."""
+        if self._fused is None:
+            try:
+                from loraplex.engine.fused_sampler import FusedSampling  # imports triton
+            except ImportError:
+                self._fused = False
+            else:
+                self._fused = FusedSampling(device)
+        return self._fused or None
 
     def _plain(self, logits: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
         vocab = logits.shape[1]
