@@ -11,7 +11,7 @@
 # Usage (repo root):  OUT=/some/dir bash benchmarks/gpu_session.sh
 # CPU rehearsal:      OUT=/tmp/s DRY_RUN=1 bash benchmarks/gpu_session.sh
 # Timeouts (s): TEST_TIMEOUT SAMPLER_TIMEOUT ATTN_TIMEOUT DECODE_TIMEOUT LORA_TIMEOUT;
-# extra flags: DECODE_ARGS, LORA_ARGS.
+# extra flags: DECODE_ARGS, LORA_ARGS; SKIP="sampler decode_attention decode_gpu lora_ops_gpu" leaves parts out.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/loraplex_gpu}
@@ -24,6 +24,7 @@ SUMMARY="$OUT/summary.txt"
 part() {
   local name=$1 limit=$2 log=$3
   shift 3
+  case " ${SKIP:-} " in *" ${name#bench_} "*) echo "=== $name skipped (SKIP)"; return;; esac
   local t0=$SECONDS
   echo "=== $name (timeout ${limit}s): $*"
   timeout -k 10 "$limit" "$@" 2>&1 | tee "$log" | tail -n 60

@@ -367,8 +367,10 @@ def test_runtime_adapters_need_a_root(assets, caplog):
         ServerConfig("tiny", assets.model, {}, allow_runtime_adapters=True)
     from transformers import AutoTokenizer
 
+    from loraplex.lora.registry import AdapterRegistry
+
     engine = SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(assets.model),
-                             max_model_len=256)
+                             max_model_len=256, adapters=AdapterRegistry())
     with caplog.at_level("WARNING"):
         create_app(engine, ServerConfig("tiny", assets.model, {}, allow_runtime_adapters=True,
                                         allow_any_adapter_path=True))
