@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -162,6 +164,20 @@ def test_wrappers_reject_bad_inputs() -> None:
                                     out=torch.zeros(2, 8, device=DEVICE))
 
 
+def test_kernels_compile_for_sm90() -> None:
+    """Every launch of real and odd layer shapes compiles for Hopper without spills (Triton's
+    ptxas); a subprocess, because this module's kernels are interpreted."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "loraplex.ops.elementwise_aot"], env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if "_kernel" in line]
+    for kernel in ("_rms_norm_kernel", "_rotary_kernel", "_silu_mul_kernel"):
+        assert sum(kernel in line for line in lines) >= 3, proc.stdout
+    assert all("stack=0 " in line or "stack=None " in line for line in lines), proc.stdout
+
+
 def test_cpu_tensors_keep_the_torch_path() -> None:
     """CPU parity with transformers relies on the torch code: no kernel for CPU tensors."""
     assert elementwise.fused_ops(torch.zeros(2)) is None
@@ -188,7 +204,8 @@ def test_model_wiring_matches_torch_path(tmp_path, monkeypatch) -> None:
         with torch.no_grad():
             hf_logits = hf(torch.tensor([ids])).logits[0]
         assert (ref - hf_logits).abs().max() <= 1e-4 * hf_logits.abs().max()
-        assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+        # (on CUDA the reference ran on CPU: cuBLAS sums in another order)
+        assert (ours - ref).abs().max() <= (1e-4 if CUDA else 1e-5) * ref.abs().max()
 
 
 @pytest.mark.gpu
@@ -197,8 +214,8 @@ def test_ops_capture_in_cuda_graph() -> None:
     dtype, rows, hidden, heads, d = torch.bfloat16, 4, 1000, 6, 64
     norm = _norm(hidden, dtype, seed=11)
     rope = RotaryEmbedding(d, 512, RopeConfig()).to(DEVICE)
-    x, res = torch.empty(rows, hidden, dtype=dtype, device=DEVICE), torch.empty_like(
-        torch.empty(rows, hidden, dtype=dtype, device=DEVICE))
+    x = torch.empty(rows, hidden, dtype=dtype, device=DEVICE)
+    res = torch.empty_like(x)
     qk = torch.empty(rows, heads, d, dtype=dtype, device=DEVICE)
     gu = torch.empty(rows, 2 * hidden, dtype=dtype, device=DEVICE)
     pos = torch.zeros(rows, dtype=torch.long, device=DEVICE)
@@ -216,8 +233,8 @@ def test_ops_capture_in_cuda_graph() -> None:
     with torch.cuda.graph(graph):
         outs = step()
     x0, r0 = _randn(rows, hidden, dtype=dtype, seed=1), _randn(rows, hidden, dtype=dtype, seed=2)
-    q0, g0 = _randn(rows, heads, d, dtype=dtype, seed=3), _randn(rows, 2 * hidden, dtype=dtype,
-                                                              seed=4)
+    q0 = _randn(rows, heads, d, dtype=dtype, seed=3)
+    g0 = _randn(rows, 2 * hidden, dtype=dtype, seed=4)
     for t, v in ((x, x0), (res, r0), (qk, q0), (gu, g0)):
         t.copy_(v)
     pos.copy_(torch.tensor([3, 1, 100, 511]))
