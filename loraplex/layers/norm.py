@@ -3,6 +3,8 @@ residual add that precedes it. On CUDA one Triton kernel (``ops/elementwise_trit
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import nn
 
@@ -32,7 +34,7 @@ class RMSNorm(nn.Module):
         x = x.add_(residual)  # a + b is b + a bit for bit
         return self._torch(x), x
 
-    def _fused(self, x: torch.Tensor):
+    def _fused(self, x: torch.Tensor) -> ModuleType | None:
         # The kernel multiplies by the weight in x's dtype, as the torch path does when the
         # weight has the model's dtype (it always has after loading).
         ok = x.dim() == 2 and self.weight.dtype == x.dtype
