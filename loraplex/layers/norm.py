@@ -37,7 +37,7 @@ class RMSNorm(nn.Module):
     def _fused(self, x: torch.Tensor) -> ModuleType | None:
         # The kernel multiplies by the weight in x's dtype, as the torch path does when the
         # weight has the model's dtype (it always has after loading).
-        ok = x.dim() == 2 and self.weight.dtype == x.dtype
+        ok = x.dim() == 2 and x.stride(1) == 1 and self.weight.dtype == x.dtype
         return fused_ops(x) if ok else None
 
     def _torch(self, x: torch.Tensor) -> torch.Tensor:
