@@ -52,7 +52,7 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2I]
         ops = fused_ops(gate_up)
-        if ops is not None:
+        if ops is not None and gate_up.stride(1) == 1:
             return self.down_proj(ops.silu_mul(gate_up))  # one kernel on CUDA
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate).mul_(up))  # in place: one [T, I] buffer less
