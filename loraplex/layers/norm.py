@@ -1,7 +1,14 @@
-"""RMSNorm, computed in float32 exactly as Hugging Face Llama does."""
+"""RMSNorm, computed in float32 exactly as Hugging Face Llama does; optionally fused with the
+residual add that precedes it. On CUDA one Triton kernel (``ops/elementwise_triton``)."""
+
+from __future__ import annotations
+
+from types import ModuleType
 
 import torch
 from torch import nn
+
+from loraplex.ops.elementwise import fused_ops
 
 
 class RMSNorm(nn.Module):
@@ -11,6 +18,29 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = self._fused(x)
+        if ops is not None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return self._torch(x)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); the sum is written into ``x`` (a fresh sublayer
+        output), so no [T, hidden] buffer is allocated for it."""
+        ops = self._fused(x)
+        if ops is not None:
+            return ops.rms_norm(x, self.weight, self.eps, residual=residual), x
+        x = x.add_(residual)  # a + b is b + a bit for bit
+        return self._torch(x), x
+
+    def _fused(self, x: torch.Tensor) -> ModuleType | None:
+        # The kernel multiplies by the weight in x's dtype, as the torch path does when the
+        # weight has the model's dtype (it always has after loading).
+        ok = x.dim() == 2 and x.stride(1) == 1 and self.weight.dtype == x.dtype
+        return fused_ops(x) if ok else None
+
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from loraplex.config import RopeConfig
+from loraplex.ops.elementwise import fused_ops
 
 
 def inv_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
@@ -52,6 +53,16 @@ class RotaryEmbedding(nn.Module):
         """cos, sin [T, 1, d] for ``positions`` [T]; the model looks them up once per forward."""
         return (self.cos[positions].to(dtype)[:, None, :],
                 self.sin[positions].to(dtype)[:, None, :])
+
+    @staticmethod
+    def rotate_(cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``rotate`` into ``x`` when it can (one Triton kernel on CUDA: float32 math, rounded
+        once, so half-precision results differ from ``rotate`` within one rounding), else
+        ``rotate``'s fresh tensor. Callers use the result, not ``x``."""
+        ops = fused_ops(x)
+        if ops is not None and x.dim() == 3 and x.stride(2) == 1:
+            return ops.rotary_(x, *cos_sin)
+        return RotaryEmbedding.rotate(cos_sin, x)
 
     @staticmethod
     def rotate(cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from loraplex.layers.attention import Attention
 from loraplex.layers.linear import ColumnLinear, MergedColumnLinear, QKVLinear, RowLinear
 from loraplex.layers.norm import RMSNorm
 from loraplex.layers.rotary import RotaryEmbedding
+from loraplex.ops.elementwise import fused_ops
 
 
 class LlamaAttention(nn.Module):
@@ -33,7 +34,8 @@ class LlamaAttention(nn.Module):
         t, q_kv = x.shape[0], self.heads + self.kv_heads
         # q and k are adjacent in each row: rotate them as one [T, heads + kv_heads, d] view
         # (half the ops of rotating each; the same arithmetic per element)
-        qk = RotaryEmbedding.rotate(rope, qkv[:, : q_kv * self.head_dim].view(t, q_kv, -1))
+        # (in place on CUDA: one kernel into the fresh qkv output)
+        qk = RotaryEmbedding.rotate_(rope, qkv[:, : q_kv * self.head_dim].view(t, q_kv, -1))
         q, k = qk.split([self.heads, self.kv_heads], dim=1)
         v = qkv[:, q_kv * self.head_dim :].view(t, self.kv_heads, self.head_dim)
         o = self.attn(q, k, v)
@@ -48,7 +50,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowLinear(i, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)  # [T, 2I]
+        ops = fused_ops(gate_up)
+        if ops is not None and gate_up.stride(1) == 1:
+            return self.down_proj(ops.silu_mul(gate_up))  # one kernel on CUDA
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate).mul_(up))  # in place: one [T, I] buffer less
 
 
@@ -60,11 +66,24 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        # The residual adds go into the sublayer outputs, which are fresh tensors (a + b is
-        # b + a bit for bit), so no [T, hidden] buffer is allocated for them.
-        x = self.self_attn(rope, self.input_layernorm(x)).add_(x)
-        return self.mlp(self.post_attention_layernorm(x)).add_(x)
+    def forward(
+        self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+        residual: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output, not yet added to ``residual`` (at layer 0 the
+        embeddings, with ``residual`` None) -> (this layer's MLP output, its residual).
+
+        Each residual add is fused into the norm that follows it (one kernel on CUDA) and
+        goes into the sublayer output, a fresh tensor (a + b is b + a bit for bit), so the
+        sums are the same as adding after each sublayer and no [T, hidden] buffer is
+        allocated for them."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        attn = self.self_attn(rope, h)
+        h, residual = self.post_attention_layernorm.add_forward(attn, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -79,9 +98,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(rope, x)
-        return self.norm(x)
+            x, residual = layer(rope, x, residual)
+        return self.norm(x) if residual is None else self.norm.add_forward(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
