@@ -1,11 +1,13 @@
 """Where the fused elementwise kernels (``elementwise_triton``) run: on CUDA tensors when
-Triton is installed. Everywhere else the layers run their torch code, which is the reference
-(CPU results stay bit-identical to Hugging Face's)."""
+Triton is installed, unless ``LORAPLEX_FUSED_ELEMENTWISE=0`` (to compare against, or to rule
+them out). Everywhere else the layers run their torch code, which is the reference (CPU
+results stay bit-identical to Hugging Face's)."""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from types import ModuleType
 
 import torch
@@ -13,6 +15,8 @@ import torch
 
 @functools.cache
 def _has_triton() -> bool:
+    if os.environ.get("LORAPLEX_FUSED_ELEMENTWISE", "1") == "0":
+        return False
     return importlib.util.find_spec("triton") is not None
 
 
