@@ -56,7 +56,7 @@ part tests "${TEST_TIMEOUT:-150}" "$OUT/tests.log" \
 
 if [ -f benchmarks/bench_sampler.py ]; then
   part bench_sampler "${SAMPLER_TIMEOUT:-45}" "$OUT/sampler.log" \
-    python3 benchmarks/bench_sampler.py $DRY
+    python3 benchmarks/bench_sampler.py ${DRY:+--quick}
 fi
 if [ -f benchmarks/bench_decode_attention.py ]; then
   part bench_decode_attention "${ATTN_TIMEOUT:-60}" "$OUT/attention.log" \
