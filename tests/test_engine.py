@@ -190,6 +190,31 @@ def test_static_buffer_decode_path_matches_eager(llama, tmp_path):
     assert [o.token_ids for o in static.generate(prompts[:3], sp)] == want[:3]  # padded 3 -> 4
 
 
+def test_static_buffers_send_only_the_real_table_width(llama):
+    """The CUDA layout of the static buffers (block tables staged through a contiguous
+    buffer, bs x used ids a step), forced on CPU: same tokens as eager, and table columns
+    past the longest real table are never written (the cost follows the real contexts, not
+    max_model_len)."""
+    from loraplex.engine.cuda_graph import DecodeGraphs
+
+    d, _, llm = llama
+    static = LLM(str(d), device="cpu", max_num_seqs=8, cuda_graphs=True)
+    runner = static.engine.runner
+    g = runner.graphs
+    runner.graphs = DecodeGraphs(g.model, g.kv_caches, g.lora, g.max_bs, g.block_tables.shape[1],
+                                 g.block_size, g.dummy_block, torch.device("cpu"),
+                                 capture=False, stage=True)
+    tables = runner.graphs.block_tables
+    longest = max(len(static.engine.tokenize(p)) for p in PROMPTS) + 12
+    used = -(-longest // g.block_size)
+    assert tables.shape[1] > used + 1
+    tables[:, used:] = -5  # never read (past every length), so never written either
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    want = [o.token_ids for o in llm.generate(PROMPTS, sp)]
+    assert [o.token_ids for o in static.generate(PROMPTS, sp)] == want
+    assert bool((tables[:, used:] == -5).all())
+
+
 def test_mistral_sliding_window_caps_the_context(tmp_path):
     d, _ = make_tiny_model(tmp_path / "m", "mistral", sliding_window=64)
     llm = LLM(str(d), device="cpu")

@@ -29,22 +29,32 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches, lora_manager, max_num_seqs: int,
                  max_blocks_per_seq: int, block_size: int, dummy_block: int,
-                 device: torch.device, capture: bool = True) -> None:
+                 device: torch.device, capture: bool = True, stage: bool | None = None
+                 ) -> None:
         self.model, self.kv_caches, self.lora = model, kv_caches, lora_manager
         self.sizes = graph_batch_sizes(max_num_seqs)
         self.max_bs = max_num_seqs
         self.block_size, self.dummy_block, self.capture = block_size, dummy_block, capture
         n, w = max_num_seqs, max_blocks_per_seq
-        # All inputs in one int64 buffer: filled on the host (pinned, numpy views), sent with
-        # one copy per step. Rows: ids, positions, slot_mapping, context_lens, block tables.
-        self._host = torch.zeros(n * (4 + w), dtype=torch.int64,
-                                 pin_memory=device.type == "cuda")
-        self._dev = self._host if device.type == "cpu" else torch.zeros_like(self._host,
-                                                                             device=device)
+        # The per-row inputs in one int64 buffer (pinned, numpy views), sent with one copy per
+        # step: ids, positions, slot_mapping, context_lens. Block tables are [n, w] with w =
+        # max_model_len / block_size, but a step fills and sends only [bs, used], used = its
+        # longest table: on CUDA through a contiguous staging buffer (one host -> device copy
+        # of bs * used ids, then one device-side copy into the strided view), so the host work
+        # and the bytes sent follow the real contexts, not max_model_len (131072 tokens and
+        # 256 rows would be 16 MB a step). Columns past a row's own blocks keep stale but valid
+        # block ids: attention never reads past a row's length (the torch path masks them).
+        cuda = device.type == "cuda"
+        self._host = torch.zeros(4 * n, dtype=torch.int64, pin_memory=cuda)
+        self._dev = self._host if not cuda else torch.zeros_like(self._host, device=device)
         self._np = self._host.numpy()
         self.ids, self.positions, self.slot_mapping, self.context_lens = (
             self._dev[k * n:(k + 1) * n] for k in range(4))
-        self.block_tables = self._dev[4 * n:].view(n, w)
+        self.block_tables = torch.full((n, w), dummy_block, dtype=torch.int64, device=device)
+        stage = cuda if stage is None else stage  # (CPU tests can force the CUDA layout)
+        self._stage_host = (torch.empty(n * w, dtype=torch.int64, pin_memory=cuda) if stage
+                            else None)
+        self._stage_dev = torch.empty(n * w, dtype=torch.int64, device=device) if stage else None
         self._fill_padding(0, n)
         if self._dev is not self._host:
             self._dev.copy_(self._host)
@@ -93,12 +103,11 @@ class DecodeGraphs:
         return next(s for s in self.sizes if s >= n)
 
     def _fill_padding(self, n: int, bs: int) -> None:
-        rows = self._np[: 4 * self.max_bs].reshape(4, self.max_bs)
+        rows = self._np.reshape(4, self.max_bs)
         rows[0, n:bs] = 0
         rows[1, n:bs] = 0
         rows[2, n:bs] = self.dummy_block * self.block_size
         rows[3, n:bs] = 1
-        self._np[4 * self.max_bs:].reshape(self.max_bs, -1)[n:bs] = self.dummy_block
 
     def run(self, ids: list[int], positions: list[int], slot_mapping: list[int],
             block_tables: list[list[int]], context_lens: list[int], lora_slots: list[int] | None
@@ -106,16 +115,24 @@ class DecodeGraphs:
         """Host inputs for ``n`` sequences -> logits [n, vocab] float32 (static graph output)."""
         n = len(ids)
         bs = self.padded_size(n)
-        rows = self._np[: 4 * self.max_bs].reshape(4, self.max_bs)
+        rows = self._np.reshape(4, self.max_bs)
         rows[0, :n], rows[1, :n], rows[2, :n], rows[3, :n] = ids, positions, slot_mapping, \
             context_lens
-        tables = self._np[4 * self.max_bs:].reshape(self.max_bs, -1)
-        tables[:n] = self.dummy_block
+        self._fill_padding(n, bs)
+        used = max(len(t) for t in block_tables)
+        if self._stage_host is None:  # CPU: the tables are host memory, filled in place
+            tables = self.block_tables.numpy()[:bs, :used]
+        else:
+            tables = self._stage_host.numpy()[: bs * used].reshape(bs, used)
+        tables[:] = self.dummy_block  # padding rows read column 0: the dummy block
         for i, t in enumerate(block_tables):
             tables[i, : len(t)] = t
-        self._fill_padding(n, bs)
         if self._dev is not self._host:
             self._dev.copy_(self._host, non_blocking=True)
+        if self._stage_host is not None:
+            staged = self._stage_dev[: bs * used]
+            staged.copy_(self._stage_host[: bs * used], non_blocking=True)
+            self.block_tables[:bs, :used].copy_(staged.view(bs, used))
         use_lora = lora_slots is not None
         if use_lora:
             self.lora.prepare(lora_slots, [1] * n, is_decode=True, pad_to=bs)
