@@ -10,25 +10,19 @@ then ``compile_launches(recorded)``. Must run without ``TRITON_INTERPRET``.
 from __future__ import annotations
 
 import contextlib
-import re
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from loraplex.ops import lora_triton
 from loraplex.ops import lora_triton_kernels as K
+from loraplex.ops import triton_aot as aot
 from loraplex.ops.lora_meta import LoRABatch
+from loraplex.ops.triton_aot import CompiledLaunch, Launch
 
 KERNELS = ("shrink_segment_kernel", "shrink_decode_kernel", "expand_segment_kernel",
            "expand_decode_kernel")
-_OPTIONS = ("num_warps", "num_stages")
 
 
 @dataclass(frozen=True)
@@ -85,97 +79,19 @@ def record_op_launches(shape: OpShape) -> list[Launch]:
     return log
 
 
-@dataclass
-class Launch:
-    kernel: str
-    grid: tuple[int, ...]
-    args: tuple
-    kwargs: dict
-
-
-@dataclass
-class CompiledLaunch:
-    launch: Launch
-    constexprs: dict
-    shared_bytes: int
-    registers: int | None  # from cuobjdump; None if unavailable
-    spill_bytes: int | None
-
-
-class _Recorder:
-    def __init__(self, name: str, log: list[Launch]) -> None:
-        self.name, self.log = name, log
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs) -> None:
-            self.log.append(Launch(self.name, tuple(grid), args, dict(kwargs)))
-
-        return launch
-
-
 @contextlib.contextmanager
 def recording_launches() -> Iterator[list[Launch]]:
-    """Within the block, kernel launches are recorded instead of run."""
-    originals = {name: getattr(K, name) for name in KERNELS}
-    log: list[Launch] = []
-    try:
-        for name in KERNELS:
-            setattr(K, name, _Recorder(name, log))
+    """Within the block, the LoRA kernels' launches are recorded instead of run."""
+    with aot.recording_launches(K, KERNELS) as log:
         yield log
-    finally:
-        for name, fn in originals.items():
-            setattr(K, name, fn)
 
 
 def compile_launch(launch: Launch, arch: int = 90) -> CompiledLaunch:
-    """Specialize ``launch`` the way the JIT would (dtypes, 16-divisibility, ints == 1) and
-    compile it to a cubin for ``sm_<arch>``."""
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.nvidia.compiler import CUDABackend
-
-    fn = getattr(K, launch.kernel)
-    if not isinstance(fn, triton.runtime.JITFunction):
-        raise RuntimeError("kernels are interpreted (TRITON_INTERPRET=1): cannot compile them")
-    kwargs = dict(launch.kwargs)
-    options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
-    values = list(launch.args) + [kwargs[p.name] for p in fn.params[len(launch.args):]]
-    signature, constexprs, attrs = {}, {}, {}
-    for i, (param, value) in enumerate(zip(fn.params, values, strict=True)):
-        if param.is_constexpr:
-            ty, key = "constexpr", value
-        else:
-            ty, key = native_specialize_impl(CUDABackend, value, False, True, True)
-        signature[param.name] = ty
-        if ty == "constexpr":
-            constexprs[(i,)] = key
-        elif isinstance(key, str):
-            attrs[(i,)] = CUDABackend.parse_attr(key)
-    src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    regs, spills = _resource_usage(kernel.asm.get("cubin"))
-    named = {fn.params[i[0]].name: v for i, v in constexprs.items()}
-    return CompiledLaunch(launch, named, kernel.metadata.shared, regs, spills)
+    return aot.compile_launch(K, launch, arch)
 
 
 def compile_launches(launches: list[Launch], arch: int = 90) -> list[CompiledLaunch]:
     return [compile_launch(x, arch) for x in launches]
-
-
-def _resource_usage(cubin: bytes | None) -> tuple[int | None, int | None]:
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not cubin or not tool.exists():
-        return None, None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        try:
-            text = subprocess.run([str(tool), "--dump-resource-usage", f.name],
-                                  capture_output=True, text=True, timeout=60).stdout
-        except (OSError, subprocess.SubprocessError):
-            return None, None
-    regs = re.search(r"REG:(\d+)", text)
-    spill = re.search(r"STACK:(\d+)", text)
-    return (int(regs.group(1)) if regs else None, int(spill.group(1)) if spill else None)
 
 
 def main() -> int:

@@ -11,16 +11,13 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from loraplex.ops import paged_attention_kernels as K
 from loraplex.ops import paged_attention_triton
-from loraplex.ops.lora_triton_aot import Launch, _resource_usage
+from loraplex.ops import triton_aot as aot
+from loraplex.ops.triton_aot import Launch
 
 KERNELS = ("paged_decode_split_kernel", "paged_decode_reduce_kernel")
-_OPTIONS = ("num_warps", "num_stages")
 # (name, heads, kv heads, head dim): Llama-3.2-1B, Llama-3.1-8B, and an MHA / d=256 corner
 LAYER_SHAPES = (("llama-1b", 32, 8, 64), ("llama-8b", 32, 8, 128), ("mha-d32", 8, 8, 32),
                 ("gqa7-d256", 28, 4, 256))
@@ -29,23 +26,8 @@ LAYER_SHAPES = (("llama-1b", 32, 8, 64), ("llama-8b", 32, 8, 128), ("mha-d32", 8
 @contextlib.contextmanager
 def recording_launches() -> Iterator[list[Launch]]:
     """Within the block, the paged attention kernels' launches are recorded instead of run."""
-    log: list[Launch] = []
-
-    class Recorder:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: log.append(Launch(self.name, tuple(grid), args, kwargs))
-
-    originals = {name: getattr(K, name) for name in KERNELS}
-    try:
-        for name in KERNELS:
-            setattr(K, name, Recorder(name))
+    with aot.recording_launches(K, KERNELS) as log:
         yield log
-    finally:
-        for name, fn in originals.items():
-            setattr(K, name, fn)
 
 
 def record_launches(bsz: int, heads: int, kv_heads: int, d: int, max_context: int,
@@ -59,36 +41,6 @@ def record_launches(bsz: int, heads: int, kv_heads: int, d: int, max_context: in
     with recording_launches() as log:
         paged_attention_triton.paged_decode_attention(q, cache, cache, tables, lens, d**-0.5)
     return log
-
-
-def compile_launch(launch: Launch, arch: int = 90) -> dict:
-    """Specialize ``launch`` as the JIT would and compile it for ``sm_<arch>``; returns the
-    constexprs, registers, spill (stack) bytes and shared memory."""
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.nvidia.compiler import CUDABackend
-
-    fn = getattr(K, launch.kernel)
-    if not isinstance(fn, triton.runtime.JITFunction):
-        raise RuntimeError("kernels are interpreted (TRITON_INTERPRET=1): cannot compile them")
-    kwargs = dict(launch.kwargs)
-    options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
-    values = list(launch.args) + [kwargs[p.name] for p in fn.params[len(launch.args):]]
-    signature, constexprs, attrs = {}, {}, {}
-    for i, (param, value) in enumerate(zip(fn.params, values, strict=True)):
-        if param.is_constexpr:
-            ty, key = "constexpr", value
-        else:
-            ty, key = native_specialize_impl(CUDABackend, value, False, True, True)
-        signature[param.name] = ty
-        if ty == "constexpr":
-            constexprs[(i,)] = key
-        elif isinstance(key, str):
-            attrs[(i,)] = CUDABackend.parse_attr(key)
-    src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    regs, spills = _resource_usage(kernel.asm.get("cubin"))
-    named = {fn.params[i[0]].name: v for i, v in constexprs.items()}
-    return dict(constexprs=named, registers=regs, stack=spills, smem=kernel.metadata.shared)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,10 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                     if key in seen:
                         continue
                     seen.add(key)
-                    c = compile_launch(launch)
+                    c = aot.compile_launch(K, launch)
                     print(f"{launch.kernel:27s} {str(dtype)[6:]:8s} {name:9s} b={bsz} "
-                          f"ctx={ctx} grid={launch.grid} {c['constexprs']} "
-                          f"regs={c['registers']} stack={c['stack']} smem={c['smem']}")
+                          f"ctx={ctx} grid={launch.grid} {aot.describe(c)}")
     return 0
 
 
