@@ -1,5 +1,5 @@
-"""Batched ops. LoRA: ``lora_meta`` (the per-forward ``LoRABatch``), ``lora_ref`` (torch
-reference shrink/expand), ``lora_triton`` (GPU kernels, same signatures; kernels in
+"""Batched ops. LoRA: ``lora_meta`` (the per-forward ``LoRABatch``), ``lora_ref`` (plain
+reference shrink/expand), ``lora_torch`` (the CPU backend), ``lora_triton`` (GPU kernels, same signatures; kernels in
 ``lora_triton_kernels``), ``lora_ops`` (backend choice), ``lora_triton_aot`` (compile the
 kernels for a GPU target without one), ``lora_testing`` (random cases and a float64 oracle)."""
 
