@@ -1,7 +1,8 @@
 """Batched ops. LoRA: ``lora_meta`` (the per-forward ``LoRABatch``), ``lora_ref`` (plain
-reference shrink/expand), ``lora_torch`` (the CPU backend), ``lora_triton`` (GPU kernels, same signatures; kernels in
-``lora_triton_kernels``), ``lora_ops`` (backend choice), ``lora_triton_aot`` (compile the
-kernels for a GPU target without one), ``lora_testing`` (random cases and a float64 oracle)."""
+reference shrink/expand), ``lora_torch`` (the CPU backend), ``lora_triton`` (GPU kernels,
+same signatures; kernels in ``lora_triton_kernels``), ``lora_ops`` (backend choice),
+``lora_triton_aot`` (compile the kernels for a GPU target without one), ``lora_testing``
+(random cases and a float64 oracle)."""
 
 from loraplex.ops.lora_meta import LoRABatch
 from loraplex.ops.lora_ops import LoRAOps, get_lora_ops, resolve_lora_backend
