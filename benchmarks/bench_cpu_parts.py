@@ -32,7 +32,7 @@ from loraplex.layers.attention import Attention
 from loraplex.layers.forward_context import ForwardBatch, forward_context
 from loraplex.layers.prefill_groups import plan_prefill
 from loraplex.ops.lora_meta import LoRABatch
-from loraplex.ops.lora_ref import lora_expand, lora_shrink
+from loraplex.ops.lora_torch import lora_expand, lora_shrink
 
 HEADS, KV_HEADS, D = 16, 4, 64
 

@@ -208,8 +208,11 @@ def test_bad_adapter_refused(llama, good, case):
     with pytest.raises(AdapterLoadError, match=message) as info:
         load_peft_adapter(good, mc, max_lora_rank=8)
     text = str(info.value)
-    assert str(good) in text  # every message names the file at fault
+    # every message names the adapter, then the file at fault relative to its directory
+    assert text.startswith(("adapter 'good': adapter_model.safetensors: ",
+                            "adapter 'good': adapter_config.json: ")), text
     assert ("adapter_model.safetensors" if tensor_edit else "adapter_config.json") in text
+    assert str(good.parent) not in text  # no absolute paths
 
 
 def test_real_dora_and_embedding_adapters_refused(llama, tmp_path):

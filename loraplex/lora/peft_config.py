@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any
 
 from loraplex.errors import AdapterLoadError
 from loraplex.lora.adapter import PROJ_NAMES
+from loraplex.lora.module_match import ModuleMatcher, Pattern, check_pattern
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -45,6 +46,8 @@ _HARMLESS_SWITCHES = frozenset({
     "lora_ga_config",
 })
 _ALL_LINEAR = "all-linear"
+# PEFT's default layer-index pattern: the first numbered segment (lazy), not a nested index
+_LAYER_INDEX = Pattern("layers_to_transform", "", r".*?\.[^.]*\.(?P<idx>\d+)\.", full=False)
 
 
 def _fail(file: Path, msg: str) -> AdapterLoadError:
@@ -66,19 +69,43 @@ class PeftLoRAConfig:
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
     fan_in_fan_out: bool
+    # matches every regex above without letting one hang the process (see module_match)
+    matcher: ModuleMatcher = dc_field(compare=False, repr=False)
 
     # -- PEFT's rules ------------------------------------------------------------------
+    def patterns(self) -> list[Pattern]:
+        """Every regex PEFT would match module names against, as PEFT composes it."""
+        out = []
+        if isinstance(self.exclude_modules, str):
+            out.append(Pattern("exclude_modules", self.exclude_modules, self.exclude_modules,
+                               full=True))
+        if isinstance(self.target_modules, str):
+            out.append(Pattern("target_modules", self.target_modules, self.target_modules,
+                               full=True))
+        elif self.layers_to_transform is not None:
+            out += [_layers_regex(p) for p in self.layers_pattern or ()] or [_LAYER_INDEX]
+        for name, table in (("rank_pattern", self.rank_pattern),
+                            ("alpha_pattern", self.alpha_pattern)):
+            out += [_suffix_regex(name, k) for k in table]
+        return out
+
+    def prepare(self, names: list[str]) -> None:
+        """Match every pattern against ``names`` at once (the module names the loader will
+        ask about); raises ``AdapterLoadError`` for a pattern too slow to match."""
+        self.matcher.prepare(self.patterns(), names)
+
     def targets(self, key: str, *, check_layers: bool = True) -> bool:
         """Whether PEFT would put LoRA on the module named ``key``."""
         ex = self.exclude_modules
         if isinstance(ex, str):
-            if re.fullmatch(ex, key):
+            if self.matcher.match(Pattern("exclude_modules", ex, ex, full=True), key) is not None:
                 return False
         elif ex and (key in ex or any(key.endswith(f".{e}") for e in ex)):
             return False
         if isinstance(self.target_modules, str):
             # A regex target: PEFT ignores layers_to_transform here (and forbids setting it).
-            return re.fullmatch(self.target_modules, key) is not None
+            t = self.target_modules
+            return self.matcher.match(Pattern("target_modules", t, t, full=True), key) is not None
         if key in self.target_modules:
             return True  # an exact name is not filtered by layer (as in PEFT)
         if not any(key.endswith(f".{t}") for t in self.target_modules):
@@ -92,48 +119,75 @@ class PeftLoRAConfig:
         return index == wanted if isinstance(wanted, int) else index in wanted
 
     def _layer_index(self, key: str) -> int | None:
-        if not self.layers_pattern:
-            # lazy: the first numbered segment is the layer, not a nested index
-            m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-        else:
-            m = None
-            for pattern in self.layers_pattern:
-                m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-                if m is not None:
-                    break
-        return int(m.group("idx")) if m else None
+        m = None
+        for p in [_layers_regex(p) for p in self.layers_pattern or ()] or [_LAYER_INDEX]:
+            m = self.matcher.match(p, key)
+            if m is not None:
+                break
+        return int(m["idx"]) if m else None
 
     def rank_and_alpha(self, key: str) -> tuple[int, float]:
         """``r`` and ``lora_alpha`` for one module after ``rank_pattern`` / ``alpha_pattern``."""
-        return (_pattern_lookup(self.rank_pattern, key, self.r),
-                _pattern_lookup(self.alpha_pattern, key, self.lora_alpha))
+        return (self._pattern_lookup("rank_pattern", self.rank_pattern, key, self.r),
+                self._pattern_lookup("alpha_pattern", self.alpha_pattern, key, self.lora_alpha))
+
+    def _pattern_lookup(self, name: str, table: dict, key: str, default):
+        # First key (in file order) whose regex matches a dotted suffix of the module name.
+        for pat, value in table.items():
+            if self.matcher.match(_suffix_regex(name, pat), key) is not None:
+                return value
+        return default
 
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
-def _pattern_lookup(pattern: dict, key: str, default):
-    # First key (in file order) whose regex matches a dotted suffix of the module name.
-    for pat, value in pattern.items():
-        if re.match(rf"(.*\.)?({pat})$", key):
-            return value
-    return default
+def _suffix_regex(name: str, key: str) -> Pattern:
+    # PEFT's get_pattern_key: the key must match a dotted suffix of the module name
+    return Pattern(f"{name} key", key, rf"(.*\.)?({key})$", full=False)
+
+
+def _layers_regex(pattern: str) -> Pattern:
+    # PEFT's layer index under layers_pattern: the first "<pattern>.<digits>." segment
+    return Pattern("layers_pattern", pattern, rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.",
+                   full=False)
 
 
 # -- parsing --------------------------------------------------------------------------
 def read_peft_config(adapter_dir: Path) -> PeftLoRAConfig:
     """Read and check ``adapter_dir/adapter_config.json``; raise ``AdapterLoadError`` naming
-    the file and field for anything missing, malformed or unsupported."""
-    file = adapter_dir / CONFIG_NAME
-    if not file.is_file():
+    the file (relative to the adapter directory) and field for anything missing, malformed
+    or unsupported."""
+    file = Path(CONFIG_NAME)
+    path = resolve_inside(adapter_dir, CONFIG_NAME)
+    if path is None:
         raise AdapterLoadError(f"{file}: missing (not a PEFT adapter directory?)")
     try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:  # strerror: the message without the absolute path
+        raise _fail(file, f"cannot read JSON: {e.strerror}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _fail(file, f"cannot read JSON: {e}") from e
     if not isinstance(raw, dict):
         raise _fail(file, "expected a JSON object")
     return parse_peft_config(raw, file)
+
+
+def resolve_inside(adapter_dir: Path, name: str) -> Path | None:
+    """``adapter_dir / name`` with symlinks resolved, or None when it is not a file. A file
+    that resolves outside the adapter directory is refused (a symlink would otherwise let an
+    adapter directory read any file), except into the ``blobs/`` next to the directory when
+    it is a Hugging Face hub cache snapshot (``<repo>/snapshots/<rev>``), whose files are
+    symlinks into ``<repo>/blobs``. Errors name the file relative to the directory only."""
+    path = adapter_dir / name
+    if not path.is_symlink() and not path.exists():
+        return None
+    root, resolved = adapter_dir.resolve(), path.resolve()
+    hub_blob = root.parent.name == "snapshots" and resolved.parent == root.parent.parent / "blobs"
+    if not resolved.is_relative_to(root) and not hub_blob:
+        raise AdapterLoadError(f"{name}: resolves to a file outside the adapter directory "
+                               f"(a symbolic link out of it); refused")
+    return resolved if resolved.is_file() else None
 
 
 def parse_peft_config(raw: dict[str, Any], file: Path) -> PeftLoRAConfig:
@@ -161,12 +215,12 @@ def parse_peft_config(raw: dict[str, Any], file: Path) -> PeftLoRAConfig:
         if target.lower() == _ALL_LINEAR:
             target = frozenset(PROJ_NAMES)  # every linear layer except lm_head
         else:
-            _check_regex(target, "target_modules", file)
+            check_pattern(target, "target_modules", str(file))
     else:
         target = _str_set(target, "target_modules", file)
     exclude = raw.get("exclude_modules")
     if isinstance(exclude, str):
-        _check_regex(exclude, "exclude_modules", file)
+        check_pattern(exclude, "exclude_modules", str(file))
     elif exclude is not None:
         exclude = _str_set(exclude, "exclude_modules", file)
 
@@ -182,6 +236,8 @@ def parse_peft_config(raw: dict[str, Any], file: Path) -> PeftLoRAConfig:
         pattern = (pattern,)
     elif pattern is not None:
         pattern = tuple(sorted(_str_set(pattern, "layers_pattern", file)))
+    for p in pattern or ():
+        check_pattern(p, "layers_pattern", str(file))
     # PEFT's own consistency rules (LoraConfig.__post_init__)
     if isinstance(target, str) and (layers is not None or pattern is not None):
         raise _fail(file, "layers_to_transform / layers_pattern cannot be used with a regex "
@@ -195,7 +251,7 @@ def parse_peft_config(raw: dict[str, Any], file: Path) -> PeftLoRAConfig:
         file=file, r=int(r), lora_alpha=float(alpha), use_rslora=use_rslora,
         target_modules=target, exclude_modules=exclude, layers_to_transform=layers,
         layers_pattern=pattern, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-        fan_in_fan_out=fan_in_fan_out,
+        fan_in_fan_out=fan_in_fan_out, matcher=ModuleMatcher(str(file)),
     )
 
 
@@ -230,19 +286,12 @@ def _str_set(v: Any, field: str, file: Path) -> frozenset[str]:
     return frozenset(v)
 
 
-def _check_regex(pattern: str, field: str, file: Path) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        raise _fail(file, f"{field}={pattern!r} is not a valid regular expression: {e}") from e
-
-
 def _pattern_dict(raw: dict[str, Any], field: str, file: Path, *, int_values: bool) -> dict:
     v = raw.get(field) or {}
     if not isinstance(v, dict):
         raise _fail(file, f"{field}={v!r} must be an object")
     for key, value in v.items():
-        _check_regex(key, f"{field} key", file)
+        check_pattern(key, f"{field} key", str(file))
         ok = (_is_int(value) and value >= 1) if int_values else _is_number(value)
         if not ok:
             kind = "a positive integer" if int_values else "a number"

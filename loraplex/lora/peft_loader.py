@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from loraplex.config import ModelConfig
 from loraplex.errors import AdapterLoadError
 from loraplex.lora.adapter import PROJ_NAMES, LoRAAdapter, LoRAWeights, hf_module_name
-from loraplex.lora.peft_config import PeftLoRAConfig, read_peft_config
+from loraplex.lora.peft_config import PeftLoRAConfig, read_peft_config, resolve_inside
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -48,12 +48,23 @@ def load_peft_adapter(
     module after ``rank_pattern`` / ``alpha_pattern``). ``name`` defaults to the directory
     name. Raises ``AdapterLoadError`` for anything PEFT would not load into this model the
     same way, or that loraplex cannot serve (e.g. DoRA, ``modules_to_save``, rank above
-    ``max_lora_rank``).
+    ``max_lora_rank``). Errors start with the adapter's name, then name the file relative to
+    ``path`` (never an absolute path); a file that resolves outside ``path`` (a symlink out
+    of it) is refused.
     """
     adapter_dir = Path(path)
+    label = name or adapter_dir.name
     if not adapter_dir.is_dir():
         what = "is not a directory" if adapter_dir.exists() else "does not exist"
-        raise AdapterLoadError(f"{adapter_dir}: adapter directory {what}")
+        raise AdapterLoadError(f"adapter {label!r}: adapter directory {str(path)!r} {what}")
+    try:
+        return _load(adapter_dir, model_config, max_lora_rank, name)
+    except AdapterLoadError as e:
+        raise AdapterLoadError(f"adapter {label!r}: {e}") from e.__cause__
+
+
+def _load(adapter_dir: Path, model_config: ModelConfig, max_lora_rank: int,
+          name: str | None) -> LoRAAdapter:
     cfg = read_peft_config(adapter_dir)
     expected = _expected_modules(cfg, model_config, max_lora_rank)
     file, tensors = _read_tensors(adapter_dir)
@@ -67,6 +78,9 @@ def _expected_modules(
 ) -> dict[tuple[int, str], tuple[int, float]]:
     """``(layer, proj) -> (r, scaling)`` for every module PEFT would wrap in this model."""
     file = cfg.file
+    # every regex of the config against every name asked about below, at once and safely
+    cfg.prepare(_other_module_names(mc.num_layers) + [
+        hf_module_name(layer, p) for layer in range(mc.num_layers) for p in PROJ_NAMES])
     _check_targets_applicable(cfg, mc)
     wanted = cfg.layers_to_transform
     for index in (wanted,) if isinstance(wanted, int) else (wanted or ()):
@@ -121,22 +135,28 @@ def _other_module_names(num_layers: int) -> list[str]:
 
 
 def _read_tensors(adapter_dir: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    st, pt = adapter_dir / SAFETENSORS_NAME, adapter_dir / BIN_NAME
-    if st.is_file():
+    """The weights file's name (relative, for errors) and its tensors."""
+    st, pt = Path(SAFETENSORS_NAME), Path(BIN_NAME)
+    if (path := resolve_inside(adapter_dir, SAFETENSORS_NAME)) is not None:
         try:
-            return st, load_file(st, device="cpu")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            return st, load_file(path, device="cpu")
+        except OSError as e:  # strerror: the message without the absolute path
+            raise AdapterLoadError(f"{st}: cannot read safetensors file: {e.strerror}") from e
+        except (SafetensorError, ValueError, RuntimeError) as e:
             raise AdapterLoadError(f"{st}: cannot read safetensors file: {e}") from e
-    if pt.is_file():
+    if (path := resolve_inside(adapter_dir, BIN_NAME)) is not None:
         try:
-            tensors = torch.load(pt, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, OSError, RuntimeError, EOFError, ValueError) as e:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError as e:
+            raise AdapterLoadError(f"{pt}: cannot read PyTorch weights file: {e.strerror}") from e
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
             raise AdapterLoadError(f"{pt}: cannot read PyTorch weights file: {e}") from e
         if not isinstance(tensors, dict) or not all(
                 isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
             raise AdapterLoadError(f"{pt}: expected a dict of name -> tensor")
         return pt, tensors
-    raise AdapterLoadError(f"{adapter_dir}: no adapter weights ({SAFETENSORS_NAME} or {BIN_NAME})")
+    raise AdapterLoadError(f"no adapter weights in the adapter directory ({SAFETENSORS_NAME} or "
+                           f"{BIN_NAME})")
 
 
 def _collect(

@@ -1,7 +1,8 @@
-"""LoRA op backends: name -> (lora_shrink, lora_expand) with one contract (see ``lora_ref``).
+"""LoRA op backends: name -> (lora_shrink, lora_expand) with one contract (written as PyTorch
+code in ``lora_ref``, the tests' reference).
 
-``"torch"`` is the reference (any device, the CPU path); ``"triton"`` is the GPU kernels
-(``lora_triton``). ``"auto"`` picks Triton on CUDA when it is installed, else torch.
+``"torch"`` is ``lora_torch`` (any device; what the engine runs on CPU); ``"triton"`` is the GPU
+kernels (``lora_triton``). ``"auto"`` picks Triton on CUDA when it is installed, else torch.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def get_lora_ops(backend: str) -> LoRAOps:
     if backend == "triton":
         from loraplex.ops import lora_triton as mod
     elif backend == "torch":
-        from loraplex.ops import lora_ref as mod
+        from loraplex.ops import lora_torch as mod
     else:
         raise ValueError(f"lora_backend={backend!r} must be one of {BACKENDS}")
     return LoRAOps(mod.lora_shrink, mod.lora_expand)

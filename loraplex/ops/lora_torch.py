@@ -1,0 +1,119 @@
+"""The torch backend of the batched LoRA ops: what the engine runs on CPU (and on any device
+without Triton). Same signatures and semantics as ``lora_ref`` (the semantics are written out
+as PyTorch code there); this file is about doing it fast.
+
+CPU (ranks on the host): one GEMM per (segment, slice), written straight into the
+destination view with ``addmm_``, in the tensors' own dtype. No weight is copied, gathered or
+widened: a segment's A/B are views of the pool, so scattered slots cost nothing more than
+consecutive ones. Half-precision GEMMs accumulate in float32 inside ``addmm_`` and round
+once into the output. Why not one ``bmm`` over many segments: on CPU, ``bmm`` over strided
+pool views and ``baddbmm_`` into column slices of ``y`` take a slow path, several times slower
+than the same work as a loop of ``addmm_``; ``mm(out=...)`` into a narrow column slice is
+slower still. ``addmm_`` on the destination view is the fast, allocation-free form.
+
+Other devices (ranks on an accelerator): the ranks are never read on the host (no sync). All
+``R`` columns are computed and the unused ones masked by a device-side comparison, so garbage
+in unused rank columns never reaches the result; the sum is formed in float32 and rounded
+once.
+
+The only per-batch input read is ``batch.host_segs`` (segments that use an adapter, as host
+``(start, length, slot)`` tuples), which the batch builder computes once per forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loraplex.ops.lora_meta import LoRABatch
+
+
+def lora_shrink(
+    x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, batch: LoRABatch, out: torch.Tensor
+) -> None:
+    """``out[seg, i*R : i*R + r] = x[seg] @ a[slot, i*R : i*R + r].T`` per segment and slice
+    (contract: ``lora_ref.lora_shrink``). ``x [T', in]``, ``a [S, n*R, in]``, ``ranks [S, n]``
+    int32, ``out [T, n*R]``; x, a and out share one dtype."""
+    assert x.dtype == a.dtype == out.dtype, (x.dtype, a.dtype, out.dtype)
+    n = ranks.shape[1]
+    big_r = a.shape[1] // n
+    if ranks.device.type != "cpu":
+        return _shrink_masked(x, a, ranks, batch, out)
+    host_ranks = ranks.tolist()
+    for start, length, slot in batch.host_segs:
+        rows = slice(start, start + length)
+        xs = x[rows]  # [len, in]
+        rk = host_ranks[slot]
+        if all(r == big_r for r in rk):  # every slice at full rank: one GEMM, stacked rows
+            out[rows].addmm_(xs, a[slot].T, beta=0)  # [len, n*R]
+            continue
+        for i, r in enumerate(rk):
+            if r:
+                lo = i * big_r
+                # beta=0: the destination's old contents (maybe NaN) are not read
+                out[rows, lo : lo + r].addmm_(xs, a[slot, lo : lo + r].T, beta=0)
+
+
+def lora_expand(
+    h: torch.Tensor,
+    b: torch.Tensor,
+    ranks: torch.Tensor,
+    scalings: torch.Tensor,
+    offsets: tuple[int, ...],
+    batch: LoRABatch,
+    y: torch.Tensor,
+) -> None:
+    """``y[seg, cols_i] += scalings[slot, i] * h[seg, i*R : i*R + r] @ b[slot, cols_i, :r].T``
+    per segment and slice, in place (contract: ``lora_ref.lora_expand``). ``h [T, n*R]``,
+    ``b [S, out, R]``, ``ranks [S, n]`` int32, ``scalings [S, n]`` float32, ``offsets`` n+1
+    python ints, ``y [T', out]``; h, b and y share one dtype."""
+    assert h.dtype == b.dtype == y.dtype, (h.dtype, b.dtype, y.dtype)
+    n = ranks.shape[1]
+    assert len(offsets) == n + 1 and offsets[-1] == y.shape[1], (offsets, y.shape)
+    if ranks.device.type != "cpu" or scalings.device.type != "cpu":
+        return _expand_masked(h, b, ranks, scalings, offsets, batch, y)
+    big_r = b.shape[2]
+    host_ranks, host_scalings = ranks.tolist(), scalings.tolist()
+    # torch 2.13's CPU bfloat16 GEMM reads past the K extent of a column-sliced left operand
+    # (from 16 or so rows on), so the unused rank columns of h would leak into y: give it
+    # its [len, r] slice as a contiguous copy (activations only, a few KB; weights stay views).
+    own_h = h.dtype == torch.bfloat16
+    for start, length, slot in batch.host_segs:
+        rows = slice(start, start + length)
+        for i, r in enumerate(host_ranks[slot]):
+            if r:
+                lo, c0, c1 = i * big_r, offsets[i], offsets[i + 1]
+                hs = h[rows, lo : lo + r]  # [len, r]
+                y[rows, c0:c1].addmm_(hs.contiguous() if own_h else hs, b[slot, c0:c1, :r].T,
+                                      alpha=host_scalings[slot][i])
+
+
+# -- ranks on an accelerator: no host sync, unused rank columns masked -------------------------
+
+
+def _shrink_masked(x, a, ranks, batch: LoRABatch, out) -> None:
+    n = ranks.shape[1]
+    big_r = a.shape[1] // n
+    col = torch.arange(big_r, device=ranks.device)
+    for start, length, slot in batch.host_segs:
+        rows = slice(start, start + length)
+        xs = x[rows].float()  # [len, in]
+        for i in range(n):
+            lo = i * big_r
+            keep = col < ranks[slot, i]  # [R]
+            h = (xs @ a[slot, lo : lo + big_r].float().T).to(out.dtype)  # [len, R]
+            dst = out[rows, lo : lo + big_r]
+            dst.copy_(torch.where(keep, h, dst))
+
+
+def _expand_masked(h, b, ranks, scalings, offsets, batch: LoRABatch, y) -> None:
+    n, big_r = ranks.shape[1], b.shape[2]
+    col = torch.arange(big_r, device=ranks.device)
+    for start, length, slot in batch.host_segs:
+        rows = slice(start, start + length)
+        for i in range(n):
+            lo, c0, c1 = i * big_r, offsets[i], offsets[i + 1]
+            keep = col < ranks[slot, i]  # [R]; mask both operands: NaN garbage stays out
+            hs = torch.where(keep, h[rows, lo : lo + big_r].float(), 0.0)  # [len, R]
+            bs = torch.where(keep, b[slot, c0:c1].float(), 0.0)  # [w_i, R]
+            dst = y[rows, c0:c1]
+            dst.copy_((dst.float() + (hs @ bs.T) * scalings[slot, i]).to(dst.dtype))
