@@ -7,8 +7,8 @@ Layouts (see ``lora_meta``): for ``S`` slots, ``n`` stacked slices and ``R = max
 ``a [S, n*R, in]`` holds slice i's A in rows ``i*R : i*R + ranks[s, i]``, ``b [S, out, R]``
 holds slice i's B in rows ``offsets[i] : offsets[i+1]``, columns ``: ranks[s, i]``.
 
-Segments come from the batch's tensors (``seg_starts``, ``seg_lens``, ``seg_slots``, the first
-``num_segs``), as the GPU kernels read them. Math is float64; each result is rounded once into
+Segments come from the batch's tensors (``seg_starts``, ``seg_lens``, ``seg_lora_slots``, the
+first ``num_segs``), as the GPU kernels read them. Math is float64; each result is rounded once into
 the output's dtype.
 """
 
@@ -92,5 +92,5 @@ def _segments(batch: LoRABatch) -> list[tuple[int, int, int]]:
     """(start, length, slot) of the batch's segments that use an adapter."""
     k = batch.num_segs
     starts, lens, slots = (t[:k].tolist() for t in (batch.seg_starts, batch.seg_lens,
-                                                     batch.seg_slots))
+                                                     batch.seg_lora_slots))
     return [(s, n, slot) for s, n, slot in zip(starts, lens, slots, strict=True) if slot >= 0]
