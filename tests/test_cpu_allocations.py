@@ -65,6 +65,6 @@ def test_lora_step_metadata_and_ops_allocate_no_weight_copies(tmp_path):
     assert all(len(o.token_ids) == 4 for o in outs)
     assert len(prepared) == 4 and all(sizes == [] for sizes in prepared), prepared
     assert len(op_calls) == 2 * 4 * len(llm.engine.lora_layers)
-    assert any(sizes for *_, sizes in op_calls)  # the probe does see the products
-    for op, tokens, width, sizes in op_calls:
-        assert sum(sizes) <= tokens * width * 4, (op, tokens, width, sizes)
+    # the CPU backend writes every product in place (addmm_ into the destination views):
+    # no op allocates at all (test_probe_sees_allocations shows the probe would see it)
+    assert all(sizes == [] for *_, sizes in op_calls), op_calls

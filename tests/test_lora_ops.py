@@ -90,7 +90,7 @@ def test_expand_rounds_once(impl: str) -> None:
     IMPLS[impl].lora_expand(h, case.b, case.ranks, case.scalings, case.offsets, case.batch, y)
     once, twice = y0.clone(), y0.clone()
     ranks, scalings = case.ranks.tolist(), case.scalings.tolist()
-    for tok, slot in enumerate(case.token_slots):
+    for tok, slot in enumerate(case.token_lora_slots):
         r = ranks[slot][0]
         delta = scalings[slot][0] * (case.b[slot, :, :r].double() @ h[tok, :r].double())
         once[tok] = (y0[tok].double() + delta).half()
