@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from loraplex import LLM, SamplingParams, demo
 from loraplex.engine.detokenizer import visible_text
+from loraplex.engine.sampler import SamplerOutput
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # the demo model's ids 0..3 (EOS = 2)
 PIECES = SPECIALS + [chr(c) for c in range(32, 127)] + [f"<0x{b:02X}>" for b in range(256)]
@@ -57,8 +58,8 @@ def scripted(llm, monkeypatch):
 
     def run(pieces: list[str], params: SamplingParams):
         ids = [VOCAB[p] for p in pieces]
-        monkeypatch.setattr(engine.runner, "run", lambda seqs, is_prefill: [
-            ids[len(s.output_token_ids)] for s in seqs])
+        monkeypatch.setattr(engine.runner, "run", lambda seqs, is_prefill: SamplerOutput(
+            [ids[len(s.output_token_ids)] for s in seqs], [True] * len(seqs)))
         outs = stream(llm, [VOCAB[c] for c in "in: x out: "], params)
         assert outs[-1].token_ids == ids
         return tok, outs

@@ -8,7 +8,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = {".md", ".py", ".sh", ".toml"}
 # a path from the repository root, or a module path inside the package (as the docs write them)
-ROOTED = re.compile(r"(?<![\w/.-])((?:docs|benchmarks|tests|scripts|loraplex|\.ci)/[\w./-]*\w)")
+# (a path that runs on into a glob, e.g. tests/test_*.py, is a pattern, not a citation)
+ROOTED = re.compile(r"(?<![\w/.-])((?:docs|benchmarks|tests|scripts|loraplex|\.ci)/[\w./-]*\w)"
+                    r"(?![\w*])")
 IN_PACKAGE = re.compile(r"`((?:engine|kvcache|models|layers|lora|ops|server|demo)/[\w/.-]+\.py)")
 # files outside the repository that earlier text leaned on (spelled so this file has neither)
 OUTSIDE = ["DESIGN" + ".md", "STYLE" + ".md", "../" + "shared"]
