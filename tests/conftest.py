@@ -40,6 +40,18 @@ SLOW = [
     "test_engine.py::test_cpu_prepacked_weights_match_dense_and_free_the_dense_copy",
     "test_quickstart.py",
     "test_cpu_allocations.py",  # the profiler around every LoRA op call
+    "test_server_robustness.py",  # server subprocesses and in-process fault injection
+    "test_fuzz_server.py",
+    "test_server_sampling.py",
+    "test_peft_safety.py::test_catastrophic_patterns_refused_quickly",
+    "test_sampling_triton.py::test_distribution_matches_exact_probabilities",
+    "test_sampling_triton.py::test_negative_infinity_logits_never_drawn",
+    "test_paged_attention.py::test_kernels_compile_for_hopper",
+    "test_paged_attention.py::test_static_buffer_engine_decode_reads_real_width",
+    "test_fused_elementwise.py::test_kernels_compile_for_sm90",
+    "test_fused_elementwise.py::test_model_wiring_matches_torch_path",
+    "test_adapter_registry.py::test_engine_host_cache_respects_byte_bound_and_serving_dtype",
+    "test_multi_lora.py::test_batch_never_exceeds_slot_count",
 ]
 
 
