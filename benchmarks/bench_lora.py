@@ -79,8 +79,8 @@ def best(fn, repeat: int) -> tuple[float, float]:
 
 def slot_layout(llm: LLM, names: list[str]) -> list[int]:
     """The adapter slots the batch's adapters occupy (sorted)."""
-    slots = llm.engine.lora.slot_names
-    return sorted({slots.index(n) for n in names})
+    keys = [None if k is None else k[0] for k in llm.engine.lora_pool.keys]  # (name, generation)
+    return sorted({keys.index(n) for n in names})
 
 
 def main() -> None:
