@@ -117,3 +117,14 @@ def test_character_cut_off_by_the_length_limit_decodes_as_the_tokenizer_does(scr
 def test_replacement_character_mid_output_is_kept(scripted):
     tok, outs = scripted(["\ufffd", "x"], SamplingParams(max_tokens=2))
     assert outs[-1].text == tok.decode(outs[-1].token_ids) == "\ufffdx"
+
+
+def test_token_window_equals_slicing_all_token_ids():
+    from loraplex.engine.sequence import Sequence
+
+    seq = Sequence(0, "r", [1, 2, 3, 4, 5], SamplingParams())
+    seq.output_token_ids = [6, 7, 8]
+    whole = seq.all_token_ids
+    for start in range(0, 9):
+        for end in [None, *range(start, 9)]:
+            assert seq.token_window(start, end) == whole[start:end], (start, end)

@@ -15,12 +15,13 @@ def detokenize_step(tokenizer, seq: Sequence, final: bool = False) -> None:
     generated (a genuine U+FFFD, or a cut-off character), as ``tokenizer.decode`` of the whole
     output gives it.
     """
-    ids = seq.all_token_ids
-    prefix = tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
-    full = tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=True)
+    window = seq.token_window(seq.prefix_offset)  # a few tokens, not prompt + output
+    prefix = tokenizer.decode(window[: seq.read_offset - seq.prefix_offset],
+                              skip_special_tokens=True)
+    full = tokenizer.decode(window, skip_special_tokens=True)
     if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
         seq.text += full[len(prefix) :]
-        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        seq.prefix_offset, seq.read_offset = seq.read_offset, seq.num_tokens
 
 
 def find_stop(text: str, stops: list[str], start: int) -> int:

@@ -69,6 +69,15 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    def token_window(self, start: int, end: int | None = None) -> list[int]:
+        """``all_token_ids[start:end]`` without building the whole list (the detokenizer
+        reads a few tokens a step; copying prompt + output would cost O(context) a row)."""
+        p = len(self.prompt_token_ids)
+        end = self.num_tokens if end is None else end
+        if start >= p:
+            return self.output_token_ids[start - p : end - p]
+        return self.prompt_token_ids[start:min(end, p)] + self.output_token_ids[: max(0, end - p)]
+
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
