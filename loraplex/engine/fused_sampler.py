@@ -37,6 +37,7 @@ class FusedSampling:
         self._dev_f = torch.empty_like(self._host_f, device=self.device)
         self._dev_k = torch.empty_like(self._host_k, device=self.device)
         self._np_f, self._np_k = self._host_f.numpy(), self._host_k.numpy()
+        self._no_top_k = torch.full((capacity,), float("-inf"), device=self.device)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], ids: torch.Tensor) -> None:
         batch, vocab = logits.shape
@@ -62,6 +63,6 @@ class FusedSampling:
             vals = torch.topk(logits, kmax, dim=-1).values  # [B, kmax]
             kth = vals.gather(1, (k - 1).clamp_(0, kmax - 1)[:, None]).squeeze(1)
             kth = torch.where(k > 0, kth, float("-inf"))
-        else:
-            kth = torch.full((batch,), float("-inf"), device=logits.device)
+        else:  # the common case allocates nothing: a reused -inf threshold row
+            kth = self._no_top_k[:batch]
         fused_sample(logits, dev[0], dev[1], dev[2], kth.contiguous(), self._dev_k[:batch], ids)
