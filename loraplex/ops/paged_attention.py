@@ -120,15 +120,18 @@ def paged_prefill_attention(
     """
     if cu_seqlens_q_host is not None:
         _check_chunks(cu_seqlens_q_host, q.shape[0], context_lens.shape[0], max_query_len)
-    resolve_attention_backend(backend, q.device, q.dtype, q.shape[-1])  # validates the name
-    if backend == "triton":  # "auto" takes torch everywhere until the kernel lands
-        raise ValueError("extend attention has no Triton backend yet: use backend='torch'")
+    kw = dict(max_query_len=max_query_len, max_context_len=max_context_len,
+              sliding_window=sliding_window, softcap=softcap, out=out)
+    name = resolve_attention_backend(backend, q.device, q.dtype, q.shape[-1])
+    if name == "triton":
+        from loraplex.ops import paged_prefill_triton
+
+        return paged_prefill_triton.paged_prefill_attention(
+            q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, **kw)
     from loraplex.ops import paged_prefill_torch
 
     return paged_prefill_torch.paged_prefill_attention(
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
-        max_query_len=max_query_len, max_context_len=max_context_len,
-        sliding_window=sliding_window, softcap=softcap, out=out)
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, **kw)
 
 
 def _check_chunks(cu: list[int], tokens: int, bsz: int, max_query_len: int) -> None:
