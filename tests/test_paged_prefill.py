@@ -120,7 +120,10 @@ OPTIONS = [(None, None), (7, None), (40, None), (1000, None), (None, 2.0), (24, 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 1), (8, 2), (4, 4)])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("window,softcap", OPTIONS)
-def test_torch_matches_reference(dtype, heads, kv_heads, d, window, softcap):
+def test_torch_matches_reference(dtype, heads, kv_heads, d, window, softcap, monkeypatch):
+    """Row blocks of 16 (default 128), so most chunks span several SDPA calls, each reading
+    keys only up to its last row's position."""
+    monkeypatch.setattr(paged_prefill_torch, "ROW_BLOCK", 16)
     case = make_case(*random_mix(d + heads + kv_heads), heads, kv_heads, d, dtype,
                      seed=heads * d)
     got = run_op(case, sliding_window=window, softcap=softcap)
@@ -131,7 +134,8 @@ def test_torch_matches_reference(dtype, heads, kv_heads, d, window, softcap):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_torch_random_batches(seed):
-    """Random batch sizes (1..8), block sizes and table widths; out= is written."""
+    """Random batch sizes (1..8), block sizes and table widths; out= is written; odd seeds
+    without the host offsets (one padded group, layout derived on the device)."""
     rng = random.Random(seed)
     batch = rng.randint(1, 8)
     prefixes = [rng.randint(0, 200) for _ in range(batch)]
@@ -140,9 +144,36 @@ def test_torch_random_batches(seed):
     need = max(-(-(p + c) // block) for p, c in zip(prefixes, chunks, strict=True))
     case = make_case(prefixes, chunks, 8, 2, 64, torch.float32, width=need + rng.randint(0, 9),
                      seed=seed, block=block)
+    if seed % 2:
+        case["cu_host"] = None
     out = torch.full_like(case["q"], float("nan"))
     assert run_op(case, out=out) is out
     torch.testing.assert_close(out, reference(case), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_torch_long_chunks_cross_row_blocks(host):
+    """Chunks longer than ROW_BLOCK (128), alone and mixed with decodes, with and without
+    the host offsets: the causal bound on each block's keys holds for every row."""
+    case = make_case([0, 40, 100, 7], [300, 1, 130, 1], 4, 2, 64, torch.float32, seed=8)
+    if not host:
+        case["cu_host"] = None
+    torch.testing.assert_close(run_op(case), reference(case), rtol=2e-5, atol=2e-5)
+    one = make_case([0], [260], 4, 2, 64, torch.float32, seed=9)
+    torch.testing.assert_close(run_op({**one, "cu_host": None} if not host else one),
+                               reference(one), rtol=2e-5, atol=2e-5)
+
+
+def test_plan_groups_bounds_padding():
+    """Decodes are not padded to a long chunk's length; similar lengths share a group; every
+    group pads to at most twice its tokens."""
+    assert paged_prefill_torch.plan_groups([1] * 8 + [256]) == [list(range(8)), [8]]
+    assert paged_prefill_torch.plan_groups([30, 64, 40]) == [[0, 2, 1]]
+    lens = [random.Random(s).randint(1, 512) for s in range(50)]
+    groups = paged_prefill_torch.plan_groups(lens)
+    assert sorted(b for g in groups for b in g) == list(range(50))
+    for g in groups:
+        assert len(g) * max(lens[b] for b in g) <= 2 * sum(lens[b] for b in g)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -235,8 +266,9 @@ def test_checks_and_backend_names():
     with pytest.raises(ValueError, match="flash"):
         run_op(case, backend="flash")
     torch.testing.assert_close(run_op(case, backend="auto"), reference(case))
-    assert paged_prefill_torch.prefill_attention_mask(
-        case["cu_seqlens_q"], case["context_lens"], 2, 16).shape == (2, 1, 2, 16)
+    mask = paged_prefill_torch.prefill_attention_mask(torch.tensor([2, 2]),
+                                                      case["context_lens"], 2, 16)
+    assert mask.shape == (2, 1, 2, 16) and mask[0, 0].sum(-1).tolist() == [4, 5]
 
 
 @pytest.fixture

@@ -115,8 +115,9 @@ def paged_prefill_attention(
     [B + 1]`` and ``context_lens [B]`` int64 on q's device; ``max_query_len >= max l_b`` and
     ``max_context_len >= max context_lens`` are host bounds, so no backend syncs. A decode
     token is a chunk of length 1. ``cu_seqlens_q_host``: the same offsets on the host, when the
-    caller has them; then the chunk layout is checked against ``q`` and the bounds (ValueError
-    on a mismatch) at no device cost. ``out``: written and returned when given.
+    caller has them: they are checked against ``q`` and the bounds (ValueError on a mismatch),
+    and the torch backend groups chunks of similar length with them (a decode is not padded to
+    a long chunk's length). ``out``: written and returned when given.
     """
     if cu_seqlens_q_host is not None:
         _check_chunks(cu_seqlens_q_host, q.shape[0], context_lens.shape[0], max_query_len)
@@ -131,7 +132,8 @@ def paged_prefill_attention(
     from loraplex.ops import paged_prefill_torch
 
     return paged_prefill_torch.paged_prefill_attention(
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, **kw)
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
+        cu_seqlens_q_host=cu_seqlens_q_host, **kw)
 
 
 def _check_chunks(cu: list[int], tokens: int, bsz: int, max_query_len: int) -> None:
