@@ -155,14 +155,10 @@ class LLMEngine:
         if dev.type == "cpu":
             apply_cpu_threads()
         dt = resolve_dtype(dtype, dev, cfg.dtype)
-        limit = cfg.max_position
-        if cfg.sliding_window is not None:
-            # Attention here is full-context; within the window the two are the same, so
-            # the context is capped there rather than silently diverging from the reference.
-            limit = min(limit, cfg.sliding_window)
+        limit = cfg.max_position  # sliding windows are applied in attention: no cap here
         if max_model_len is not None and max_model_len > limit:
-            raise ConfigError(f"max_model_len={max_model_len} exceeds the model's context ({limit}"
-                             f"{' = its sliding window' if limit == cfg.sliding_window else ''})")
+            raise ConfigError(f"max_model_len={max_model_len} exceeds the model's context "
+                              f"({limit})")
         max_len = limit if max_model_len is None else max_model_len
         budget = (default_token_budget(cfg, dev, dt) if max_num_batched_tokens is None
                   else max_num_batched_tokens)
