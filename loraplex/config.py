@@ -24,6 +24,10 @@ class RopeConfig:
     original_max_position: int = 8192
 
 
+# Architectures whose checkpoints hold q/k/v and gate/up as one tensor each.
+FUSED_PROJ_ARCHITECTURES = frozenset({"Phi3ForCausalLM"})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The shape of a decoder-only model, read from a Hugging Face ``config.json``."""
@@ -84,6 +88,15 @@ class ModelConfig:
             "up_proj": (h, i),
             "down_proj": (i, h),
         }
+
+    def checkpoint_projs(self) -> dict[str, tuple[str, ...]]:
+        """The projections as the checkpoint (and PEFT adapters for it) name them -> the
+        projections of ``proj_shapes`` each one stacks, in row order. Phi-3 stores q|k|v
+        and gate|up fused."""
+        if self.architecture in FUSED_PROJ_ARCHITECTURES:
+            return {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
+                    "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+        return {p: (p,) for p in self.proj_shapes()}
 
     @classmethod
     def from_hf(cls, hf) -> ModelConfig:
