@@ -115,9 +115,7 @@ def test_window_matters(tmp_path, arch):
 
     d, hf = _build(tmp_path, arch)
     full_cfg = _config(arch)
-    full_cfg.sliding_window = None
-    if getattr(full_cfg, "layer_types", None):
-        full_cfg.layer_types = ["full_attention"] * full_cfg.num_hidden_layers
+    full_cfg.sliding_window = 10_000  # wider than any context here: full attention
     full = AutoModelForCausalLM.from_config(full_cfg).eval()
     full.load_state_dict(hf.state_dict())
     ids = torch.tensor([list(range(4, 44))])
@@ -142,5 +140,7 @@ def test_config_fields():
     assert [mistral.layer_window(i) for i in range(3)] == [WINDOW] * 3
     qwen3 = ModelConfig.from_hf(_config("qwen3"))
     assert qwen3.sliding_window is None and not qwen3.attention_bias and qwen3.head_dim == 24
-    phi3 = ModelConfig.from_hf(_config("phi3"))
+    phi3_hf = _config("phi3")
+    phi3_hf.architectures = ["Phi3ForCausalLM"]  # as save_pretrained writes it
+    phi3 = ModelConfig.from_hf(phi3_hf)
     assert phi3.checkpoint_projs()["qkv_proj"] == ("q_proj", "k_proj", "v_proj")
