@@ -64,7 +64,9 @@ def _build(tmp_path, arch: str):
 def _adapters(tmp_path, hf, arch: str) -> dict:
     projs = FUSED if arch == "phi3" else SPLIT
     kinds = {
-        "all": dict(r=8, lora_alpha=16, target_modules=projs),
+        # PEFT's "all-linear" names the fused projections on Phi-3
+        "all": dict(r=8, lora_alpha=16,
+                    target_modules="all-linear" if arch in ("phi3", "gemma3") else projs),
         "attn": dict(r=4, lora_alpha=4, target_modules=projs[:2] if arch == "phi3"
                      else ["q_proj", "v_proj", "o_proj"]),
         "mlp": dict(r=16, lora_alpha=8, use_rslora=True, target_modules=projs[-2:]),

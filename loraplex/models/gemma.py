@@ -48,7 +48,7 @@ class GemmaAttention(nn.Module):
         q, k = q.reshape(t, self.heads, d), k.reshape(t, self.kv_heads, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = RotaryEmbedding.rotate(rope, q), RotaryEmbedding.rotate(rope, k)
+        q, k = RotaryEmbedding.rotate_(rope, q), RotaryEmbedding.rotate_(rope, k)  # fresh
         return self.o_proj(self.attn(q, k, v.reshape(t, self.kv_heads, d)))
 
 

@@ -21,8 +21,11 @@ class Qwen3Attention(LlamaAttention):
         qkv = self.qkv_proj(x)  # [T, q + 2 * kv]
         t, d = x.shape[0], self.head_dim
         q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
-        q = RotaryEmbedding.rotate(rope, self.q_norm(q.reshape(t, self.heads, d)))
-        k = RotaryEmbedding.rotate(rope, self.k_norm(k.reshape(t, self.kv_heads, d)))
+        # one row per head: the fused RMSNorm kernel's 2-D layout on CUDA; the norms' fresh
+        # outputs are then rotated in place
+        q = self.q_norm(q.reshape(-1, d)).view(t, self.heads, d)
+        k = self.k_norm(k.reshape(-1, d)).view(t, self.kv_heads, d)
+        q, k = RotaryEmbedding.rotate_(rope, q), RotaryEmbedding.rotate_(rope, k)
         return self.o_proj(self.attn(q, k, v.reshape(t, self.kv_heads, d)))
 
 
