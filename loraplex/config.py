@@ -15,12 +15,17 @@ from loraplex.errors import ConfigError, ConfigTypeError, DeviceError, ModelLoad
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0
-    # Llama-3 style scaling ("llama3"); None means plain RoPE.
+    # "llama3" (Llama 3.1 frequency bands) or "linear" (positions / factor, Gemma 3);
+    # None means plain RoPE.
     scaling_type: str | None = None
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+
+
+# Architectures whose checkpoints hold q/k/v and gate/up as one tensor each.
+FUSED_PROJ_ARCHITECTURES = frozenset({"Phi3ForCausalLM"})
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,26 @@ class ModelConfig:
     attention_bias: bool
     dtype: torch.dtype  # the checkpoint's dtype
     eos_token_ids: tuple[int, ...] = ()
-    sliding_window: int | None = None  # Mistral/Qwen2 windowed attention, when enabled
+    sliding_window: int | None = None  # Mistral/Qwen2/Gemma windowed attention, when enabled
+    # per layer "sliding_attention" | "full_attention" (Gemma, Qwen); None: every layer
+    # windowed when ``sliding_window`` is set (Mistral, Phi-3)
+    layer_types: tuple[str, ...] | None = None
+    hidden_act: str = "silu"  # the MLP's gate activation: "silu" | "gelu_pytorch_tanh"
+    query_pre_attn_scalar: float | None = None  # Gemma: scores scaled by its -1/2, not d's
+    attn_logit_softcap: float | None = None  # Gemma 2: softcap * tanh(scores / softcap)
+    final_logit_softcap: float | None = None  # Gemma 2/3: the same on the logits
+    local_rope: RopeConfig | None = None  # Gemma 3: the sliding layers' own RoPE base
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        """The sliding window of layer ``layer_idx`` (None: it attends to the whole context)."""
+        if self.layer_types is not None and self.layer_types[layer_idx] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    def layer_rope(self, layer_idx: int) -> RopeConfig:
+        if self.local_rope is not None and self.layer_window(layer_idx) is not None:
+            return self.local_rope
+        return self.rope
 
     @property
     def q_size(self) -> int:
@@ -65,6 +89,15 @@ class ModelConfig:
             "down_proj": (i, h),
         }
 
+    def checkpoint_projs(self) -> dict[str, tuple[str, ...]]:
+        """The projections as the checkpoint (and PEFT adapters for it) name them -> the
+        projections of ``proj_shapes`` each one stacks, in row order. Phi-3 stores q|k|v
+        and gate|up fused."""
+        if self.architecture in FUSED_PROJ_ARCHITECTURES:
+            return {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
+                    "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+        return {p: (p,) for p in self.proj_shapes()}
+
     @classmethod
     def from_hf(cls, hf) -> ModelConfig:
         """Build from a ``transformers.PretrainedConfig`` (v4 or v5 rope fields)."""
@@ -73,24 +106,18 @@ class ModelConfig:
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
         rope_params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None)
         rope_params = dict(rope_params or {})
-        theta = rope_params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
-        rtype = rope_params.get("rope_type", rope_params.get("type", "default"))
-        if rtype not in ("default", "llama3", None):
-            raise ModelLoadError(
-                f"rope type {rtype!r} is not supported (supported: default, llama3)"
-            )
-        rope = RopeConfig(theta=float(theta))
-        if rtype == "llama3":
-            rope = RopeConfig(
-                theta=float(theta),
-                scaling_type="llama3",
-                factor=float(rope_params["factor"]),
-                low_freq_factor=float(rope_params.get("low_freq_factor", 1.0)),
-                high_freq_factor=float(rope_params.get("high_freq_factor", 4.0)),
-                original_max_position=int(
-                    rope_params.get("original_max_position_embeddings", 8192)
-                ),
-            )
+        default_theta = getattr(hf, "rope_theta", 10000.0)
+        local_rope = None
+        if "full_attention" in rope_params:  # Gemma 3 (transformers 5): one entry per layer type
+            if "sliding_attention" in rope_params:
+                local_rope = _rope_config(rope_params["sliding_attention"], default_theta)
+            rope_params = dict(rope_params["full_attention"])
+        elif getattr(hf, "rope_local_base_freq", None) is not None:  # Gemma 3, transformers 4
+            local_rope = RopeConfig(theta=float(hf.rope_local_base_freq))
+        rope = _rope_config(rope_params, default_theta)
+        if float(rope_params.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ModelLoadError(f"partial_rotary_factor={rope_params['partial_rotary_factor']}"
+                                 " is not supported (only 1.0)")
         eos = getattr(hf, "eos_token_id", None)
         eos_ids = (
             tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
@@ -115,7 +142,38 @@ class ModelConfig:
             dtype=dtype,
             eos_token_ids=eos_ids,
             sliding_window=_sliding_window(hf),
+            layer_types=tuple(hf.layer_types) if getattr(hf, "layer_types", None) else None,
+            hidden_act=getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu"),
+            query_pre_attn_scalar=_optional_float(hf, "query_pre_attn_scalar"),
+            attn_logit_softcap=_optional_float(hf, "attn_logit_softcapping"),
+            final_logit_softcap=_optional_float(hf, "final_logit_softcapping"),
+            local_rope=local_rope,
         )
+
+
+def _optional_float(hf, name: str) -> float | None:
+    value = getattr(hf, name, None)
+    return None if value is None else float(value)
+
+
+def _rope_config(params: Mapping, default_theta: float) -> RopeConfig:
+    theta = float(params.get("rope_theta", default_theta))
+    rtype = params.get("rope_type", params.get("type", "default"))
+    if rtype in ("default", None):
+        return RopeConfig(theta=theta)
+    if rtype == "linear":
+        return RopeConfig(theta=theta, scaling_type="linear", factor=float(params["factor"]))
+    if rtype == "llama3":
+        return RopeConfig(
+            theta=theta,
+            scaling_type="llama3",
+            factor=float(params["factor"]),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position=int(params.get("original_max_position_embeddings", 8192)),
+        )
+    raise ModelLoadError(f"rope type {rtype!r} is not supported (supported: default, linear, "
+                         "llama3)")
 
 
 def _sliding_window(hf) -> int | None:

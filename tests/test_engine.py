@@ -215,16 +215,6 @@ def test_static_buffers_send_only_the_real_table_width(llama):
     assert bool((tables[:, used:] == -5).all())
 
 
-def test_mistral_sliding_window_caps_the_context(tmp_path):
-    d, _ = make_tiny_model(tmp_path / "m", "mistral", sliding_window=64)
-    llm = LLM(str(d), device="cpu")
-    assert llm.engine.max_model_len == 64
-    with pytest.raises(InvalidRequestError, match="64"):
-        llm.generate([[5] * 80], SamplingParams(max_tokens=2))
-    with pytest.raises(ValueError, match="sliding window"):
-        LLM(str(d), device="cpu", max_model_len=128)
-
-
 def test_sequence_outgrowing_the_whole_cache_ends_with_length(llama):
     d, _, _ = llama
     tiny = LLM(str(d), device="cpu", num_kv_blocks=3)  # 48 tokens of KV in all

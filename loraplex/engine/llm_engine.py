@@ -38,6 +38,7 @@ from loraplex.lora.layers import install_lora_layers
 from loraplex.lora.loader import AdapterLoader
 from loraplex.lora.pool import LoRASlotPool
 from loraplex.lora.registry import AdapterEntry, AdapterRegistry
+from loraplex.models.hub import resolve_model_path
 from loraplex.models.loader import load_model, load_model_config
 from loraplex.ops.lora_ops import resolve_lora_backend
 from loraplex.sampling_params import SamplingParams
@@ -129,6 +130,7 @@ class LLMEngine:
         gpu_memory_utilization: float = 0.9,
         cuda_graphs: bool | None = None,
         cpu_prepack: bool | None = None,
+        revision: str | None = None,
     ) -> LLMEngine:
         """Build an engine from a Hugging Face model directory.
 
@@ -137,6 +139,8 @@ class LLMEngine:
         (CUDA) or 1 GiB (CPU); see ``kvcache/sizing.py``.
         ``cuda_graphs`` / ``cpu_prepack``: None picks the default for the device (graphs on
         CUDA; oneDNN-prepacked linear weights on CPU, see ``layers/linear.py``).
+        ``model`` is a directory or a Hugging Face Hub id (``revision``: its branch, tag or
+        commit), see ``models/hub.py``.
         """
         from transformers import AutoTokenizer
 
@@ -150,19 +154,16 @@ class LLMEngine:
         lora_cfg = LoRAConfig(max_loras_per_batch, max_lora_rank, max_cpu_loras, lora_backend,
                               max_cpu_lora_bytes)
         SchedulerConfig(max_num_seqs=max_num_seqs)  # validates it now; the real one is below
+        model = resolve_model_path(model, revision)
         cfg, _ = load_model_config(model)
         dev = resolve_device(device)
         if dev.type == "cpu":
             apply_cpu_threads()
         dt = resolve_dtype(dtype, dev, cfg.dtype)
-        limit = cfg.max_position
-        if cfg.sliding_window is not None:
-            # Attention here is full-context; within the window the two are the same, so
-            # the context is capped there rather than silently diverging from the reference.
-            limit = min(limit, cfg.sliding_window)
+        limit = cfg.max_position  # sliding windows are applied in attention: no cap here
         if max_model_len is not None and max_model_len > limit:
-            raise ConfigError(f"max_model_len={max_model_len} exceeds the model's context ({limit}"
-                             f"{' = its sliding window' if limit == cfg.sliding_window else ''})")
+            raise ConfigError(f"max_model_len={max_model_len} exceeds the model's context "
+                              f"({limit})")
         max_len = limit if max_model_len is None else max_model_len
         budget = (default_token_budget(cfg, dev, dt) if max_num_batched_tokens is None
                   else max_num_batched_tokens)

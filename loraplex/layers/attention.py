@@ -31,12 +31,19 @@ def _gqa_in_kernel(q: torch.Tensor) -> bool:
 
 
 class Attention(nn.Module):
-    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """``scale``: on the scores (default ``head_dim ** -0.5``); ``sliding_window``: the query
+    at position p sees keys in (p - window, p]; ``softcap``: scores -> softcap *
+    tanh(scores / softcap) before the mask (Gemma 2)."""
+
+    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 scale: float | None = None, sliding_window: int | None = None,
+                 softcap: float | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.group = num_heads // num_kv_heads
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.sliding_window, self.softcap = sliding_window, softcap
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, heads, d]; k, v [T, kv_heads, d] -> [T, heads * d]."""
@@ -77,6 +84,8 @@ class Attention(nn.Module):
             return x.view(g.size, g.length, x.shape[1], self.head_dim).transpose(1, 2)
 
         qs, ks, vs = batched(q), batched(k), batched(v)
+        if self.sliding_window is not None or self.softcap is not None:
+            return self._masked(qs, ks, vs).transpose(1, 2)
         if _gqa_in_kernel(qs):  # query head h reads kv head h // group, without copying k/v
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale,
                                                enable_gqa=True)
@@ -84,6 +93,24 @@ class Attention(nn.Module):
             ks, vs = (x.repeat_interleave(self.group, dim=1) for x in (ks, vs))
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale)
         return o.transpose(1, 2)
+
+    def _masked(self, qs, ks, vs) -> torch.Tensor:
+        """Causal attention with the window and/or softcap, [size, h, length, d] each: an
+        explicit mask (sequences in a group all start at position 0, so one mask serves the
+        group), and with a softcap the scores spelled out (SDPA has no hook for it)."""
+        length = qs.shape[2]
+        pos = torch.arange(length, device=qs.device)
+        allowed = pos[None, :] <= pos[:, None]  # [query, key]
+        if self.sliding_window is not None:
+            allowed &= pos[None, :] > pos[:, None] - self.sliding_window
+        ks, vs = (x.repeat_interleave(self.group, dim=1) for x in (ks, vs))
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed,
+                                                  scale=self.scale)
+        scores = (qs @ ks.transpose(-1, -2)).mul_(self.scale)
+        scores = scores.div_(self.softcap).tanh_().mul_(self.softcap)
+        scores = scores.masked_fill_(~allowed, float("-inf"))
+        return scores.softmax(-1, dtype=torch.float32).to(qs.dtype) @ vs
 
     def _decode(self, q: torch.Tensor, batch) -> torch.Tensor:
         """q [B, heads, d] -> [B, heads, d] over each sequence's cached context."""
@@ -94,7 +121,8 @@ class Attention(nn.Module):
         # column it is given (the Triton kernel reads only real blocks whatever the width)
         tables = batch.decode_block_tables(block_size)
         bias = None
-        if backend == "torch":
+        if backend == "torch" and self.sliding_window is None:  # else the op masks per layer
             bias = batch.decode_mask(tables.shape[1] * block_size, q.dtype)
         return paged_decode_attention(q, k_cache, v_cache, tables, batch.context_lens,
-                                      self.scale, backend=backend, attn_bias=bias)
+                                      self.scale, backend=backend, attn_bias=bias,
+                                      sliding_window=self.sliding_window, softcap=self.softcap)

@@ -1,5 +1,5 @@
 """Rotary position embedding (half-split layout, as in Hugging Face Llama), with Llama-3
-frequency scaling. cos/sin are tabulated once in float32 and indexed by position."""
+and linear frequency scaling. cos/sin are tabulated once in float32 and indexed by position."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from loraplex.ops.elementwise import fused_ops
 
 def inv_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
     inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.scaling_type == "linear":  # positions slowed by `factor` (Gemma 3 global layers)
+        return inv / rope.factor
     if rope.scaling_type != "llama3":
         return inv
     # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between

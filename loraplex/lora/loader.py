@@ -22,6 +22,7 @@ from loraplex.lora.adapter import LoRAAdapter
 from loraplex.lora.host_cache import HostCache
 from loraplex.lora.peft_loader import load_peft_adapter
 from loraplex.lora.registry import AdapterEntry, AdapterKey, AdapterRegistry
+from loraplex.models.hub import resolve_adapter_path
 
 
 class AdapterLoader:
@@ -61,6 +62,8 @@ class AdapterLoader:
 
     def _register(self, name: str, path: str, generation: int,
                   adapter: LoRAAdapter | None) -> AdapterEntry:
+        if adapter is None:
+            path = resolve_adapter_path(path)  # a hub id: its snapshot, once per registration
         adapter = self.parse(name, path) if adapter is None else self._checked(adapter)
         entry = AdapterEntry(name, path, generation, adapter.max_rank, adapter.nbytes,
                              frozenset(adapter.target_modules()))

@@ -50,6 +50,11 @@ _ALL_LINEAR = "all-linear"
 _LAYER_INDEX = Pattern("layers_to_transform", "", r".*?\.[^.]*\.(?P<idx>\d+)\.", full=False)
 
 
+# "all-linear": every projection, under either naming (Phi-3's checkpoint fuses q/k/v into
+# qkv_proj and gate/up into gate_up_proj); the loader matches whichever the model has.
+ALL_LINEAR = frozenset(PROJ_NAMES) | {"qkv_proj", "gate_up_proj"}
+
+
 def _fail(file: Path, msg: str) -> AdapterLoadError:
     return AdapterLoadError(f"{file}: {msg}")
 
@@ -213,7 +218,7 @@ def parse_peft_config(raw: dict[str, Any], file: Path) -> PeftLoRAConfig:
         raise _fail(file, "target_modules is missing; loraplex needs the targeted modules named")
     if isinstance(target, str):
         if target.lower() == _ALL_LINEAR:
-            target = frozenset(PROJ_NAMES)  # every linear layer except lm_head
+            target = ALL_LINEAR  # every linear layer except lm_head
         else:
             check_pattern(target, "target_modules", str(file))
     else:

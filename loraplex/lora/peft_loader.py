@@ -24,7 +24,12 @@ from safetensors.torch import load_file
 from loraplex.config import ModelConfig
 from loraplex.errors import AdapterLoadError
 from loraplex.lora.adapter import PROJ_NAMES, LoRAAdapter, LoRAWeights, hf_module_name
-from loraplex.lora.peft_config import PeftLoRAConfig, read_peft_config, resolve_inside
+from loraplex.lora.peft_config import (
+    ALL_LINEAR,
+    PeftLoRAConfig,
+    read_peft_config,
+    resolve_inside,
+)
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -68,7 +73,7 @@ def _load(adapter_dir: Path, model_config: ModelConfig, max_lora_rank: int,
     cfg = read_peft_config(adapter_dir)
     expected = _expected_modules(cfg, model_config, max_lora_rank)
     file, tensors = _read_tensors(adapter_dir)
-    weights = _collect(file, tensors, cfg, expected, model_config)
+    weights = _unfuse(_collect(file, tensors, cfg, expected, model_config), model_config)
     return LoRAAdapter(name=name or adapter_dir.resolve().name, path=str(adapter_dir),
                        weights=weights)
 
@@ -80,7 +85,7 @@ def _expected_modules(
     file = cfg.file
     # every regex of the config against every name asked about below, at once and safely
     cfg.prepare(_other_module_names(mc.num_layers) + [
-        hf_module_name(layer, p) for layer in range(mc.num_layers) for p in PROJ_NAMES])
+        _module_name(layer, p) for layer in range(mc.num_layers) for p in mc.checkpoint_projs()])
     _check_targets_applicable(cfg, mc)
     wanted = cfg.layers_to_transform
     for index in (wanted,) if isinstance(wanted, int) else (wanted or ()):
@@ -89,8 +94,8 @@ def _expected_modules(
                                    f"model has {mc.num_layers} layers (0..{mc.num_layers - 1})")
     expected = {}
     for layer in range(mc.num_layers):
-        for proj in PROJ_NAMES:
-            key = hf_module_name(layer, proj)
+        for proj in mc.checkpoint_projs():
+            key = _module_name(layer, proj)
             if not cfg.targets(key):
                 continue
             r, alpha = cfg.rank_and_alpha(key)
@@ -113,14 +118,15 @@ def _check_targets_applicable(cfg: PeftLoRAConfig, mc: ModelConfig) -> None:
             raise AdapterLoadError(
                 f"{file}: target_modules={shown} targets {key}; loraplex applies LoRA only to "
                 f"{', '.join(PROJ_NAMES)}")
-    if isinstance(cfg.target_modules, str):
+    if isinstance(cfg.target_modules, str) or cfg.target_modules == ALL_LINEAR:
         return
-    names = [hf_module_name(layer, p) for layer in range(mc.num_layers) for p in PROJ_NAMES]
+    projs = mc.checkpoint_projs()
+    names = [_module_name(layer, p) for layer in range(mc.num_layers) for p in projs]
     for entry in sorted(cfg.target_modules):
         if not any(n == entry or n.endswith(f".{entry}") for n in names):
             raise AdapterLoadError(
                 f"{file}: target_modules entry {entry!r} matches no module loraplex can apply "
-                f"LoRA to (supported: {', '.join(PROJ_NAMES)})")
+                f"LoRA to (supported: {', '.join(projs)})")
 
 
 def _other_module_names(num_layers: int) -> list[str]:
@@ -174,26 +180,27 @@ def _collect(
             raise AdapterLoadError(f"{file}: unexpected tensor {key!r} (not a LoRA A/B weight of "
                                    f"a supported module)")
         mm = _MODULE_RE.match(m["module"])
-        if mm is None or mm["proj"] not in PROJ_NAMES:
+        if mm is None or mm["proj"] not in mc.checkpoint_projs():
+            projs = ", ".join(mc.checkpoint_projs())
             raise AdapterLoadError(f"{file}: tensor {key!r} is for module {m['module']!r}; "
-                                   f"loraplex applies LoRA only to {', '.join(PROJ_NAMES)}")
+                                   f"loraplex applies LoRA only to {projs}")
         layer, proj = int(mm["layer"]), mm["proj"]
         if layer >= mc.num_layers:
             raise AdapterLoadError(f"{file}: tensor {key!r} is for layer {layer}, but the base "
                                    f"model has {mc.num_layers} layers")
         if (layer, proj) not in expected:
-            raise AdapterLoadError(f"{file}: tensor {key!r} is for {hf_module_name(layer, proj)}, "
+            raise AdapterLoadError(f"{file}: tensor {key!r} is for {_module_name(layer, proj)}, "
                                    f"which adapter_config.json does not target")
         slot = (layer, proj, m["ab"])
         if slot in found:
             raise AdapterLoadError(f"{file}: tensors {found[slot][0]!r} and {key!r} are both "
-                                   f"lora_{m['ab']} of {hf_module_name(layer, proj)}")
+                                   f"lora_{m['ab']} of {_module_name(layer, proj)}")
         found[slot] = (key, t)
 
-    shapes = mc.proj_shapes()
+    shapes = _checkpoint_shapes(mc)
     weights = {}
     for (layer, proj), (r, scaling) in expected.items():
-        module = hf_module_name(layer, proj)
+        module = _module_name(layer, proj)
         d_in, d_out = shapes[proj]
         pair = []
         for ab, want in (("A", (r, d_in)), ("B", (d_out, r))):
@@ -204,6 +211,35 @@ def _collect(
             pair.append(_check_tensor(file, key, t, want, module, proj, r))
         weights[(layer, proj)] = LoRAWeights(a=pair[0], b=pair[1], scaling=scaling)
     return weights
+
+
+def _module_name(layer: int, proj: str) -> str:
+    """``hf_module_name`` for checkpoint names too (Phi-3's fused qkv_proj, gate_up_proj)."""
+    if proj == "qkv_proj":
+        return f"model.layers.{layer}.self_attn.{proj}"
+    return hf_module_name(layer, proj)
+
+
+def _checkpoint_shapes(mc: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) per checkpoint projection: a fused one's out is its parts' outs summed."""
+    shapes = mc.proj_shapes()
+    return {name: (shapes[parts[0]][0], sum(shapes[p][1] for p in parts))
+            for name, parts in mc.checkpoint_projs().items()}
+
+
+def _unfuse(weights: dict[tuple[int, str], LoRAWeights],
+            mc: ModelConfig) -> dict[tuple[int, str], LoRAWeights]:
+    """A LoRA on a fused projection (Phi-3's qkv_proj: one A, a B spanning q|k|v) as one
+    LoRA per part: the same A and scaling, B's rows of that part, so each part's output
+    ``s * B_part @ (A @ x)`` is its rows of the fused output."""
+    shapes = mc.proj_shapes()
+    out = {}
+    for (layer, proj), w in weights.items():
+        parts = mc.checkpoint_projs()[proj]
+        rows = w.b.split([shapes[p][1] for p in parts])
+        for part, b in zip(parts, rows, strict=True):
+            out[(layer, part)] = LoRAWeights(a=w.a, b=b.contiguous(), scaling=w.scaling)
+    return out
 
 
 def _check_tensor(file: Path, key: str, t: torch.Tensor, want: tuple[int, int], module: str,

@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral; Qwen2 via `qkv_bias`), as a plain nn.Module.
+"""Llama-family decoder (Llama 2/3, Mistral with its sliding window; Qwen2 via
+``attention_bias``), as a plain nn.Module; Qwen 3 and Phi-3 build on it.
 
 Parameter names follow Hugging Face, with q/k/v fused into ``qkv_proj`` and gate/up into
 ``gate_up_proj`` (``packed_modules`` maps checkpoint names onto them).
@@ -26,7 +27,8 @@ class LlamaAttention(nn.Module):
             cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, bias=cfg.attention_bias
         )
         self.o_proj = RowLinear(cfg.q_size, cfg.hidden_size, bias=False)
-        self.attn = Attention(layer_idx, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.attn = Attention(layer_idx, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                              sliding_window=cfg.layer_window(layer_idx))
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """rope: this step's (cos, sin) rows, looked up once by the model."""
@@ -59,9 +61,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int,
+                 attention_cls: type[nn.Module] = LlamaAttention) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_idx)
+        self.self_attn = attention_cls(cfg, layer_idx)
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -87,12 +90,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, attention_cls: type[nn.Module] = LlamaAttention) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, attention_cls)
+                                    for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -107,6 +111,8 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """input_ids [T], positions [T] (a flattened batch) -> hidden states [T, hidden]."""
 
+    attention_cls: type[nn.Module] = LlamaAttention
+
     # checkpoint name -> (our fused module name, shard id)
     packed_modules = {
         "q_proj": ("qkv_proj", "q"),
@@ -119,7 +125,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg)
+        self.model = LlamaModel(cfg, self.attention_cls)
         self.lm_head = ColumnLinear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

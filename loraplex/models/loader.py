@@ -2,7 +2,8 @@
 
 Reads ``config.json`` (through transformers' AutoConfig), then a single ``model.safetensors``
 or the shards listed in ``model.safetensors.index.json``. Checkpoint names are mapped onto
-fused parameters (q/k/v -> qkv_proj, gate/up -> gate_up_proj); a tensor the model needs but the
+fused parameters (q/k/v -> qkv_proj, gate/up -> gate_up_proj; Phi-3's checkpoint has them fused
+already and they are split into the same shards); a tensor the model needs but the
 checkpoint lacks is an error naming it.
 """
 
@@ -101,6 +102,15 @@ def _load_tensor(model, params, key: str, tensor: torch.Tensor, loaded: set[str]
             f"{file}: unexpected tensor {key!r} (no such parameter in {model.config.architecture})"
         )
     module = model.get_submodule(module_path)
+    if leaf in getattr(model, "fused_in_checkpoint", ()):  # Phi-3: q|k|v rows in one tensor
+        sizes = [hi - lo for lo, hi in map(module.shard_range, module.shard_names)]
+        if tensor.shape[0] != sum(sizes):
+            raise ModelLoadError(f"{file}: tensor {key!r}: {tensor.shape[0]} rows != "
+                                 f"{'+'.join(map(str, sizes))} ({'|'.join(module.shard_names)})")
+        for shard, part in zip(module.shard_names, tensor.split(sizes), strict=True):
+            _load_tensor(model, params, f"{prefix}.{_unfused(model, leaf, shard)}.{pname}",
+                         part, loaded, file)
+        return
     try:
         if hasattr(module, "load_shard"):
             module.load_shard(pname, shard, tensor)
@@ -114,6 +124,11 @@ def _load_tensor(model, params, key: str, tensor: torch.Tensor, loaded: set[str]
     loaded.add(target if shard is None else f"{target}:{shard}")
     if shard is not None and all(f"{target}:{s}" in loaded for s in module.shard_names):
         loaded.add(target)
+
+
+def _unfused(model, fused: str, shard: str) -> str:
+    """The checkpoint name packed into (fused, shard): ("qkv_proj", "q") -> "q_proj"."""
+    return next(k for k, v in model.packed_modules.items() if v == (fused, shard))
 
 
 def _missing_tensors(model, params, loaded: set[str]) -> list[str]:

@@ -5,13 +5,20 @@ from __future__ import annotations
 from torch import nn
 
 from loraplex.errors import ModelLoadError
+from loraplex.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from loraplex.models.llama import LlamaForCausalLM
+from loraplex.models.phi3 import Phi3ForCausalLM
 from loraplex.models.qwen2 import Qwen2ForCausalLM
+from loraplex.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
 }
 
 

@@ -61,6 +61,8 @@ def paged_decode_attention(
     *,
     backend: str = "auto",
     attn_bias: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Decode attention over the paged KV cache (one query token per sequence):
     ``q [B, H, d]`` -> ``[B, H, d]``, with the semantics of
@@ -68,20 +70,27 @@ def paged_decode_attention(
 
         for b, h: out[b, h] = softmax(scale * K_b[:, h // G] @ q[b, h]) @ V_b[:, h // G]
         # K_b, V_b: the first context_lens[b] tokens behind block_tables[b]; G = H // KVH
+        # softcap: scores -> softcap * tanh(scores / softcap) before the softmax (Gemma 2)
+        # sliding_window: only the last sliding_window of those tokens (Mistral, Gemma)
 
     ``attn_bias``: torch backend only, its additive mask for this table width
-    (``paged_attention_torch.decode_attention_bias``), so a step's layers share one.
+    (``paged_attention_torch.decode_attention_bias``, with the same ``sliding_window``), so a
+    step's layers share one.
     """
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window={sliding_window} must be >= 1")
     name = resolve_attention_backend(backend, q.device, q.dtype, q.shape[-1])
     if name == "triton":
         from loraplex.ops import paged_attention_triton
 
         return paged_attention_triton.paged_decode_attention(
-            q, k_cache, v_cache, block_tables, context_lens, scale, out)
+            q, k_cache, v_cache, block_tables, context_lens, scale, out,
+            sliding_window=sliding_window, softcap=softcap)
     from loraplex.ops import paged_attention_torch
 
     return paged_attention_torch.paged_decode_attention(
-        q, k_cache, v_cache, block_tables, context_lens, scale, out, attn_bias)
+        q, k_cache, v_cache, block_tables, context_lens, scale, out, attn_bias,
+        sliding_window=sliding_window, softcap=softcap)
 
 
 def paged_prefill_attention(

@@ -18,6 +18,12 @@ accumulator stays in the MMA layout; a broadcast-multiply-sum would hold
 ``GROUP x TILE_N x d`` products in registers (64 K for GROUP 8, d 128) and fall apart beyond
 small groups. Softmax runs online in float32 in base 2 (``qk_scale`` = scale * log2 e).
 
+``HAS_WINDOW`` (sliding-window attention): a sequence's tokens start at ``max(0, len -
+window)`` instead of 0, so the blocks before the window are never read and the splits share
+only the window. ``SOFTCAP`` (Gemma 2): scores become ``softcap * tanh(scores / softcap)``;
+in base 2 that is ``c * tanh(s / c)`` with ``c = softcap * log2 e`` (``softcap_log2``), as
+``tanh`` commutes with the change of base only through its argument's scale.
+
 ``DIRECT`` (one split): the program normalises and stores the output itself. Otherwise it
 stores float32 partials ``(m, denom, acc)`` for each real query row (max score, sum of
 exponentials, unnormalised output) into scratch; an empty share stores the neutral partial
@@ -34,18 +40,21 @@ import triton.language as tl
 @triton.jit
 def paged_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, m_ptr, denom_ptr, acc_ptr,
-    qk_scale, num_heads, num_splits,
+    qk_scale, softcap_log2, window, num_heads, num_splits,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, DIRECT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(lens_ptr + b).to(tl.int32)
-    share = tl.cdiv(tl.cdiv(seq_len, TILE_N), num_splits) * TILE_N
-    start = split * share
+    first = 0
+    if HAS_WINDOW:
+        first = tl.maximum(seq_len - window, 0)
+    share = tl.cdiv(tl.cdiv(seq_len - first, TILE_N), num_splits) * TILE_N
+    start = first + split * share
     end = tl.minimum(start + share, seq_len)  # < start for an empty share: no iterations
 
     rows = tl.arange(0, GROUP_PAD)
@@ -66,6 +75,8 @@ def paged_decode_split_kernel(
         offs = blk[:, None] * stride_kb + (tok % BLOCK_SIZE)[:, None] * stride_kt + head_off
         k = tl.load(k_ptr + offs, mask=ok[:, None], other=0.0)  # [TILE_N, d]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G_PAD, TILE_N]
+        if SOFTCAP:  # tanh(y) = 2 sigmoid(2y) - 1 (Triton has no tanh the interpreter runs)
+            s = softcap_log2 * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap_log2)) - 1.0)
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile has a real token
         alpha = tl.exp2(m - m_new)

@@ -16,6 +16,8 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Each decode query attends over its sequence's cached tokens, read through its block table.
 
@@ -31,7 +33,12 @@ def paged_decode_attention_ref(
             k = k_cache[blocks].reshape(-1, KVH, d)[:n]          # [n, KVH, d], token order
             v = v_cache[blocks].reshape(-1, KVH, d)[:n]
             for h in range(H):
-                p = softmax(scale * k[:, h // (H // KVH)] @ q[b, h])   # [n]
+                s = scale * k[:, h // (H // KVH)] @ q[b, h]            # [n]
+                if softcap is not None:
+                    s = softcap * tanh(s / softcap)                      # Gemma 2
+                if sliding_window is not None:                           # the query sits at
+                    s[: n - sliding_window] = -inf                       # n - 1: keys in
+                p = softmax(s)                                           # (n-1-window, n-1]
                 out[b, h] = p @ v[:, h // (H // KVH)]
 
     Table entries past ``ceil(n / block_size)`` are never read (they may hold anything).
@@ -47,6 +54,10 @@ def paged_decode_attention_ref(
         v = v_cache[blocks].reshape(-1, kv_heads, d)[:n].double()
         for h in range(heads):
             scores = scale * (k[:, h // group] @ q[b, h].double())  # [n]
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
+            if sliding_window is not None:
+                scores[: max(0, n - sliding_window)] = float("-inf")
             out[b, h] = (scores.softmax(0) @ v[:, h // group]).to(q.dtype)
     return out
 

@@ -41,9 +41,13 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``q [B, H, d]`` -> ``out [B, H, d]`` (written and returned; allocated when None), the
-    semantics of ``paged_attention_ref.paged_decode_attention_ref``. ``block_tables [B, W]``
+    semantics of ``paged_attention_ref.paged_decode_attention_ref`` (with its
+    ``sliding_window`` and ``softcap``). ``block_tables [B, W]``
     and ``context_lens [B]`` int32/int64 on q's device; ``1 <= context_lens[b] <= W *
     block_size`` (not checked: that would sync)."""
     bsz, heads, d = q.shape
@@ -72,8 +76,10 @@ def paged_decode_attention(
         return out
     group = heads // kv_heads
     tile_n = _tile_tokens(d, q.element_size())
-    splits = num_splits(bsz, kv_heads, heads, d, block_tables.shape[1] * block_size, tile_n,
-                        q.device)
+    span = block_tables.shape[1] * block_size  # the most tokens a program may have to read
+    if sliding_window is not None:
+        span = min(span, sliding_window)
+    splits = num_splits(bsz, kv_heads, heads, d, span, tile_n, q.device)
     m = denom = acc = out  # one split: the kernel stores the output itself, no partials
     if splits > 1:  # partials [B, H, splits] of m, denom and acc (d floats each) in the scratch
         parts = bsz * heads * splits
@@ -81,12 +87,14 @@ def paged_decode_attention(
         m, denom, acc = scratch[:parts], scratch[parts : 2 * parts], scratch[2 * parts :]
     K.paged_decode_split_kernel[(bsz, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, m, denom, acc,
-        scale * math.log2(math.e), heads, splits,
+        scale * math.log2(math.e), (softcap or 1.0) * math.log2(math.e), sliding_window or 0,
+        heads, splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
         BLOCK_SIZE=block_size, TILE_N=tile_n, DIRECT=splits == 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_WINDOW=sliding_window is not None, SOFTCAP=softcap is not None,
         # 3 stages: two tiles in flight behind the one being used, and no spills on sm_90
         # (2 stages spilled at fp32 d=128; paged_attention_aot.py reports it)
         num_warps=4, num_stages=3,

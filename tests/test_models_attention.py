@@ -1,0 +1,105 @@
+"""Sliding-window and soft-capped decode attention (Mistral, Gemma 2/3): the Triton kernel
+(under the interpreter without CUDA) and the torch path against the float64 reference, and
+the reference itself against a direct per-query computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_paged_attention import BLOCK, DEVICE, TOL, make_case
+
+from loraplex.ops import paged_attention_torch, paged_attention_triton
+from loraplex.ops.paged_attention import paged_decode_attention
+from loraplex.ops.paged_attention_ref import paged_decode_attention_ref
+
+LENS = [1, 15, 16, 17, 40, 300]  # windows below, at and above each length
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    if DEVICE.type != "cuda":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _direct(q, k_cache, v_cache, tables, lens, scale, window, softcap):
+    """One query at a time from the definition: position n - 1 sees keys (n-1-window, n-1]."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    kvh, d = k_cache.shape[2], k_cache.shape[3]
+    group = q.shape[1] // kvh
+    for b, n in enumerate(lens.tolist()):
+        k = k_cache[tables[b]].reshape(-1, kvh, d)[:n].double()
+        v = v_cache[tables[b]].reshape(-1, kvh, d)[:n].double()
+        lo = 0 if window is None else max(0, n - window)
+        for h in range(q.shape[1]):
+            s = [scale * float(k[j, h // group] @ q[b, h].double()) for j in range(lo, n)]
+            if softcap is not None:
+                s = [softcap * math.tanh(x / softcap) for x in s]
+            p = torch.tensor(s, dtype=torch.float64).softmax(0)
+            out[b, h] = p @ v[lo:n, h // group]
+    return out
+
+
+@pytest.mark.parametrize("window,softcap", [(7, None), (None, 5.0), (16, 2.0)])
+def test_reference_window_and_softcap(window, softcap):
+    case = make_case([1, 9, 33], 4, 2, 16 * 2, torch.float32, seed=2)
+    case = tuple(t.cpu() if torch.is_tensor(t) else t for t in case)
+    want = _direct(*case, window, softcap)
+    got = paged_decode_attention_ref(*case, sliding_window=window, softcap=softcap)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    if window is not None:  # the window changes the long rows, not the short one
+        full = paged_decode_attention_ref(*case, softcap=softcap)
+        assert torch.equal(full[0], got[0]) and (full[2] - got[2]).abs().max() > 1e-3
+
+
+def _check(fn, case, dtype, window, softcap):
+    out = torch.full(case[0].shape, float("nan"), dtype=dtype, device=DEVICE)
+    got = fn(*case, out=out, sliding_window=window, softcap=softcap)
+    assert got is out
+    want = paged_decode_attention_ref(*case, sliding_window=window, softcap=softcap)
+    torch.testing.assert_close(out, want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window,softcap", [(1, None), (16, None), (37, 3.0), (None, 3.0)])
+@pytest.mark.parametrize("sms", [1, 132])  # one split (direct store) / splits + reduce
+def test_triton_window_softcap_matches_reference(dtype, window, softcap, sms, monkeypatch):
+    monkeypatch.setattr(paged_attention_triton, "_num_sms", lambda device: sms)
+    case = make_case(LENS, 8, 2, 64, dtype, width=20, seed=window or 5)
+    if sms > 1:  # stale scratch must not leak into the result
+        paged_attention_triton._scratch(DEVICE).fill_(float("nan"))
+    _check(paged_attention_triton.paged_decode_attention, case, dtype, window, softcap)
+
+
+def test_triton_window_skips_blocks_before_it():
+    """Blocks wholly before the window are never read: NaN there changes nothing."""
+    case = list(make_case([100, 64], 4, 4, 64, torch.float32, seed=9, width=8))
+    window = 20
+    want = paged_decode_attention_ref(*case, sliding_window=window)
+    for b, n in enumerate([100, 64]):
+        first_block = (n - window) // BLOCK
+        for cache in case[1:3]:
+            cache[case[3][b, :first_block]] = float("nan")
+    got = paged_attention_triton.paged_decode_attention(*case, sliding_window=window)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window,softcap", [(1, None), (16, None), (37, 3.0), (None, 3.0)])
+def test_torch_window_softcap_matches_reference(dtype, window, softcap):
+    case = make_case(LENS, 8, 2, 64, dtype, seed=3)
+    _check(paged_attention_torch.paged_decode_attention, case, dtype, window, softcap)
+    # the shared per-step mask built for the window gives the same result
+    length = case[3].shape[1] * BLOCK
+    bias = paged_attention_torch.decode_attention_bias(case[4], length, dtype, window)
+    got = paged_decode_attention(*case, backend="torch", attn_bias=bias,
+                                 sliding_window=window, softcap=softcap)
+    want = paged_decode_attention_ref(*case, sliding_window=window, softcap=softcap)
+    torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_window_must_be_positive():
+    case = make_case([3], 4, 4, 64, torch.float32)
+    with pytest.raises(ValueError, match="sliding_window=0"):
+        paged_decode_attention(*case, backend="torch", sliding_window=0)
