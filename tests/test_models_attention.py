@@ -103,3 +103,32 @@ def test_window_must_be_positive():
     case = make_case([3], 4, 4, 64, torch.float32)
     with pytest.raises(ValueError, match="sliding_window=0"):
         paged_decode_attention(*case, backend="torch", sliding_window=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_attention_layers_with_and_without_window_share_a_step(backend):
+    """As in Gemma: a global layer, then a windowed soft-capped one, in one decode step. The
+    global layer's per-step mask (ForwardBatch.decode_mask) must not leak into the windowed
+    layer, nor the window into the global one."""
+    from loraplex.layers.attention import Attention
+    from loraplex.layers.forward_context import ForwardBatch, forward_context
+
+    heads, kv_heads, d, lens = 8, 2, 64, [25, 1, 70]
+    layers = [Attention(0, heads, kv_heads, d),
+              Attention(1, heads, kv_heads, d, scale=0.1, sliding_window=9, softcap=3.0)]
+    caches, outs = [], []
+    for i, layer in enumerate(layers):
+        q, kc, vc, tables, ctx, _ = make_case(lens, heads, kv_heads, d, torch.float32,
+                                              width=6, seed=20 + i)
+        caches.append((kc, vc))
+        outs.append((layer, q))
+    batch = ForwardBatch(is_prefill=False, num_tokens=len(lens), slot_mapping=None,
+                         block_tables=tables, context_lens=ctx, max_context_len=max(lens),
+                         kv_caches=caches, attn_backend=backend)
+    with forward_context(batch):
+        got = [layer(q, None, None) for layer, q in outs]
+    for (layer, q), (kc, vc), out in zip(outs, caches, got, strict=True):
+        want = paged_decode_attention_ref(q, kc, vc, tables, ctx, layer.scale,
+                                          sliding_window=layer.sliding_window,
+                                          softcap=layer.softcap)
+        torch.testing.assert_close(out, want.reshape(out.shape), rtol=2e-5, atol=2e-5)
