@@ -132,3 +132,26 @@ def test_attention_layers_with_and_without_window_share_a_step(backend):
                                           sliding_window=layer.sliding_window,
                                           softcap=layer.softcap)
         torch.testing.assert_close(out, want.reshape(out.shape), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("window,softcap", [(5, None), (None, 2.0), (5, 2.0)])
+def test_prefill_window_softcap_in_row_chunks(window, softcap, monkeypatch):
+    """The prefill path with a window and/or softcap (scores in chunks of query rows) against
+    the definition, one query at a time in float64: query i sees keys (i - window, i]."""
+    from loraplex.layers import attention
+
+    monkeypatch.setattr(attention, "_SCORE_ROWS", 8)  # 37 rows: 5 chunks, the last partial
+    layer = attention.Attention(0, 4, 2, 16, scale=0.3, sliding_window=window, softcap=softcap)
+    g = torch.Generator().manual_seed(4)
+    qs, ks, vs = (torch.randn(2, h, 37, 16, generator=g) for h in (4, 2, 2))
+    got = layer._masked(qs, ks, vs)
+    want = torch.empty(got.shape, dtype=torch.float64)
+    for i in range(37):
+        lo = 0 if window is None else max(0, i - window + 1)
+        k, v = ks[:, :, lo : i + 1].double(), vs[:, :, lo : i + 1].double()
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        s = 0.3 * torch.einsum("bhd,bhjd->bhj", qs[:, :, i].double(), k)
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        want[:, :, i] = torch.einsum("bhj,bhjd->bhd", s.softmax(-1), v)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
