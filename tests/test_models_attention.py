@@ -103,3 +103,55 @@ def test_window_must_be_positive():
     case = make_case([3], 4, 4, 64, torch.float32)
     with pytest.raises(ValueError, match="sliding_window=0"):
         paged_decode_attention(*case, backend="torch", sliding_window=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_attention_layers_with_and_without_window_share_a_step(backend):
+    """As in Gemma: a global layer, then a windowed soft-capped one, in one decode step. The
+    global layer's per-step mask (ForwardBatch.decode_mask) must not leak into the windowed
+    layer, nor the window into the global one."""
+    from loraplex.layers.attention import Attention
+    from loraplex.layers.forward_context import ForwardBatch, forward_context
+
+    heads, kv_heads, d, lens = 8, 2, 64, [25, 1, 70]
+    layers = [Attention(0, heads, kv_heads, d),
+              Attention(1, heads, kv_heads, d, scale=0.1, sliding_window=9, softcap=3.0)]
+    caches, outs = [], []
+    for i, layer in enumerate(layers):
+        q, kc, vc, tables, ctx, _ = make_case(lens, heads, kv_heads, d, torch.float32,
+                                              width=6, seed=20 + i)
+        caches.append((kc, vc))
+        outs.append((layer, q))
+    batch = ForwardBatch(is_prefill=False, num_tokens=len(lens), slot_mapping=None,
+                         block_tables=tables, context_lens=ctx, max_context_len=max(lens),
+                         kv_caches=caches, attn_backend=backend)
+    with forward_context(batch):
+        got = [layer(q, None, None) for layer, q in outs]
+    for (layer, q), (kc, vc), out in zip(outs, caches, got, strict=True):
+        want = paged_decode_attention_ref(q, kc, vc, tables, ctx, layer.scale,
+                                          sliding_window=layer.sliding_window,
+                                          softcap=layer.softcap)
+        torch.testing.assert_close(out, want.reshape(out.shape), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("window,softcap", [(5, None), (None, 2.0), (5, 2.0)])
+def test_prefill_window_softcap_in_row_chunks(window, softcap, monkeypatch):
+    """The prefill path with a window and/or softcap (scores in chunks of query rows) against
+    the definition, one query at a time in float64: query i sees keys (i - window, i]."""
+    from loraplex.layers import attention
+
+    monkeypatch.setattr(attention, "_SCORE_ROWS", 8)  # 37 rows: 5 chunks, the last partial
+    layer = attention.Attention(0, 4, 2, 16, scale=0.3, sliding_window=window, softcap=softcap)
+    g = torch.Generator().manual_seed(4)
+    qs, ks, vs = (torch.randn(2, h, 37, 16, generator=g) for h in (4, 2, 2))
+    got = layer._masked(qs, ks, vs)
+    want = torch.empty(got.shape, dtype=torch.float64)
+    for i in range(37):
+        lo = 0 if window is None else max(0, i - window + 1)
+        k, v = ks[:, :, lo : i + 1].double(), vs[:, :, lo : i + 1].double()
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        s = 0.3 * torch.einsum("bhd,bhjd->bhj", qs[:, :, i].double(), k)
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        want[:, :, i] = torch.einsum("bhj,bhjd->bhd", s.softmax(-1), v)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

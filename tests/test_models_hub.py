@@ -87,3 +87,16 @@ def test_ids_missing_from_the_cache_are_clear_errors(hub):
     with pytest.raises(AdapterLoadError, match="'org/no-adapter'"):
         llm.load_adapter("z", "org/no-adapter")
     assert llm.list_adapters() == []
+
+
+def test_cli_generate_with_hub_ids(hub, capsys):
+    from loraplex.cli import main
+
+    local = LLM(str(hub["a"]), adapters={"x": str(hub["adapter"])}, device="cpu")
+    sp = SamplingParams(max_tokens=4, temperature=0)
+    want = local.generate(["the cat"], sp, adapters="x")[0].text
+    rc = main(["generate", "--model", "org/tiny", "--adapter", "x=org/tiny-adapter",
+               "--use-adapter", "x", "--device", "cpu", "--max-tokens", "4",
+               "--prompt", "the cat"])
+    assert rc in (0, None)
+    assert capsys.readouterr().out == want + "\n"

@@ -146,3 +146,13 @@ def test_config_fields():
     phi3_hf.architectures = ["Phi3ForCausalLM"]  # as save_pretrained writes it
     phi3 = ModelConfig.from_hf(phi3_hf)
     assert phi3.checkpoint_projs()["qkv_proj"] == ("q_proj", "k_proj", "v_proj")
+
+
+def test_unsupported_activation_is_a_clear_error(tmp_path):
+    from helpers_lora import make_tiny_model
+
+    from loraplex import ModelLoadError
+
+    d, _ = make_tiny_model(tmp_path / "gelu", "llama", hidden_act="gelu")
+    with pytest.raises(ModelLoadError, match="hidden_act='gelu'"):
+        LLM(str(d), device="cpu")

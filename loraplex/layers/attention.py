@@ -18,6 +18,9 @@ from loraplex.layers.forward_context import get_forward_batch
 from loraplex.layers.prefill_groups import PrefillGroup
 from loraplex.ops.paged_attention import paged_decode_attention, resolve_attention_backend
 
+# query rows per soft-capped prefill score tile (its scores are spelled out, not fused)
+_SCORE_ROWS = 512
+
 # torch >= 2.5: scaled_dot_product_attention reads grouped kv heads itself (enable_gqa)
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -107,10 +110,15 @@ class Attention(nn.Module):
         if self.softcap is None:
             return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed,
                                                   scale=self.scale)
-        scores = (qs @ ks.transpose(-1, -2)).mul_(self.scale)
-        scores = scores.div_(self.softcap).tanh_().mul_(self.softcap)
-        scores = scores.masked_fill_(~allowed, float("-inf"))
-        return scores.softmax(-1, dtype=torch.float32).to(qs.dtype) @ vs
+        # query rows in chunks: the scores are [size, h, rows, length], not length squared
+        out = torch.empty_like(qs)
+        for r0 in range(0, length, _SCORE_ROWS):
+            rows = slice(r0, r0 + _SCORE_ROWS)
+            scores = (qs[:, :, rows] @ ks.transpose(-1, -2)).mul_(self.scale)
+            scores = scores.div_(self.softcap).tanh_().mul_(self.softcap)
+            scores = scores.masked_fill_(~allowed[rows], float("-inf"))
+            out[:, :, rows] = scores.softmax(-1, dtype=torch.float32).to(qs.dtype) @ vs
+        return out
 
     def _decode(self, q: torch.Tensor, batch) -> torch.Tensor:
         """q [B, heads, d] -> [B, heads, d] over each sequence's cached context."""

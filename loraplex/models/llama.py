@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.config import ModelConfig
+from loraplex.errors import ModelLoadError
 from loraplex.layers.attention import Attention
 from loraplex.layers.linear import ColumnLinear, MergedColumnLinear, QKVLinear, RowLinear
 from loraplex.layers.norm import RMSNorm
@@ -47,6 +48,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ModelLoadError(f"hidden_act={cfg.hidden_act!r} is not supported for "
+                                 f"{cfg.architecture} (only silu)")
         i = cfg.intermediate_size
         self.gate_up_proj = MergedColumnLinear(cfg.hidden_size, [i, i], ["gate", "up"])
         self.down_proj = RowLinear(i, cfg.hidden_size)

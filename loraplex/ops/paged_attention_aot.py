@@ -21,6 +21,8 @@ KERNELS = ("paged_decode_split_kernel", "paged_decode_reduce_kernel")
 # (name, heads, kv heads, head dim): Llama-3.2-1B, Llama-3.1-8B, and an MHA / d=256 corner
 LAYER_SHAPES = (("llama-1b", 32, 8, 64), ("llama-8b", 32, 8, 128), ("mha-d32", 8, 8, 32),
                 ("gqa7-d256", 28, 4, 256))
+# windowed / soft-capped layers: (name, heads, kv heads, head dim, sliding window, softcap)
+WINDOWED_SHAPES = (("gemma2-2b-local", 8, 4, 256, 4096, 50.0),)
 
 
 @contextlib.contextmanager
@@ -31,7 +33,8 @@ def recording_launches() -> Iterator[list[Launch]]:
 
 
 def record_launches(bsz: int, heads: int, kv_heads: int, d: int, max_context: int,
-                    dtype: torch.dtype, block_size: int = 16) -> list[Launch]:
+                    dtype: torch.dtype, block_size: int = 16, sliding_window: int | None = None,
+                    softcap: float | None = None) -> list[Launch]:
     meta = dict(device="meta")
     width = -(-max_context // block_size)
     q = torch.empty(bsz, heads, d, dtype=dtype, **meta)
@@ -39,7 +42,9 @@ def record_launches(bsz: int, heads: int, kv_heads: int, d: int, max_context: in
     tables = torch.empty(bsz, width, dtype=torch.int64, **meta)
     lens = torch.empty(bsz, dtype=torch.int64, **meta)
     with recording_launches() as log:
-        paged_attention_triton.paged_decode_attention(q, cache, cache, tables, lens, d**-0.5)
+        paged_attention_triton.paged_decode_attention(q, cache, cache, tables, lens, d**-0.5,
+                                                      sliding_window=sliding_window,
+                                                      softcap=softcap)
     return log
 
 
@@ -54,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     configs = ((1, 8192), (256, 256)) if quick else ((1, 8192), (64, 2048), (256, 256))
     seen: set[tuple] = set()
     for dtype in dtypes:
-        for name, heads, kv_heads, d in LAYER_SHAPES:
+        shapes = [(*shape, None, None) for shape in LAYER_SHAPES] + list(WINDOWED_SHAPES)
+        for name, heads, kv_heads, d, window, softcap in shapes:
             for bsz, ctx in configs:
-                for launch in record_launches(bsz, heads, kv_heads, d, ctx, dtype):
+                for launch in record_launches(bsz, heads, kv_heads, d, ctx, dtype,
+                                              sliding_window=window, softcap=softcap):
                     key = (launch.kernel, dtype, tuple(sorted(launch.kwargs.items())))
                     if key in seen:
                         continue

@@ -112,10 +112,10 @@ def paged_prefill_attention_ref(
         visible = key <= pos
         if sliding_window is not None:
             visible &= key > pos - sliding_window
-        for h in range(heads):
-            scores = scale * (q[lo:hi, h].double() @ k[:, h // group].T)  # [l, n]
-            if softcap is not None:
-                scores = softcap * torch.tanh(scores / softcap)
-            probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-            out[lo:hi, h] = (probs @ v[:, h // group]).to(q.dtype)
+        kv_of = torch.arange(heads) // group  # query head h reads kv head h // group
+        scores = scale * torch.einsum("lhd,nhd->hln", q[lo:hi].double(), k[:, kv_of])
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)  # [H, l, n]
+        out[lo:hi] = torch.einsum("hln,nhd->lhd", probs, v[:, kv_of]).to(q.dtype)
     return out
