@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from loraplex.engine import sampling_ops as ops
+from loraplex.engine.logprobs import TokenLogprobs
 from loraplex.engine.sequence import Sequence
 
 
@@ -54,6 +55,8 @@ from loraplex.engine.sequence import Sequence
 class SamplerOutput:
     token_ids: list[int]  # one per row (meaningless where ``finite`` is False)
     finite: list[bool]  # False: the row's logits held NaN/+inf (or nothing finite)
+    # per row, the sampled token's logprobs where its request asked (None: no row asked)
+    logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass
