@@ -137,7 +137,8 @@ def _best(group: list[tuple[str, SamplingParams]], sp: SamplingParams,
     outs = [done[rid] for rid, _ in group]
     if sp.best_of is None:
         return outs
-    outs.sort(key=lambda o: o.cumulative_logprob, reverse=True)  # stable: ties keep order
+    # failed candidates last; stable, so ties keep their draw order
+    outs.sort(key=lambda o: (o.finish_reason != "error", o.cumulative_logprob), reverse=True)
     if sp.logprobs is None:  # computed for the ranking only: not asked for
         for o in outs:
             o.logprobs = None

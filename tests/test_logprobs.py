@@ -33,7 +33,7 @@ def _check_entry(entry, token: int, ref_lp: torch.Tensor, k: int) -> None:
     """One TokenLogprobs against a reference log_softmax row."""
     assert entry.token_id == token
     assert abs(entry.logprob - ref_lp[token].item()) <= 1e-5
-    assert entry.rank == int((ref_lp >= ref_lp[token]).sum())
+    assert entry.rank == 1 + int((ref_lp > ref_lp[token]).sum())
     top = ref_lp.topk(k)
     assert [t for t, _ in entry.top] == top.indices.tolist()
     assert torch.allclose(torch.tensor([v for _, v in entry.top]), top.values, atol=1e-5)

@@ -6,8 +6,11 @@ Definition (vLLM V1's default, ``logprobs_mode="raw_logprobs"``): **raw** logpro
 
     lp = torch.log_softmax(logits.float(), dim=-1)         # logits: [rows, vocab]
     logprob = lp[r, token]                                 # the chosen (or prompt) token
-    rank = (lp[r] >= lp[r, token]).sum()                   # 1 = most likely (ties count)
+    rank = 1 + (lp[r] > lp[r, token]).sum()                # 1 = nothing is more likely
     top = lp[r].topk(k)                                    # (id, logprob), best first
+
+(vLLM counts tied tokens into the rank, ``(lp[r] >= lp[r, token]).sum()``; here ties share
+the better rank, so a greedy row without penalties has rank 1 without a pass over its row.)
 
 Why raw rather than "after temperature": a logprob then means one thing for every request,
 whatever its sampling settings; for temperature 1 or greedy the two coincide; it is what
@@ -43,11 +46,14 @@ class TokenLogprobs:
     top: list[tuple[int, float]]  # the k most likely (token id, logprob), best first
 
 
-def _measure(lp: torch.Tensor, tokens: torch.Tensor, kmax: int) -> torch.Tensor:
+def _measure(lp: torch.Tensor, tokens: torch.Tensor, kmax: int,
+             argmax: bool = False) -> torch.Tensor:
     """``[rows, 2 + 2 * kmax]`` float64: chosen logprob, rank, top ids, top logprobs.
-    ``lp``: [rows, vocab] log-probabilities; ``tokens``: [rows] int64 on lp's device."""
+    ``lp``: [rows, vocab] log-probabilities; ``tokens``: [rows] int64 on lp's device;
+    ``argmax``: every token is its row's argmax (rank 1, no pass over the rows)."""
     chosen = lp.gather(1, tokens[:, None])  # [rows, 1]
-    rank = (lp >= chosen).sum(dim=1, keepdim=True)
+    rank = (torch.ones_like(chosen) if argmax
+            else 1 + (lp > chosen).sum(dim=1, keepdim=True))
     parts = [chosen.double(), rank.double()]
     if kmax:
         top = lp.topk(kmax, dim=1)
@@ -66,8 +72,9 @@ class SampleLogprobs:
     ``start(logits, seqs)`` before any logits processing (raw logits), ``finish(tokens)``
     once the tokens are known, with one device -> host copy for all the rows that asked."""
 
-    def __init__(self, logits: torch.Tensor, rows: list[int], ks: list[int]) -> None:
-        self.rows, self.ks, self.kmax = rows, ks, max(ks)
+    def __init__(self, logits: torch.Tensor, rows: list[int], ks: list[int],
+                 argmax: bool = False) -> None:
+        self.rows, self.ks, self.kmax, self.argmax = rows, ks, max(ks), argmax
         picked = logits if len(rows) == logits.shape[0] else logits[
             torch.tensor(rows, device=logits.device)]
         self.lp = torch.log_softmax(picked.float(), dim=-1)  # [rows, vocab], a new tensor
@@ -77,12 +84,14 @@ class SampleLogprobs:
         rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if not rows:
             return None
-        return cls(logits, rows, [seqs[i].params.logprobs for i in rows])
+        # greedy rows with no penalties take the argmax of these very logits
+        argmax = all(seqs[i].params.greedy and not seqs[i].params.has_penalties for i in rows)
+        return cls(logits, rows, [seqs[i].params.logprobs for i in rows], argmax)
 
     def finish(self, tokens: list[int]) -> list[TokenLogprobs | None]:
         """One entry per batch row: None where the row did not ask."""
         chosen = torch.tensor([tokens[i] for i in self.rows], device=self.lp.device)
-        host = _measure(self.lp, chosen, self.kmax).tolist()  # the one copy back
+        host = _measure(self.lp, chosen, self.kmax, self.argmax).tolist()  # the one copy
         out: list[TokenLogprobs | None] = [None] * len(tokens)
         for i, k, row in zip(self.rows, self.ks, host):
             out[i] = _unpack(row, tokens[i], k, self.kmax)

@@ -15,7 +15,7 @@ either sampler (``sampler.py`` on CPU, ``fused_sampler.py`` on CUDA) sees the lo
 
 A step where no row has any of them returns the logits untouched, decided on the host from
 the params alone. Token counts for repetition / frequency / presence live on the device in a
-table with one row per such request (``counts [rows, vocab]`` int32 of generated tokens, and
+table with one row per such request (``counts [rows, vocab]`` float32 of generated tokens, and
 ``prompt_seen [rows, vocab]`` bool), filled by one scatter of the prompt at the request's
 first step and updated by one scatter of the sampled tokens per step (``record``), never
 rebuilt from the token lists. A request keeps its row across preemption; rows of finished
@@ -108,14 +108,19 @@ class Penalties:
                               dtype=logits.dtype)
         ints = torch.tensor([rows, slots], device=dev)
         rep, freq, pres = (floats[j][:, None] for j in range(3))
-        counts = self.counts[ints[1]]  # [R, vocab]
-        x = logits[ints[0]]
+        counts = self.counts[ints[1]].to(logits.dtype)  # [R, vocab], a gathered copy
+        whole = rows == list(range(logits.shape[0]))  # then work on the logits in place
+        x = logits if whole else logits[ints[0]]
         if any(p.repetition_penalty != 1 for p in params):
             seen = self.prompt_seen[ints[1]] | (counts > 0)
             x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
-        if any(p.frequency_penalty or p.presence_penalty for p in params):
-            x = x - freq * counts - pres * (counts > 0)
-        logits[ints[0]] = x
+        # x is the logits themselves or a temporary of ours: in place either way
+        if any(p.frequency_penalty for p in params):
+            x.addcmul_(counts, freq, value=-1)
+        if any(p.presence_penalty for p in params):
+            x.addcmul_(counts.clamp_(max=1), pres, value=-1)  # counts is a gathered copy
+        if x is not logits:
+            logits[ints[0]] = x
 
     # -- the count table -----------------------------------------------------------------------
     def _table_row(self, seq: Sequence, vocab: int, device: torch.device) -> int:
@@ -123,9 +128,10 @@ class Penalties:
         if hit is not None:
             return hit[1]
         if self.counts is None or self.counts.device != device:
-            self.counts = torch.zeros(self.capacity, vocab, dtype=torch.int32, device=device)
+            # float32: counts stay exact below 2^24 and need no conversion in the penalty math
+            self.counts = torch.zeros(self.capacity, vocab, dtype=torch.float32, device=device)
             self.prompt_seen = torch.zeros(self.capacity, vocab, dtype=torch.bool, device=device)
-            self._one = torch.ones((), dtype=torch.int32, device=device)
+            self._one = torch.ones((), dtype=torch.float32, device=device)
         free = sorted(set(range(self.capacity)) - {r for _, r in self._slot.values()})
         if not free:
             self._slot = {k: v for k, v in self._slot.items() if not v[0].finished}
@@ -141,7 +147,7 @@ class Penalties:
             self.prompt_seen[row, torch.tensor(seq.prompt_token_ids, device=device)] = True
         if seq.output_token_ids:  # (a request never seen before has none; kept for safety)
             out = torch.tensor(seq.output_token_ids, device=device)
-            self.counts[row].index_add_(0, out, torch.ones_like(out, dtype=torch.int32))
+            self.counts[row].index_add_(0, out, torch.ones_like(out, dtype=torch.float32))
         return row
 
     def _grow(self) -> None:
