@@ -9,7 +9,10 @@ import torch
 from helpers_lora import EOS, make_peft_adapter, make_tiny_model
 
 from loraplex import LLM, SamplingParams
+from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.penalties import Penalties
+from loraplex.engine.sampler import Sampler
+from loraplex.engine.sequence import Sequence
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +152,6 @@ def test_invalid_fields_are_refused_by_name(field, value):
 
 
 def test_no_penalties_leave_the_logits_untouched_and_counts_are_incremental():
-    from loraplex.engine.sequence import Sequence
-
     pen = Penalties(eos_ids=[EOS], capacity=1)
     logits = torch.randn(3, 50)
     seqs = [Sequence(i, str(i), [1, 4, 4, 7], SamplingParams()) for i in range(3)]
@@ -172,3 +173,28 @@ def test_no_penalties_leave_the_logits_untouched_and_counts_are_incremental():
     assert torch.allclose(got[4], _reference_process(x[4], [1, 4], seqs[4].output_token_ids,
                                                      seqs[4].params, []))
     assert got[:3].equal(x[:3])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_sampled_rows_see_the_penalised_logits(device):
+    """Both samplers (the tensor-op CPU path and, on CUDA, the fused kernel) draw from the
+    logits after the penalty stage, as ModelRunner._sample runs it."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    runner = ModelRunner.__new__(ModelRunner)  # the sampling stage only: no model
+    runner.penalties = Penalties(eos_ids=[EOS])
+    runner.sampler = Sampler(0)
+    logits = torch.randn(4, 300, device=device)
+    params = [SamplingParams(temperature=1.0, logit_bias={7: 100.0}),  # only 7 can win
+              SamplingParams(temperature=0.9, top_k=5, logit_bias={11: 100.0}),
+              SamplingParams(temperature=1.0, min_tokens=3, logit_bias={EOS: 100.0}),
+              SamplingParams(temperature=1.0, logprobs=2)]
+    seqs = [Sequence(i, str(i), [1, 5], p, seed=i) for i, p in enumerate(params)]
+    raw = torch.log_softmax(logits, dim=-1)  # before the penalty stage changes the logits
+    out = runner._sample(logits.clone(), seqs, list(range(4)))
+    assert out.token_ids[:2] == [7, 11]
+    assert out.token_ids[2] != EOS  # masked by min_tokens despite the bias
+    assert out.logprobs[:3] == [None, None, None]
+    lp = out.logprobs[3]
+    assert abs(lp.logprob - raw[3, out.token_ids[3]].item()) <= 1e-5
+    assert [t for t, _ in lp.top] == raw[3].topk(2).indices.tolist()
