@@ -5,6 +5,11 @@
 
 Both run side by side in one process; the table (tokens/s and the ratio) is printed, and
 written to docs/benchmarks.md with ``--write-docs``.
+
+    python benchmarks/bench_engine.py --logprobs 5 [--batches 64] [--write-docs]
+
+instead compares loraplex with itself: the same greedy batch with ``logprobs=K`` (top-K per
+generated token) against the plain batch, side by side (the cost of logprobs).
 """
 
 from __future__ import annotations
@@ -35,9 +40,13 @@ def main() -> None:
     # best of 5: on a shared host one slow stretch can cover a whole 10 s run, and a best of 3
     # moved the batch-32 ratio by +-0.1 between runs of the same code
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--logprobs", type=int, default=None,
+                    help="compare logprobs=K against plain greedy (no transformers)")
     add_write_docs_flag(ap)
     args = ap.parse_args()
     bench_threads(args.threads)
+    if args.logprobs is not None:
+        return logprobs_cost(args)
     with tempfile.TemporaryDirectory() as tmp:
         hf = make_bench_model(Path(tmp))
         llm = LLM(tmp, device="cpu", max_num_seqs=max(args.batches))
@@ -90,6 +99,45 @@ def main() -> None:
             f"{args.new_tokens - 1}.\n\n"
             f"`python benchmarks/bench_engine.py`\n\n{table}\n")
     report(args, "Engine vs transformers (CPU)", body)
+
+
+def logprobs_cost(args: argparse.Namespace) -> None:
+    """Whole greedy requests with and without ``logprobs=K``, interleaved, best of repeat."""
+    with tempfile.TemporaryDirectory() as tmp:
+        make_bench_model(Path(tmp))
+        llm = LLM(tmp, device="cpu", max_num_seqs=max(args.batches))
+        rows = []
+        for bsz in args.batches:
+            g = torch.Generator().manual_seed(bsz)
+            ids = torch.randint(3, 32000, (bsz, args.prompt_len), generator=g).tolist()
+            kinds = {"plain": None, f"logprobs={args.logprobs}": args.logprobs}
+            runs = {}
+            for name, k in kinds.items():
+                sp = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True,
+                                    logprobs=k)
+
+                def run(sp=sp, k=k, ids=ids):
+                    outs = llm.generate(ids, sp)
+                    assert all((o.logprobs is None) == (k is None) for o in outs)
+
+                runs[name] = run
+            for fn in runs.values():  # warm up
+                fn()
+            best = dict.fromkeys(runs, float("inf"))
+            for _ in range(args.repeat):  # interleaved: machine drifts hit both
+                for name, fn in runs.items():
+                    best[name] = min(best[name], timed(fn))
+            plain, lp = best.values()
+            rows.append([bsz, f"{plain:.2f}", f"{lp:.2f}", f"{lp / plain:.3f}x"])
+            print(rows[-1], flush=True)
+    table = markdown_table(["batch", "plain s", f"logprobs={args.logprobs} s", "ratio"], rows)
+    body = (f"The ~150M random Llama above (vocab 32000), CPU float32, {args.threads} threads; "
+            f"{args.prompt_len}-token prompts, {args.new_tokens} new tokens, greedy; whole "
+            f"requests, best of {args.repeat}, interleaved in one run.\n\n"
+            f"`python benchmarks/bench_engine.py --logprobs {args.logprobs} --batches "
+            f"{' '.join(map(str, args.batches))} --prompt-len {args.prompt_len} --new-tokens "
+            f"{args.new_tokens} --repeat {args.repeat}`\n\n{table}\n")
+    report(args, "Logprobs cost in the engine (CPU)", body)
 
 
 if __name__ == "__main__":

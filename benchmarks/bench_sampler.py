@@ -16,6 +16,13 @@ waits for OpenMP wake-ups and the table measures the neighbours.
 
 On CUDA the timings are CUDA events between ``torch.cuda.synchronize()`` calls. Prints a
 markdown table; writes nothing.
+
+    python benchmarks/bench_sampler.py --logprobs 5 [--device ...]
+
+instead times the runner's whole sampling stage at batch 64 (``engine/logprobs.py`` ->
+``engine/penalties.py`` -> sampler) with every row asking for top-K logprobs, or for a
+frequency penalty, against the same rows asking for neither: the worst case for their
+relative cost, since a real step also runs the model.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import torch
 from common import bench_threads, markdown_table
 
 from loraplex import SamplingParams
+from loraplex.engine.logprobs import SampleLogprobs
+from loraplex.engine.penalties import Penalties
 from loraplex.engine.sampler import Sampler
 from loraplex.engine.sequence import Sequence
 
@@ -123,12 +132,16 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=4096,
                     help="Sampler(candidates=...): filtered rows' first pass")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--logprobs", type=int, default=None,
+                    help="time the sampling stage with top-K logprobs / penalties vs plain")
     args = ap.parse_args()
     args.repeat = args.repeat or (3 if args.quick else 10)
     bench_threads(args.threads)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
+    if args.logprobs is not None:
+        return bench_stage(args, device, name)
     rows = []
     with torch.inference_mode():
         for vocab in (32000, 128256):
@@ -138,6 +151,46 @@ def main() -> None:
           f"{args.logit_scale}^2); {args.candidates} candidates)\n")
     print(markdown_table(["batch", "vocab", "rows", "ms / step", "x greedy",
                           "rerun", "old sampler ms (x greedy)"], rows))
+
+
+def _stage(penalties: Penalties, sampler: Sampler, logits: torch.Tensor, seqs) -> None:
+    """The runner's sampling stage (``ModelRunner._sample``), step bookkeeping included."""
+    lp = SampleLogprobs.start(logits, seqs)
+    sampled = sampler(penalties(logits, seqs), seqs)
+    penalties.record(seqs, sampled.token_ids)
+    if lp is not None:
+        lp.finish(sampled.token_ids)
+    for s, t in zip(seqs, sampled.token_ids):
+        s.output_token_ids.append(t)
+
+
+def bench_stage(args, device: torch.device, name: str, batch: int = 64) -> None:
+    rows = []
+    for vocab in (32000, 128256):
+        g = torch.Generator().manual_seed(vocab)
+        logits = (torch.randn(batch, vocab, generator=g) * args.logit_scale).to(device)
+        for temp in (0.0, 1.0):
+            kinds = {"plain": {}, f"logprobs={args.logprobs}": dict(logprobs=args.logprobs),
+                     "frequency_penalty=0.5": dict(frequency_penalty=0.5)}
+            setups = []
+            for kw in kinds.values():
+                p = SamplingParams(temperature=temp, **kw)
+                seqs = [Sequence(i, f"r{i}", [1, 2, 3], p, seed=i) for i in range(batch)]
+                setups.append((Penalties([2]), Sampler(), seqs))
+            times: list[list[float]] = [[] for _ in kinds]
+            for r in range(args.repeat + 1):  # the first round warms up
+                for k, (pen, sampler, seqs) in enumerate(setups):
+                    ms = _time_ms(device, _stage, pen, sampler, logits.clone(), seqs)
+                    if r:
+                        times[k].append(ms)
+            plain = statistics.median(times[0])
+            for k, kind in enumerate(kinds):
+                ms = statistics.median(times[k])
+                rows.append([vocab, "greedy" if temp == 0 else "T=1", kind, f"{ms:.3f}",
+                             f"{ms / plain:.2f}x"])
+    print(f"Sampling stage at batch {batch} on {name} (median of {args.repeat}; logits "
+          f"N(0, {args.logit_scale}^2); the logits' clone is timed in every row)\n")
+    print(markdown_table(["vocab", "rows", "asks for", "ms / step", "x plain"], rows))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as Seq
+from dataclasses import replace
 
 import torch
 
@@ -66,6 +67,13 @@ class LLM:
         with ``finish_reason="error"`` and ``error`` set (e.g. its logits were NaN/inf, its
         adapter was unloaded before it started, or its adapter's files vanished); the others
         run on.
+
+        A prompt whose params have ``n`` > 1 gives ``n`` outputs, one after another in the
+        returned list (so the list has ``sum(n)`` entries). With ``best_of``, that many
+        candidates run and the ``n`` with the highest ``cumulative_logprob`` come back, best
+        first; otherwise the ``n`` samples come in the order they were drawn. A seeded
+        request's ``i``-th candidate draws with ``seed + i`` (vLLM's rule), so the candidates
+        differ and still repeat.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -73,14 +81,17 @@ class LLM:
         params = _per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
         names = _per_prompt(adapters, len(prompts), "adapters")
         ids = [self.engine.tokenize(p) for p in prompts]
-        for p, a in zip(ids, names):
+        for p, sp, a in zip(ids, params, names):
             self.engine.validate_prompt(p)
+            self.engine.validate_params(sp)
             if a is not None:
                 self.engine.check_adapter(a)
-        rids = [f"llm-{next(self._counter)}" for _ in prompts]
+        groups = [[(f"llm-{next(self._counter)}", c) for c in _candidates(sp)] for sp in params]
         done: dict[str, RequestOutput] = {}
+        requests = [(rid, p, c, a) for g, p, a in zip(groups, ids, names) for rid, c in g]
+        rids = [r[0] for r in requests]
         try:
-            for rid, p, sp, a in zip(rids, ids, params, names):
+            for rid, p, sp, a in requests:
                 self.engine.add_request(rid, p, sp, a)
             while len(done) < len(rids):
                 for out in self.engine.step():
@@ -90,7 +101,7 @@ class LLM:
             for rid in rids:
                 self.engine.abort_request(rid)
             raise
-        return [done[r] for r in rids]
+        return [out for g, sp in zip(groups, params) for out in _best(g, sp, done)]
 
     def score(
         self, prompts: Seq[list[int]] | Seq[str], adapters: str | None | Seq[str | None] = None
@@ -107,6 +118,31 @@ class LLM:
 
     def list_adapters(self) -> list[str]:
         return self.engine.list_adapters()
+
+
+def _candidates(sp: SamplingParams) -> list[SamplingParams]:
+    """The requests that run for one prompt: ``best_of`` (else ``n``) single samples; ranked
+    candidates compute their logprobs (k = 0: the chosen token's only) to be ranked."""
+    count = sp.best_of or sp.n
+    if count == 1:
+        return [sp]
+    logprobs = sp.logprobs if sp.logprobs is not None or sp.best_of is None else 0
+    return [replace(sp, n=1, best_of=None, logprobs=logprobs,
+                    seed=None if sp.seed is None else (sp.seed + i) % 2**64)
+            for i in range(count)]
+
+
+def _best(group: list[tuple[str, SamplingParams]], sp: SamplingParams,
+          done: dict[str, RequestOutput]) -> list[RequestOutput]:
+    outs = [done[rid] for rid, _ in group]
+    if sp.best_of is None:
+        return outs
+    # failed candidates last; stable, so ties keep their draw order
+    outs.sort(key=lambda o: (o.finish_reason != "error", o.cumulative_logprob), reverse=True)
+    if sp.logprobs is None:  # computed for the ranking only: not asked for
+        for o in outs:
+            o.logprobs = None
+    return outs[: sp.n]
 
 
 def _per_prompt(value, n: int, field: str) -> list:

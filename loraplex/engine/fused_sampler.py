@@ -5,7 +5,8 @@ races, streaming the row from L2 a few times; the tensor-op path (``sampler.py``
 dozens of small kernels a step, which cost 1.5-2.3 ms on an H200 at any batch size. Here a
 step is: the per-row parameters in one host -> device copy (pinned, reused buffers), a
 ``topk`` only when some row asks for top-k (its k-th logit is the threshold), and the launch.
-Greedy rows keep the ``argmax`` the caller computed. Same order of operations and kept set
+Greedy rows keep the ``argmax`` the caller computed. The logits are already penalised
+(``penalties.py`` runs before either sampler). Same order of operations and kept set
 as ``sampler.py`` (temperature -> top-k -> top-p on the top-k distribution -> min-p); the
 noise differs (Philox keyed on the same per-(seed, step) row key), so a seeded request draws
 reproducibly on GPU, but not the same tokens as on CPU.

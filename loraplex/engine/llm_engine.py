@@ -21,6 +21,7 @@ from loraplex.config import (
 )
 from loraplex.engine.cuda_graph import graph_batch_sizes
 from loraplex.engine.detokenizer import detokenize_step, find_stop, visible_text
+from loraplex.engine.logprobs import record_sample_logprob
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import RequestOutput, Sequence, SequenceStatus
@@ -100,13 +101,14 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(sched, self.blocks, self.adapters, self.lora_pool,
                                    self.lora_loader)
-        self.runner = ModelRunner(model, self.kv_caches, self.blocks, device, self.lora_batches)
-        if cuda_graphs:
-            self.runner.enable_decode_graphs(sched.max_num_seqs, sched.max_model_len,
-                                             dummy_block=num_blocks, capture=capture)
         self.eos_ids = set(model_config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
+        self.runner = ModelRunner(model, self.kv_caches, self.blocks, device, self.lora_batches,
+                                  eos_ids=sorted(self.eos_ids))
+        if cuda_graphs:
+            self.runner.enable_decode_graphs(sched.max_num_seqs, sched.max_model_len,
+                                             dummy_block=num_blocks, capture=capture)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
 
@@ -211,6 +213,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         ids = self.tokenize(prompt)
         self.validate_prompt(ids)
+        bad_words_ids = self.validate_params(params)
         generation = None
         if adapter is not None:
             entry = self.check_adapter(adapter)
@@ -218,7 +221,8 @@ class LLMEngine:
             if self.lora_pool.lora_slot_of(entry.key) is None:
                 self.lora_loader.prefetch(entry)  # cold: read it while the request queues
         seed = params.seed if params.seed is not None else self.runner.sampler.new_seed()
-        seq = Sequence(next(self._ids), request_id, ids, params, adapter, generation, seed=seed)
+        seq = Sequence(next(self._ids), request_id, ids, params, adapter, generation, seed=seed,
+                       bad_words_ids=bad_words_ids)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 
@@ -241,6 +245,26 @@ class LLMEngine:
                 f"cache has ({self.blocks.num_blocks} of {self.blocks.block_size})"
             )
 
+    def validate_params(self, params: SamplingParams) -> list[list[int]]:
+        """Checks that need the model (``logit_bias`` ids within the vocabulary); returns
+        ``bad_words`` as token sequences, each word with and without a leading space (as
+        vLLM does: the same word mid-text tokenizes differently)."""
+        vocab = self.model_config.vocab_size
+        bad = [t for t in params.logit_bias or {} if t >= vocab]
+        if bad:
+            raise InvalidRequestError(f"logit_bias token id {bad[0]} out of range [0, {vocab})")
+        if not params.bad_words:
+            return []
+        if self.tokenizer is None:
+            raise InvalidRequestError("bad_words needs an engine with a tokenizer")
+        words: list[list[int]] = []
+        for w in params.bad_words:
+            for text in (w.lstrip(), " " + w.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in words:
+                    words.append(ids)
+        return words
+
     def abort_request(self, request_id: str) -> None:
         seq = self.requests.pop(request_id, None)
         if seq is not None and not seq.finished:
@@ -262,13 +286,17 @@ class LLMEngine:
                 self.lora_loader.wait(_LOAD_POLL_S)
             return outputs
         sampled = self.runner.run(seqs, is_prefill)
-        for seq, tok, ok in zip(seqs, sampled.token_ids, sampled.finite):
+        lps = sampled.logprobs or [None] * len(seqs)
+        for seq, tok, ok, lp in zip(seqs, sampled.token_ids, sampled.finite, lps):
             if not ok:
                 self._fail(seq, "the model produced non-finite logits (NaN or inf) for this "
                                 f"request{_adapter_note(seq.adapter)}")
+            elif seq.params.max_tokens == 0:  # prompt logprobs only: the token is not kept
+                self._set_finished(seq, "length")
             else:
                 try:
                     seq.output_token_ids.append(tok)
+                    record_sample_logprob(seq, lp)
                     self._check_stop(seq, tok)
                 except Exception as exc:  # e.g. the tokenizer cannot decode this id
                     self._fail(seq, f"finishing the step failed for this request: "
@@ -296,10 +324,12 @@ class LLMEngine:
         length = len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
         if self.tokenizer is not None:  # engines built without one (benchmarks) emit ids only
             detokenize_step(self.tokenizer, seq, final=stop_token or length)
-        if p.stop:
+        if p.stop and len(seq.output_token_ids) >= p.min_tokens:  # vLLM: none before min_tokens
             start = max(0, prev - max(len(s) for s in p.stop) + 1)
             cut = find_stop(seq.text, p.stop, start)
             if cut != -1:
+                if p.include_stop_str_in_output:
+                    cut += max(len(s) for s in p.stop if seq.text.startswith(s, cut))
                 seq.text = seq.text[:cut]
                 return self._set_finished(seq, "stop")
         if stop_token:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from loraplex.engine.cuda_graph import DecodeGraphs
+from loraplex.engine.logprobs import SampleLogprobs, record_prompt_logprobs
+from loraplex.engine.penalties import Penalties
 from loraplex.engine.sampler import Sampler, SamplerOutput
 from loraplex.engine.sequence import Sequence
 from loraplex.kvcache.block_manager import BlockManager
@@ -27,6 +29,7 @@ class ModelRunner:
         device: torch.device,
         lora_batches: LoRABatchBuilder | None = None,
         seed: int = 0,
+        eos_ids: list[int] | tuple[int, ...] = (),
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -34,6 +37,7 @@ class ModelRunner:
         self.device = device
         self.lora = lora_batches
         self.sampler = Sampler(seed)
+        self.penalties = Penalties(eos_ids)
         self.graphs: DecodeGraphs | None = None
 
     def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, dummy_block: int,
@@ -60,14 +64,40 @@ class ModelRunner:
             ids, positions, batch = self._prepare_prefill(ordered, slots)
             last = torch.tensor([e - 1 for e in batch.cu_seqlens[1:]], device=self.device)
             with forward_context(batch):
-                logits = self.model.compute_logits(self.model(ids, positions)[last])
+                hidden = self.model(ids, positions)
+                logits = self.model.compute_logits(hidden[last])
+            self._prompt_logprobs(hidden, batch.cu_seqlens, ordered)
         else:
             logits = self._decode(ordered, slots)
+        return self._sample(logits, ordered, order)
+
+    # -- sampling: logprobs (raw logits) -> penalties -> sampler; see engine/logprobs.py --
+    def _sample(self, logits: torch.Tensor, ordered: list[Sequence],
+                order: list[int]) -> SamplerOutput:
+        """Sample ``ordered``'s rows of ``logits``; the result in input order (``order[pos]``
+        is the input index of row ``pos``)."""
+        logprobs = SampleLogprobs.start(logits, ordered)  # None: no row asked
+        logits = self.penalties(logits, ordered)  # untouched when no row has any
         sampled = self.sampler(logits, ordered)
-        tokens, finite = [0] * len(seqs), [True] * len(seqs)
+        self.penalties.record(ordered, sampled.token_ids)
+        lps = logprobs.finish(sampled.token_ids) if logprobs is not None else None
+        n = len(order)
+        tokens, finite = [0] * n, [True] * n
+        per_seq = [None] * n if lps is not None else None
         for pos, i in enumerate(order):
             tokens[i], finite[i] = sampled.token_ids[pos], sampled.finite[pos]
-        return SamplerOutput(tokens, finite)
+            if per_seq is not None:
+                per_seq[i] = lps[pos]
+        return SamplerOutput(tokens, finite, per_seq)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, cu: list[int],
+                         seqs: list[Sequence]) -> None:
+        """Prompt logprobs of the prefill's sequences that asked (each chunk starts at
+        position 0 here: this prefill runs whole prompts)."""
+        if any(s.wants_prompt_logprobs for s in seqs):
+            lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+            record_prompt_logprobs(self.model.compute_logits, hidden, seqs, cu[:-1],
+                                   [0] * len(seqs), lengths)
 
     def _lora_batch(self, lora_slots: list[int], lengths: list[int], is_decode: bool = False):
         if self.lora is None or all(s < 0 for s in lora_slots):

@@ -15,6 +15,9 @@ reaches past them, are rerun with 16x the candidates, then over the full vocabul
 Per-row parameters go to the device in one copy from a reused host buffer; the sampled ids,
 a finiteness flag per row and the candidate-coverage flags come back in one copy.
 
+The logits arrive after ``penalties.py`` (bad words, min_tokens, logit_bias, repetition /
+frequency / presence penalties); logprobs were taken from them before that (``logprobs.py``).
+
 Non-finite logits (a NaN or +inf anywhere in a row, or no finite value at all) are found
 from the ``argmax`` every step computes anyway (it ranks NaN above everything), so the
 check costs no extra pass. Such rows are reported, never raised: the engine ends only them.
@@ -47,6 +50,7 @@ import numpy as np
 import torch
 
 from loraplex.engine import sampling_ops as ops
+from loraplex.engine.logprobs import TokenLogprobs
 from loraplex.engine.sequence import Sequence
 
 
@@ -54,6 +58,8 @@ from loraplex.engine.sequence import Sequence
 class SamplerOutput:
     token_ids: list[int]  # one per row (meaningless where ``finite`` is False)
     finite: list[bool]  # False: the row's logits held NaN/+inf (or nothing finite)
+    # per row, the sampled token's logprobs where its request asked (None: no row asked)
+    logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass

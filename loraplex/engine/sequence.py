@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from loraplex.engine.logprobs import TokenLogprobs
 from loraplex.sampling_params import SamplingParams
 
 
@@ -34,6 +35,10 @@ class RequestOutput:
     finish_reason: str | None
     adapter: str | None = None
     error: str | None = None  # why the engine failed this request (see finish_reason)
+    # -- logprobs (SamplingParams.logprobs / prompt_logprobs; see engine/logprobs.py) --
+    logprobs: list[TokenLogprobs] | None = None  # one per generated token
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # first prompt token: None
+    cumulative_logprob: float | None = None  # sum of the generated tokens' logprobs
 
 
 @dataclass
@@ -58,12 +63,28 @@ class Sequence:
     # incremental detokenization offsets into all_token_ids (see engine.detokenizer)
     prefix_offset: int = 0
     read_offset: int = 0
+    # -- logprobs and penalties (engine/logprobs.py, engine/penalties.py) --
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    cumulative_logprob: float = 0.0
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # tokenized params.bad_words
 
     def __post_init__(self) -> None:
         if self.seed is None:
             self.seed = self.params.seed
         self.read_offset = len(self.prompt_token_ids)
         self.prefix_offset = max(self.read_offset - 5, 0)
+        if self.params.logprobs is not None:
+            self.logprobs = []
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = []
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs still to compute: the prefill must produce logits at these prompt
+        positions (so their K/V cannot come from the prefix cache)."""
+        return (self.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < len(self.prompt_token_ids))
 
     @property
     def num_tokens(self) -> int:
@@ -96,4 +117,7 @@ class Sequence:
             finish_reason=self.finish_reason,
             adapter=self.adapter,
             error=self.error,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            prompt_logprobs=self.prompt_logprobs,  # complete after the prefill; not copied
+            cumulative_logprob=None if self.logprobs is None else self.cumulative_logprob,
         )
