@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from loraplex.engine.cuda_graph import DecodeGraphs
+from loraplex.engine.guided import GuidedDecoding
 from loraplex.engine.sampler import Sampler, SamplerOutput
 from loraplex.engine.sequence import Sequence
 from loraplex.kvcache.block_manager import BlockManager
@@ -35,6 +36,7 @@ class ModelRunner:
         self.lora = lora_batches
         self.sampler = Sampler(seed)
         self.graphs: DecodeGraphs | None = None
+        self.guided: GuidedDecoding | None = None  # set by the engine on the first grammar
 
     def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, dummy_block: int,
                              capture: bool) -> None:
@@ -63,11 +65,18 @@ class ModelRunner:
                 logits = self.model.compute_logits(self.model(ids, positions)[last])
         else:
             logits = self._decode(ordered, slots)
+        self._apply_grammars(logits, ordered)
         sampled = self.sampler(logits, ordered)
         tokens, finite = [0] * len(seqs), [True] * len(seqs)
         for pos, i in enumerate(order):
             tokens[i], finite[i] = sampled.token_ids[pos], sampled.finite[pos]
         return SamplerOutput(tokens, finite)
+
+    def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Structured outputs: mask the logits of rows that have a grammar (engine/guided.py),
+        after every other logits stage and right before sampling. Free without guided rows."""
+        if self.guided is not None and self.guided.matchers:
+            self.guided.apply(logits, [s.seq_id for s in seqs])
 
     def _lora_batch(self, lora_slots: list[int], lengths: list[int], is_decode: bool = False):
         if self.lora is None or all(s < 0 for s in lora_slots):
