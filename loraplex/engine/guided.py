@@ -91,8 +91,7 @@ class GuidedParams:
 
         try:
             if self.kind == "json_schema":
-                return xgr.Grammar.from_json_schema(self.spec, any_whitespace=False,
-                                                    separators=_SEPARATORS)
+                return json_grammar(self.spec)
             if self.kind == "json_object":
                 return xgr.Grammar.builtin_json_grammar()
             if self.kind == "regex":
@@ -101,6 +100,14 @@ class GuidedParams:
                                          else self.spec)
         except RuntimeError as exc:  # xgrammar reports parse errors as RuntimeError
             _fail(self.kind, getattr(self, self.kind), f"valid: {_xgr_message(exc)}")
+
+
+def json_grammar(schema: str) -> Any:
+    """The xgrammar ``Grammar`` of JSON text matching ``schema`` (JSON text), in the
+    whitespace layout every JSON grammar here uses."""
+    import xgrammar as xgr
+
+    return xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=_SEPARATORS)
 
 
 def _choice_ebnf(alternatives: str) -> str:
