@@ -72,11 +72,10 @@ def test_json_schema_as_text_and_json_object(llm):
         SamplingParams(max_tokens=200, temperature=0.0, guided=GuidedParams(json_object=True)),
     ])
     jsonschema.validate(json.loads(outs[0].text), SCHEMA)
+    assert outs[1].text.startswith("{")
     # greedy on a random model may run out of tokens inside the object; if it ends, it parses
     if outs[1].finish_reason == "stop":
         assert isinstance(json.loads(outs[1].text), dict)
-    else:
-        assert outs[1].text.startswith("{")
 
 
 def test_regex_and_choice(llm):

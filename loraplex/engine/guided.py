@@ -27,6 +27,8 @@ import torch
 _SEPARATORS = (", ", ": ")
 # xgrammar keeps compiled grammars in its own cache keyed by the spec; this bounds it.
 _CACHE_LIMIT_BYTES = 256 << 20
+# json_object: any JSON object (xgrammar's built-in JSON grammar also allows arrays, strings...)
+_ANY_OBJECT = '{"type": "object"}'
 
 
 @dataclass
@@ -73,7 +75,7 @@ class GuidedParams:
                 _fail("json_schema", self.json_schema, "a JSON object")
             return json.dumps(schema, sort_keys=True)
         if self.kind == "json_object":
-            return ""
+            return _ANY_OBJECT
         if self.kind == "choice":
             if (not isinstance(self.choice, (list, tuple)) or not self.choice
                     or not all(isinstance(c, str) and c for c in self.choice)):
@@ -90,10 +92,8 @@ class GuidedParams:
         import xgrammar as xgr
 
         try:
-            if self.kind == "json_schema":
+            if self.kind in ("json_schema", "json_object"):
                 return json_grammar(self.spec)
-            if self.kind == "json_object":
-                return xgr.Grammar.builtin_json_grammar()
             if self.kind == "regex":
                 return xgr.Grammar.from_regex(self.spec)
             return xgr.Grammar.from_ebnf(_choice_ebnf(self.spec) if self.kind == "choice"
@@ -155,11 +155,9 @@ class GuidedDecoding:
 
     def compile(self, params: GuidedParams) -> Any:
         c = self.compiler
-        if params.kind == "json_schema":
+        if params.kind in ("json_schema", "json_object"):
             return c.compile_json_schema(params.spec, any_whitespace=False,
                                          separators=_SEPARATORS)
-        if params.kind == "json_object":
-            return c.compile_builtin_json_grammar()
         if params.kind == "regex":
             return c.compile_regex(params.spec)
         if params.kind == "choice":
