@@ -68,7 +68,8 @@ class StreamOptions(BaseModel):
 class JsonSchemaFormat(BaseModel):
     """``response_format.json_schema``: OpenAI's named schema."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False,
+                              populate_by_name=True)
 
     name: Text = Field(min_length=1, max_length=64)
     description: Text | None = None
