@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # `import loraplex` (SamplingParams) must not import torch
+    import torch
 
 # JSON is generated without free whitespace (a single space after ':' and ','): a grammar
 # that allows any run of whitespace lets a sampled model pad forever instead of closing.
@@ -186,9 +187,9 @@ class GuidedDecoding:
 
     def _on_device(self, bitmask: torch.Tensor, device: torch.device) -> torch.Tensor:
         if self._device_bitmask is None:
-            self._device_bitmask = torch.empty_like(self._bitmask, device=device)
+            self._device_bitmask = self._bitmask.to(device)
         out = self._device_bitmask[: bitmask.shape[0]]
-        out.copy_(bitmask, non_blocking=False)  # the host buffer is refilled next step
+        out.copy_(bitmask)  # blocking: the host buffer is refilled next step
         return out
 
     def accept(self, seq_id: int, token: int) -> tuple[bool, bool]:

@@ -43,7 +43,7 @@ from loraplex.server.protocol import (
     not_found,
 )
 from loraplex.server.sse import EventStreamResponse
-from loraplex.server.structured import guided_params, prepare_guided
+from loraplex.server.structured import prepare_guided, request_guided
 from loraplex.server.tools import ToolCallStream, parse_tool_calls, plan_tools, template_messages
 
 T = TypeVar("T")
@@ -73,7 +73,7 @@ class OpenAIServing:
         prompts = req.prompts()
         self._check_sequences(len(prompts), req.n)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        guided = guided_params(req)  # structured outputs: 400 if malformed
+        guided = await request_guided(req)  # structured outputs: 400 if malformed
         params = [req.sampling_params(max_tokens, j, guided) for j in range(req.n)]  # 400 if bad
         await prepare_guided(self.engine.engine, guided)
         ids = await self.prompts.encode(prompts)
@@ -91,7 +91,9 @@ class OpenAIServing:
                               "/v1/completions instead", param="messages",
                               code="no_chat_template")
         # structured outputs and tools (server/structured.py, server/tools.py)
-        guided, tools = guided_params(req), plan_tools(req, self.tool_parser)
+        guided = await request_guided(req)
+        tools = await asyncio.to_thread(plan_tools, req, self.tool_parser) if req.tools \
+            else plan_tools(req, self.tool_parser)  # a forced call builds a grammar
         if tools.guided is not None:
             if guided is not None:
                 raise bad_request("tool_choice 'required' or a named function forces a tool "

@@ -5,9 +5,10 @@ A request constrains its output with at most one of: ``response_format`` (OpenAI
 "strict"}}``; ``{"type": "text"}`` constrains nothing), or vLLM's ``guided_json``,
 ``guided_regex``, ``guided_choice``, ``guided_grammar`` (xgrammar's EBNF). Two at once, a
 ``json_schema`` format without a schema, or a spec that does not parse is a 400 naming the
-field. The grammar is compiled in a worker thread (the engine's compiled-grammar cache is
-shared and thread-safe), so the engine thread only meets cache hits and a slow compile
-never stalls other requests' steps.
+field. Checking the spec (which imports xgrammar, seconds the first time) and compiling
+the grammar both run in worker threads, never on the event loop; the compiled grammar lands
+in the engine's shared, thread-safe cache, so the engine thread only meets cache hits and a
+slow compile never stalls other requests' steps.
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ def guided_params(req: _GuidedFields) -> GuidedParams | None:
         return GuidedParams(**kwargs)
     except ValueError as exc:
         raise bad_request(f"'{name}' is invalid: {exc}", param=name) from None
+
+
+async def request_guided(req: _GuidedFields) -> GuidedParams | None:
+    """``guided_params`` off the event loop; None at once when no constraint field is set."""
+    if req.guided_json is None and req.guided_regex is None and req.guided_choice is None \
+            and req.guided_grammar is None \
+            and (req.response_format is None or req.response_format.type == "text"):
+        return None
+    return await asyncio.to_thread(guided_params, req)
 
 
 async def prepare_guided(engine: Any, guided: GuidedParams | None) -> None:
