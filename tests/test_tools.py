@@ -311,3 +311,19 @@ def test_bad_tool_requests_are_400(server, kw, param):
         server.chat.completions.create(model="tiny", messages=HISTORY[:1], max_tokens=4, **kw)
     if param is not None:
         assert err.value.body["param"] == param
+
+
+def test_tool_call_parser_flag(tmp_path):
+    import argparse
+
+    from loraplex.server.api import ServerConfig, add_serve_args, server_config_from_args
+
+    parser = add_serve_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--model", str(tmp_path), "--tool-call-parser", "llama3_json"])
+    assert server_config_from_args(args).tool_call_parser == "llama3_json"
+    assert server_config_from_args(parser.parse_args(["--model", str(tmp_path)])) \
+        .tool_call_parser is None  # detected from the template
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", str(tmp_path), "--tool-call-parser", "mistral"])
+    with pytest.raises(ValueError, match="tool-call-parser"):
+        ServerConfig("m", str(tmp_path), {}, tool_call_parser="mistral")
