@@ -170,3 +170,24 @@ def test_bad_specs_are_refused_at_construction(kwargs, field):
 def test_sampling_params_checks_guided_type():
     with pytest.raises(ValueError, match="SamplingParams.guided"):
         SamplingParams(guided={"regex": "a"})
+
+
+def test_mask_semantics_against_the_vocabulary(tmp_path):
+    import torch
+    from helpers_lora import make_tokenizer
+
+    tok = make_tokenizer(tmp_path / "tok")
+    vocab = 128  # the logits' width: ids past the tokenizer's never allowed under a grammar
+    state = GuidedDecoding(tok, vocab, [tok.eos_token_id], max_batch=1)  # grows to 3 rows
+    choices = ["ab", "cd", "th!"]
+    state.add(7, GuidedParams(choice=choices))
+    logits = torch.randn(3, vocab)
+    masked = logits.clone()
+    state.apply(masked, [5, 7, 9])  # only seq 7 has a grammar
+    assert torch.equal(masked[[0, 2]], logits[[0, 2]])
+    # reference: the tokens whose text starts one of the choices
+    want = {i for i in range(len(tok)) if (s := tok.decode([i])) and not
+            tok.convert_ids_to_tokens(i).startswith("<") and any(c.startswith(s) for c in choices)}
+    allowed = set(torch.isfinite(masked[1]).nonzero().flatten().tolist())
+    assert allowed == want and {tok.convert_ids_to_tokens(i) for i in want} == {"a", "c", "t", "th"}
+    assert torch.equal(masked[1, list(allowed)], logits[1, list(allowed)])

@@ -177,6 +177,9 @@ class GuidedDecoding:
         rows = [i for i, s in enumerate(seq_ids) if s in self.matchers]
         if not rows:
             return
+        if len(seq_ids) > self._bitmask.shape[0]:  # a batch wider than max_num_seqs
+            self._bitmask = self._xgr.allocate_token_bitmask(len(seq_ids), self.vocab_size)
+            self._device_bitmask = None
         bitmask = self._bitmask[: len(seq_ids)]
         for i in rows:
             self.matchers[seq_ids[i]].fill_next_token_bitmask(bitmask, i)
