@@ -290,6 +290,10 @@ def test_auto_parses_what_the_model_wrote(server):
     content, calls, reasons = _stream_calls(server, **kw)
     assert content == "Sure.\n" and reasons == ["tool_calls"]
     assert [(c["name"], c["arguments"]) for c in calls] == [("get_time", '{"zone": 2}')]
+    # tool_choice "none": the same text is plain content
+    r = server.chat.completions.create(**{**kw, "tool_choice": "none"})
+    assert r.choices[0].message.content == written and r.choices[0].message.tool_calls is None
+    assert r.choices[0].finish_reason == "stop"
     # no call written: plain content, finish_reason as usual
     r = server.chat.completions.create(model="tiny", messages=HISTORY, tools=TOOLS,
                                        extra_body={"guided_regex": "[a-z ]{3,9}"})
