@@ -10,11 +10,12 @@ from loraplex.errors import (
     LoraplexError,
     ModelLoadError,
 )
-from loraplex.sampling_params import SamplingParams
+from loraplex.sampling_params import GuidedParams, SamplingParams
 
 __all__ = [
     "LLM",
     "SamplingParams",
+    "GuidedParams",
     "LoraplexError",
     "AdapterExistsError",
     "AdapterLoadError",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from loraplex.engine.guided import GuidedParams
+
 # Below this, logits / temperature overflows float32 for ordinary logit ranges and the
 # distribution is argmax anyway: ask for temperature=0 (greedy) instead.
 MIN_TEMPERATURE = 1e-2
@@ -62,6 +64,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     n: int = 1
     best_of: int | None = None
+    guided: GuidedParams | None = None  # structured output: the text must match this
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -91,6 +94,8 @@ class SamplingParams:
         _check(self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**64),
                "seed", self.seed, "a 64-bit integer")
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "a bool")
+        _check(self.guided is None or isinstance(self.guided, GuidedParams), "guided",
+               self.guided, "None or a GuidedParams")
         self._check_second_round()
 
     def _check_second_round(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from loraplex.config import (
 from loraplex.engine.cuda_graph import graph_batch_sizes
 from loraplex.engine.detokenizer import detokenize_step, find_stop, visible_text
 from loraplex.engine.logprobs import record_sample_logprob
+from loraplex.engine.guided import GuidedDecoding, GuidedParams
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import RequestOutput, Sequence, SequenceStatus
@@ -111,6 +113,8 @@ class LLMEngine:
                                              dummy_block=num_blocks, capture=capture)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
+        self.max_num_seqs = sched.max_num_seqs
+        self._guided_lock = threading.Lock()
 
     @classmethod
     def from_args(
@@ -223,6 +227,8 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else self.runner.sampler.new_seed()
         seq = Sequence(next(self._ids), request_id, ids, params, adapter, generation, seed=seed,
                        bad_words_ids=bad_words_ids)
+        if params.guided is not None:
+            self._add_grammar(seq, params.guided)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 
@@ -270,6 +276,8 @@ class LLMEngine:
         if seq is not None and not seq.finished:
             seq.finish_reason = "abort"
             self.scheduler.finish(seq)
+        if seq is not None:
+            self._drop_grammar(seq)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -298,12 +306,14 @@ class LLMEngine:
                     seq.output_token_ids.append(tok)
                     record_sample_logprob(seq, lp)
                     self._check_stop(seq, tok)
+                    self._advance_grammar(seq, tok)
                 except Exception as exc:  # e.g. the tokenizer cannot decode this id
                     self._fail(seq, f"finishing the step failed for this request: "
                                     f"{type(exc).__name__}: {exc}")
             if seq.finished:
                 self.scheduler.finish(seq)  # frees its KV blocks and its adapter pin
                 self.requests.pop(seq.request_id, None)
+                self._drop_grammar(seq)
                 outputs.append(seq.output())
             else:
                 outputs.append(seq.output(visible_text(seq.text, seq.params.stop)))
@@ -315,6 +325,7 @@ class LLMEngine:
 
     def _finish_failed(self, seq: Sequence) -> RequestOutput:
         self.requests.pop(seq.request_id, None)
+        self._drop_grammar(seq)
         return seq.output()
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
@@ -341,6 +352,41 @@ class LLMEngine:
     def _set_finished(seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
         seq.status = SequenceStatus.FINISHED
+
+    # -- structured outputs (engine/guided.py) ------------------------------------------------
+    def guided_decoding(self) -> GuidedDecoding:
+        """The engine's grammar state, built on first use (imports xgrammar then). Safe to
+        call from any thread: the server compiles grammars through it off the engine thread."""
+        with self._guided_lock:
+            if self.runner.guided is None:
+                self.runner.guided = GuidedDecoding(
+                    self.tokenizer, self.model_config.vocab_size, sorted(self.eos_ids),
+                    self.max_num_seqs)
+            return self.runner.guided
+
+    def _add_grammar(self, seq: Sequence, guided: GuidedParams) -> None:
+        try:  # a cache hit when the server compiled it already
+            self.guided_decoding().add(seq.seq_id, guided)
+        except (RuntimeError, ValueError) as exc:
+            raise InvalidRequestError(f"the {guided.kind} grammar cannot be compiled for this "
+                                      f"model's tokenizer: {exc}") from exc
+
+    def _advance_grammar(self, seq: Sequence, tok: int) -> None:
+        """Feed the sampled token to the row's matcher: a grammar that is complete ends the
+        request with "stop"; a token the grammar rejects ends it alone with an error."""
+        guided = self.runner.guided
+        if guided is None or seq.seq_id not in guided.matchers:
+            return
+        accepted, terminated = guided.accept(seq.seq_id, tok)
+        if not accepted:
+            self._fail(seq, f"token {tok} does not match this request's {seq.params.guided.kind} "
+                            "grammar")
+        elif terminated and not seq.finished:
+            self._set_finished(seq, "stop")
+
+    def _drop_grammar(self, seq: Sequence) -> None:
+        if self.runner.guided is not None:
+            self.runner.guided.drop(seq.seq_id)
 
     # -- adapters ------------------------------------------------------------------------------
     def submit_adapter_load(self, name: str, path: str,

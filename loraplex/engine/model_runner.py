@@ -12,6 +12,7 @@ import torch
 from loraplex.engine.cuda_graph import DecodeGraphs
 from loraplex.engine.logprobs import SampleLogprobs, record_prompt_logprobs
 from loraplex.engine.penalties import Penalties
+from loraplex.engine.guided import GuidedDecoding
 from loraplex.engine.sampler import Sampler, SamplerOutput
 from loraplex.engine.sequence import Sequence
 from loraplex.kvcache.block_manager import BlockManager
@@ -39,6 +40,7 @@ class ModelRunner:
         self.sampler = Sampler(seed)
         self.penalties = Penalties(eos_ids)
         self.graphs: DecodeGraphs | None = None
+        self.guided: GuidedDecoding | None = None  # set by the engine on the first grammar
 
     def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, dummy_block: int,
                              capture: bool) -> None:
@@ -78,6 +80,7 @@ class ModelRunner:
         is the input index of row ``pos``)."""
         logprobs = SampleLogprobs.start(logits, ordered)  # None: no row asked
         logits = self.penalties(logits, ordered)  # untouched when no row has any
+        self._apply_grammars(logits, ordered)  # last logits stage, right before sampling
         sampled = self.sampler(logits, ordered)
         self.penalties.record(ordered, sampled.token_ids)
         lps = logprobs.finish(sampled.token_ids) if logprobs is not None else None
@@ -98,6 +101,12 @@ class ModelRunner:
             lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
             record_prompt_logprobs(self.model.compute_logits, hidden, seqs, cu[:-1],
                                    [0] * len(seqs), lengths)
+
+    def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Structured outputs: mask the logits of rows that have a grammar (engine/guided.py),
+        after every other logits stage and right before sampling. Free without guided rows."""
+        if self.guided is not None and self.guided.matchers:
+            self.guided.apply(logits, [s.seq_id for s in seqs])
 
     def _lora_batch(self, lora_slots: list[int], lengths: list[int], is_decode: bool = False):
         if self.lora is None or all(s < 0 for s in lora_slots):

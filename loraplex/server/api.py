@@ -42,6 +42,7 @@ from loraplex.server.protocol import (
     bad_request,
 )
 from loraplex.server.serving import OpenAIServing
+from loraplex.server.tools import TOOL_CALL_PARSERS, detect_parser
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class ServerConfig:
     max_sequences_per_request: int = 256
     max_stream_backlog: int = 256  # engine steps a stream's reader may fall behind
     tokenizer_threads: int = 2
+    tool_call_parser: str | None = None  # None: detected from the chat template (tools.py)
 
     def __post_init__(self) -> None:
         if self.allow_runtime_adapters and self.adapter_root is None \
@@ -72,6 +74,9 @@ class ServerConfig:
                              "runtime-loaded adapters must lie in); pass "
                              "--allow-any-adapter-path to let clients load any directory the "
                              "server can read")
+        if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
+            raise ValueError(f"--tool-call-parser {self.tool_call_parser!r} must be one of "
+                             f"{', '.join(TOOL_CALL_PARSERS)}")
         for name in ("max_request_bytes", "max_sequences_per_request", "max_stream_backlog",
                      "tokenizer_threads"):
             if getattr(self, name) < 1:
@@ -88,8 +93,10 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
                             config.allow_runtime_adapters, config.adapter_root)
     metrics = ServerMetrics()
     prompts = PromptTokenizer(engine.tokenizer, engine.max_model_len, config.tokenizer_threads)
+    tool_parser = config.tool_call_parser or detect_parser(
+        getattr(engine.tokenizer, "chat_template", None))
     serving = OpenAIServing(async_engine, registry, metrics, prompts,
-                            config.max_sequences_per_request)
+                            config.max_sequences_per_request, tool_parser)
     started = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -214,6 +221,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds to let requests finish on SIGTERM before aborting them")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+                   help="how chat replies are parsed into tool_calls (default: detected from "
+                        "the chat template: '<tool_call>' -> hermes, '<|python_tag|>' or "
+                        "'\"parameters\"' -> llama3_json)")
     return p
 
 
@@ -245,7 +256,8 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
                         allow_any_adapter_path=args.allow_any_adapter_path,
                         enable_docs=args.enable_docs, max_request_bytes=args.max_request_bytes,
                         max_sequences_per_request=args.max_sequences_per_request,
-                        max_stream_backlog=args.max_stream_backlog)
+                        max_stream_backlog=args.max_stream_backlog,
+                        tool_call_parser=getattr(args, "tool_call_parser", None))
 
 
 def run_server(args: argparse.Namespace) -> None:

@@ -76,13 +76,14 @@ class PromptTokenizer:
         return [next(encoded) if isinstance(p, str) else list(p) for p in prompts]
 
     async def chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                   num_chars: int) -> list[int]:
-        """Render the chat template and tokenize it without adding special tokens again."""
+                   num_chars: int, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Render the chat template (with ``tools`` as ``apply_chat_template`` takes them)
+        and tokenize it without adding special tokens again."""
         self.check_chars(num_chars, "messages")
 
         def render(tok: Any) -> list[int]:
             try:
-                text = tok.apply_chat_template(messages, tokenize=False,
+                text = tok.apply_chat_template(messages, tools=tools, tokenize=False,
                                                add_generation_prompt=add_generation_prompt)
             except Exception as exc:  # jinja errors on bad roles / orderings are the client's
                 raise bad_request(f"the chat template failed on these messages: {exc}",

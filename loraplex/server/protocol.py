@@ -1,7 +1,7 @@
 """OpenAI-compatible request bodies (pydantic) and the HTTP error they map to.
 
 Only what loraplex can honour is accepted: fields OpenAI defines but we cannot serve
-(``logprobs``, ``echo``, penalties, tools, ...) are refused by name with a 400 when set to
+(``logprobs``, ``echo``, penalties, ...) are refused by name with a 400 when set to
 anything but their neutral value, instead of being silently ignored. Unknown fields are
 refused too (``extra="forbid"``), and types are strict: ``true`` is not an integer, ``1.0``
 is not a token id, ``5`` is not a stop string, ``NaN`` is not a temperature. Every string
@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from loraplex.engine.guided import GuidedParams
 from loraplex.sampling_params import SamplingParams
 
 # The bounds a well-formed request can reach: token ids and seeds fit in int64.
@@ -63,7 +64,74 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
+# ---- structured outputs and tools (read by server/structured.py and server/tools.py) ----
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: OpenAI's named schema."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False,
+                              populate_by_name=True)
+
+    name: Text = Field(min_length=1, max_length=64)
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = _STRICT
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionSpec(BaseModel):
+    model_config = _STRICT
+
+    name: Text = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(BaseModel):
+    """One entry of chat ``tools``."""
+
+    model_config = _STRICT
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    model_config = _STRICT
+
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``."""
+
+    model_config = _STRICT
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class _GuidedFields(BaseModel):
+    """OpenAI's ``response_format`` and vLLM's ``guided_*`` fields; at most one may
+    constrain the output (server/structured.py turns them into GuidedParams)."""
+
+    model_config = _STRICT
+
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
+# ---- end of structured outputs and tools ----
+
+
+class _SamplingFields(_GuidedFields):
     """Fields shared by completions and chat completions."""
 
     model_config = _STRICT
@@ -98,7 +166,8 @@ class _SamplingFields(BaseModel):
             raise bad_request("'stream_options' is only allowed when 'stream' is true",
                               param="stream_options")
 
-    def sampling_params(self, max_tokens: int, choice: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, choice: int,
+                        guided: GuidedParams | None = None) -> SamplingParams:
         """SamplingParams for choice ``choice`` of ``n``: with a seed, choice j uses seed + j.
 
         Raises ValueError (answered as 400) for out-of-range values.
@@ -114,6 +183,7 @@ class _SamplingFields(BaseModel):
             stop_token_ids=list(self.stop_token_ids or []),
             seed=None if self.seed is None else self.seed + choice,
             ignore_eos=self.ignore_eos,
+            guided=guided,
         )
 
     @property
@@ -189,16 +259,13 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=_INT64_MAX)
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Text | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ToolSpec] | None = None  # see server/tools.py
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     add_generation_prompt: bool = True  # vLLM extension
 
     def check_supported(self) -> None:
         self._refuse_unsupported({
-            "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
-            "tool_choice": (None, "none", "auto"),
-            "response_format": (None, {"type": "text"}),
+            "logprobs": (None, False), "top_logprobs": (None, 0),
         })
 
     def requested_max_tokens(self) -> int | None:

@@ -43,17 +43,21 @@ from loraplex.server.protocol import (
     not_found,
 )
 from loraplex.server.sse import EventStreamResponse
+from loraplex.server.structured import prepare_guided, request_guided
+from loraplex.server.tools import ToolCallStream, parse_tool_calls, plan_tools, template_messages
 
 T = TypeVar("T")
 
 
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, registry: ServedModels, metrics: ServerMetrics,
-                 prompts: PromptTokenizer, max_sequences: int) -> None:
+                 prompts: PromptTokenizer, max_sequences: int,
+                 tool_parser: str | None = None) -> None:
         self.engine, self.registry, self.metrics = engine, registry, metrics
         self.prompts, self.max_model_len = prompts, prompts.max_model_len
         self.max_sequences = max_sequences
         self.served_model_name = registry.served_model_name
+        self.tool_parser = tool_parser  # server/tools.py: llama3_json | hermes | None
 
     def _check_sequences(self, num_prompts: int, n: int) -> None:
         if num_prompts * n > self.max_sequences:
@@ -69,7 +73,9 @@ class OpenAIServing:
         prompts = req.prompts()
         self._check_sequences(len(prompts), req.n)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        params = [req.sampling_params(max_tokens, j) for j in range(req.n)]  # 400 if invalid
+        guided = await request_guided(req)  # structured outputs: 400 if malformed
+        params = [req.sampling_params(max_tokens, j, guided) for j in range(req.n)]  # 400 if bad
+        await prepare_guided(self.engine.engine, guided)
         ids = await self.prompts.encode(prompts)
         subs = [SubRequest(p, params[j], adapter) for p in ids for j in range(req.n)]
         return await self._serve(req, raw, subs, chat=False, prompts_per_choice=req.n)
@@ -84,9 +90,21 @@ class OpenAIServing:
                               "template (tokenizer_config.json 'chat_template'); use "
                               "/v1/completions instead", param="messages",
                               code="no_chat_template")
+        # structured outputs and tools (server/structured.py, server/tools.py)
+        guided = await request_guided(req)
+        tools = await asyncio.to_thread(plan_tools, req, self.tool_parser) if req.tools \
+            else plan_tools(req, self.tool_parser)  # a forced call builds a grammar
+        if tools.guided is not None:
+            if guided is not None:
+                raise bad_request("tool_choice 'required' or a named function forces a tool "
+                                  "call; it cannot be combined with another output "
+                                  "constraint", param="tool_choice")
+            guided = tools.guided
+        tool_chars = len(json.dumps(tools.tools)) if tools.tools else 0
         prompt_ids = await self.prompts.chat(
-            [m.to_template_dict() for m in req.messages], req.add_generation_prompt,
-            sum(m.num_chars() for m in req.messages))
+            template_messages([m.to_template_dict() for m in req.messages]),
+            req.add_generation_prompt, sum(m.num_chars() for m in req.messages) + tool_chars,
+            tools=tools.tools)
         max_tokens = req.requested_max_tokens()
         if max_tokens is None:
             max_tokens = self.max_model_len - len(prompt_ids)
@@ -94,13 +112,16 @@ class OpenAIServing:
                 raise bad_request(f"the chat prompt has {len(prompt_ids)} tokens, which leaves "
                                   f"no room to generate within max_model_len="
                                   f"{self.max_model_len}", param="messages")
-        subs = [SubRequest(prompt_ids, req.sampling_params(max_tokens, j), adapter)
+        subs = [SubRequest(prompt_ids, req.sampling_params(max_tokens, j, guided), adapter)
                 for j in range(req.n)]
-        return await self._serve(req, raw, subs, chat=True, prompts_per_choice=req.n)
+        await prepare_guided(self.engine.engine, guided)
+        return await self._serve(req, raw, subs, chat=True, prompts_per_choice=req.n,
+                                 tool_parser=tools.parser)
 
     # ------------------------------------------------------------------ shared
     async def _serve(self, req: CompletionRequest | ChatCompletionRequest, raw: Request,
-                     subs: list[SubRequest], chat: bool, prompts_per_choice: int) -> Response:
+                     subs: list[SubRequest], chat: bool, prompts_per_choice: int,
+                     tool_parser: str | None = None) -> Response:
         kind = "chatcmpl" if chat else "cmpl"
         request_id = f"{kind}-{uuid.uuid4().hex}"
         trackers = [self.metrics.tracker(req.model) for _ in subs]
@@ -108,7 +129,7 @@ class OpenAIServing:
             stream = await self.engine.add(request_id, subs)  # validation errors raise here
         except AdapterNotFoundError:  # unloaded since resolve_model: answer as it would
             raise self._model_gone(req.model) from None
-        header = _Header(request_id, int(time.time()), req.model, chat)
+        header = _Header(request_id, int(time.time()), req.model, chat, tool_parser)
         if req.stream:
             events = self._events(stream, trackers, header, req.include_usage,
                                   prompts_per_choice)
@@ -146,6 +167,8 @@ class OpenAIServing:
                       header: _Header, include_usage: bool,
                       prompts_per_choice: int) -> AsyncIterator[str]:
         finals = [_Final() for _ in stream.request_ids]
+        tool_streams = ([ToolCallStream(header.tool_parser) for _ in finals]
+                        if header.tool_parser else None)
         try:
             if header.chat:
                 for index in range(len(finals)):
@@ -153,12 +176,22 @@ class OpenAIServing:
             async for index, delta in stream:
                 trackers[index].observe(delta)
                 finals[index].add(delta)
-                if delta.text:
-                    content = {"content": delta.text} if header.chat else delta.text
+                text = tool_streams[index].feed(delta.text) if tool_streams else delta.text
+                if text:
+                    content = {"content": text} if header.chat else text
                     yield _sse(header.chunk(index, content, None))
+                reason = _finish_reason(delta)
+                if delta.finished and tool_streams:  # what was held back: content or calls
+                    rest, calls = tool_streams[index].finish()
+                    if rest:
+                        yield _sse(header.chunk(index, {"content": rest}, None))
+                    if calls:
+                        reason = "tool_calls"
+                        yield _sse(header.chunk(index, {"tool_calls": [
+                            {"index": k, **call.to_openai()} for k, call in enumerate(calls)]},
+                            None))
                 if delta.finished:
-                    yield _sse(header.chunk(index, {} if header.chat else "",
-                                            _finish_reason(delta)))
+                    yield _sse(header.chunk(index, {} if header.chat else "", reason))
             if include_usage:
                 yield _sse(header.usage_chunk(finals, prompts_per_choice))
         except Exception as exc:  # an engine failure mid-stream becomes an error event
@@ -193,8 +226,10 @@ class _Final:
 class _Header:
     """Fields shared by every response object of one request, and their builders."""
 
-    def __init__(self, request_id: str, created: int, model: str, chat: bool) -> None:
+    def __init__(self, request_id: str, created: int, model: str, chat: bool,
+                 tool_parser: str | None = None) -> None:
         self.id, self.created, self.model, self.chat = request_id, created, model, chat
+        self.tool_parser = tool_parser
 
     def _base(self, object_: str) -> dict[str, Any]:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model}
@@ -215,9 +250,16 @@ class _Header:
         choices = []
         for index, out in enumerate(finals):
             if self.chat:
-                choices.append({"index": index, "logprobs": None,
-                                "message": {"role": "assistant", "content": out.text},
-                                "finish_reason": _finish_reason(out)})
+                message: dict[str, Any] = {"role": "assistant", "content": out.text}
+                reason = _finish_reason(out)
+                calls = parse_tool_calls(self.tool_parser, out.text) if self.tool_parser \
+                    else (out.text, [])
+                if calls[1]:
+                    message = {"role": "assistant", "content": calls[0],
+                               "tool_calls": [c.to_openai() for c in calls[1]]}
+                    reason = "tool_calls"
+                choices.append({"index": index, "logprobs": None, "message": message,
+                                "finish_reason": reason})
             else:
                 choices.append({"index": index, "text": out.text, "logprobs": None,
                                 "finish_reason": _finish_reason(out)})
