@@ -184,6 +184,7 @@ def test_sampled_rows_see_the_penalised_logits(device):
     runner = ModelRunner.__new__(ModelRunner)  # the sampling stage only: no model
     runner.penalties = Penalties(eos_ids=[EOS])
     runner.sampler = Sampler(0)
+    runner.guided = None  # no structured-output rows
     logits = torch.randn(4, 300, device=device)
     params = [SamplingParams(temperature=1.0, logit_bias={7: 100.0}),  # only 7 can win
               SamplingParams(temperature=0.9, top_k=5, logit_bias={11: 100.0}),
