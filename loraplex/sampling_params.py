@@ -32,6 +32,19 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     min_p: float = 0.0
+    # Placeholder fields (names from the shared interface) so the server builds its params
+    # before the sampling branch merges; that branch's definitions replace these.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    bad_words: list[str] | None = None
+    include_stop_str_in_output: bool = False
+    n: int = 1
+    best_of: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
