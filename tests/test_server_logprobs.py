@@ -1,0 +1,206 @@
+"""OpenAI logprob shapes, echo, ``best_of`` and cached-token usage, parsed by the official
+``openai`` client, streaming and not.
+
+Shapes are checked over an in-process demo server whose engine attaches made-up logprobs
+(``server_fakes.fake_entry``): every number in a response must be the one the test made up,
+under the token string ``tokenizer.decode([id])`` computes here. The last test runs once the
+engine computes real logprobs (``loraplex.engine.logprobs``) and compares them with
+``log_softmax`` of ``LLM.score()``'s logits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+import torch
+from server_fakes import demo_server, demo_tokenizer, fake_entry, openai_client
+
+from loraplex import demo
+
+PHRASE = "hello world"
+PROMPT = demo.prompt(PHRASE)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with demo_server() as server:
+        yield openai_client(server)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return demo_tokenizer()
+
+
+def expected_completion_logprobs(tok, pairs, offset=0) -> dict:
+    """The completions logprobs object, written out from OpenAI's / vLLM's definition."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token_id, k in pairs:  # k None: no logprobs for this token (a prompt's first)
+        s = tok.decode([token_id])
+        out["tokens"].append(s)
+        out["text_offset"].append(offset)
+        offset += len(s)
+        if k is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        e = fake_entry(token_id, k)
+        out["token_logprobs"].append(e.logprob)
+        top = {}
+        for t, lp in e.top:
+            top.setdefault(tok.decode([t]), lp)
+        top.setdefault(s, e.logprob)
+        out["top_logprobs"].append(top)
+    return out
+
+
+def as_dict(logprobs) -> dict:
+    return {k: getattr(logprobs, k) for k in ("tokens", "token_logprobs", "top_logprobs",
+                                              "text_offset")}
+
+
+def test_completion_logprobs(client, tok):
+    r = client.completions.create(model="upper", prompt=PROMPT, max_tokens=32, temperature=0,
+                                  logprobs=2)
+    c = r.choices[0]
+    assert c.text == PHRASE.upper()
+    ids = tok.encode(c.text) + [tok.eos_token_id]  # the EOS token is generated, not shown
+    assert as_dict(c.logprobs) == expected_completion_logprobs(tok, [(t, 2) for t in ids])
+    assert r.usage.prompt_tokens_details.cached_tokens == 3
+
+
+@pytest.mark.parametrize("max_tokens", [0, 3])
+def test_echo_with_logprobs_prepends_the_prompt(client, tok, max_tokens):
+    r = client.completions.create(model="demo", prompt=PROMPT, max_tokens=max_tokens,
+                                  temperature=0, echo=True, logprobs=1)
+    c = r.choices[0]
+    prompt_ids = tok.encode(PROMPT)
+    generated = tok.encode(PHRASE[:max_tokens])
+    assert c.text == PROMPT + PHRASE[:max_tokens]
+    pairs = [(prompt_ids[0], None)] + [(t, 1) for t in prompt_ids[1:]] + \
+        [(t, 1) for t in generated]
+    assert as_dict(c.logprobs) == expected_completion_logprobs(tok, pairs)
+    assert r.usage.prompt_tokens == len(prompt_ids)
+    assert r.usage.completion_tokens == max_tokens
+    if max_tokens == 0:  # scoring only: nothing generated is shown or counted
+        assert c.finish_reason == "length"
+
+
+def test_echo_without_logprobs_and_token_prompts(client, tok):
+    ids = tok.encode(PROMPT)
+    for prompt in ([PROMPT, PROMPT], [ids, ids]):  # echo of token ids: their decoded text
+        r = client.completions.create(model="demo", prompt=prompt, max_tokens=32,
+                                      temperature=0, echo=True)
+        assert [c.text for c in r.choices] == [PROMPT + PHRASE] * 2
+        assert all(c.logprobs is None for c in r.choices)
+
+
+def test_chat_logprobs(client, tok):
+    r = client.chat.completions.create(model="reverse", temperature=0, logprobs=True,
+                                       top_logprobs=3,
+                                       messages=[{"role": "user", "content": PHRASE}])
+    c = r.choices[0]
+    assert c.message.content == PHRASE[::-1]
+    ids = tok.encode(PHRASE[::-1]) + [tok.eos_token_id]
+    assert len(c.logprobs.content) == len(ids)
+    for item, t in zip(c.logprobs.content, ids, strict=True):
+        e = fake_entry(t, 3)
+        assert item.token == tok.decode([t]) and item.logprob == e.logprob
+        assert item.bytes == list(tok.decode([t]).encode())
+        assert [(a.token, a.logprob, a.bytes) for a in item.top_logprobs] == [
+            (tok.decode([a]), lp, list(tok.decode([a]).encode())) for a, lp in e.top]
+    plain = client.chat.completions.create(model="reverse", temperature=0,
+                                           messages=[{"role": "user", "content": PHRASE}])
+    assert plain.choices[0].logprobs is None
+
+
+def test_streamed_logprobs_equal_the_full_response(client):
+    kw = dict(model="caesar", prompt=PROMPT, max_tokens=32, temperature=0, logprobs=2,
+              echo=True)
+    full = client.completions.create(**kw).choices[0]
+    merged = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    text, reasons = "", []
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            text += c.text
+            reasons.append(c.finish_reason)
+            if c.logprobs is not None:
+                for key in merged:
+                    merged[key] += getattr(c.logprobs, key)
+    assert text == full.text and reasons[-1] == "stop"
+    assert merged == as_dict(full.logprobs)
+
+    chat = dict(model="caesar", temperature=0, logprobs=True, top_logprobs=2,
+                messages=[{"role": "user", "content": PHRASE}])
+    full_chat = client.chat.completions.create(**chat).choices[0]
+    items = []
+    for chunk in client.chat.completions.create(stream=True, **chat):
+        for c in chunk.choices:
+            if c.logprobs is not None:
+                items += c.logprobs.content
+    assert [i.model_dump() for i in items] == \
+        [i.model_dump() for i in full_chat.logprobs.content]
+
+
+def test_best_of_returns_the_n_most_likely_candidates(client):
+    # a prompt unlike the training data: the samples differ
+    kw = dict(model="demo", prompt="zq", max_tokens=6, temperature=1.0, seed=11)
+    # best_of = n: the candidates themselves (candidate j is seeded seed + j), with logprobs
+    cands = client.completions.create(n=4, logprobs=0, **kw).choices
+    scores = [sum(c.logprobs.token_logprobs) for c in cands]
+    order = sorted(range(4), key=lambda j: -scores[j])[:2]
+    assert order != [0, 1] and len(set(scores)) > 2  # ranking matters for this seed
+    best = client.completions.create(n=2, best_of=4, **kw)
+    assert [c.text for c in best.choices] == [cands[j].text for j in order]
+    assert [c.index for c in best.choices] == [0, 1]
+    assert all(c.logprobs is None for c in best.choices)  # used for ranking, not asked for
+    assert best.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in cands)
+
+
+def test_streamed_usage_reports_cached_tokens(client):
+    chunks = list(client.chat.completions.create(
+        model="demo", stream=True, stream_options={"include_usage": True}, temperature=0,
+        messages=[{"role": "user", "content": PHRASE}]))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 3
+
+
+# ------------------------------------------------------------------ real engine logprobs
+
+
+def test_real_logprobs_equal_log_softmax_of_score(tmp_path):
+    pytest.importorskip("loraplex.engine.logprobs", reason="engine logprobs not merged yet")
+    from server_utils import InProcessServer
+
+    from loraplex import LLM
+    from loraplex.engine.llm_engine import LLMEngine
+    from loraplex.server.api import ServerConfig, create_app
+
+    model, adapters = demo.paths()
+    ref = LLM(model, adapters=adapters, device="cpu")
+    engine = LLMEngine.from_args(model, adapters=adapters, device="cpu", num_kv_blocks=64)
+    server = InProcessServer(create_app(engine, ServerConfig("demo", model, adapters)))
+    try:
+        c = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
+
+        async def one(adapter):  # all adapters in flight at once: one mixed batch
+            return await c.completions.create(model=adapter or "demo", prompt=PROMPT,
+                                              max_tokens=8, temperature=0, logprobs=1,
+                                              echo=True)
+
+        async def run():
+            return await asyncio.gather(*(one(a) for a in [None, *demo.ADAPTERS]))
+
+        results = asyncio.run(run())
+    finally:
+        server.stop()
+    for adapter, r in zip([None, *demo.ADAPTERS], results, strict=True):
+        lp = r.choices[0].logprobs
+        ids = ref.engine.tokenizer.encode(r.choices[0].text)
+        logits = ref.score([ids], adapters=[adapter])[0]
+        want = torch.log_softmax(logits[:-1].double(), -1).gather(
+            1, torch.tensor(ids[1:])[:, None])[:, 0]
+        got = torch.tensor(lp.token_logprobs[1:], dtype=torch.float64)
+        assert lp.token_logprobs[0] is None
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
