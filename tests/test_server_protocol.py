@@ -10,6 +10,7 @@ The server runs in this process over the shipped demo model (``server_fakes``).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import openai
@@ -184,3 +185,15 @@ def test_demo_answers_chat(client, adapter):
                                        messages=[{"role": "user", "content": PHRASE}])
     assert r.choices[0].message.content == demo.expected(PHRASE, adapter)
     assert r.choices[0].finish_reason == "stop"
+
+
+def test_shipped_chat_template_renders_the_trained_prompt(tok, srv):
+    cfg = json.loads((Path(demo.paths()[0]) / "tokenizer_config.json").read_text())
+    assert cfg["chat_template"] == demo.CHAT_TEMPLATE  # train.py writes the same one
+    for phrase in ("a", "hello world", "two  spaces "):
+        msgs = [{"role": "user", "content": phrase}]
+        assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) \
+            == demo.prompt(phrase)
+    r = post(srv, "/v1/chat/completions", {"model": "demo", "messages": [
+        {"role": "system", "content": "be nice"}, {"role": "user", "content": PHRASE}]})
+    assert r.status_code == 400 and "one user message" in r.json()["error"]["message"]
