@@ -204,3 +204,24 @@ def test_real_logprobs_equal_log_softmax_of_score(tmp_path):
         got = torch.tensor(lp.token_logprobs[1:], dtype=torch.float64)
         assert lp.token_logprobs[0] is None
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_minus_infinity_is_written_as_vllm_does(tok):
+    """JSON has no infinity: -inf logprobs (a token masked out) become -9999.0, and two ids
+    that decode to the same string keep the more likely one's logprob."""
+    import json
+
+    from server_fakes import FakeLogprobs
+
+    from loraplex.server.openai_logprobs import TokenStrings, chat_logprobs, completion_logprobs
+
+    strings = TokenStrings(tok)
+    a, b = tok.encode("ab")
+    entry = FakeLogprobs(a, float("-inf"), 90, [(b, -0.1), (b, -3.0)])
+    comp, end = completion_logprobs([(a, entry), (b, None)], strings, text_offset=5)
+    assert comp == {"tokens": ["a", "b"], "token_logprobs": [-9999.0, None],
+                    "top_logprobs": [{"b": -0.1, "a": -9999.0}, None], "text_offset": [5, 6]}
+    assert end == 7
+    chat = chat_logprobs([(a, entry)], strings)
+    assert chat["content"][0]["logprob"] == -9999.0
+    json.dumps(chat, allow_nan=False)  # strict JSON
