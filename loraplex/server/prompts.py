@@ -93,9 +93,9 @@ class PromptTokenizer:
 
         return await self._run(render)
 
-    async def decode(self, ids: list[int]) -> str:
+    async def decode(self, ids: list[int], param: str = "tokens") -> str:
         """Token ids -> text, as ``tokenizer.decode`` does (special tokens kept)."""
-        return await self._run(lambda tok: _decode(tok, ids))
+        return await self._run(lambda tok: _decode(tok, ids, param))
 
     async def tokenize(self, prompt: str | list[dict[str, Any]], add_special_tokens: bool | None,
                        add_generation_prompt: bool = True,
@@ -132,8 +132,8 @@ def _encode(tok: Any, text: str, add_special_tokens: bool) -> list[int]:
 
 
 
-def _decode(tok: Any, ids: list[int]) -> str:
+def _decode(tok: Any, ids: list[int], param: str) -> str:
     try:
         return tok.decode(ids)
     except (OverflowError, IndexError, TypeError, ValueError) as exc:  # ids outside the vocab
-        raise bad_request(f"the token ids cannot be decoded: {exc}", param="tokens") from exc
+        raise bad_request(f"the token ids cannot be decoded: {exc}", param=param) from exc

@@ -96,7 +96,7 @@ class OpenAIServing:
             else:
                 self._check_room(len(p), req.max_tokens, "prompt")
                 max_tokens = req.max_tokens or 1  # 0 (score the prompt): one token, hidden
-            echo = (text if isinstance(text, str) else await self.prompts.decode(p)) \
+            echo = (text if isinstance(text, str) else await self.prompts.decode(p, "prompt")) \
                 if req.echo else None
             for j in range(k):
                 subs.append(SubRequest(p, req.sampling_params(max_tokens, j, logprobs,
