@@ -190,11 +190,27 @@ def test_real_logprobs_equal_log_softmax_of_score(tmp_path):
                                               echo=True)
 
         async def run():
-            return await asyncio.gather(*(one(a) for a in [None, *demo.ADAPTERS]))
+            chat = c.chat.completions.create(model="upper", temperature=0, logprobs=True,
+                                             top_logprobs=2, messages=[
+                                                 {"role": "user", "content": PHRASE}])
+            return await asyncio.gather(chat, *(one(a) for a in [None, *demo.ADAPTERS]))
 
-        results = asyncio.run(run())
+        chat, *results = asyncio.run(run())
     finally:
         server.stop()
+    tok = ref.engine.tokenizer
+    out_ids = tok.encode(PHRASE.upper()) + [tok.eos_token_id]
+    prompt_ids = tok.encode(PROMPT)
+    lp = torch.log_softmax(ref.score([prompt_ids + out_ids], adapters=["upper"])[0].double(),
+                           -1)[len(prompt_ids) - 1:-1]
+    content = chat.choices[0].logprobs.content
+    assert [i.token for i in content] == [tok.decode([t]) for t in out_ids]
+    for row, item, t in zip(lp, content, out_ids, strict=True):
+        assert abs(item.logprob - row[t].item()) < 1e-5
+        top = row.topk(2)
+        assert [a.token for a in item.top_logprobs] == [tok.decode([i]) for i in top.indices]
+        assert all(abs(a.logprob - v.item()) < 1e-5 for a, v in zip(
+            item.top_logprobs, top.values, strict=True))
     for adapter, r in zip([None, *demo.ADAPTERS], results, strict=True):
         lp = r.choices[0].logprobs
         ids = ref.engine.tokenizer.encode(r.choices[0].text)
@@ -225,3 +241,32 @@ def test_minus_infinity_is_written_as_vllm_does(tok):
     chat = chat_logprobs([(a, entry)], strings)
     assert chat["content"][0]["logprob"] == -9999.0
     json.dumps(chat, allow_nan=False)  # strict JSON
+
+
+def test_sampling_fields_reach_the_engine():
+    """Each newly honoured field changes the output exactly as the same SamplingParams do
+    through ``LLM.generate`` (greedy), and differs from the output without it."""
+    pytest.importorskip("loraplex.engine.penalties", reason="engine penalties not merged yet")
+    from loraplex import LLM, SamplingParams
+
+    model, adapters = demo.paths()
+    llm = LLM(model, adapters=adapters, device="cpu")
+    x = llm.engine.tokenizer.encode("x")[0]
+    unsure = "zq zq zq"  # unlike the training data: the model is unsure, so penalties bite
+    cases = [(unsure, {"presence_penalty": 2.0}), (unsure, {"frequency_penalty": 2.0}),
+             (unsure, {"repetition_penalty": 3.0}), (PROMPT, {"min_tokens": 20}),
+             (PROMPT, {"logit_bias": {str(x): 100.0}}),
+             (PROMPT, {"stop": ["wor"], "include_stop_str_in_output": True})]
+    with demo_server() as server:
+        c = openai_client(server)
+        for prompt, fields in cases:
+            got = c.completions.create(model="demo", prompt=prompt, max_tokens=24,
+                                       temperature=0, extra_body=fields).choices[0].text
+            kw = dict(fields)
+            if "logit_bias" in kw:
+                kw["logit_bias"] = {int(k): v for k, v in kw["logit_bias"].items()}
+            want = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0,
+                                                         **kw))[0].text
+            neutral = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0))
+            assert got == want, fields
+            assert got != neutral[0].text, fields
