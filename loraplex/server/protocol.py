@@ -119,13 +119,16 @@ class _SamplingFields(BaseModel):
         """Engine requests per prompt: ``best_of`` if set, else ``n``."""
         return self.n if self.best_of is None else self.best_of
 
-    def sampling_params(self, max_tokens: int, choice: int, logprobs: int | None = None,
+    def sampling_params(self, max_tokens: int, choice: int, guided: Any = None, *,
+                        logprobs: int | None = None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
         """SamplingParams for candidate ``choice``: with a seed, candidate j uses seed + j.
+        ``guided``: the structured-output constraint, if any (``engine.guided.GuidedParams``).
 
         Raises ValueError (answered as 400) for out-of-range values.
         """
         stop = self.stop if self.stop is not None else []
+        constraint = {} if guided is None else {"guided": guided}
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -146,6 +149,7 @@ class _SamplingFields(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            **constraint,
         )
 
     @property

@@ -99,8 +99,9 @@ class OpenAIServing:
             echo = (text if isinstance(text, str) else await self.prompts.decode(p, "prompt")) \
                 if req.echo else None
             for j in range(k):
-                subs.append(SubRequest(p, req.sampling_params(max_tokens, j, logprobs,
-                                                              prompt_logprobs), adapter))
+                params = req.sampling_params(max_tokens, j, logprobs=logprobs,
+                                             prompt_logprobs=prompt_logprobs)
+                subs.append(SubRequest(p, params, adapter))
                 outs.append(ChoiceOutput(p, echo, prompt_logprobs is not None,
                                          score_only=req.max_tokens == 0))
         return await self._serve(req, raw, subs, outs, chat=False,
@@ -130,7 +131,8 @@ class OpenAIServing:
         else:
             self._check_room(len(prompt_ids), max_tokens, "messages")
         logprobs = req.num_logprobs if req.num_logprobs is not None or k == req.n else 0
-        subs = [SubRequest(prompt_ids, req.sampling_params(max_tokens, j, logprobs), adapter)
+        subs = [SubRequest(prompt_ids, req.sampling_params(max_tokens, j, logprobs=logprobs),
+                              adapter)
                 for j in range(k)]
         outs = [ChoiceOutput(prompt_ids) for _ in range(k)]
         return await self._serve(req, raw, subs, outs, chat=True, logprobs=req.logprobs)
