@@ -108,7 +108,7 @@ class PromptTokenizer:
             ids = await self._run(lambda tok: _encode(tok, prompt, add))
         else:
             ids = await self.chat(prompt, add_generation_prompt, num_chars,
-                                  bool(add_special_tokens))
+                                  add_special_tokens=bool(add_special_tokens))
         return ids, await self._run(lambda tok: tok.convert_ids_to_tokens(ids))
 
     async def _run(self, fn: Callable[[Any], T]) -> T:
