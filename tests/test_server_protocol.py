@@ -197,3 +197,26 @@ def test_shipped_chat_template_renders_the_trained_prompt(tok, srv):
     r = post(srv, "/v1/chat/completions", {"model": "demo", "messages": [
         {"role": "system", "content": "be nice"}, {"role": "user", "content": PHRASE}]})
     assert r.status_code == 400 and "one user message" in r.json()["error"]["message"]
+
+
+def test_demo_serve_printed_examples_work(srv, capsys, monkeypatch):
+    """The commands ``loraplex demo --serve`` prints (curl and the openai client, completions
+    and chat) run as printed against a demo server and give the adapters' answers."""
+    import argparse
+    import subprocess
+
+    import loraplex.server.api as api
+    from loraplex.demo import run
+
+    monkeypatch.setattr(api, "run_server", lambda args: None)
+    run._serve(argparse.Namespace(port=srv.port, device="cpu"), *demo.paths())
+    text = capsys.readouterr().out
+    commands = [c.strip() for c in text.split("\n\n") if c.strip().startswith(("curl", "python"))]
+    assert len(commands) == 3
+    outputs = [subprocess.run(["bash", "-c", c], capture_output=True, text=True, timeout=120,
+                              check=True).stdout for c in commands]
+    completion, chat = (json.loads(o) for o in outputs[:2])
+    assert completion["choices"][0]["text"] == demo.expected(PHRASE, "reverse")
+    assert chat["choices"][0]["message"]["content"] == demo.expected(PHRASE, "upper")
+    assert outputs[2].split("\n")[:2] == [demo.expected(PHRASE, "caesar"),
+                                          demo.expected(PHRASE, "reverse")]
