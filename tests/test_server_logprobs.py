@@ -270,3 +270,35 @@ def test_sampling_fields_reach_the_engine():
             neutral = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0))
             assert got == want, fields
             assert got != neutral[0].text, fields
+
+
+def test_echo_waits_for_prompt_logprobs_and_comes_first():
+    """Made-up deltas, as an engine might send them: generated text before the prompt's
+    logprobs are ready stays held back, so the echoed prompt still comes first."""
+    from server_fakes import FakeLogprobs
+
+    from loraplex.server.async_engine import OutputDelta
+    from loraplex.server.responses import ChoiceOutput, best_of, usage
+
+    def lp(t: int) -> FakeLogprobs:
+        return FakeLogprobs(t, -1.0, 1, [])
+
+    out = ChoiceOutput([7, 8], echo="ab", wants_prompt_logprobs=True)
+    first = out.add(OutputDelta("c", [9], 2, False, None, logprobs=[lp(9)],
+                                cumulative_logprob=-1.0))
+    assert (first.text, first.tokens) == ("", [])
+    second = out.add(OutputDelta("d", [10], 2, True, "length", logprobs=[lp(10)],
+                                 prompt_logprobs=[None, lp(8)], cumulative_logprob=-2.0,
+                                 num_cached_tokens=1))
+    assert second.text == "abcd" and second.finish_reason == "length"
+    assert [t for t, _ in second.tokens] == [7, 8, 9, 10]
+    assert second.tokens[0][1] is None and second.tokens[1][1].token_id == 8
+    assert out.text == "abcd" and out.num_tokens == 2 and out.cumulative_logprob == -2.0
+    # scoring only (max_tokens 0): the generated token is neither shown nor counted
+    score = ChoiceOutput([7, 8], echo="ab", wants_prompt_logprobs=True, score_only=True)
+    piece = score.add(OutputDelta("c", [9], 2, True, "stop", prompt_logprobs=[None, lp(8)]))
+    assert (piece.text, piece.finish_reason, score.num_tokens) == ("ab", "length", 0)
+    assert usage([out, score], 1) == {"prompt_tokens": 4, "completion_tokens": 2,
+                                      "total_tokens": 6,
+                                      "prompt_tokens_details": {"cached_tokens": 1}}
+    assert best_of([score, out], 2, 1) == [out]  # no logprobs ranks last

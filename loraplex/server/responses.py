@@ -47,15 +47,13 @@ class ChoiceOutput:
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     text_offset: int = 0  # streamed completions: where the next token string starts
+    # generated output held back while an echoed prompt waits for its logprobs
+    _held_text: str = ""
+    _held_tokens: list[TokenPair] = field(default_factory=list)
 
     def add(self, delta: OutputDelta) -> Piece:
         self.num_prompt_tokens = delta.num_prompt_tokens
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
-        text, tokens = "", []
-        if self.echo is not None and (delta.prompt_logprobs is not None or delta.finished
-                                      or not self.wants_prompt_logprobs):
-            text, tokens = self.echo, pair(self.prompt_ids, delta.prompt_logprobs)
-            self.echo = None
         if self.score_only:
             finish = "length" if delta.finished else None
         else:
@@ -65,9 +63,21 @@ class ChoiceOutput:
             elif delta.logprobs:  # an engine that gives no running sum: add it up here
                 self.cumulative_logprob = (self.cumulative_logprob or 0.0) + sum(
                     e.logprob for e in delta.logprobs)
-            text += delta.text
-            tokens += pair(delta.token_ids, delta.logprobs)
+            self._held_text += delta.text
+            self._held_tokens += pair(delta.token_ids, delta.logprobs)
             finish = (delta.finish_reason or "stop") if delta.finished else None
+        text, tokens = "", []
+        if self.echo is not None:
+            if self.wants_prompt_logprobs and delta.prompt_logprobs is None \
+                    and not delta.finished:
+                return self._piece("", [], finish)  # the prompt comes first: hold the rest
+            text, tokens = self.echo, pair(self.prompt_ids, delta.prompt_logprobs)
+            self.echo = None
+        text, tokens = text + self._held_text, tokens + self._held_tokens
+        self._held_text, self._held_tokens = "", []
+        return self._piece(text, tokens, finish)
+
+    def _piece(self, text: str, tokens: list[TokenPair], finish: str | None) -> Piece:
         self.finish_reason = finish or self.finish_reason
         piece = Piece(text, tokens, finish)
         self.pieces.append(piece)
