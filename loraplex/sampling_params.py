@@ -94,9 +94,9 @@ class SamplingParams:
         _check(self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**64),
                "seed", self.seed, "a 64-bit integer")
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "a bool")
+        self._check_second_round()
         _check(self.guided is None or isinstance(self.guided, GuidedParams), "guided",
                self.guided, "None or a GuidedParams")
-        self._check_second_round()
 
     def _check_second_round(self) -> None:
         for name in ("logprobs", "prompt_logprobs"):

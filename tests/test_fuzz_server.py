@@ -110,15 +110,15 @@ COMMON = {
     "stop_token_ids": field(st.lists(st.integers(0, 127), max_size=3)),
     "ignore_eos": field(st.booleans()), "n": field(st.integers(1, 2)),
     "stream_options": field(st.builds(lambda b: {"include_usage": b}, st.booleans())),
-    "presence_penalty": field(st.sampled_from([None, 0])),
-    "logit_bias": field(st.sampled_from([None, {}])), "user": field(text),
+    "presence_penalty": field(st.sampled_from([None, 0, 0.5])),
+    "logit_bias": field(st.sampled_from([None, {}, {"5": 1.5}])), "user": field(text),
 }
 COMPLETION_REQUIRED = {
     "model": field(st.just("tiny")), "stream": field(st.booleans()),
     "prompt": field(st.one_of(text, st.lists(text, min_size=1, max_size=2), ids,
                               st.lists(ids, min_size=1, max_size=2)))}
-COMPLETION = {**COMMON, "echo": field(st.just(False)), "logprobs": field(st.none()),
-              "suffix": field(st.sampled_from([None, ""]))}
+COMPLETION = {**COMMON, "echo": field(st.booleans()),
+              "logprobs": field(st.one_of(st.none(), st.integers(0, 3)))}
 part = st.builds(lambda t: {"type": "text", "text": t}, text)
 message = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "system", "assistant"]),
@@ -126,8 +126,7 @@ message = st.fixed_dictionaries(
 CHAT_REQUIRED = {"model": field(st.just("tiny")), "stream": field(st.booleans()),
                  "messages": field(st.lists(message, min_size=1, max_size=3))}
 CHAT = {**COMMON, "max_completion_tokens": field(st.integers(1, 20)),
-        "tools": field(st.sampled_from([None, []])),
-        "response_format": field(st.just({"type": "text"})),
+        "logprobs": field(st.booleans()), "top_logprobs": field(st.integers(0, 3)),
         "add_generation_prompt": field(st.booleans())}
 
 

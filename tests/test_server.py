@@ -376,7 +376,7 @@ def test_errors_are_openai_shaped(server, client, llm):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     bad_params = [dict(temperature=-1), dict(top_p=0), dict(n=0), dict(max_tokens=0),
-                  dict(logprobs=2), dict(extra_body={"top_k": -5})]
+                  dict(logprobs=21), dict(extra_body={"top_k": -5})]
     for kw in bad_params:
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="tiny", prompt="x", **{"max_tokens": 2, **kw})

@@ -9,7 +9,9 @@ The base model completes ``prompt("hello world")`` (``"in: hello world\\nout: "`
 
 Phrases are lowercase letters and single spaces, 1-4 words, at most 24 characters. The model
 uses a character-level tokenizer (one token per character, no BOS added), so decoding the
-generated ids gives back the exact characters. The files are trained by
+generated ids gives back the exact characters. Its chat template (``CHAT_TEMPLATE``) turns
+a single user message ``phrase`` into ``prompt(phrase)``, so ``/v1/chat/completions`` works
+too. The files are trained by
 ``python -m loraplex.demo.train``; this module only locates them (no heavy imports).
 """
 
@@ -18,6 +20,17 @@ from __future__ import annotations
 from pathlib import Path
 
 ADAPTERS = ("upper", "reverse", "caesar")
+
+# The chat template shipped in the model's tokenizer_config.json: one user message (the
+# phrase) becomes ``prompt(phrase)``, the only format the model was trained on; anything else
+# (a system turn, a conversation) is refused rather than formatted into text it never saw.
+CHAT_TEMPLATE = (
+    "{%- if messages | length != 1 or messages[0]['role'] != 'user' -%}"
+    "{{ raise_exception('the demo model answers exactly one user message (a phrase)') }}"
+    "{%- endif -%}"
+    "{{ 'in: ' + messages[0]['content'] + '\\n' }}"
+    "{%- if add_generation_prompt %}{{ 'out: ' }}{% endif -%}"
+)
 
 _DATA = Path(__file__).resolve().parent / "data"
 

@@ -68,9 +68,16 @@ Try, in another terminal:
   curl {base}/completions -H 'Content-Type: application/json' -d '{{"model": "reverse",
     "prompt": "in: hello world\\nout: ", "max_tokens": 32, "temperature": 0}}'
 
+  curl {base}/chat/completions -H 'Content-Type: application/json' -d '{{"model": "upper",
+    "messages": [{{"role": "user", "content": "hello world"}}], "temperature": 0}}'
+
   python -c "from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='none'); \\
 print(c.completions.create(model='caesar', prompt='in: hello world\\nout: ', \\
-max_tokens=32, temperature=0).choices[0].text)"
+max_tokens=32, temperature=0).choices[0].text); \\
+print(c.chat.completions.create(model='reverse', messages=[{{'role': 'user', \\
+'content': 'hello world'}}], temperature=0).choices[0].message.content)"
+
+The chat template turns one user message (the phrase) into the prompt above.
 """,
         flush=True,
     )

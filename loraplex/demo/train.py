@@ -41,7 +41,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from loraplex.demo import ADAPTERS, expected, prompt
+from loraplex.demo import ADAPTERS, CHAT_TEMPLATE, expected, prompt
 from loraplex.demo.examples import MAX_CHARS, make_batch, test_phrase
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3
@@ -178,6 +178,7 @@ def save_base(model, tok, out: Path) -> None:
         out / "tokenizer_config.json",
         tokenizer_class="PreTrainedTokenizerFast",
         model_max_length=model.config.max_position_embeddings,
+        chat_template=CHAT_TEMPLATE,
     )
 
 

@@ -1,5 +1,9 @@
 """The FastAPI app: OpenAI-compatible routes, adapter management, health and metrics.
 
+Besides OpenAI's routes (``/v1/completions``, ``/v1/chat/completions``, ``/v1/models`` and
+``/v1/models/{id}``), vLLM's: ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``,
+``/tokenize``, ``/detokenize`` and ``/version``.
+
 ``create_app`` wires an engine into routes; ``add_serve_args`` / ``run_server`` are what
 ``loraplex serve`` calls. Every ``/v1`` route requires ``Authorization: Bearer KEY`` when
 an API key is set, checked before the body is read; ``/health`` and ``/metrics`` never do.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import os
 import time
@@ -37,9 +42,12 @@ from loraplex.server.prompts import PromptTokenizer
 from loraplex.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     LoadLoRAAdapterRequest,
+    TokenizeRequest,
     UnloadLoRAAdapterRequest,
     bad_request,
+    not_found,
 )
 from loraplex.server.serving import OpenAIServing
 from loraplex.server.tools import TOOL_CALL_PARSERS, detect_parser
@@ -127,15 +135,56 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
         stats = await async_engine.call(engine.stats)
         return Response(metrics.render(stats), media_type=CONTENT_TYPE_LATEST)
 
-    @v1.get("/models")
-    async def list_models() -> dict[str, Any]:
+    def model_cards() -> list[dict[str, Any]]:
         base = {"id": config.served_model_name, "object": "model", "created": started,
                 "owned_by": "loraplex", "root": config.model_path, "parent": None,
                 "max_model_len": engine.max_model_len}
         adapters = [{"id": a.name, "object": "model", "created": started, "owned_by": "loraplex",
                      "root": a.path, "parent": config.served_model_name}
                     for a in engine.adapters.entries()]
-        return {"object": "list", "data": [base, *adapters]}
+        return [base, *adapters]
+
+    @v1.get("/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": model_cards()}
+
+    @v1.get("/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        for card in model_cards():
+            if card["id"] == model_id:
+                return card
+        raise not_found(f"The model '{model_id}' does not exist.")
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": _version()}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        if body.model is not None:
+            registry.resolve_model(body.model)  # 404 if unknown; adapters share the tokenizer
+        if body.messages is not None:
+            if not getattr(prompts.tokenizer, "chat_template", None):
+                raise bad_request(f"the model '{config.served_model_name}' has no chat "
+                                  "template", param="messages", code="no_chat_template")
+            ids, strs = await prompts.tokenize(
+                [m.to_template_dict() for m in body.messages], body.add_special_tokens,
+                body.add_generation_prompt, sum(m.num_chars() for m in body.messages))
+        else:
+            ids, strs = await prompts.tokenize(body.prompt or "", body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids,
+                "token_strs": strs if body.return_token_strs else None}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        if body.model is not None:
+            registry.resolve_model(body.model)
+        vocab = len(prompts.tokenizer)
+        bad = [t for t in body.tokens if t >= vocab]
+        if bad:
+            raise bad_request(f"token id {bad[0]} is outside the tokenizer's vocabulary "
+                              f"(size {vocab})", param="tokens")
+        return {"prompt": await prompts.decode(body.tokens)}
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
@@ -169,6 +218,14 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
 
     app.include_router(v1)
     return app
+
+
+def _version() -> str:
+    """The installed distribution's version (a source checkout run in place has none)."""
+    try:
+        return importlib.metadata.version("loraplex")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 # ---------------------------------------------------------------------- CLI

@@ -77,6 +77,12 @@ class OutputDelta:
     finished: bool
     finish_reason: str | None
     error: str | None = None
+    # Only for requests that asked (see engine.logprobs): this step's new TokenLogprobs, the
+    # prompt's (delivered once), and the running sum of the chosen tokens' logprobs.
+    logprobs: list[Any] | None = None
+    prompt_logprobs: list[Any] | None = None
+    cumulative_logprob: float | None = None
+    num_cached_tokens: int = 0
 
 
 # One step's deliveries to one stream: (sub-request index, delta or exception).
@@ -144,6 +150,8 @@ class _Route:
     index: int
     text: str = ""
     num_tokens: int = 0
+    num_logprobs: int = 0
+    sent_prompt_logprobs: bool = False
 
     def delta(self, out: Any) -> OutputDelta:
         """The part of the cumulative ``out`` not delivered yet (engine thread)."""
@@ -154,8 +162,18 @@ class _Route:
         error = getattr(out, "error", None)
         if error is None and out.finish_reason == "error":
             error = "the engine ended this request with an error"
-        return OutputDelta(text, new_ids, len(out.prompt_token_ids), out.finished,
-                           out.finish_reason, error)
+        delta = OutputDelta(text, new_ids, len(out.prompt_token_ids), out.finished,
+                            out.finish_reason, error,
+                            num_cached_tokens=getattr(out, "num_cached_tokens", 0))
+        logprobs = getattr(out, "logprobs", None)
+        if logprobs is not None:
+            delta.logprobs = logprobs[self.num_logprobs:]
+            self.num_logprobs = len(logprobs)
+            delta.cumulative_logprob = getattr(out, "cumulative_logprob", None)
+        prompt_logprobs = getattr(out, "prompt_logprobs", None)
+        if prompt_logprobs is not None and not self.sent_prompt_logprobs:
+            delta.prompt_logprobs, self.sent_prompt_logprobs = prompt_logprobs, True
+        return delta
 
 
 class AsyncEngine:

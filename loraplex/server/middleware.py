@@ -111,6 +111,9 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation(_: Request, exc: RequestValidationError) -> ErrorResponse:
+        invalid_json = _invalid_json(exc)
+        if invalid_json is not None:
+            return ErrorResponse(bad_request(invalid_json, code="invalid_json"))
         # One message per top-level field (a union type fails once per member: keep the first).
         fields: dict[str, str] = {}
         for e in exc.errors():
@@ -137,3 +140,22 @@ def install_error_handlers(app: FastAPI) -> None:
     # RequestGuard (a handler for Exception here would re-raise and drop the connection).
     for kind in (APIError, LoraplexError, ValueError, EngineStepError, EngineDeadError):
         app.add_exception_handler(kind, on_error)
+
+
+def _invalid_json(exc: RequestValidationError) -> str | None:
+    """For a body that is not JSON, a message saying where it broke (like ``json.loads``:
+    line, column, char); None for any other validation error. FastAPI reports the offset
+    as the error's location, which is no field (it was answered as ``param: "1"``)."""
+    for e in exc.errors():
+        if e.get("type") == "json_invalid":
+            loc = [x for x in e.get("loc", ()) if x != "body"]
+            pos = loc[0] if loc and isinstance(loc[0], int) else None
+            why = (e.get("ctx") or {}).get("error", "not valid JSON")
+            if pos is None:
+                return f"the request body is not valid JSON: {why}"
+            doc = exc.body if isinstance(exc.body, str) else ""
+            line = doc.count("\n", 0, pos) + 1
+            column = pos - (doc.rfind("\n", 0, pos) + 1) + 1
+            return (f"the request body is not valid JSON: {why}: line {line} column "
+                    f"{column} (char {pos})")
+    return None

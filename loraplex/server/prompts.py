@@ -76,9 +76,10 @@ class PromptTokenizer:
         return [next(encoded) if isinstance(p, str) else list(p) for p in prompts]
 
     async def chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                   num_chars: int, tools: list[dict[str, Any]] | None = None) -> list[int]:
+                   num_chars: int, add_special_tokens: bool = False,
+                   tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Render the chat template (with ``tools`` as ``apply_chat_template`` takes them)
-        and tokenize it without adding special tokens again."""
+        and tokenize it (without adding special tokens again, unless ``add_special_tokens``)."""
         self.check_chars(num_chars, "messages")
 
         def render(tok: Any) -> list[int]:
@@ -89,9 +90,27 @@ class PromptTokenizer:
                 raise bad_request(f"the chat template failed on these messages: {exc}",
                                   param="messages") from exc
             self.check_chars(len(text), "messages")
-            return _encode(tok, text, False)
+            return _encode(tok, text, add_special_tokens)
 
         return await self._run(render)
+
+    async def decode(self, ids: list[int], param: str = "tokens") -> str:
+        """Token ids -> text, as ``tokenizer.decode`` does (special tokens kept)."""
+        return await self._run(lambda tok: _decode(tok, ids, param))
+
+    async def tokenize(self, prompt: str | list[dict[str, Any]], add_special_tokens: bool | None,
+                       add_generation_prompt: bool = True,
+                       num_chars: int = 0) -> tuple[list[int], list[str]]:
+        """``POST /tokenize``: a text (special tokens added unless told otherwise) or chat
+        messages (rendered, no special tokens added unless told); ids and token strings."""
+        if isinstance(prompt, str):
+            self.check_chars(len(prompt), "prompt")
+            add = True if add_special_tokens is None else add_special_tokens
+            ids = await self._run(lambda tok: _encode(tok, prompt, add))
+        else:
+            ids = await self.chat(prompt, add_generation_prompt, num_chars,
+                                  add_special_tokens=bool(add_special_tokens))
+        return ids, await self._run(lambda tok: tok.convert_ids_to_tokens(ids))
 
     async def _run(self, fn: Callable[[Any], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn)
@@ -112,3 +131,10 @@ def _encode(tok: Any, text: str, add_special_tokens: bool) -> list[int]:
     except (UnicodeError, TypeError, ValueError) as exc:  # text the tokenizer cannot take
         raise bad_request(f"the prompt cannot be tokenized: {exc}", param="prompt") from exc
 
+
+
+def _decode(tok: Any, ids: list[int], param: str) -> str:
+    try:
+        return tok.decode(ids)
+    except (OverflowError, IndexError, TypeError, ValueError) as exc:  # ids outside the vocab
+        raise bad_request(f"the token ids cannot be decoded: {exc}", param=param) from exc

@@ -1,9 +1,8 @@
 """OpenAI-compatible request bodies (pydantic) and the HTTP error they map to.
 
-Only what loraplex can honour is accepted: fields OpenAI defines but we cannot serve
-(``logprobs``, ``echo``, penalties, ...) are refused by name with a 400 when set to
-anything but their neutral value, instead of being silently ignored. Unknown fields are
-refused too (``extra="forbid"``), and types are strict: ``true`` is not an integer, ``1.0``
+Every field a model lists is honoured (``user``, OpenAI's metadata, is accepted and not
+used); anything else is refused by name with a 400 (``extra="forbid"``): a client never
+gets a 200 for a setting that did not apply. Types are strict: ``true`` is not an integer, ``1.0``
 is not a token id, ``5`` is not a stop string, ``NaN`` is not a temperature. Every string
 must be encodable as UTF-8 (a lone surrogate such as ``"\\ud800"`` is refused with a 400).
 """
@@ -131,8 +130,18 @@ class _GuidedFields(BaseModel):
 # ---- end of structured outputs and tools ----
 
 
+# vLLM's default cap on logprobs per token (``--max-logprobs``); OpenAI allows 5 / 20.
+MAX_LOGPROBS = 20
+
+
 class _SamplingFields(_GuidedFields):
-    """Fields shared by completions and chat completions."""
+    """Fields shared by completions and chat completions; every one is honoured.
+
+    ``user`` is OpenAI's end-user id for abuse monitoring: metadata, accepted and not used.
+    ``n`` choices are separate engine requests; choice j of a seeded request uses seed + j.
+    ``best_of`` > ``n`` generates ``best_of`` candidates per prompt and returns the ``n``
+    with the highest cumulative logprob (not with ``stream``).
+    """
 
     model_config = _STRICT
 
@@ -146,29 +155,44 @@ class _SamplingFields(_GuidedFields):
     stop_token_ids: list[TokenId] | None = None  # vLLM extension
     ignore_eos: bool = False  # vLLM extension
     n: int = Field(default=1, ge=1, le=128)
+    best_of: int | None = Field(default=None, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[Text, float] | None = None
-    user: Text | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=1e4)  # vLLM extension
+    min_tokens: int | None = Field(default=None, ge=0, le=_INT64_MAX)  # vLLM extension
+    # OpenAI sends token ids as JSON object keys, i.e. strings: {"50256": -100}
+    logit_bias: dict[Text, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    include_stop_str_in_output: bool = False  # vLLM extension
+    user: Text | None = None  # OpenAI end-user id: metadata, not used
 
-    def _refuse_unsupported(self, fields: dict[str, Any]) -> None:
-        """Raise a 400 naming the first field set to a value loraplex cannot honour."""
-        neutral: dict[str, Any] = {"presence_penalty": (None, 0, 0.0),
-                                   "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {})}
-        neutral.update(fields)
-        for name, allowed in neutral.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise bad_request(f"'{name}'={value!r} is not supported by loraplex", param=name)
+    def _check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true",
                               param="stream_options")
+        if self.best_of is not None and self.best_of < self.n:
+            raise bad_request(f"'best_of'={self.best_of} must be >= 'n'={self.n}",
+                              param="best_of")
+        if self.stream and self.num_candidates > self.n:
+            raise bad_request("'best_of' > 'n' cannot be streamed (the best choices are "
+                              "known only once all candidates finished)", param="best_of")
+        for key in self.logit_bias or {}:
+            if not key.isascii() or not key.isdigit():
+                raise bad_request(f"'logit_bias' key {key!r} is not a token id (a string of "
+                                  "digits such as \"50256\")", param="logit_bias")
+
+    @property
+    def num_candidates(self) -> int:
+        """Engine requests per prompt: ``best_of`` if set, else ``n``."""
+        return self.n if self.best_of is None else self.best_of
 
     def sampling_params(self, max_tokens: int, choice: int,
-                        guided: GuidedParams | None = None) -> SamplingParams:
-        """SamplingParams for choice ``choice`` of ``n``: with a seed, choice j uses seed + j.
+                        guided: GuidedParams | None = None, *,
+                        logprobs: int | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
+        """SamplingParams for candidate ``choice``: with a seed, candidate j uses seed + j.
+        ``guided``: the structured-output constraint, if any (``engine.guided.GuidedParams``).
 
         Raises ValueError (answered as 400) for out-of-range values.
         """
@@ -183,6 +207,16 @@ class _SamplingFields(_GuidedFields):
             stop_token_ids=list(self.stop_token_ids or []),
             seed=None if self.seed is None else self.seed + choice,
             ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None
+            else self.repetition_penalty,
+            min_tokens=self.min_tokens or 0,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias
+            else None,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             guided=guided,
         )
 
@@ -192,14 +226,19 @@ class _SamplingFields(_GuidedFields):
 
 
 class CompletionRequest(_SamplingFields):
-    """``POST /v1/completions``. ``prompt``: text, texts, token ids, or lists of token ids."""
+    """``POST /v1/completions``. ``prompt``: text, texts, token ids, or lists of token ids.
+
+    ``logprobs``: how many top alternatives per token (0: the chosen token's only). ``echo``
+    prepends the prompt to each choice's text, and with ``logprobs`` its tokens' logprobs
+    (the first prompt token has none); ``max_tokens: 0`` with ``echo`` generates nothing
+    and returns the prompt alone, which is how harnesses score a continuation. Without
+    ``max_tokens``, up to 16 tokens, fewer if the context has less room left.
+    """
 
     prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
-    max_tokens: int | None = Field(default=16, ge=1, le=_INT64_MAX)
+    max_tokens: int | None = Field(default=None, ge=0, le=_INT64_MAX)
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: Text | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a flat list: each a string or a list of token ids."""
@@ -213,8 +252,10 @@ class CompletionRequest(_SamplingFields):
         return list(p)
 
     def check_supported(self) -> None:
-        self._refuse_unsupported({"echo": (False,), "logprobs": (None,),
-                                  "best_of": (None, self.n), "suffix": (None, "")})
+        self._check_common()
+        if self.max_tokens == 0 and not self.echo:
+            raise bad_request("'max_tokens'=0 is only allowed with 'echo': true (to score "
+                              "the prompt)", param="max_tokens")
 
 
 class TextPart(BaseModel):
@@ -252,25 +293,34 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    """``POST /v1/chat/completions``. Without ``max_tokens``, generation may fill the context."""
+    """``POST /v1/chat/completions``. Without ``max_tokens``, generation may fill the context.
+
+    ``logprobs: true`` returns each generated token's logprob, with ``top_logprobs``
+    alternatives per token (which needs ``logprobs: true``).
+    """
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=_INT64_MAX)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=_INT64_MAX)
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[ToolSpec] | None = None  # see server/tools.py
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     add_generation_prompt: bool = True  # vLLM extension
 
     def check_supported(self) -> None:
-        self._refuse_unsupported({
-            "logprobs": (None, False), "top_logprobs": (None, 0),
-        })
+        self._check_common()
+        if self.top_logprobs and not self.logprobs:
+            raise bad_request("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None \
             else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Alternatives per generated token to ask the engine for (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class LoadLoRAAdapterRequest(BaseModel):
@@ -290,6 +340,37 @@ class UnloadLoRAAdapterRequest(BaseModel):
 
     lora_name: Text = Field(min_length=1, max_length=128)
     lora_int_id: int | None = None  # vLLM sends it; names identify adapters here
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``POST /tokenize``: either ``prompt`` (text) or chat ``messages`` (rendered by
+    the chat template first). ``model`` picks the adapter, whose tokenizer is the base
+    model's. ``add_special_tokens`` defaults to true for a prompt and false for messages
+    (the template writes them), as vLLM does."""
+
+    model_config = _STRICT
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' and 'messages'")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``POST /detokenize``: token ids back to text."""
+
+    model_config = _STRICT
+
+    model: Text | None = None
+    tokens: list[TokenId]
 
 
 def _strings(value: Any) -> list[str]:

@@ -1,7 +1,10 @@
 """The OpenAI completions and chat-completions endpoints over an ``AsyncEngine``.
 
-One HTTP request becomes ``len(prompts) * n`` engine requests (choice ``i * n + j`` is
-prompt i's j-th sample), at most ``max_sequences`` of them. Prompts are size-checked and
+One HTTP request becomes ``len(prompts) * k`` engine requests, ``k`` = ``best_of`` or ``n``
+(candidate ``i * k + j`` is prompt i's j-th sample), at most ``max_sequences`` of them; with
+``best_of`` the ``n`` candidates of highest cumulative logprob become the choices.
+``max_tokens`` that does not fit the context left after the prompt is a 400 with the
+numbers. Prompts are size-checked and
 tokenized by ``PromptTokenizer`` (off the event loop and the engine thread); the engine gets
 token ids. Streams are answered as server-sent events in OpenAI's chunk format ending with
 ``data: [DONE]``, one chunk per ``OutputDelta``. Leaving a stream early (client disconnect),
@@ -28,13 +31,13 @@ from loraplex.errors import AdapterNotFoundError
 from loraplex.server.adapters import ServedModels
 from loraplex.server.async_engine import (
     AsyncEngine,
-    OutputDelta,
     RequestFailedError,
     RequestStream,
     SubRequest,
 )
 from loraplex.server.http_errors import error_from_exception
 from loraplex.server.metrics import RequestTracker, ServerMetrics
+from loraplex.server.openai_logprobs import TokenStrings
 from loraplex.server.prompts import PromptTokenizer
 from loraplex.server.protocol import (
     ChatCompletionRequest,
@@ -42,9 +45,10 @@ from loraplex.server.protocol import (
     bad_request,
     not_found,
 )
+from loraplex.server.responses import ChoiceOutput, Piece, ResponseBuilder
 from loraplex.server.sse import EventStreamResponse
 from loraplex.server.structured import prepare_guided, request_guided
-from loraplex.server.tools import ToolCallStream, parse_tool_calls, plan_tools, template_messages
+from loraplex.server.tools import ToolCallStream, plan_tools, template_messages
 
 T = TypeVar("T")
 
@@ -57,6 +61,7 @@ class OpenAIServing:
         self.prompts, self.max_model_len = prompts, prompts.max_model_len
         self.max_sequences = max_sequences
         self.served_model_name = registry.served_model_name
+        self.strings = TokenStrings(prompts.tokenizer)
         self.tool_parser = tool_parser  # server/tools.py: llama3_json | hermes | None
 
     def _check_sequences(self, num_prompts: int, n: int) -> None:
@@ -66,25 +71,54 @@ class OpenAIServing:
                               f"{self.max_sequences} (--max-sequences-per-request)",
                               param="n", code="too_many_sequences")
 
+    def _check_room(self, num_prompt_tokens: int, max_tokens: int, what: str) -> None:
+        """400 (vLLM's wording) when prompt + max_tokens does not fit the context."""
+        if num_prompt_tokens + max_tokens > self.max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens. "
+                f"However, you requested {num_prompt_tokens + max_tokens} tokens "
+                f"({num_prompt_tokens} in the {what}, {max_tokens} in the completion). "
+                f"Please reduce the length of the {what} or completion.",
+                param="max_tokens", code="context_length_exceeded")
+
     # ------------------------------------------------------------------ completions
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
         req.check_supported()
         adapter = self.registry.resolve_model(req.model)
         prompts = req.prompts()
-        self._check_sequences(len(prompts), req.n)
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        k = req.num_candidates
+        self._check_sequences(len(prompts), k)
         guided = await request_guided(req)  # structured outputs: 400 if malformed
-        params = [req.sampling_params(max_tokens, j, guided) for j in range(req.n)]  # 400 if bad
         await prepare_guided(self.engine.engine, guided)
         ids = await self.prompts.encode(prompts)
-        subs = [SubRequest(p, params[j], adapter) for p in ids for j in range(req.n)]
-        return await self._serve(req, raw, subs, chat=False, prompts_per_choice=req.n)
+        # Logprobs of the chosen tokens rank best_of candidates even when not returned.
+        logprobs = req.logprobs if req.logprobs is not None or k == req.n else 0
+        prompt_logprobs = req.logprobs if req.echo else None
+        subs, outs = [], []
+        for text, p in zip(prompts, ids, strict=True):
+            left = self.max_model_len - len(p)
+            if req.max_tokens is None:
+                max_tokens = max(1, min(16, left))  # OpenAI's default, within the context
+            else:
+                self._check_room(len(p), req.max_tokens, "prompt")
+                max_tokens = req.max_tokens or 1  # 0 (score the prompt): one token, hidden
+            echo = (text if isinstance(text, str) else await self.prompts.decode(p, "prompt")) \
+                if req.echo else None
+            for j in range(k):
+                params = req.sampling_params(max_tokens, j, guided, logprobs=logprobs,
+                                             prompt_logprobs=prompt_logprobs)
+                subs.append(SubRequest(p, params, adapter))
+                outs.append(ChoiceOutput(p, echo, prompt_logprobs is not None,
+                                         score_only=req.max_tokens == 0))
+        return await self._serve(req, raw, subs, outs, chat=False,
+                                 logprobs=req.logprobs is not None)
 
     # ------------------------------------------------------------------ chat
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         req.check_supported()
         adapter = self.registry.resolve_model(req.model)
-        self._check_sequences(1, req.n)
+        k = req.num_candidates
+        self._check_sequences(1, k)
         if not getattr(self.prompts.tokenizer, "chat_template", None):
             raise bad_request(f"the model '{self.served_model_name}' has no chat "
                               "template (tokenizer_config.json 'chat_template'); use "
@@ -112,16 +146,21 @@ class OpenAIServing:
                 raise bad_request(f"the chat prompt has {len(prompt_ids)} tokens, which leaves "
                                   f"no room to generate within max_model_len="
                                   f"{self.max_model_len}", param="messages")
-        subs = [SubRequest(prompt_ids, req.sampling_params(max_tokens, j, guided), adapter)
-                for j in range(req.n)]
+        else:
+            self._check_room(len(prompt_ids), max_tokens, "messages")
+        logprobs = req.num_logprobs if req.num_logprobs is not None or k == req.n else 0
+        subs = [SubRequest(prompt_ids, req.sampling_params(max_tokens, j, guided,
+                                                           logprobs=logprobs), adapter)
+                for j in range(k)]
         await prepare_guided(self.engine.engine, guided)
-        return await self._serve(req, raw, subs, chat=True, prompts_per_choice=req.n,
+        outs = [ChoiceOutput(prompt_ids) for _ in range(k)]
+        return await self._serve(req, raw, subs, outs, chat=True, logprobs=req.logprobs,
                                  tool_parser=tools.parser)
 
     # ------------------------------------------------------------------ shared
     async def _serve(self, req: CompletionRequest | ChatCompletionRequest, raw: Request,
-                     subs: list[SubRequest], chat: bool, prompts_per_choice: int,
-                     tool_parser: str | None = None) -> Response:
+                     subs: list[SubRequest], outs: list[ChoiceOutput], chat: bool,
+                     logprobs: bool, tool_parser: str | None = None) -> Response:
         kind = "chatcmpl" if chat else "cmpl"
         request_id = f"{kind}-{uuid.uuid4().hex}"
         trackers = [self.metrics.tracker(req.model) for _ in subs]
@@ -129,15 +168,16 @@ class OpenAIServing:
             stream = await self.engine.add(request_id, subs)  # validation errors raise here
         except AdapterNotFoundError:  # unloaded since resolve_model: answer as it would
             raise self._model_gone(req.model) from None
-        header = _Header(request_id, int(time.time()), req.model, chat, tool_parser)
-        if req.stream:
-            events = self._events(stream, trackers, header, req.include_usage,
-                                  prompts_per_choice)
+        builder = ResponseBuilder(request_id, int(time.time()), req.model, chat, logprobs,
+                                  self.strings, tool_parser)
+        if req.stream:  # best_of > n was refused: candidates are the choices
+            events = self._events(stream, trackers, builder, outs, req.include_usage,
+                                  req.num_candidates)
             return EventStreamResponse(events, stream.abandoned)
-        outputs = await _unless_disconnected(raw, self._collect(stream, trackers, req.model))
-        if outputs is None:
+        done = await _unless_disconnected(raw, self._collect(stream, trackers, outs, req.model))
+        if done is None:
             return Response(status_code=499)  # nobody is listening any more
-        return JSONResponse(header.full_response(outputs, prompts_per_choice))
+        return JSONResponse(builder.full_response(outs, req.num_candidates, req.n))
 
     def _model_gone(self, model: str) -> Exception:
         return not_found(f"The model '{model}' does not exist (any more).")
@@ -150,133 +190,53 @@ class OpenAIServing:
         return exc
 
     async def _collect(self, stream: RequestStream, trackers: list[RequestTracker],
-                       model: str) -> list[_Final]:
-        finals = [_Final() for _ in stream.request_ids]
+                       outs: list[ChoiceOutput], model: str) -> bool:
         try:
             async for index, delta in stream:
                 trackers[index].observe(delta)
-                finals[index].add(delta)
+                outs[index].add(delta)
         except RequestFailedError as exc:
             trackers[exc.index].finish("error")
             raise self._request_error(exc, model) from None
         finally:
             _close(stream, trackers)
-        return finals
+        return True
 
     async def _events(self, stream: RequestStream, trackers: list[RequestTracker],
-                      header: _Header, include_usage: bool,
-                      prompts_per_choice: int) -> AsyncIterator[str]:
-        finals = [_Final() for _ in stream.request_ids]
-        tool_streams = ([ToolCallStream(header.tool_parser) for _ in finals]
-                        if header.tool_parser else None)
+                      builder: ResponseBuilder, outs: list[ChoiceOutput], include_usage: bool,
+                      candidates: int) -> AsyncIterator[str]:
+        tool_streams = ([ToolCallStream(builder.tool_parser) for _ in outs]
+                        if builder.tool_parser else None)
         try:
-            if header.chat:
-                for index in range(len(finals)):
-                    yield _sse(header.chunk(index, {"role": "assistant", "content": ""}, None))
+            if builder.chat:
+                for index, out in enumerate(outs):
+                    yield _sse(builder.chunk(index, Piece("", [], None), out, role=True))
             async for index, delta in stream:
                 trackers[index].observe(delta)
-                finals[index].add(delta)
-                text = tool_streams[index].feed(delta.text) if tool_streams else delta.text
-                if text:
-                    content = {"content": text} if header.chat else text
-                    yield _sse(header.chunk(index, content, None))
-                reason = _finish_reason(delta)
-                if delta.finished and tool_streams:  # what was held back: content or calls
+                piece = outs[index].add(delta)
+                text = tool_streams[index].feed(piece.text) if tool_streams else piece.text
+                if builder.wants_chunk(Piece(text, piece.tokens, None)):
+                    yield _sse(builder.chunk(index, Piece(text, piece.tokens, None),
+                                             outs[index]))
+                reason = piece.finish_reason
+                if reason is not None and tool_streams:  # held back: content or calls
                     rest, calls = tool_streams[index].finish()
                     if rest:
-                        yield _sse(header.chunk(index, {"content": rest}, None))
+                        yield _sse(builder.chunk(index, Piece(rest, [], None), outs[index]))
                     if calls:
                         reason = "tool_calls"
-                        yield _sse(header.chunk(index, {"tool_calls": [
-                            {"index": k, **call.to_openai()} for k, call in enumerate(calls)]},
-                            None))
-                if delta.finished:
-                    yield _sse(header.chunk(index, {} if header.chat else "", reason))
+                        yield _sse(builder.tool_calls_chunk(index, calls))
+                if reason is not None:
+                    yield _sse(builder.chunk(index, Piece("", [], reason), outs[index]))
             if include_usage:
-                yield _sse(header.usage_chunk(finals, prompts_per_choice))
+                yield _sse(builder.usage_chunk(outs, candidates))
         except Exception as exc:  # an engine failure mid-stream becomes an error event
             if isinstance(exc, RequestFailedError):
                 trackers[exc.index].finish("error")
-            yield _sse(error_from_exception(self._request_error(exc, header.model)).body())
+            yield _sse(error_from_exception(self._request_error(exc, builder.model)).body())
         finally:
             _close(stream, trackers)
         yield "data: [DONE]\n\n"
-
-
-class _Final:
-    """A sub-request's output put together from its deltas (for full responses, usage)."""
-
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-        self.num_prompt_tokens = self.num_tokens = 0
-        self.finish_reason: str | None = None
-
-    def add(self, delta: OutputDelta) -> None:
-        if delta.text:
-            self.parts.append(delta.text)
-        self.num_prompt_tokens = delta.num_prompt_tokens
-        self.num_tokens += len(delta.token_ids)
-        self.finish_reason = delta.finish_reason
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
-
-
-class _Header:
-    """Fields shared by every response object of one request, and their builders."""
-
-    def __init__(self, request_id: str, created: int, model: str, chat: bool,
-                 tool_parser: str | None = None) -> None:
-        self.id, self.created, self.model, self.chat = request_id, created, model, chat
-        self.tool_parser = tool_parser
-
-    def _base(self, object_: str) -> dict[str, Any]:
-        return {"id": self.id, "object": object_, "created": self.created, "model": self.model}
-
-    def chunk(self, index: int, delta: Any, finish_reason: str | None) -> dict[str, Any]:
-        if self.chat:
-            choice = {"index": index, "delta": delta, "logprobs": None,
-                      "finish_reason": finish_reason}
-            return {**self._base("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": index, "text": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._base("text_completion"), "choices": [choice]}
-
-    def usage_chunk(self, finals: list[_Final], per_prompt: int) -> dict[str, Any]:
-        kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return {**self._base(kind), "choices": [], "usage": _usage(finals, per_prompt)}
-
-    def full_response(self, finals: list[_Final], per_prompt: int) -> dict[str, Any]:
-        choices = []
-        for index, out in enumerate(finals):
-            if self.chat:
-                message: dict[str, Any] = {"role": "assistant", "content": out.text}
-                reason = _finish_reason(out)
-                calls = parse_tool_calls(self.tool_parser, out.text) if self.tool_parser \
-                    else (out.text, [])
-                if calls[1]:
-                    message = {"role": "assistant", "content": calls[0],
-                               "tool_calls": [c.to_openai() for c in calls[1]]}
-                    reason = "tool_calls"
-                choices.append({"index": index, "logprobs": None, "message": message,
-                                "finish_reason": reason})
-            else:
-                choices.append({"index": index, "text": out.text, "logprobs": None,
-                                "finish_reason": _finish_reason(out)})
-        kind = "chat.completion" if self.chat else "text_completion"
-        return {**self._base(kind), "choices": choices, "usage": _usage(finals, per_prompt)}
-
-
-def _usage(finals: list[_Final], per_prompt: int) -> dict[str, int]:
-    """Prompt tokens count once per prompt (not per choice), as OpenAI counts them."""
-    prompt = sum(out.num_prompt_tokens for out in finals[::per_prompt])
-    completion = sum(out.num_tokens for out in finals)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
-
-
-def _finish_reason(out: OutputDelta | _Final) -> str:
-    return out.finish_reason or "stop"
 
 
 def _sse(obj: dict[str, Any]) -> str:
