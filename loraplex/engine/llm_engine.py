@@ -22,8 +22,8 @@ from loraplex.config import (
 )
 from loraplex.engine.cuda_graph import graph_batch_sizes
 from loraplex.engine.detokenizer import detokenize_step, find_stop, visible_text
-from loraplex.engine.logprobs import record_sample_logprob
 from loraplex.engine.guided import GuidedDecoding, GuidedParams
+from loraplex.engine.logprobs import record_sample_logprob
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import RequestOutput, Sequence, SequenceStatus

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from loraplex.engine.cuda_graph import DecodeGraphs
+from loraplex.engine.guided import GuidedDecoding
 from loraplex.engine.logprobs import SampleLogprobs, record_prompt_logprobs
 from loraplex.engine.penalties import Penalties
-from loraplex.engine.guided import GuidedDecoding
 from loraplex.engine.sampler import Sampler, SamplerOutput
 from loraplex.engine.sequence import Sequence
 from loraplex.kvcache.block_manager import BlockManager
