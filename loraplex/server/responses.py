@@ -20,6 +20,7 @@ from loraplex.server.openai_logprobs import (
     completion_logprobs,
     pair,
 )
+from loraplex.server.tools import ToolCall, parse_tool_calls
 
 
 @dataclass
@@ -126,9 +127,11 @@ class ResponseBuilder:
     ``logprobs``: whether the client asked for them (else every ``logprobs`` is null)."""
 
     def __init__(self, request_id: str, created: int, model: str, chat: bool,
-                 logprobs: bool, strings: TokenStrings | None) -> None:
+                 logprobs: bool, strings: TokenStrings | None,
+                 tool_parser: str | None = None) -> None:
         self.id, self.created, self.model, self.chat = request_id, created, model, chat
         self.logprobs, self.strings = logprobs, strings
+        self.tool_parser = tool_parser  # chat replies are parsed for tool calls (tools.py)
 
     def _base(self, object_: str) -> dict[str, Any]:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model}
@@ -160,6 +163,12 @@ class ResponseBuilder:
                   "finish_reason": piece.finish_reason}
         return {**self._base("text_completion"), "choices": [choice]}
 
+    def tool_calls_chunk(self, index: int, calls: list[ToolCall]) -> dict[str, Any]:
+        delta = {"tool_calls": [{"index": k, **call.to_openai()}
+                                for k, call in enumerate(calls)]}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+        return {**self._base("chat.completion.chunk"), "choices": [choice]}
+
     def usage_chunk(self, outputs: list[ChoiceOutput], candidates: int) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._base(kind), "choices": [], "usage": usage(outputs, candidates)}
@@ -170,9 +179,16 @@ class ResponseBuilder:
         for index, out in enumerate(best_of(outputs, candidates, n)):
             logprobs = self._logprobs(out.tokens, None)
             if self.chat:
-                choices.append({"index": index, "logprobs": logprobs,
-                                "message": {"role": "assistant", "content": out.text},
-                                "finish_reason": out.finish_reason or "stop"})
+                message: dict[str, Any] = {"role": "assistant", "content": out.text}
+                reason = out.finish_reason or "stop"
+                content, calls = parse_tool_calls(self.tool_parser, out.text) \
+                    if self.tool_parser else (out.text, [])
+                if calls:
+                    message = {"role": "assistant", "content": content,
+                               "tool_calls": [c.to_openai() for c in calls]}
+                    reason = "tool_calls"
+                choices.append({"index": index, "logprobs": logprobs, "message": message,
+                                "finish_reason": reason})
             else:
                 choices.append({"index": index, "text": out.text, "logprobs": logprobs,
                                 "finish_reason": out.finish_reason or "stop"})
