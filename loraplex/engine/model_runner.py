@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 from loraplex.engine.cuda_graph import DecodeGraphs
+from loraplex.engine.mixed_step import build_mixed_step
 from loraplex.engine.sampler import Sampler, SamplerOutput
+from loraplex.engine.scheduler import ScheduledBatch
 from loraplex.engine.sequence import Sequence
 from loraplex.kvcache.block_manager import BlockManager
 from loraplex.layers.forward_context import ForwardBatch, forward_context
@@ -49,46 +51,53 @@ class ModelRunner:
         return -1 if seq.lora_slot is None else seq.lora_slot
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> SamplerOutput:
-        """One forward over ``seqs``; one sampled token and finiteness flag per sequence
-        (input order)."""
-        seq_slots = [self._lora_slot(s) for s in seqs]
-        order = sorted(range(len(seqs)), key=seq_slots.__getitem__)
-        ordered = [seqs[i] for i in order]
+    def run(self, batch: ScheduledBatch) -> SamplerOutput:
+        """One forward over the step's rows; a sampled token and finiteness flag per row
+        that samples (``batch.sampling_seqs`` order)."""
+        seq_slots = [self._lora_slot(s) for s in batch.seqs]
+        order = sorted(range(len(batch.seqs)), key=seq_slots.__getitem__)
+        ordered = [batch.seqs[i] for i in order]
         slots = [seq_slots[i] for i in order]
-        if is_prefill:
-            ids, positions, batch = self._prepare_prefill(ordered, slots)
-            last = torch.tensor([e - 1 for e in batch.cu_seqlens[1:]], device=self.device)
-            with forward_context(batch):
-                logits = self.model.compute_logits(self.model(ids, positions)[last])
-        else:
+        counts = [batch.num_new_tokens[i] for i in order]
+        sampling = [k for k, i in enumerate(order) if batch.samples[i]]
+        if not sampling:  # only prompt chunks that do not reach their prompt's end
+            self._forward_mixed(ordered, counts, slots, [])
+            return SamplerOutput([], [])
+        if batch.is_decode:
             logits = self._decode(ordered, slots)
-        sampled = self.sampler(logits, ordered)
-        tokens, finite = [0] * len(seqs), [True] * len(seqs)
-        for pos, i in enumerate(order):
-            tokens[i], finite[i] = sampled.token_ids[pos], sampled.finite[pos]
+            if len(sampling) < len(ordered):
+                logits = logits[sampling]
+        else:
+            logits = self._forward_mixed(ordered, counts, slots, sampling)
+        sampled = self.sampler(logits, [ordered[k] for k in sampling])
+        # back to batch.sampling_seqs order (the batch's order, sampling rows only)
+        rank = {k: j for j, k in enumerate(sorted(sampling, key=order.__getitem__))}
+        tokens, finite = [0] * len(sampling), [True] * len(sampling)
+        for pos, k in enumerate(sampling):
+            tokens[rank[k]], finite[rank[k]] = sampled.token_ids[pos], sampled.finite[pos]
         return SamplerOutput(tokens, finite)
+
+    def _forward_mixed(self, seqs: list[Sequence], counts: list[int], slots: list[int],
+                       sampling: list[int]) -> torch.Tensor | None:
+        """A step with prefill chunks (see mixed_step.py) -> logits of the ``sampling`` rows'
+        last tokens."""
+        step = build_mixed_step(seqs, counts, self.blocks, self.device)
+        batch = ForwardBatch(
+            is_prefill=True, num_tokens=step.cu_seqlens[-1], cu_seqlens=step.cu_seqlens,
+            prefill_groups=step.prefill_groups, extend=step.extend,
+            slot_mapping=step.slot_mapping, kv_caches=self.kv_caches,
+            lora=self._lora_batch(slots, counts))
+        with forward_context(batch):
+            hidden = self.model(step.ids, step.positions)
+            if not sampling:
+                return None
+            last = self._tensor([step.cu_seqlens[k + 1] - 1 for k in sampling])
+            return self.model.compute_logits(hidden[last])
 
     def _lora_batch(self, lora_slots: list[int], lengths: list[int], is_decode: bool = False):
         if self.lora is None or all(s < 0 for s in lora_slots):
             return None  # base-model-only batch: skip the LoRA path entirely
         return self.lora.prepare(lora_slots, lengths, is_decode=is_decode)
-
-    def _prepare_prefill(self, seqs: list[Sequence], slots: list[int]):
-        ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        cu = [0]
-        for seq in seqs:
-            toks = seq.all_token_ids
-            ids += toks
-            positions += range(len(toks))
-            table = self.blocks.tables[seq.seq_id]
-            bs = self.blocks.block_size
-            slot_mapping += [table[p // bs] * bs + p % bs for p in range(len(toks))]
-            cu.append(cu[-1] + len(toks))
-        batch = self._prefill_batch(cu, self._tensor(slot_mapping), slots)
-        return self._tensor(ids), self._tensor(positions), batch
 
     def _prefill_batch(self, cu: list[int], slot_mapping: torch.Tensor | None,
                        slots: list[int]) -> ForwardBatch:
@@ -112,13 +121,14 @@ class ModelRunner:
         return self.graphs.run(*self._decode_lists(seqs), slots if use_lora else None)
 
     def _decode_lists(self, seqs: list[Sequence]):
-        """Host lists of a decode step: ids, positions, slot_mapping, block tables, lengths."""
-        ids = [s.output_token_ids[-1] if s.output_token_ids else s.prompt_token_ids[-1]
-               for s in seqs]
-        positions = [s.num_tokens - 1 for s in seqs]
-        slot_mapping = [self.blocks.slot(s.seq_id, s.num_tokens - 1) for s in seqs]
+        """Host lists of a decode step: ids, positions, slot_mapping, block tables, lengths.
+        Each row computes the token at its ``num_computed_tokens`` (its last token, unless
+        a one-token budget is walking through its prompt)."""
+        positions = [s.num_computed_tokens for s in seqs]
+        ids = [s.token_window(p, p + 1)[0] for s, p in zip(seqs, positions)]
+        slot_mapping = [self.blocks.slot(s.seq_id, p) for s, p in zip(seqs, positions)]
         tables = [self.blocks.tables[s.seq_id] for s in seqs]
-        return ids, positions, slot_mapping, tables, [s.num_tokens for s in seqs]
+        return ids, positions, slot_mapping, tables, [p + 1 for p in positions]
 
     def _decode_inputs(self, seqs: list[Sequence]):
         ids, positions, slot_mapping, tables, context_lens = self._decode_lists(seqs)
@@ -131,7 +141,8 @@ class ModelRunner:
         batch = ForwardBatch(
             is_prefill=False, num_tokens=len(seqs), slot_mapping=slot_mapping,
             block_tables=tables, context_lens=context_lens,
-            max_context_len=max(s.num_tokens for s in seqs), kv_caches=self.kv_caches,
+            max_context_len=max(s.num_computed_tokens + 1 for s in seqs),
+            kv_caches=self.kv_caches,
             lora=self._lora_batch(slots, [1] * len(seqs), is_decode=True))
         return ids, positions, batch
 

@@ -34,6 +34,7 @@ class RequestOutput:
     finish_reason: str | None
     adapter: str | None = None
     error: str | None = None  # why the engine failed this request (see finish_reason)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclass
@@ -55,6 +56,13 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None
     num_preemptions: int = 0
+    # scheduling progress: tokens whose K/V are in the cache (back to 0 on preemption), and
+    # the prompt tokens the prefix cache served at admission
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    # hashes of the leading full blocks of all_token_ids (kvcache.prefix_cache), kept
+    # incrementally; only the scheduler reads them
+    block_hashes: list[bytes] = field(default_factory=list)
     # incremental detokenization offsets into all_token_ids (see engine.detokenizer)
     prefix_offset: int = 0
     read_offset: int = 0
@@ -96,4 +104,5 @@ class Sequence:
             finish_reason=self.finish_reason,
             adapter=self.adapter,
             error=self.error,
+            num_cached_tokens=self.num_cached_tokens,
         )
