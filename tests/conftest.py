@@ -48,6 +48,7 @@ SLOW = [
     "test_sampling_triton.py::test_negative_infinity_logits_never_drawn",
     "test_sampling_triton.py::test_kernel_compiles_for_sm90",
     "test_paged_attention.py::test_kernels_compile_for_hopper",
+    "test_paged_prefill.py::test_kernel_compiles_for_hopper",
     "test_paged_attention.py::test_static_buffer_engine_decode_reads_real_width",
     "test_fused_elementwise.py::test_kernels_compile_for_sm90",
     "test_fused_elementwise.py::test_model_wiring_matches_torch_path",

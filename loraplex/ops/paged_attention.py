@@ -1,4 +1,4 @@
-"""Paged attention backends: one contract, two implementations.
+"""Paged attention backends: decode and extend, one contract each, two implementations.
 
 ``"torch"`` (``paged_attention_torch``): any device, the CPU path; its work is proportional
 to the block table's width, so callers narrow the table to the batch's real contexts.
@@ -6,10 +6,12 @@ to the block table's width, so callers narrow the table to the batch's real cont
 sequence's real blocks; capturable in CUDA graphs. ``"auto"`` picks Triton on CUDA when it is
 installed and takes the dtype and head size, else torch.
 
-The contract is ``paged_attention_ref.paged_decode_attention_ref`` (semantics as code). Every
-backend takes ``(q, k_cache, v_cache, block_tables, context_lens, scale, out)``; cached tokens
-are always addressed as ``block_tables`` + lengths, so an "extend" op (a prefill chunk's
-queries over its cached prefix plus, causally, its own tokens) fits the same backends.
+The contracts are ``paged_attention_ref.paged_decode_attention_ref`` (one query token per
+sequence) and ``paged_attention_ref.paged_prefill_attention_ref`` ("extend": a prefill chunk's
+queries over the sequence's cached prefix plus, causally, the chunk's own tokens), semantics
+as code. Cached tokens are always addressed as ``block_tables`` + lengths. The extend backends
+are ``paged_prefill_torch`` (work proportional to the batch's real contexts) and
+``paged_prefill_triton``.
 """
 
 from __future__ import annotations
@@ -80,3 +82,65 @@ def paged_decode_attention(
 
     return paged_attention_torch.paged_decode_attention(
         q, k_cache, v_cache, block_tables, context_lens, scale, out, attn_bias)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    *,
+    max_query_len: int,
+    max_context_len: int,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    backend: str = "auto",
+    cu_seqlens_q_host: list[int] | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Extend attention over the paged KV cache: ``q [T, H, d]`` -> ``[T, H, d]``, with the
+    semantics of ``paged_attention_ref.paged_prefill_attention_ref``::
+
+        for b, j < l_b = cu_seqlens_q[b + 1] - cu_seqlens_q[b], h:   # p = context_lens[b] - l_b + j
+            keys = [i <= p, and i > p - sliding_window if given]     # of sequence b's cache
+            s = scale * K_b[keys, h // G] @ q[cu_seqlens_q[b] + j, h]
+            s = softcap * tanh(s / softcap) if softcap else s
+            out[cu_seqlens_q[b] + j, h] = softmax(s) @ V_b[keys, h // G]
+
+    The chunks' own keys/values are already in the cache (written through the slot mapping
+    before the call). ``block_tables [B, W]`` (W may be wider than needed), ``cu_seqlens_q
+    [B + 1]`` and ``context_lens [B]`` int64 on q's device; ``max_query_len >= max l_b`` and
+    ``max_context_len >= max context_lens`` are host bounds, so no backend syncs. A decode
+    token is a chunk of length 1. ``cu_seqlens_q_host``: the same offsets on the host, when the
+    caller has them: they are checked against ``q`` and the bounds (ValueError on a mismatch),
+    and the torch backend groups chunks of similar length with them (a decode is not padded to
+    a long chunk's length). ``out``: written and returned when given.
+    """
+    if cu_seqlens_q_host is not None:
+        _check_chunks(cu_seqlens_q_host, q.shape[0], context_lens.shape[0], max_query_len)
+    kw = dict(max_query_len=max_query_len, max_context_len=max_context_len,
+              sliding_window=sliding_window, softcap=softcap, out=out)
+    name = resolve_attention_backend(backend, q.device, q.dtype, q.shape[-1])
+    if name == "triton":
+        from loraplex.ops import paged_prefill_triton
+
+        return paged_prefill_triton.paged_prefill_attention(
+            q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, **kw)
+    from loraplex.ops import paged_prefill_torch
+
+    return paged_prefill_torch.paged_prefill_attention(
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
+        cu_seqlens_q_host=cu_seqlens_q_host, **kw)
+
+
+def _check_chunks(cu: list[int], tokens: int, bsz: int, max_query_len: int) -> None:
+    lens = [hi - lo for lo, hi in zip(cu[:-1], cu[1:], strict=True)]
+    if len(cu) != bsz + 1 or cu[0] != 0 or cu[-1] != tokens:
+        raise ValueError(f"cu_seqlens_q_host {cu[:8]}...: must be {bsz + 1} offsets from 0 to "
+                         f"q's {tokens} tokens")
+    if lens and (min(lens) < 1 or max(lens) > max_query_len):
+        raise ValueError(f"cu_seqlens_q_host: chunk lengths must be in 1..max_query_len "
+                         f"({max_query_len}), got {min(lens)}..{max(lens)}")
