@@ -463,3 +463,16 @@ def test_short_request_not_blocked_by_long_one(server, client):
             assert short.choices[0].finish_reason in ("length", "stop")
             assert metrics(server.base_url)["loraplex_num_requests_running"] == 1  # long one
     _running_resources_released(server.base_url)
+
+
+def test_usage_reports_prefix_cache_hits_and_metrics_count_them(server, client):
+    prompt = list(range(10, 60))  # 50 token ids: 3 full blocks before the last token
+    first = client.completions.create(model="ad3", prompt=prompt, max_tokens=2, temperature=0)
+    again = client.completions.create(model="ad3", prompt=prompt, max_tokens=2, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == 48
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.choices[0].text == first.choices[0].text
+    m = metrics(server.base_url)
+    assert m["loraplex_prefix_cache_hits_total"] >= 48
+    assert m["loraplex_prefix_cache_queries_total"] >= m["loraplex_prefix_cache_hits_total"]
+    assert any(k.startswith("loraplex_adapter_requests_running") for k in m)

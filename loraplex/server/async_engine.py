@@ -77,6 +77,7 @@ class OutputDelta:
     finished: bool
     finish_reason: str | None
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served
 
 
 # One step's deliveries to one stream: (sub-request index, delta or exception).
@@ -155,7 +156,7 @@ class _Route:
         if error is None and out.finish_reason == "error":
             error = "the engine ended this request with an error"
         return OutputDelta(text, new_ids, len(out.prompt_token_ids), out.finished,
-                           out.finish_reason, error)
+                           out.finish_reason, error, getattr(out, "num_cached_tokens", 0))
 
 
 class AsyncEngine:

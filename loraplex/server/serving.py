@@ -175,13 +175,14 @@ class _Final:
 
     def __init__(self) -> None:
         self.parts: list[str] = []
-        self.num_prompt_tokens = self.num_tokens = 0
+        self.num_prompt_tokens = self.num_tokens = self.num_cached_tokens = 0
         self.finish_reason: str | None = None
 
     def add(self, delta: OutputDelta) -> None:
         if delta.text:
             self.parts.append(delta.text)
         self.num_prompt_tokens = delta.num_prompt_tokens
+        self.num_cached_tokens = delta.num_cached_tokens
         self.num_tokens += len(delta.token_ids)
         self.finish_reason = delta.finish_reason
 
@@ -225,12 +226,15 @@ class _Header:
         return {**self._base(kind), "choices": choices, "usage": _usage(finals, per_prompt)}
 
 
-def _usage(finals: list[_Final], per_prompt: int) -> dict[str, int]:
-    """Prompt tokens count once per prompt (not per choice), as OpenAI counts them."""
+def _usage(finals: list[_Final], per_prompt: int) -> dict[str, Any]:
+    """Prompt tokens count once per prompt (not per choice), as OpenAI counts them; so do
+    the ones the prefix cache served (the first choice's)."""
     prompt = sum(out.num_prompt_tokens for out in finals[::per_prompt])
+    cached = sum(out.num_cached_tokens for out in finals[::per_prompt])
     completion = sum(out.num_tokens for out in finals)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _finish_reason(out: OutputDelta | _Final) -> str:
