@@ -73,8 +73,10 @@ def test_blocked_head_is_passed_at_most_the_bound(llm, seed):
             engine.add_request(f"p{seed}-{added}", [rng.randrange(4, 120)] * 4, sp, name)
             added += 1
         head = sched.waiting[0] if sched.waiting else None
+        behind = {s.seq_id for s in list(sched.waiting)[1:]}  # queued after the head
         batch = sched.schedule()
-        admitted = [s for s in batch.seqs if s.num_computed_tokens == 0 and s is not head]
+        # (a sequence preempted by this schedule re-enters in front of the head: not a pass)
+        admitted = [s for s in batch.seqs if s.seq_id in behind]
         if head is not None and head.status is SequenceStatus.WAITING:
             passed[head.seq_id] = passed.get(head.seq_id, 0) + len(admitted)
         sampling = batch.sampling_seqs

@@ -172,6 +172,8 @@ class Scheduler:
         head_blocked = False  # the first request not passed for loading waits for a slot
         in_flight = self._in_flight_hashes()
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            if head_blocked and self.head_bypassed >= MAX_HEAD_BYPASS:
+                break  # aged: it takes the next free slot before anyone else passes
             seq = self.waiting[0]
             needs_pin = seq.adapter is not None and seq.lora_slot is None
             adapter: LoRAAdapter | None = None
@@ -189,8 +191,6 @@ class Scheduler:
                     if not head_blocked:
                         if self.blocked_head != seq.seq_id:
                             self.blocked_head, self.head_bypassed = seq.seq_id, 0
-                        if self.head_bypassed >= MAX_HEAD_BYPASS:
-                            break  # aged: it takes the next free slot before anyone passes
                         head_blocked = True
                     passed.append(self.waiting.popleft())
                     continue
