@@ -475,4 +475,19 @@ def test_usage_reports_prefix_cache_hits_and_metrics_count_them(server, client):
     m = metrics(server.base_url)
     assert m["loraplex_prefix_cache_hits_total"] >= 48
     assert m["loraplex_prefix_cache_queries_total"] >= m["loraplex_prefix_cache_hits_total"]
-    assert any(k.startswith("loraplex_adapter_requests_running") for k in m)
+    # per-adapter gauges: declared even while idle (no adapter has requests now)
+    text = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+    assert "# TYPE loraplex_adapter_requests_running gauge" in text
+    assert "# TYPE loraplex_adapter_requests_waiting gauge" in text
+
+
+def test_metrics_export_per_adapter_request_counts():
+    from loraplex.server.metrics import ServerMetrics
+
+    text = ServerMetrics().render({"adapter_requests": {"a": {"waiting": 1, "running": 2},
+                                                        "": {"waiting": 0, "running": 3}},
+                                   "prefix_cache_hits": 48}).decode()
+    assert 'loraplex_adapter_requests_waiting{adapter="a"} 1.0' in text
+    assert 'loraplex_adapter_requests_running{adapter="a"} 2.0' in text
+    assert 'loraplex_adapter_requests_running{adapter=""} 3.0' in text
+    assert "loraplex_prefix_cache_hits_total 48.0" in text
