@@ -10,6 +10,7 @@ started on the CPU benchmark model (random Llama, ~150M parameters, see common.p
 
     python benchmarks/bench_serving.py [--request-rate 1] [--num-requests 64] [--small]
     python benchmarks/bench_serving.py --adapter-load-stall   # in-process, prints only
+    python benchmarks/bench_serving.py --scenarios   # scheduler scenarios (a), (b), (c)
 
 Measures requests/s, output tokens/s, p50/p99 time to first token, inter-token latency (gap
 between streamed chunks) and end-to-end latency; prints a markdown table, and with
@@ -262,7 +263,13 @@ def main() -> None:
     ap.add_argument("--adapter-load-stall", action="store_true",
                     help="measure the stall an adapter load causes to running streams "
                          "(in process; prints only)")
+    ap.add_argument("--scenarios", action="store_true",
+                    help="prefix caching, chunked prefill and fair admission, each on vs off "
+                         "(in process; see scheduler_scenarios.py)")
     args = ap.parse_args()
+    if args.scenarios:
+        run_scenarios(args)
+        return
     if args.adapter_load_stall:
         adapter_load_stall(args)
         return
@@ -298,19 +305,62 @@ def main() -> None:
     errors = [r.error for r in results if not r.ok]
     if errors:
         print(f"{len(errors)} requests failed, e.g. {errors[0]}", file=sys.stderr)
-    setup = (f"Open-loop Poisson arrivals at {args.request_rate} req/s (seed {args.seed}), "
-             f"{args.num_requests} streaming requests of {args.input_len} prompt + "
-             f"{args.output_len} output tokens, spread uniformly over {len(ids) - 1} rank-"
-             f"{args.rank} adapters (base fraction {args.base_fraction}); server "
-             f"--max-loras-per-batch {args.max_loras_per_batch} --max-num-seqs "
-             f"{args.max_num_seqs} on {args.device} ({args.threads} threads, "
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-             f"load average {load:.1f} before the run). "
-             f"Random Llama ~150M parameters (hidden 1024, 8 layers, 16/4 heads, "
-             f"vocab 32000), float32. `python benchmarks/bench_serving.py"
-             f"{' --small' if args.small else ''}`.")
+    load_desc = (f"Open-loop Poisson arrivals at {args.request_rate} req/s (seed {args.seed}), "
+                 f"{args.num_requests} streaming requests of {args.input_len} prompt + "
+                 f"{args.output_len} output tokens, spread uniformly over {len(ids) - 1} "
+                 f"adapters (base fraction {args.base_fraction})")
+    if args.base_url is not None:  # its setup is the running server's, not known here
+        setup = (f"{load_desc}, against the running server at {args.base_url} (its flags, "
+                 f"model and hardware are whatever it was started with). `python "
+                 f"benchmarks/bench_serving.py --base-url {args.base_url}`.")
+    else:
+        setup = (f"{load_desc}, rank {args.rank}; server "
+                 f"--max-loras-per-batch {args.max_loras_per_batch} --max-num-seqs "
+                 f"{args.max_num_seqs} on {args.device} ({args.threads} threads, "
+                 f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                 f"load average {load:.1f} before the run). "
+                 f"Random Llama ~150M parameters (hidden 1024, 8 layers, 16/4 heads, "
+                 f"vocab 32000), float32. `python benchmarks/bench_serving.py"
+                 f"{' --small' if args.small else ''}`.")
     table = markdown_table(["metric", "value"], rows)
     report(args, "Serving", f"{setup}\n\n{table}")
+
+
+def run_scenarios(args) -> None:
+    """The scheduler scenarios on a smaller random Llama (this CPU cannot prefill thousands
+    of tokens of the 150M model many times over in minutes)."""
+    import scheduler_scenarios as sc
+    import torch
+
+    torch.set_num_threads(args.threads)
+    shape = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192)
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="loraplex-bench-sched-") as tmp:
+        hf = make_bench_model(Path(tmp) / "model", **shape)
+        adapters = make_adapters(hf, Path(tmp), 8, r=args.rank)
+        model = Path(tmp) / "model"
+        a = sc.prefix_caching(model, adapters, system_len=1000, rounds=3)
+        b = sc.chunked_prefill(model, adapters, prompt_len=4000, budget=256, arrivals=2)
+        c = sc.fair_admission(model, adapters, num_requests=96)
+    body = (
+        f"In process, CPU ({args.threads} threads, {os.cpu_count()} cores, load average "
+        f"{load:.1f} before the run: other work shares this machine, so read ratios, not "
+        f"absolute times). Random Llama hidden 256, 4 layers, 8/2 heads, vocab 32000, "
+        f"float32; 8 rank-{args.rank} adapters. `python benchmarks/bench_serving.py "
+        f"--scenarios`.\n\n"
+        f"(a) 1,000-token shared system prompt + 16-token user turns, 3 rounds over 8 "
+        f"adapters, one request at a time:\n\n"
+        + markdown_table(["", "TTFT p50 (ms)", "TTFT p99 (ms)"], a)
+        + f"\n\nTTFT p50 ratio off / on: {float(a[0][1]) / max(float(a[1][1]), 1e-9):.1f}x"
+        f"\n\n(b) 8 adapter streams decoding while two 4,000-token base-model prompts "
+        f"arrive; token budget 256:\n\n"
+        + markdown_table(["", "inter-token p50 (ms)", "p99 (ms)", "p99 / p50"], b)
+        + "\n\n(c) 96 requests, 30% base model, the rest Zipf-skewed over 6 adapters with "
+        "2 adapter slots (the head often waits for a slot):\n\n"
+        + markdown_table(["", "base TTFT p50 (ms)", "base TTFT p99 (ms)",
+                          "adapter TTFT p99 (ms)"], c))
+    report(args, "Scheduler scenarios (CPU)", body)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,7 @@ def inject_decoding(engine: LLMEngine, context: int, params: SamplingParams,
             assert state == "ready", state
             seq.lora_slot = sched.pool.pin(sched._key(seq), weights)
         engine.blocks.allocate(seq.seq_id, context)
+        seq.num_computed_tokens = context - 1  # the last token is the next step's decode
         seq.status = SequenceStatus.RUNNING
         engine.scheduler.running.append(seq)
         engine.requests[rid] = seq

@@ -195,6 +195,12 @@ def check_int(name: str, value, minimum: int = 1, optional: bool = False) -> Non
         raise ConfigError(f"{name}={value} must be >= {minimum}")
 
 
+def check_bool(name: str, value) -> None:
+    """A switch: True or False only (a truthy string such as "false" is refused)."""
+    if not isinstance(value, bool):
+        raise ConfigTypeError(f"{name}={value!r} must be True or False")
+
+
 def check_fraction(name: str, value) -> None:
     """A float in (0, 1] (an int 1 is accepted; a bool is not)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -241,10 +247,14 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192
     max_model_len: int = 2048
+    # prefill chunks and decodes share each step's token budget (engine/scheduler.py);
+    # False: a step is either a prefill of whole prompts or a decode
+    enable_chunked_prefill: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             check_int(name, getattr(self, name))
+        check_bool("enable_chunked_prefill", self.enable_chunked_prefill)
 
 
 # The KV budget on CPU when neither a block count nor a byte budget is given: host memory
@@ -263,8 +273,11 @@ class CacheConfig:
     num_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
+    # full blocks shared by (adapter generation, token prefix); see kvcache/prefix_cache.py
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
+        check_bool("enable_prefix_caching", self.enable_prefix_caching)
         check_int("block_size", self.block_size)
         check_int("num_kv_blocks", self.num_blocks, optional=True)
         check_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, optional=True)

@@ -30,11 +30,16 @@ class LLM:
         max_model_len: int | None = None,
         lora_backend: str = "auto",
         gpu_memory_utilization: float = 0.9,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
         **engine_kwargs,
     ) -> None:
         """Engine arguments beyond these (``max_num_batched_tokens``, ``num_kv_blocks``,
         ``kv_cache_memory_bytes``, ``cuda_graphs``, ...) go to ``LLMEngine.from_args``; out of
-        range or mistyped ones raise ``ConfigError`` naming the argument."""
+        range or mistyped ones raise ``ConfigError`` naming the argument.
+        ``enable_prefix_caching``: requests with the same adapter and prompt prefix share its
+        KV blocks; ``enable_chunked_prefill``: prompt chunks and decodes share each step's
+        token budget (see engine/scheduler.py)."""
         self.engine = LLMEngine.from_args(
             model,
             adapters=adapters,
@@ -47,6 +52,8 @@ class LLM:
             max_model_len=max_model_len,
             lora_backend=lora_backend,
             gpu_memory_utilization=gpu_memory_utilization,
+            enable_prefix_caching=enable_prefix_caching,
+            enable_chunked_prefill=enable_chunked_prefill,
             **engine_kwargs,
         )
         self._counter = itertools.count()

@@ -4,6 +4,7 @@ injected (not prefilled) sequences equals the step a real prefill would lead to.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -50,6 +51,10 @@ def test_injected_decode_step_equals_a_prefilled_one():
     cpu = torch.device("cpu")
     engine = build_engine(build_model(cfg, cpu, torch.float32), cfg, cpu, torch.float32, [],
                           16, max_num_seqs=2, max_model_len=256, num_blocks=32)
+    # the step below must prefill "real" alone (chunked prefill would decode the injected
+    # request in the same step)
+    engine.scheduler.cfg = dataclasses.replace(engine.scheduler.cfg,
+                                               enable_chunked_prefill=False)
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     (rid,) = inject_decoding(engine, 37, params, [None])
     seq = engine.requests[rid]

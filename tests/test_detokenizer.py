@@ -58,8 +58,9 @@ def scripted(llm, monkeypatch):
 
     def run(pieces: list[str], params: SamplingParams):
         ids = [VOCAB[p] for p in pieces]
-        monkeypatch.setattr(engine.runner, "run", lambda seqs, is_prefill: SamplerOutput(
-            [ids[len(s.output_token_ids)] for s in seqs], [True] * len(seqs)))
+        monkeypatch.setattr(engine.runner, "run", lambda batch: SamplerOutput(
+            [ids[len(s.output_token_ids)] for s in batch.sampling_seqs],
+            [True] * len(batch.sampling_seqs)))
         outs = stream(llm, [VOCAB[c] for c in "in: x out: "], params)
         assert outs[-1].token_ids == ids
         return tok, outs

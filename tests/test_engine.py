@@ -262,7 +262,9 @@ def test_cpu_prepacked_weights_match_dense_and_free_the_dense_copy(tmp_path):
 
 def test_token_budget_below_the_context_splits_prefills_and_still_runs_long_prompts(llama):
     d, _, llm = llama
-    small = LLM(str(d), device="cpu", max_num_seqs=16, max_num_batched_tokens=16)
+    # the classic step shapes (chunked prefill splits prompts instead: test_chunked_prefill.py)
+    small = LLM(str(d), device="cpu", max_num_seqs=16, max_num_batched_tokens=16,
+                enable_chunked_prefill=False, enable_prefix_caching=False)
     assert small.engine.scheduler.cfg.max_num_batched_tokens == 16 < small.engine.max_model_len
     prompts = [[1] + [9] * 40, [1, 5, 6], [1, 7, 8, 9], [1] + [11] * 20]
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)

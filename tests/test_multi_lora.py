@@ -102,9 +102,9 @@ def test_batch_never_exceeds_slot_count(tmp_path):
     seen = []
     run = engine.runner.run
 
-    def spy(seqs, is_prefill):
-        seen.append({s.adapter for s in seqs} - {None})
-        return run(seqs, is_prefill)
+    def spy(batch):
+        seen.append({s.adapter for s in batch.seqs} - {None})
+        return run(batch)
 
     engine.runner.run = spy
     names = [f"a{i % 5}" for i in range(10)]

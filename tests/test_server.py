@@ -463,3 +463,31 @@ def test_short_request_not_blocked_by_long_one(server, client):
             assert short.choices[0].finish_reason in ("length", "stop")
             assert metrics(server.base_url)["loraplex_num_requests_running"] == 1  # long one
     _running_resources_released(server.base_url)
+
+
+def test_usage_reports_prefix_cache_hits_and_metrics_count_them(server, client):
+    prompt = list(range(10, 60))  # 50 token ids: 3 full blocks before the last token
+    first = client.completions.create(model="ad3", prompt=prompt, max_tokens=2, temperature=0)
+    again = client.completions.create(model="ad3", prompt=prompt, max_tokens=2, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == 48
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.choices[0].text == first.choices[0].text
+    m = metrics(server.base_url)
+    assert m["loraplex_prefix_cache_hits_total"] >= 48
+    assert m["loraplex_prefix_cache_queries_total"] >= m["loraplex_prefix_cache_hits_total"]
+    # per-adapter gauges: declared even while idle (no adapter has requests now)
+    text = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+    assert "# TYPE loraplex_adapter_requests_running gauge" in text
+    assert "# TYPE loraplex_adapter_requests_waiting gauge" in text
+
+
+def test_metrics_export_per_adapter_request_counts():
+    from loraplex.server.metrics import ServerMetrics
+
+    text = ServerMetrics().render({"adapter_requests": {"a": {"waiting": 1, "running": 2},
+                                                        "": {"waiting": 0, "running": 3}},
+                                   "prefix_cache_hits": 48}).decode()
+    assert 'loraplex_adapter_requests_waiting{adapter="a"} 1.0' in text
+    assert 'loraplex_adapter_requests_running{adapter="a"} 2.0' in text
+    assert 'loraplex_adapter_requests_running{adapter=""} 3.0' in text
+    assert "loraplex_prefix_cache_hits_total 48.0" in text

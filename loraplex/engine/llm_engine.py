@@ -30,6 +30,7 @@ from loraplex.engine.sequence import RequestOutput, Sequence, SequenceStatus
 from loraplex.errors import CapacityError, ConfigError, InvalidRequestError
 from loraplex.kvcache.block_manager import BlockManager
 from loraplex.kvcache.kv_cache import allocate_kv_cache, bytes_per_block
+from loraplex.kvcache.prefix_cache import root_hash
 from loraplex.kvcache.profile import largest_step
 from loraplex.kvcache.sizing import MemorySplit, cuda_graph_reserve, measure_peak, num_kv_blocks
 from loraplex.layers.linear import can_prepack, prepack_linear_weights
@@ -96,7 +97,7 @@ class LLMEngine:
                 device, others),
             graph_reserve=(cuda_graph_reserve(graph_batch_sizes(sched.max_num_seqs),
                                               model_config.vocab_size) if capture else 0))
-        self.blocks = BlockManager(num_blocks, cache.block_size)
+        self.blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         # one extra block that no sequence owns: CUDA-graph padding rows write there
         self.kv_caches = allocate_kv_cache(
             model_config, num_blocks + 1, cache.block_size, dtype, device
@@ -137,6 +138,8 @@ class LLMEngine:
         cuda_graphs: bool | None = None,
         cpu_prepack: bool | None = None,
         revision: str | None = None,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
     ) -> LLMEngine:
         """Build an engine from a Hugging Face model directory.
 
@@ -147,6 +150,7 @@ class LLMEngine:
         CUDA; oneDNN-prepacked linear weights on CPU, see ``layers/linear.py``).
         ``model`` is a directory or a Hugging Face Hub id (``revision``: its branch, tag or
         commit), see ``models/hub.py``.
+        ``enable_prefix_caching`` / ``enable_chunked_prefill``: see ``engine/scheduler.py``.
         """
         from transformers import AutoTokenizer
 
@@ -156,10 +160,12 @@ class LLMEngine:
         check_adapter_map(adapters)
         cache_cfg = CacheConfig(num_blocks=num_kv_blocks,
                                 kv_cache_memory_bytes=kv_cache_memory_bytes,
-                                gpu_memory_utilization=gpu_memory_utilization)
+                                gpu_memory_utilization=gpu_memory_utilization,
+                                enable_prefix_caching=enable_prefix_caching)
         lora_cfg = LoRAConfig(max_loras_per_batch, max_lora_rank, max_cpu_loras, lora_backend,
                               max_cpu_lora_bytes)
-        SchedulerConfig(max_num_seqs=max_num_seqs)  # validates it now; the real one is below
+        # validates them now; the real one is below
+        SchedulerConfig(max_num_seqs=max_num_seqs, enable_chunked_prefill=enable_chunked_prefill)
         model = resolve_model_path(model, revision)
         cfg, _ = load_model_config(model)
         dev = resolve_device(device)
@@ -174,7 +180,8 @@ class LLMEngine:
         budget = (default_token_budget(cfg, dev, dt) if max_num_batched_tokens is None
                   else max_num_batched_tokens)
         sched = SchedulerConfig(
-            max_num_seqs=max_num_seqs, max_model_len=max_len, max_num_batched_tokens=budget
+            max_num_seqs=max_num_seqs, max_model_len=max_len, max_num_batched_tokens=budget,
+            enable_chunked_prefill=enable_chunked_prefill,
         )
         net = load_model(model, cfg, dt, dev)
         if cpu_prepack is None:
@@ -285,15 +292,17 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule -> run -> finish. A request whose row fails (non-finite logits, or an
         error while finishing it) ends alone with finish_reason "error"; the step goes on."""
-        seqs, is_prefill = self.scheduler.schedule()
+        batch = self.scheduler.schedule()
         outputs = [self._finish_failed(s) for s in self.scheduler.failed]
         self.scheduler.failed.clear()
-        if not seqs:
+        if not batch.seqs:
             if not outputs and self.lora_loader.busy():
                 # only requests whose adapters are being read: wait for the reads, not spin
                 self.lora_loader.wait(_LOAD_POLL_S)
             return outputs
-        sampled = self.runner.run(seqs, is_prefill)
+        sampled = self.runner.run(batch)
+        seqs = batch.sampling_seqs  # rows whose chunk completed their sequence
+        self.scheduler.update_computed(batch)
         lps = sampled.logprobs or [None] * len(seqs)
         for seq, tok, ok, lp in zip(seqs, sampled.token_ids, sampled.finite, lps):
             if not ok:
@@ -404,7 +413,8 @@ class LLMEngine:
     def unload_adapter(self, name: str) -> None:
         """Unregister ``name``: running requests finish on its weights, queued ones end with
         an error naming it, and a later load of the same name gets a new generation."""
-        self.adapters.remove(name)
+        entry = self.adapters.remove(name)
+        self.blocks.drop_root(root_hash(entry.key))  # its cached KV can never be read again
         self.lora_cache.drop_name(name)
         self.lora_loader.forget(name)
         self.lora_pool.retire(name)
@@ -424,11 +434,24 @@ class LLMEngine:
             "num_free_blocks": self.blocks.num_free,
             "num_total_blocks": self.blocks.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            **self._prefix_cache_stats(),
             **self.lora_pool.stats(),
             "adapter_disk_loads": self.lora_loader.num_disk_loads,
             "num_adapters": len(self.adapters),
             "adapter_host_cache_bytes": self.lora_cache.nbytes,
         }
+
+    def _prefix_cache_stats(self) -> dict:
+        """Prefix-cache counters (prompt tokens looked up / served from the cache) and the
+        requests per adapter ("" = base model): {name: {"waiting": w, "running": r}}."""
+        cache = self.blocks.cache
+        stats: dict = {"adapter_requests": {
+            name or "": {"waiting": w, "running": r}
+            for name, (w, r) in self.scheduler.adapter_counts().items()}}
+        if cache is not None:
+            stats.update(prefix_cache_queries=cache.queries, prefix_cache_hits=cache.hits,
+                         prefix_cache_blocks=len(cache))
+        return stats
 
     def score(self, prompts: list[list[int]], adapters: list[str | None]) -> list[torch.Tensor]:
         for ids in prompts:

@@ -13,7 +13,9 @@ from loraplex.engine.cuda_graph import DecodeGraphs
 from loraplex.engine.guided import GuidedDecoding
 from loraplex.engine.logprobs import SampleLogprobs, record_prompt_logprobs
 from loraplex.engine.penalties import Penalties
+from loraplex.engine.mixed_step import build_mixed_step
 from loraplex.engine.sampler import Sampler, SamplerOutput
+from loraplex.engine.scheduler import ScheduledBatch
 from loraplex.engine.sequence import Sequence
 from loraplex.kvcache.block_manager import BlockManager
 from loraplex.layers.forward_context import ForwardBatch, forward_context
@@ -55,23 +57,32 @@ class ModelRunner:
         return -1 if seq.lora_slot is None else seq.lora_slot
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> SamplerOutput:
-        """One forward over ``seqs``; one sampled token and finiteness flag per sequence
-        (input order)."""
-        seq_slots = [self._lora_slot(s) for s in seqs]
-        order = sorted(range(len(seqs)), key=seq_slots.__getitem__)
-        ordered = [seqs[i] for i in order]
+    def run(self, batch: ScheduledBatch) -> SamplerOutput:
+        """One forward over the step's rows; a sampled token and finiteness flag per row
+        that samples (``batch.sampling_seqs`` order)."""
+        seq_slots = [self._lora_slot(s) for s in batch.seqs]
+        order = sorted(range(len(batch.seqs)), key=seq_slots.__getitem__)
+        ordered = [batch.seqs[i] for i in order]
         slots = [seq_slots[i] for i in order]
-        if is_prefill:
-            ids, positions, batch = self._prepare_prefill(ordered, slots)
-            last = torch.tensor([e - 1 for e in batch.cu_seqlens[1:]], device=self.device)
-            with forward_context(batch):
-                hidden = self.model(ids, positions)
-                logits = self.model.compute_logits(hidden[last])
-            self._prompt_logprobs(hidden, batch.cu_seqlens, ordered)
-        else:
+        counts = [batch.num_new_tokens[i] for i in order]
+        sampling = [k for k, i in enumerate(order) if batch.samples[i]]
+        # a row still owed prompt logprobs needs every position's logits: the mixed path
+        if batch.is_decode and not any(s.wants_prompt_logprobs for s in ordered):
+            if not sampling:  # one-token budget walking through prompts
+                self._decode(ordered, slots)
+                return SamplerOutput([], [])
             logits = self._decode(ordered, slots)
-        return self._sample(logits, ordered, order)
+            if len(sampling) < len(ordered):
+                logits = logits[sampling]
+        else:
+            logits = self._forward_mixed(ordered, counts, slots, sampling)
+            if logits is None:  # only prompt chunks that do not reach their prompt's end
+                return SamplerOutput([], [])
+        # back to batch.sampling_seqs order (the batch's order, sampling rows only)
+        dest = [0] * len(sampling)
+        for j, pos in enumerate(sorted(range(len(sampling)), key=lambda j: order[sampling[j]])):
+            dest[pos] = j
+        return self._sample(logits, [ordered[k] for k in sampling], dest)
 
     # -- sampling: logprobs (raw logits) -> penalties -> sampler; see engine/logprobs.py --
     def _sample(self, logits: torch.Tensor, ordered: list[Sequence],
@@ -93,14 +104,13 @@ class ModelRunner:
                 per_seq[i] = lps[pos]
         return SamplerOutput(tokens, finite, per_seq)
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, cu: list[int],
-                         seqs: list[Sequence]) -> None:
-        """Prompt logprobs of the prefill's sequences that asked (each chunk starts at
-        position 0 here: this prefill runs whole prompts)."""
+    def _prompt_logprobs(self, hidden: torch.Tensor, cu: list[int], seqs: list[Sequence],
+                         counts: list[int]) -> None:
+        """Prompt logprobs of the step's rows that asked: row ``k`` holds positions
+        ``num_computed_tokens ..`` of its sequence (a prompt chunk, or a decode token)."""
         if any(s.wants_prompt_logprobs for s in seqs):
-            lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
             record_prompt_logprobs(self.model.compute_logits, hidden, seqs, cu[:-1],
-                                   [0] * len(seqs), lengths)
+                                   [s.num_computed_tokens for s in seqs], counts)
 
     def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Structured outputs: mask the logits of rows that have a grammar (engine/guided.py),
@@ -108,26 +118,29 @@ class ModelRunner:
         if self.guided is not None and self.guided.matchers:
             self.guided.apply(logits, [s.seq_id for s in seqs])
 
+    def _forward_mixed(self, seqs: list[Sequence], counts: list[int], slots: list[int],
+                       sampling: list[int]) -> torch.Tensor | None:
+        """A step with prefill chunks (see mixed_step.py) -> logits of the ``sampling`` rows'
+        last tokens."""
+        step = build_mixed_step(seqs, counts, self.blocks, self.device)
+        batch = ForwardBatch(
+            is_prefill=True, num_tokens=step.cu_seqlens[-1], cu_seqlens=step.cu_seqlens,
+            prefill_groups=step.prefill_groups, extend=step.extend,
+            slot_mapping=step.slot_mapping, kv_caches=self.kv_caches,
+            lora=self._lora_batch(slots, counts))
+        with forward_context(batch):
+            hidden = self.model(step.ids, step.positions)
+        self._prompt_logprobs(hidden, step.cu_seqlens, seqs, counts)
+        if not sampling:
+            return None
+        last = self._tensor([step.cu_seqlens[k + 1] - 1 for k in sampling])
+        with forward_context(batch):
+            return self.model.compute_logits(hidden[last])
+
     def _lora_batch(self, lora_slots: list[int], lengths: list[int], is_decode: bool = False):
         if self.lora is None or all(s < 0 for s in lora_slots):
             return None  # base-model-only batch: skip the LoRA path entirely
         return self.lora.prepare(lora_slots, lengths, is_decode=is_decode)
-
-    def _prepare_prefill(self, seqs: list[Sequence], slots: list[int]):
-        ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        cu = [0]
-        for seq in seqs:
-            toks = seq.all_token_ids
-            ids += toks
-            positions += range(len(toks))
-            table = self.blocks.tables[seq.seq_id]
-            bs = self.blocks.block_size
-            slot_mapping += [table[p // bs] * bs + p % bs for p in range(len(toks))]
-            cu.append(cu[-1] + len(toks))
-        batch = self._prefill_batch(cu, self._tensor(slot_mapping), slots)
-        return self._tensor(ids), self._tensor(positions), batch
 
     def _prefill_batch(self, cu: list[int], slot_mapping: torch.Tensor | None,
                        slots: list[int]) -> ForwardBatch:
@@ -151,13 +164,14 @@ class ModelRunner:
         return self.graphs.run(*self._decode_lists(seqs), slots if use_lora else None)
 
     def _decode_lists(self, seqs: list[Sequence]):
-        """Host lists of a decode step: ids, positions, slot_mapping, block tables, lengths."""
-        ids = [s.output_token_ids[-1] if s.output_token_ids else s.prompt_token_ids[-1]
-               for s in seqs]
-        positions = [s.num_tokens - 1 for s in seqs]
-        slot_mapping = [self.blocks.slot(s.seq_id, s.num_tokens - 1) for s in seqs]
+        """Host lists of a decode step: ids, positions, slot_mapping, block tables, lengths.
+        Each row computes the token at its ``num_computed_tokens`` (its last token, unless
+        a one-token budget is walking through its prompt)."""
+        positions = [s.num_computed_tokens for s in seqs]
+        ids = [s.token_window(p, p + 1)[0] for s, p in zip(seqs, positions)]
+        slot_mapping = [self.blocks.slot(s.seq_id, p) for s, p in zip(seqs, positions)]
         tables = [self.blocks.tables[s.seq_id] for s in seqs]
-        return ids, positions, slot_mapping, tables, [s.num_tokens for s in seqs]
+        return ids, positions, slot_mapping, tables, [p + 1 for p in positions]
 
     def _decode_inputs(self, seqs: list[Sequence]):
         ids, positions, slot_mapping, tables, context_lens = self._decode_lists(seqs)
@@ -170,7 +184,8 @@ class ModelRunner:
         batch = ForwardBatch(
             is_prefill=False, num_tokens=len(seqs), slot_mapping=slot_mapping,
             block_tables=tables, context_lens=context_lens,
-            max_context_len=max(s.num_tokens for s in seqs), kv_caches=self.kv_caches,
+            max_context_len=max(s.num_computed_tokens + 1 for s in seqs),
+            kv_caches=self.kv_caches,
             lora=self._lora_batch(slots, [1] * len(seqs), is_decode=True))
         return ids, positions, batch
 

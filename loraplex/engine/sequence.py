@@ -39,6 +39,7 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None = None  # one per generated token
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # first prompt token: None
     cumulative_logprob: float | None = None  # sum of the generated tokens' logprobs
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclass
@@ -60,6 +61,13 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None
     num_preemptions: int = 0
+    # scheduling progress: tokens whose K/V are in the cache (back to 0 on preemption), and
+    # the prompt tokens the prefix cache served at admission
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    # hashes of the leading full blocks of all_token_ids (kvcache.prefix_cache), kept
+    # incrementally; only the scheduler reads them
+    block_hashes: list[bytes] = field(default_factory=list)
     # incremental detokenization offsets into all_token_ids (see engine.detokenizer)
     prefix_offset: int = 0
     read_offset: int = 0
@@ -120,4 +128,5 @@ class Sequence:
             logprobs=None if self.logprobs is None else list(self.logprobs),
             prompt_logprobs=self.prompt_logprobs,  # complete after the prefill; not copied
             cumulative_logprob=None if self.logprobs is None else self.cumulative_logprob,
+            num_cached_tokens=self.num_cached_tokens,
         )

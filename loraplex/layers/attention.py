@@ -2,7 +2,10 @@
 
 Prefill (plain torch, CPU and CUDA): each sequence's new keys/values are written to the cache
 and attention runs causally over that sequence's own tokens (no cached prefix); sequences of
-similar length share one call (``prefill_groups.py``). Decode: the new token's key/value is
+similar length share one call (``prefill_groups.py``). In a mixed step (chunked prefill or a
+prefix-cache hit) the rows with a cached prefix, decode tokens included, attend over the cache
+through their block tables instead (``paged_prefill_attention``), while the rows with none keep
+the grouped causal path. Decode: the new token's key/value is
 written, then each sequence attends over its cached context through its block table
 (``ops/paged_attention.py``: a Triton flash-decoding kernel on CUDA, a torch gather over the
 batch's real width elsewhere). Grouped-query attention never repeats keys/values.
@@ -16,7 +19,11 @@ from torch import nn
 
 from loraplex.layers.forward_context import get_forward_batch
 from loraplex.layers.prefill_groups import PrefillGroup
-from loraplex.ops.paged_attention import paged_decode_attention, resolve_attention_backend
+from loraplex.ops.paged_attention import (
+    paged_decode_attention,
+    paged_prefill_attention,
+    resolve_attention_backend,
+)
 
 # query rows per soft-capped prefill score tile (its scores are spelled out, not fused)
 _SCORE_ROWS = 512
@@ -56,17 +63,36 @@ class Attention(nn.Module):
             # cache: [num_blocks, block_size, kv_heads, d] viewed as [slots, kv_heads, d]
             k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, k)
             v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, v)
-        if batch.is_prefill:
+        if batch.is_prefill and batch.extend is not None:
+            out = self._mixed(q, k, v, batch)
+        elif batch.is_prefill:
             out = self._prefill(q, k, v, batch.prefill_groups)
         else:
             out = self._decode(q, batch)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
-    def _prefill(self, q, k, v, groups: list[PrefillGroup]) -> torch.Tensor:
+    def _mixed(self, q, k, v, batch) -> torch.Tensor:
+        """A mixed step: extend rows over the cache, the other rows causal on their own."""
+        ext = batch.extend
+        k_cache, v_cache = batch.kv_caches[self.layer_idx]
+        backend = resolve_attention_backend(batch.attn_backend, q.device, q.dtype, self.head_dim)
+        q_ext = q if ext.tokens is None else q.index_select(0, ext.tokens)
+        o = paged_prefill_attention(
+            q_ext, k_cache, v_cache, ext.block_tables, ext.cu_seqlens_q, ext.context_lens,
+            self.scale, max_query_len=ext.max_query_len, max_context_len=ext.max_context_len,
+            backend=backend, cu_seqlens_q_host=ext.cu_seqlens_q_host)
+        if ext.tokens is None:
+            return o
+        out = self._prefill(q, k, v, batch.prefill_groups or [], partial=True)
+        return out.index_copy_(0, ext.tokens, o)
+
+    def _prefill(self, q, k, v, groups: list[PrefillGroup], partial: bool = False
+                 ) -> torch.Tensor:
         """q [T, heads, d]; k, v [T, kv_heads, d] -> [T, heads, d], causal per sequence, one
-        attention call per group of similar-length sequences (see prefill_groups.py)."""
+        attention call per group of similar-length sequences (see prefill_groups.py).
+        ``partial``: the groups cover only some rows; the other rows are left unwritten."""
         heads, d = self.num_heads, self.head_dim
-        if len(groups) == 1 and groups[0].gather is None:  # e.g. one prompt, or equal lengths
+        if not partial and len(groups) == 1 and groups[0].gather is None:  # e.g. one prompt
             return self._causal(q, k, v, groups[0]).reshape(q.shape[0], heads, d)
         out = q.new_empty(q.shape[0], heads, d)
         for g in groups:

@@ -19,12 +19,34 @@ from loraplex.ops.paged_attention_torch import decode_attention_bias
 
 
 @dataclass
+class ExtendRows:
+    """The rows of a mixed step that attend over the KV cache (``paged_prefill_attention``):
+    a prefill chunk after a cached prefix (an earlier chunk or a prefix-cache hit), or a
+    decode token. Their own K/V are written to the cache before attention reads it.
+
+    ``tokens``: [Te] int64, which of the step's tokens are theirs, back to back (None: all
+    of them). Row b owns ``tokens[cu_seqlens_q[b]:cu_seqlens_q[b+1]]`` and has
+    ``context_lens[b]`` cached tokens including the chunk, behind ``block_tables[b]``.
+    """
+
+    tokens: torch.Tensor | None
+    cu_seqlens_q: torch.Tensor  # [Be + 1] int64 on the device
+    cu_seqlens_q_host: list[int]
+    block_tables: torch.Tensor  # [Be, W] int64
+    context_lens: torch.Tensor  # [Be] int64
+    max_query_len: int
+    max_context_len: int
+
+
+@dataclass
 class ForwardBatch:
     """Everything a forward needs besides token ids and positions.
 
     Prefill: ``cu_seqlens`` (host list, len B+1) delimits each sequence's tokens; attention is
     causal within a sequence, reads no cached context, and runs as ``prefill_groups`` (built
-    from ``cu_seqlens`` by ``plan_prefill``). Decode: one token per sequence;
+    from ``cu_seqlens`` by ``plan_prefill``). A mixed step (chunked prefill, prefix-cache
+    hits) is a prefill whose ``extend`` rows read the cache instead, and whose
+    ``prefill_groups`` cover only the rows with no cached prefix. Decode: one token per sequence;
     attention reads ``context_lens[b]`` cached tokens through ``block_tables``, which may be
     wider than any context (the static CUDA-graph buffers are max_model_len wide):
     ``max_context_len``, when the host knows it, bounds the columns attention looks at.
@@ -35,6 +57,7 @@ class ForwardBatch:
     slot_mapping: torch.Tensor | None  # [T] int64, KV cache slot per token; None = don't cache
     cu_seqlens: list[int] | None = None  # prefill
     prefill_groups: list[PrefillGroup] | None = None  # prefill
+    extend: ExtendRows | None = None  # prefill: rows with a cached prefix
     block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] int64
     context_lens: torch.Tensor | None = None  # decode: [B] int64, incl. the new token
     # decode: host bound on context_lens (None: the table's full width, e.g. under capture)

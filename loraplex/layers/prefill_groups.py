@@ -64,7 +64,16 @@ def plan_prefill(
     cu_seqlens: list[int], device: torch.device, max_waste: float = MAX_WASTE
 ) -> list[PrefillGroup]:
     """Attention calls for sequences delimited by ``cu_seqlens`` (host list, len B + 1)."""
-    starts, lengths = cu_seqlens[:-1], [b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+    lengths = [b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+    return plan_prefill_rows(cu_seqlens[:-1], lengths, device, max_waste)
+
+
+def plan_prefill_rows(
+    starts: list[int], lengths: list[int], device: torch.device, max_waste: float = MAX_WASTE
+) -> list[PrefillGroup]:
+    """Attention calls for sequences at token ``starts[i]`` of ``lengths[i]`` tokens each:
+    some of a step's rows (in a mixed step, those with no cached prefix); the groups write
+    only those rows' tokens."""
     plan = []
     for members in _group_by_length(lengths, max_waste):
         members.sort()  # token order, so equal-length neighbours are recognised as contiguous

@@ -254,6 +254,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV-cache blocks (default: sized from the memory budget)")
     p.add_argument("--lora-backend", default="auto", help="torch | triton | auto")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=True, help="share KV blocks of equal prefixes per adapter")
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                   default=True, help="prefill chunks and decodes share each step's budget")
     p.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes "
                         "(default: $LORAPLEX_API_KEY)")
@@ -333,6 +337,8 @@ def run_server(args: argparse.Namespace) -> None:
         dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks,
         lora_backend=args.lora_backend,
+        enable_prefix_caching=getattr(args, "enable_prefix_caching", True),
+        enable_chunked_prefill=getattr(args, "enable_chunked_prefill", True),
         gpu_memory_utilization=getattr(args, "gpu_memory_utilization", 0.9),
         kv_cache_memory_bytes=getattr(args, "kv_cache_memory", None))
     app = create_app(engine, config)

@@ -30,7 +30,16 @@ _ENGINE_STATS = {
     "adapter_loads": ("loraplex_adapter_loads", "Adapter loads into device slots.", "counter"),
     "adapter_evictions": ("loraplex_adapter_evictions",
                           "Adapters evicted from device slots.", "counter"),
+    "prefix_cache_queries": ("loraplex_prefix_cache_queries",
+                             "Prompt tokens looked up in the prefix cache.", "counter"),
+    "prefix_cache_hits": ("loraplex_prefix_cache_hits",
+                          "Prompt tokens served from the prefix cache.", "counter"),
+    "prefix_cache_blocks": ("loraplex_prefix_cache_blocks",
+                            "KV blocks held by the prefix cache.", "gauge"),
 }
+# engine.stats()["adapter_requests"]: {adapter ("" = base model): {"waiting": w, "running": r}}
+_ADAPTER_REQUESTS = {"waiting": "loraplex_adapter_requests_waiting",
+                     "running": "loraplex_adapter_requests_running"}
 
 
 class _EngineStatsCollector(Collector):
@@ -40,6 +49,13 @@ class _EngineStatsCollector(Collector):
         self.stats: dict[str, Any] = {}
 
     def collect(self) -> Iterator[Metric]:
+        per_adapter = self.stats.get("adapter_requests") or {}
+        for state, name in _ADAPTER_REQUESTS.items():
+            family = GaugeMetricFamily(name, f"Requests {state}, per adapter ('' = base model).",
+                                       labels=["adapter"])
+            for adapter, counts in per_adapter.items():
+                family.add_metric([adapter], counts[state])
+            yield family
         for key, value in self.stats.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
