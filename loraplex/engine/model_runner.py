@@ -12,8 +12,8 @@ import torch
 from loraplex.engine.cuda_graph import DecodeGraphs
 from loraplex.engine.guided import GuidedDecoding
 from loraplex.engine.logprobs import SampleLogprobs, record_prompt_logprobs
-from loraplex.engine.penalties import Penalties
 from loraplex.engine.mixed_step import build_mixed_step
+from loraplex.engine.penalties import Penalties
 from loraplex.engine.sampler import Sampler, SamplerOutput
 from loraplex.engine.scheduler import ScheduledBatch
 from loraplex.engine.sequence import Sequence
