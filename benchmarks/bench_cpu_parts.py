@@ -8,9 +8,13 @@ run (interleaved, best of ``--repeat``), on the ~150M benchmark model's shapes, 
       the minor page faults each run took;
   (d) the torch LoRA op for one gate/up projection at decode, 32 distinct rank-16 adapters:
       ``lora_shrink`` + ``lora_expand`` vs the bare bmm/add_ calls they make (the difference
-      is the op's Python work per call).
+      is the op's Python work per call);
+  (e) the torch LoRA ops over the four projections of one layer of the LoRA benchmark
+      (bench_lora.py: rank 16, 16 adapters in scattered slots of 32), decode-shaped (32 rows,
+      2 per adapter) and prefill-shaped (1024 rows, 128 per adapter): the op vs its
+      alternative, the batch's A/B gathered into scratch and one ``bmm`` for all segments.
 
-    python benchmarks/bench_cpu_parts.py [--threads 2] [--repeat 8] [--write-docs]
+    python benchmarks/bench_cpu_parts.py [--threads 2] [--repeat 8] [--parts abcde] [--write-docs]
 
 Prints the table; ``--write-docs`` also writes it into docs/benchmarks.md.
 """
@@ -18,6 +22,7 @@ Prints the table; ``--write-docs`` also writes it into docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import random
 import resource
 import tempfile
 import time
@@ -156,45 +161,104 @@ def lora_op_overhead(adapters: int, rank: int, repeat: int) -> dict[str, float]:
     return interleaved({"op": op, "bare": bare}, repeat)
 
 
+def lora_op_vs_gathered(rows: int, per_adapter: int, repeat: int) -> dict[str, float]:
+    hidden, inter, rank, num_slots = 1024, 2816, 16, 32
+    projs = {"qkv": (hidden, (1024, 256, 256)), "o": (hidden, (1024,)),
+             "gate_up": (hidden, (inter, inter)), "down": (inter, (hidden,))}
+    used = random.Random(0).sample(range(num_slots), rows // per_adapter)
+    batch = LoRABatch.from_token_slots([used[t // per_adapter] for t in range(rows)])
+    idx = torch.tensor(used)
+    k = len(used)
+    layer = []
+    for in_f, widths in projs.values():
+        n = len(widths)
+        offsets = tuple(sum(widths[:i]) for i in range(n + 1))
+        layer.append(dict(
+            x=torch.randn(rows, in_f), a=torch.randn(num_slots, n * rank, in_f),
+            b=torch.randn(num_slots, offsets[-1], rank), offsets=offsets,
+            ranks=torch.full((num_slots, n), rank, dtype=torch.int32),
+            scalings=torch.full((num_slots, n), 2.0), h=torch.empty(rows, n * rank),
+            y=torch.randn(rows, offsets[-1]), ag=torch.empty(k, n * rank, in_f),
+            bg=torch.empty(k, offsets[-1], rank), s=torch.empty(k, n)))
+
+    def op():
+        for p in layer:
+            lora_shrink(p["x"], p["a"], p["ranks"], batch, p["h"])
+            lora_expand(p["h"], p["b"], p["ranks"], p["scalings"], p["offsets"], batch, p["y"])
+
+    def gathered():  # what the op does not do: gather once per call, one bmm per slice
+        for p in layer:
+            n, off = p["ranks"].shape[1], p["offsets"]
+            torch.index_select(p["a"], 0, idx, out=p["ag"])
+            torch.bmm(p["x"].view(k, per_adapter, -1), p["ag"].transpose(1, 2),
+                      out=p["h"].view(k, per_adapter, -1))
+            torch.index_select(p["b"], 0, idx, out=p["bg"])
+            torch.index_select(p["scalings"], 0, idx, out=p["s"])
+            hv, yv = p["h"].view(k, per_adapter, -1), p["y"].view(k, per_adapter, -1)
+            for i in range(n):
+                bi = p["bg"][:, off[i] : off[i + 1]]
+                bi.mul_(p["s"][:, i, None, None])
+                yv[:, :, off[i] : off[i + 1]].baddbmm_(hv[:, :, i * rank : (i + 1) * rank],
+                                                      bi.transpose(1, 2))
+
+    with torch.inference_mode():  # as the engine runs (cheaper views)
+        return interleaved({"op": op, "gathered": gathered}, repeat)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=8)
+    ap.add_argument("--parts", default="abcde", help="which parts to run")
     add_write_docs_flag(ap)
     args = ap.parse_args()
     bench_threads(args.threads)
     rows = []
-    for seqs in (8, 16):
-        r = prefill_attention(seqs, 128, 3 * args.repeat)
-        rows.append([f"(a) prefill attention, {seqs} x 128 tokens, one layer",
-                     f"grouped {r['grouped'] * 1e3:.1f} ms",
-                     f"per prompt, kv expanded {r['before'] * 1e3:.1f} ms "
-                     f"(per prompt, enable_gqa {r['per prompt'] * 1e3:.1f} ms)",
-                     f"{r['before'] / r['grouped']:.2f}x "
-                     f"({r['per prompt'] / r['grouped']:.2f}x)"])
+    if "a" in args.parts:
+        for seqs in (8, 16):
+            r = prefill_attention(seqs, 128, 3 * args.repeat)
+            rows.append([f"(a) prefill attention, {seqs} x 128 tokens, one layer",
+                         f"grouped {r['grouped'] * 1e3:.1f} ms",
+                         f"per prompt, kv expanded {r['before'] * 1e3:.1f} ms "
+                         f"(per prompt, enable_gqa {r['per prompt'] * 1e3:.1f} ms)",
+                         f"{r['before'] / r['grouped']:.2f}x "
+                         f"({r['per prompt'] / r['grouped']:.2f}x)"])
+            print(rows[-1], flush=True)
+    if "b" in args.parts:
+        r = decode_attention(32, 150, 8, 3 * args.repeat)
+        rows.append(["(b) decode gather + attention, batch 32, 8 layers",
+                     f"mask once {r['mask once per step'] * 1e3:.2f} ms",
+                     f"bool mask per layer {r['bool mask per layer'] * 1e3:.2f} ms",
+                     f"{r['bool mask per layer'] / r['mask once per step']:.2f}x"])
         print(rows[-1], flush=True)
-    r = decode_attention(32, 150, 8, 3 * args.repeat)
-    rows.append(["(b) decode gather + attention, batch 32, 8 layers",
-                 f"mask once {r['mask once per step'] * 1e3:.2f} ms",
-                 f"bool mask per layer {r['bool mask per layer'] * 1e3:.2f} ms",
-                 f"{r['bool mask per layer'] / r['mask once per step']:.2f}x"])
-    print(rows[-1], flush=True)
-    r = prefill_steps([1024, 2048], args.repeat)
-    (t1, f1), (t2, f2) = r["1024-token steps"], r["2048-token steps"]
-    rows.append(["(c) prefill 32 x 128 tokens (minor page faults, last run)",
-                 f"1024-token steps {t1:.2f} s ({f1})", f"2048-token steps {t2:.2f} s ({f2})",
-                 f"{t2 / t1:.2f}x"])
-    print(rows[-1], flush=True)
-    r = lora_op_overhead(32, 16, 25 * args.repeat)
-    rows.append(["(d) LoRA op, gate/up at decode, 32 adapters (per call)",
-                 f"bare bmm/add_ {r['bare'] * 1e6:.0f} µs", f"the op {r['op'] * 1e6:.0f} µs",
-                 f"{r['op'] / r['bare']:.2f}x"])
-    print(rows[-1], flush=True)
+    if "c" in args.parts:
+        r = prefill_steps([1024, 2048], args.repeat)
+        (t1, f1), (t2, f2) = r["1024-token steps"], r["2048-token steps"]
+        rows.append(["(c) prefill 32 x 128 tokens (minor page faults, last run)",
+                     f"1024-token steps {t1:.2f} s ({f1})",
+                     f"2048-token steps {t2:.2f} s ({f2})", f"{t2 / t1:.2f}x"])
+        print(rows[-1], flush=True)
+    if "d" in args.parts:
+        r = lora_op_overhead(32, 16, 25 * args.repeat)
+        rows.append(["(d) LoRA op, gate/up at decode, 32 adapters (per call)",
+                     f"bare bmm/add_ {r['bare'] * 1e6:.0f} µs", f"the op {r['op'] * 1e6:.0f} µs",
+                     f"{r['op'] / r['bare']:.2f}x"])
+        print(rows[-1], flush=True)
+    if "e" in args.parts:
+        for label, rows_, per in (("decode, 32 rows", 32, 2), ("prefill, 1024 rows", 1024, 128)):
+            r = lora_op_vs_gathered(rows_, per, 5 * args.repeat)
+            rows.append([f"(e) LoRA ops, one layer's 4 projections, {label}",
+                         f"the op {r['op'] * 1e3:.2f} ms",
+                         f"gathered A/B + bmm {r['gathered'] * 1e3:.2f} ms",
+                         f"{r['gathered'] / r['op']:.2f}x"])
+            print(rows[-1], flush=True)
     table = markdown_table(["what", "new", "before", "before / new"], rows)
     body = (f"CPU float32, {args.threads} threads, the benchmark model's shapes (16 heads / 4 kv "
             f"heads, head dim 64); each pair interleaved in one run, best of "
-            f"{3 * args.repeat} ((a), (b)), {args.repeat} ((c)) or {25 * args.repeat} ((d)). "
-            f"In (d) \"new\" is the floor the op's own calls set, \"before\" the op.\n\n"
+            f"{3 * args.repeat} ((a), (b)), {args.repeat} ((c)), {25 * args.repeat} ((d)) or "
+            f"{5 * args.repeat} ((e)). In (d) \"new\" is the floor the op's own calls set, "
+            f"\"before\" the op; in (e) \"before\" is the alternative the op does not "
+            f"take.\n\n"
             f"`python benchmarks/bench_cpu_parts.py`\n\n{table}\n")
     report(args, "CPU engine parts", body)
 

@@ -126,7 +126,7 @@ def test_cpu_path_is_one_addmm_per_segment_and_slice(dtype: torch.dtype) -> None
         lora_torch.lora_expand(out, case.b, case.ranks, case.scalings, case.offsets,
                                case.batch, y)
     views = {"slice.Tensor", "select.int", "t.default", "permute.default", "transpose.int",
-             "_local_scalar_dense.default"}
+             "_local_scalar_dense.default", "split_with_sizes.default"}
     # bfloat16 copies h's [len, r] slice (a torch GEMM reads past a sliced K): activations only
     compute = [op for op in log.ops if op not in views and op != "clone.default"]
     # shrink: segments 2 (full) + 0 (full) + 1 (2 slices) + 0 (full) = 5;
@@ -134,6 +134,42 @@ def test_cpu_path_is_one_addmm_per_segment_and_slice(dtype: torch.dtype) -> None
     assert compute == ["addmm_.default"] * 16, compute
     # bfloat16: one copy per expand GEMM of a multi-token segment (3 + 2); one row is contiguous
     assert log.ops.count("clone.default") == (5 if dtype == torch.bfloat16 else 0)
+
+
+def test_cpu_weight_views_are_made_once_and_follow_reloads() -> None:
+    """The CPU backend keeps its transposed views of pool weights across steps (the same batch
+    object): the second call makes no view of a weight at all, and a slot reloaded with new
+    values and a new rank (as the slot pool does in place) is read correctly through them."""
+    ranks = [[8, 8, 8], [4, 0, 8], [8, 8, 8]]
+    slots = [2, 2, 0, 0, 0, -1, 1, 1]
+    case = make_case(num_tokens=len(slots), in_features=32, widths=(16, 8, 8), max_rank=8,
+                     slot_ranks=ranks, pattern=slots, seed=4)
+
+    def run() -> list[str]:
+        out = torch.zeros(len(slots), 24)
+        y = torch.zeros(len(slots), 32)
+        with _OpLog() as log:
+            lora_torch.lora_shrink(case.x, case.a, case.ranks, case.batch, out)
+            lora_torch.lora_expand(out, case.b, case.ranks, case.scalings, case.offsets,
+                                   case.batch, y)
+        return log.ops
+
+    first = run()
+    # ``.T`` dispatches as permute: one per weight read (shrink 1 + 1 + 2, expand 3 + 3 + 2)
+    assert first.count("permute.default") == 4 + 8
+    again = run()
+    assert again.count("permute.default") == 0
+    assert again.count("select.int") == 0  # no a[slot] / b[slot] either
+    # reload slot 2 in place: new values, rank 8 -> 3 on every slice (NaN past the new rank)
+    gen = torch.Generator().manual_seed(9)
+    case.a[2] = float("nan")
+    case.b[2] = float("nan")
+    for i, w in enumerate((16, 8, 8)):
+        case.a[2, i * 8 : i * 8 + 3] = torch.randn(3, 32, generator=gen)
+        case.b[2, case.offsets[i] : case.offsets[i] + w, :3] = torch.randn(w, 3, generator=gen)
+    case.ranks[2] = 3
+    check_shrink(lora_torch.lora_shrink, case, rtol=1e-5, atol=1e-5)
+    check_expand(lora_torch.lora_expand, case, rtol=1e-5, atol=1e-5)
 
 
 def test_no_adapter_batch_is_noop() -> None:

@@ -17,7 +17,7 @@ Per (layer, projection) the adapter pool holds, for ``S`` slots and ``n`` stacke
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +38,9 @@ class LoRABatch:
     # A decode step (one token per sequence): per-token kernels read only ``token_lora_slots``,
     # so a CUDA graph captured once replays for any adapter mix.
     is_decode: bool = False
+    # CPU backend: transposed views of adapter-pool weights, per pool, kept across steps by the
+    # builder's reused batch (``lora_torch._pool_views``).
+    views: dict[tuple, dict[tuple[int, int, int], torch.Tensor]] = field(default_factory=dict)
 
     @property
     def decode_shaped(self) -> bool:

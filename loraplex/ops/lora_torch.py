@@ -9,7 +9,15 @@ consecutive ones. Half-precision GEMMs accumulate in float32 inside ``addmm_`` a
 once into the output. Why not one ``bmm`` over many segments: on CPU, ``bmm`` over strided
 pool views and ``baddbmm_`` into column slices of ``y`` take a slow path, several times slower
 than the same work as a loop of ``addmm_``; ``mm(out=...)`` into a narrow column slice is
-slower still. ``addmm_`` on the destination view is the fast, allocation-free form.
+slower still. ``addmm_`` on the destination view is the fast, allocation-free form. Nor does
+gathering the batch's A/B into scratch for one ``bmm`` per run of equal-length segments pay
+(measured: slower at one and at two threads, prefill and decode; the copy costs what the
+batched call saves).
+
+What a call costs beyond its GEMMs is making views: a few microseconds each, as much as a
+decode-sized GEMM, ~700 GEMMs a decode step. The transposed weight views are therefore made
+once and kept in the batch (``_pool_views``), and each segment's slice views come from one
+``split_with_sizes``.
 
 Other devices (ranks on an accelerator): the ranks are never read on the host (no sync). All
 ``R`` columns are computed and the unused ones masked by a device-side comparison, so garbage
@@ -39,18 +47,25 @@ def lora_shrink(
     if ranks.device.type != "cpu":
         return _shrink_masked(x, a, ranks, batch, out)
     host_ranks = ranks.tolist()
+    views = _pool_views(batch, a)
     for start, length, slot in batch.host_segs:
-        rows = slice(start, start + length)
-        xs = x[rows]  # [len, in]
+        xs = x[start : start + length]  # [len, in]
+        dst = out[start : start + length]  # [len, n*R]
         rk = host_ranks[slot]
         if all(r == big_r for r in rk):  # every slice at full rank: one GEMM, stacked rows
-            out[rows].addmm_(xs, a[slot].T, beta=0)  # [len, n*R]
+            a_t = views.get((slot, -1, 0))
+            if a_t is None:
+                a_t = views[(slot, -1, 0)] = a[slot].T  # [in, n*R]
+            dst.addmm_(xs, a_t, beta=0)
             continue
         for i, r in enumerate(rk):
             if r:
                 lo = i * big_r
+                a_t = views.get((slot, i, r))
+                if a_t is None:
+                    a_t = views[(slot, i, r)] = a[slot, lo : lo + r].T  # [in, r]
                 # beta=0: the destination's old contents (maybe NaN) are not read
-                out[rows, lo : lo + r].addmm_(xs, a[slot, lo : lo + r].T, beta=0)
+                dst[:, lo : lo + r].addmm_(xs, a_t, beta=0)
 
 
 def lora_expand(
@@ -77,14 +92,29 @@ def lora_expand(
     # (from 16 or so rows on), so the unused rank columns of h would leak into y: give it
     # its [len, r] slice as a contiguous copy (activations only, a few KB; weights stay views).
     own_h = h.dtype == torch.bfloat16
+    views = _pool_views(batch, b)
+    # one split per segment makes all n slice views in one call (cheaper than n slicings)
+    h_widths, y_widths = [big_r] * n, [offsets[i + 1] - offsets[i] for i in range(n)]
     for start, length, slot in batch.host_segs:
-        rows = slice(start, start + length)
+        hr, yr = h[start : start + length], y[start : start + length]  # [len, n*R], [len, out]
+        h_parts = hr.split_with_sizes(h_widths, 1) if n > 1 else (hr,)  # [len, R] each
+        y_parts = yr.split_with_sizes(y_widths, 1) if n > 1 else (yr,)  # [len, w_i] each
         for i, r in enumerate(host_ranks[slot]):
             if r:
-                lo, c0, c1 = i * big_r, offsets[i], offsets[i + 1]
-                hs = h[rows, lo : lo + r]  # [len, r]
-                y[rows, c0:c1].addmm_(hs.contiguous() if own_h else hs, b[slot, c0:c1, :r].T,
-                                      alpha=host_scalings[slot][i])
+                b_t = views.get((slot, i, r))
+                if b_t is None:
+                    b_t = views[(slot, i, r)] = b[slot, offsets[i] : offsets[i + 1], :r].T
+                hs = h_parts[i] if r == big_r else h_parts[i][:, :r]  # [len, r]
+                y_parts[i].addmm_(hs.contiguous() if own_h else hs, b_t,
+                                  alpha=host_scalings[slot][i])
+
+
+def _pool_views(batch: LoRABatch, pool: torch.Tensor) -> dict[tuple[int, int, int], torch.Tensor]:
+    """The batch's cache of transposed weight views of ``pool``, keyed ``(slot, slice, rank)``
+    (slice -1: all slices stacked). Making a view costs a few microseconds of dispatch, as
+    much as a decode-sized GEMM, and a decode step makes ~700 of them; the pool never moves and
+    a reload only rewrites values, so a view stays valid and the key's rank tracks the width."""
+    return batch.views.setdefault((pool.data_ptr(), pool.shape), {})
 
 
 # -- ranks on an accelerator: no host sync, unused rank columns masked -------------------------
