@@ -101,7 +101,10 @@ class OpenAIServing:
                 max_tokens = max(1, min(16, left))  # OpenAI's default, within the context
             else:
                 self._check_room(len(p), req.max_tokens, "prompt")
-                max_tokens = req.max_tokens or 1  # 0 (score the prompt): one token, hidden
+                # 0 scores the prompt: with logprobs the engine generates nothing
+                # (SamplingParams(max_tokens=0) needs prompt_logprobs); a plain echo runs
+                # one token and hides it
+                max_tokens = req.max_tokens or (0 if prompt_logprobs is not None else 1)
             echo = (text if isinstance(text, str) else await self.prompts.decode(p, "prompt")) \
                 if req.echo else None
             for j in range(k):
