@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from loraplex.ops.lora_meta import LoRABatch
+from loraplex.ops.lora_meta import ColumnScales, LoRABatch
 
 
 def lora_shrink(
@@ -61,30 +61,40 @@ def lora_expand(
     offsets: tuple[int, ...],
     batch: LoRABatch,
     y: torch.Tensor,
+    col_scales: ColumnScales | None = None,
 ) -> None:
     """``y[seg, cols_i] += scalings[slot, i] * h[seg, i*R : i*R + r] @ b[slot, cols_i, :r].T``
     per segment and slice, in place (contract: ``lora_ref.lora_expand``). ``h [T, n*R]``,
     ``b [S, out, R]``, ``ranks [S, n]`` int32, ``scalings [S, n]`` float32, ``offsets`` n+1
-    python ints, ``y [T', out]``; h, b and y share one dtype."""
+    python ints, ``y [T', out]``; h, b and y share one dtype. ``col_scales`` (DoRA): flagged
+    slots first map their base output ``y * scale + shift``."""
     assert h.dtype == b.dtype == y.dtype, (h.dtype, b.dtype, y.dtype)
     n = ranks.shape[1]
     assert len(offsets) == n + 1 and offsets[-1] == y.shape[1], (offsets, y.shape)
     if ranks.device.type != "cpu" or scalings.device.type != "cpu":
-        return _expand_masked(h, b, ranks, scalings, offsets, batch, y)
+        return _expand_masked(h, b, ranks, scalings, offsets, batch, y, col_scales)
     big_r = b.shape[2]
     host_ranks, host_scalings = ranks.tolist(), scalings.tolist()
     # torch 2.13's CPU bfloat16 GEMM reads past the K extent of a column-sliced left operand
     # (from 16 or so rows on), so the unused rank columns of h would leak into y: give it
     # its [len, r] slice as a contiguous copy (activations only, a few KB; weights stay views).
     own_h = h.dtype == torch.bfloat16
+    dora = col_scales.host_flags if col_scales is not None else None
     for start, length, slot in batch.host_segs:
         rows = slice(start, start + length)
         for i, r in enumerate(host_ranks[slot]):
             if r:
                 lo, c0, c1 = i * big_r, offsets[i], offsets[i + 1]
                 hs = h[rows, lo : lo + r]  # [len, r]
+                if dora is not None and dora[slot]:  # DoRA: rescale the base output first
+                    _scale_columns(y[rows, c0:c1], col_scales, slot, c0, c1)
                 y[rows, c0:c1].addmm_(hs.contiguous() if own_h else hs, b[slot, c0:c1, :r].T,
                                       alpha=host_scalings[slot][i])
+
+
+def _scale_columns(ys: torch.Tensor, cs: ColumnScales, slot: int, c0: int, c1: int) -> None:
+    # ys [len, w] a view of y: y * scale + shift in place, broadcast over the rows
+    ys.mul_(cs.scale[slot, c0:c1]).add_(cs.shift[slot, c0:c1])
 
 
 # -- ranks on an accelerator: no host sync, unused rank columns masked -------------------------
@@ -105,7 +115,7 @@ def _shrink_masked(x, a, ranks, batch: LoRABatch, out) -> None:
             dst.copy_(torch.where(keep, h, dst))
 
 
-def _expand_masked(h, b, ranks, scalings, offsets, batch: LoRABatch, y) -> None:
+def _expand_masked(h, b, ranks, scalings, offsets, batch: LoRABatch, y, col_scales) -> None:
     n, big_r = ranks.shape[1], b.shape[2]
     col = torch.arange(big_r, device=ranks.device)
     for start, length, slot in batch.host_segs:
@@ -116,4 +126,7 @@ def _expand_masked(h, b, ranks, scalings, offsets, batch: LoRABatch, y) -> None:
             hs = torch.where(keep, h[rows, lo : lo + big_r].float(), 0.0)  # [len, R]
             bs = torch.where(keep, b[slot, c0:c1].float(), 0.0)  # [w_i, R]
             dst = y[rows, c0:c1]
-            dst.copy_((dst.float() + (hs @ bs.T) * scalings[slot, i]).to(dst.dtype))
+            base = dst.float()
+            if col_scales is not None:  # identity for unflagged slots (scale 1, shift 0)
+                base = base * col_scales.scale[slot, c0:c1] + col_scales.shift[slot, c0:c1]
+            dst.copy_((base + (hs @ bs.T) * scalings[slot, i]).to(dst.dtype))
