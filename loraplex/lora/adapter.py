@@ -5,7 +5,9 @@ whose tensors are CPU, contiguous and already checked against the base model. Th
 keeps them in the serving dtype (``to``), so a slot load is a plain copy and the cache holds
 no float32 copies of half-precision weights.
 
-The update a module applies is ``y += scaling * (x @ a.T) @ b.T`` with ``x: [tokens, in]``.
+The update a module applies is ``y += scaling * (x @ a.T) @ b.T`` with ``x: [tokens, in]``;
+a DoRA module first maps its base output ``y = y * col_scale + col_shift`` (its ``b`` already
+carries ``col_scale``, see ``lora/dora.py``).
 """
 
 from __future__ import annotations
@@ -35,10 +37,20 @@ class LoRAWeights:
     a: torch.Tensor  # [r, in]
     b: torch.Tensor  # [out, r]
     scaling: float  # lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA
+    # DoRA only (None for plain LoRA), float32 [out]: magnitude / ||W + scaling * B @ A|| per
+    # output row of W, and (1 - col_scale) * bias (None when the base layer has no bias).
+    # ``b`` above is then B with row j multiplied by col_scale[j].
+    col_scale: torch.Tensor | None = None
+    col_shift: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
         return self.a.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        extra = sum(t.nbytes for t in (self.col_scale, self.col_shift) if t is not None)
+        return self.a.nbytes + self.b.nbytes + extra
 
 
 @dataclass
@@ -55,13 +67,17 @@ class LoRAAdapter:
     weights: dict[tuple[int, str], LoRAWeights]
 
     @property
+    def uses_dora(self) -> bool:
+        return any(w.col_scale is not None for w in self.weights.values())
+
+    @property
     def max_rank(self) -> int:
         return max((w.rank for w in self.weights.values()), default=0)
 
     @property
     def nbytes(self) -> int:
-        """Host bytes held by all A and B tensors (the cost of keeping it in the CPU cache)."""
-        return sum(w.a.nbytes + w.b.nbytes for w in self.weights.values())
+        """Host bytes held by all its tensors (the cost of keeping it in the CPU cache)."""
+        return sum(w.nbytes for w in self.weights.values())
 
     def target_modules(self) -> set[str]:
         """The projection names this adapter touches in at least one layer."""
@@ -71,6 +87,8 @@ class LoRAAdapter:
         """The same adapter with A and B in ``dtype`` (self when they already are)."""
         if all(w.a.dtype == dtype and w.b.dtype == dtype for w in self.weights.values()):
             return self
-        weights = {k: LoRAWeights(w.a.to(dtype).contiguous(), w.b.to(dtype).contiguous(), w.scaling)
+        # DoRA's column scales stay float32: they multiply the base output, not a GEMM operand
+        weights = {k: LoRAWeights(w.a.to(dtype).contiguous(), w.b.to(dtype).contiguous(),
+                                  w.scaling, w.col_scale, w.col_shift)
                    for k, w in self.weights.items()}
         return LoRAAdapter(self.name, self.path, weights)

@@ -6,6 +6,7 @@ For a fused projection with ``n`` slices (q/k/v: 3, gate/up: 2, o/down: 1), ``S`
     b        [S, out, R]    slice i's B in rows offsets[i] : offsets[i+1], columns : rank
     ranks    [S, n] int32   0 = slice not targeted by the adapter in that slot
     scalings [S, n] float32
+    col_scales               DoRA's per-slot column scale/shift [S, out] (identity elsewhere)
 Rank columns beyond a slot's rank are never read, so loading an adapter writes only its own
 rows/columns and clearing a slot only zeroes its ranks.
 
@@ -21,6 +22,7 @@ import torch
 
 from loraplex.config import ModelConfig
 from loraplex.lora.adapter import LoRAAdapter
+from loraplex.ops.lora_meta import ColumnScales
 
 # fused module -> the HF projections stacked in it, in order
 FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
@@ -38,6 +40,15 @@ class SlotBuffers:
     ranks: torch.Tensor
     scalings: torch.Tensor
     offsets: tuple[int, ...]  # output column offsets of the slices, len n + 1
+    col_scales: ColumnScales  # DoRA; scale 1 / shift 0 wherever no DoRA adapter wrote
+
+
+def _identity_scales(num_slots: int, out: int, device: torch.device) -> ColumnScales:
+    # float32 whatever the serving dtype: a scale multiplies the base output once, in the epilogue
+    return ColumnScales(scale=torch.ones(num_slots, out, device=device),
+                        shift=torch.zeros(num_slots, out, device=device),
+                        flags=torch.zeros(num_slots, dtype=torch.int32, device=device),
+                        host_flags=[False] * num_slots)
 
 
 class LoRABuffers:
@@ -68,6 +79,7 @@ class LoRABuffers:
                     ranks=torch.zeros(num_slots, n, dtype=torch.int32, device=device),
                     scalings=torch.zeros(num_slots, n, dtype=torch.float32, device=device),
                     offsets=offsets,
+                    col_scales=_identity_scales(num_slots, offsets[-1], device),
                 )
         # On CUDA a slot load goes through pinned host buffers, each big enough for one layer
         # of a max-rank adapter: one host->device copy per layer. Two of them alternate, so
@@ -87,7 +99,8 @@ class LoRABuffers:
 
     @property
     def nbytes(self) -> int:
-        return sum(b.a.nbytes + b.b.nbytes for b in self.buffers.values())
+        return sum(b.a.nbytes + b.b.nbytes + b.col_scales.scale.nbytes + b.col_scales.shift.nbytes
+                   for b in self.buffers.values())
 
     def write(self, lora_slot: int, adapter: LoRAAdapter) -> None:
         """Copy an adapter's weights into ``lora_slot`` (replacing whatever was there)."""
@@ -110,7 +123,27 @@ class LoRABuffers:
                     ranks[i], scalings[i] = r, w.scaling
                 buf.ranks[lora_slot].copy_(ranks)
                 buf.scalings[lora_slot].copy_(scalings)
+                self._write_col_scales(buf, lora_slot, [adapter.weights.get((layer, p))
+                                                        for p in projs])
             self._copy_layer(layer, pairs)
+
+    @staticmethod
+    def _write_col_scales(buf: SlotBuffers, lora_slot: int, weights: list) -> None:
+        """DoRA's column scale/shift of each slice into the slot; identity where none."""
+        cs = buf.col_scales
+        dora = any(w is not None and w.col_scale is not None for w in weights)
+        if not dora and not cs.host_flags[lora_slot]:
+            return  # identity already (a plain adapter replacing a plain one)
+        cs.scale[lora_slot].fill_(1.0)
+        cs.shift[lora_slot].zero_()
+        for i, w in enumerate(weights):
+            if w is not None and w.col_scale is not None:
+                c0, c1 = buf.offsets[i], buf.offsets[i + 1]
+                cs.scale[lora_slot, c0:c1].copy_(w.col_scale)
+                if w.col_shift is not None:
+                    cs.shift[lora_slot, c0:c1].copy_(w.col_shift)
+        cs.flags[lora_slot] = int(dora)
+        cs.host_flags[lora_slot] = dora
 
     def _copy_layer(self, layer: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         if not self._staging:  # host memory: copy straight into the slot
@@ -140,3 +173,4 @@ class LoRABuffers:
         for buf in self.buffers.values():
             buf.ranks[lora_slot].zero_()
             buf.scalings[lora_slot].zero_()
+            self._write_col_scales(buf, lora_slot, [])

@@ -2,7 +2,8 @@
 
 ``install_lora_layers`` replaces each layer's qkv_proj, o_proj, gate_up_proj and down_proj with a
 ``LoRALinear`` that computes ``y = base(x)`` and then, when the step's ForwardBatch carries LoRA
-metadata, adds ``scaling * (x @ A^T) @ B^T`` per segment in place. The model classes never
+metadata, adds ``scaling * (x @ A^T) @ B^T`` per segment in place (a DoRA slot first rescales
+its rows' base output by its column scales, inside the expand). The model classes never
 mention LoRA. All wrappers share one scratch buffer for the shrink output (layers run one at a
 time), allocated once.
 """
@@ -44,7 +45,7 @@ class LoRALinear(nn.Module):
         buf = self.buffers
         h = self.scratch[: x.shape[0], : self.width]  # [T, n*R]
         self.shrink(x, buf.a, buf.ranks, lora, h)
-        self.expand(h, buf.b, buf.ranks, buf.scalings, buf.offsets, lora, y)
+        self.expand(h, buf.b, buf.ranks, buf.scalings, buf.offsets, lora, y, buf.col_scales)
         return y
 
 

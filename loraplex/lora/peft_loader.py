@@ -24,13 +24,17 @@ from safetensors.torch import load_file
 from loraplex.config import ModelConfig
 from loraplex.errors import AdapterLoadError
 from loraplex.lora.adapter import PROJ_NAMES, LoRAAdapter, LoRAWeights, hf_module_name
+from loraplex.lora.dora import BaseWeightFn, fold_dora
 from loraplex.lora.peft_config import PeftLoRAConfig, read_peft_config, resolve_inside
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
+_KIND_NAMES = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector"}
 BIN_NAME = "adapter_model.bin"
 
 # base_model.model.<module>.lora_A[.<adapter name>].weight; <module> as in the HF model.
-_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+# DoRA adds base_model.model.<module>.lora_magnitude_vector[.weight] (kind "M").
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?:lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight"
+                     r"|lora_magnitude_vector(?:\.weight)?)$")
 _MODULE_RE = re.compile(r"^(?:model\.)?layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<proj>\w+)$")
 
 
@@ -39,6 +43,7 @@ def load_peft_adapter(
     model_config: ModelConfig,
     max_lora_rank: int,
     name: str | None = None,
+    base_weight: BaseWeightFn | None = None,
 ) -> LoRAAdapter:
     """Load the PEFT LoRA adapter in directory ``path`` for the base model ``model_config``.
 
@@ -46,8 +51,10 @@ def load_peft_adapter(
     tensors ``a: [r, in]`` and ``b: [out, r]`` with ``(in, out) = model_config.proj_shapes()
     [proj]``, and PEFT's scaling (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA, per
     module after ``rank_pattern`` / ``alpha_pattern``). ``name`` defaults to the directory
-    name. Raises ``AdapterLoadError`` for anything PEFT would not load into this model the
-    same way, or that loraplex cannot serve (e.g. DoRA, ``modules_to_save``, rank above
+    name. DoRA adapters (``use_dora``) need ``base_weight`` (HF parameter name -> the base
+    model's float32 tensor, e.g. ``CheckpointWeights.get``) and come back folded
+    (``lora/dora.py``). Raises ``AdapterLoadError`` for anything PEFT would not load into
+    this model the same way, or that loraplex cannot serve (e.g. ``modules_to_save``, rank above
     ``max_lora_rank``). Errors start with the adapter's name, then name the file relative to
     ``path`` (never an absolute path); a file that resolves outside ``path`` (a symlink out
     of it) is refused.
@@ -58,17 +65,22 @@ def load_peft_adapter(
         what = "is not a directory" if adapter_dir.exists() else "does not exist"
         raise AdapterLoadError(f"adapter {label!r}: adapter directory {str(path)!r} {what}")
     try:
-        return _load(adapter_dir, model_config, max_lora_rank, name)
+        return _load(adapter_dir, model_config, max_lora_rank, name, base_weight)
     except AdapterLoadError as e:
         raise AdapterLoadError(f"adapter {label!r}: {e}") from e.__cause__
 
 
 def _load(adapter_dir: Path, model_config: ModelConfig, max_lora_rank: int,
-          name: str | None) -> LoRAAdapter:
+          name: str | None, base_weight: BaseWeightFn | None) -> LoRAAdapter:
     cfg = read_peft_config(adapter_dir)
+    if cfg.use_dora and base_weight is None:
+        raise AdapterLoadError(f"{cfg.file}: use_dora=True: DoRA needs the base model's weights "
+                               f"(load it through the engine, or pass base_weight)")
     expected = _expected_modules(cfg, model_config, max_lora_rank)
     file, tensors = _read_tensors(adapter_dir)
-    weights = _collect(file, tensors, cfg, expected, model_config)
+    weights, magnitudes = _collect(file, tensors, cfg, expected, model_config)
+    for key, m in magnitudes.items():
+        weights[key] = fold_dora(file, hf_module_name(*key), weights[key], m, base_weight)
     return LoRAAdapter(name=name or adapter_dir.resolve().name, path=str(adapter_dir),
                        weights=weights)
 
@@ -165,8 +177,9 @@ def _collect(
     cfg: PeftLoRAConfig,
     expected: dict[tuple[int, str], tuple[int, float]],
     mc: ModelConfig,
-) -> dict[tuple[int, str], LoRAWeights]:
-    """Match every tensor to an expected module's A or B and check it; nothing left over."""
+) -> tuple[dict[tuple[int, str], LoRAWeights], dict[tuple[int, str], torch.Tensor]]:
+    """Match every tensor to an expected module's A or B (and DoRA magnitude) and check it;
+    nothing left over. Returns the weights and, for DoRA, the magnitudes per module."""
     found: dict[tuple[int, str, str], tuple[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY_RE.match(key)
@@ -178,20 +191,24 @@ def _collect(
             raise AdapterLoadError(f"{file}: tensor {key!r} is for module {m['module']!r}; "
                                    f"loraplex applies LoRA only to {', '.join(PROJ_NAMES)}")
         layer, proj = int(mm["layer"]), mm["proj"]
+        kind = m["ab"] or "M"
+        if kind == "M" and not cfg.use_dora:
+            raise AdapterLoadError(f"{file}: tensor {key!r} is a DoRA magnitude, but "
+                                   f"adapter_config.json has use_dora=false")
         if layer >= mc.num_layers:
             raise AdapterLoadError(f"{file}: tensor {key!r} is for layer {layer}, but the base "
                                    f"model has {mc.num_layers} layers")
         if (layer, proj) not in expected:
             raise AdapterLoadError(f"{file}: tensor {key!r} is for {hf_module_name(layer, proj)}, "
                                    f"which adapter_config.json does not target")
-        slot = (layer, proj, m["ab"])
+        slot = (layer, proj, kind)
         if slot in found:
             raise AdapterLoadError(f"{file}: tensors {found[slot][0]!r} and {key!r} are both "
-                                   f"lora_{m['ab']} of {hf_module_name(layer, proj)}")
+                                   f"{_KIND_NAMES[kind]} of {hf_module_name(layer, proj)}")
         found[slot] = (key, t)
 
     shapes = mc.proj_shapes()
-    weights = {}
+    weights, magnitudes = {}, {}
     for (layer, proj), (r, scaling) in expected.items():
         module = hf_module_name(layer, proj)
         d_in, d_out = shapes[proj]
@@ -203,7 +220,23 @@ def _collect(
             key, t = found[(layer, proj, ab)]
             pair.append(_check_tensor(file, key, t, want, module, proj, r))
         weights[(layer, proj)] = LoRAWeights(a=pair[0], b=pair[1], scaling=scaling)
-    return weights
+        if cfg.use_dora:
+            if (layer, proj, "M") not in found:
+                raise AdapterLoadError(f"{file}: use_dora=True but tensor 'base_model.model."
+                                       f"{module}.lora_magnitude_vector' is missing")
+            key, t = found[(layer, proj, "M")]
+            magnitudes[(layer, proj)] = _check_magnitude(file, key, t, d_out)
+    return weights, magnitudes
+
+
+def _check_magnitude(file: Path, key: str, t: torch.Tensor, d_out: int) -> torch.Tensor:
+    if not t.is_floating_point() or tuple(t.shape) != (d_out,):
+        raise AdapterLoadError(f"{file}: tensor {key!r} has shape {tuple(t.shape)} and dtype "
+                               f"{t.dtype}, expected a floating ({d_out},) DoRA magnitude")
+    t = t.to(torch.float32).contiguous()
+    if not torch.isfinite(t).all():
+        raise AdapterLoadError(f"{file}: tensor {key!r} contains NaN or infinite values")
+    return t
 
 
 def _check_tensor(file: Path, key: str, t: torch.Tensor, want: tuple[int, int], module: str,

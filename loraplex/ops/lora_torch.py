@@ -115,7 +115,8 @@ def _shrink_masked(x, a, ranks, batch: LoRABatch, out) -> None:
             dst.copy_(torch.where(keep, h, dst))
 
 
-def _expand_masked(h, b, ranks, scalings, offsets, batch: LoRABatch, y, col_scales) -> None:
+def _expand_masked(h, b, ranks, scalings, offsets, batch: LoRABatch, y,
+                   col_scales: ColumnScales | None = None) -> None:
     n, big_r = ranks.shape[1], b.shape[2]
     col = torch.arange(big_r, device=ranks.device)
     for start, length, slot in batch.host_segs:
