@@ -93,8 +93,9 @@ def lora_expand(
 
 
 def _scale_columns(ys: torch.Tensor, cs: ColumnScales, slot: int, c0: int, c1: int) -> None:
-    # ys [len, w] a view of y: y * scale + shift in place, broadcast over the rows
-    ys.mul_(cs.scale[slot, c0:c1]).add_(cs.shift[slot, c0:c1])
+    # ys [len, w] a view of y: shift + y * scale in place, broadcast over the rows, in one
+    # pass over y (mul_ then add_ would read and write it twice)
+    torch.addcmul(cs.shift[slot, c0:c1], ys, cs.scale[slot, c0:c1], out=ys)
 
 
 # -- ranks on an accelerator: no host sync, unused rank columns masked -------------------------
