@@ -22,10 +22,16 @@ PROJ_NAMES: tuple[str, ...] = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 )
 ATTN_PROJS: frozenset[str] = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})
+# The input embedding, keyed ``(EMBED_LAYER, EMBED)`` in ``LoRAAdapter.weights``: its LoRA is
+# the linear kind on a one-hot input, ``a [r, vocab]`` (PEFT's lora_embedding_A), ``b
+# [hidden, r]`` (lora_embedding_B), so ``x @ a.T`` is a gather of a's columns.
+EMBED, EMBED_LAYER = "embed_tokens", -1
 
 
 def hf_module_name(layer: int, proj: str) -> str:
     """The module's name in a Hugging Face ``*ForCausalLM``, e.g. ``model.layers.3.mlp.up_proj``."""
+    if proj == EMBED:
+        return "model.embed_tokens"
     block = "self_attn" if proj in ATTN_PROJS else "mlp"
     return f"model.layers.{layer}.{block}.{proj}"
 

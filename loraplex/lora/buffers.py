@@ -7,6 +7,8 @@ For a fused projection with ``n`` slices (q/k/v: 3, gate/up: 2, o/down: 1), ``S`
     ranks    [S, n] int32   0 = slice not targeted by the adapter in that slot
     scalings [S, n] float32
     col_scales               DoRA's per-slot column scale/shift [S, out] (identity elsewhere)
+The input embedding has one more set (``embedding``), as a linear layer on one-hot tokens:
+``a [S, R, vocab]`` (PEFT's lora_embedding_A), ``b [S, hidden, R]``, n = 1.
 Rank columns beyond a slot's rank are never read, so loading an adapter writes only its own
 rows/columns and clearing a slot only zeroes its ranks.
 
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.config import ModelConfig
-from loraplex.lora.adapter import LoRAAdapter
+from loraplex.lora.adapter import EMBED, EMBED_LAYER, LoRAAdapter, LoRAWeights
 from loraplex.ops.lora_meta import ColumnScales
 
 # fused module -> the HF projections stacked in it, in order
@@ -81,6 +83,14 @@ class LoRABuffers:
                     offsets=offsets,
                     col_scales=_identity_scales(num_slots, offsets[-1], device),
                 )
+        self.embedding = SlotBuffers(
+            a=torch.zeros(num_slots, max_rank, cfg.vocab_size, dtype=dtype, device=device),
+            b=torch.zeros(num_slots, cfg.hidden_size, max_rank, dtype=dtype, device=device),
+            ranks=torch.zeros(num_slots, 1, dtype=torch.int32, device=device),
+            scalings=torch.zeros(num_slots, 1, dtype=torch.float32, device=device),
+            offsets=(0, cfg.hidden_size),
+            col_scales=_identity_scales(num_slots, cfg.hidden_size, device),
+        )
         # On CUDA a slot load goes through pinned host buffers, each big enough for one layer
         # of a max-rank adapter: one host->device copy per layer. Two of them alternate, so
         # packing layer k+1 on the host overlaps layer k's transfer.
@@ -97,10 +107,13 @@ class LoRABuffers:
                               torch.cuda.Event() if cuda else None) for _ in range(2)]
         self.num_transfers = 0  # host->device copies of packed layers (staged writes)
 
+    def all_buffers(self) -> list[SlotBuffers]:
+        return [*self.buffers.values(), self.embedding]
+
     @property
     def nbytes(self) -> int:
         return sum(b.a.nbytes + b.b.nbytes + b.col_scales.scale.nbytes + b.col_scales.shift.nbytes
-                   for b in self.buffers.values())
+                   for b in self.all_buffers())
 
     def write(self, lora_slot: int, adapter: LoRAAdapter) -> None:
         """Copy an adapter's weights into ``lora_slot`` (replacing whatever was there)."""
@@ -126,6 +139,16 @@ class LoRABuffers:
                 self._write_col_scales(buf, lora_slot, [adapter.weights.get((layer, p))
                                                         for p in projs])
             self._copy_layer(layer, pairs)
+        self._write_embedding(lora_slot, adapter.weights.get((EMBED_LAYER, EMBED)))
+
+    def _write_embedding(self, lora_slot: int, w: LoRAWeights | None) -> None:
+        # Copied directly, not staged: A is [r, vocab], larger than a layer's staging buffer.
+        buf, r = self.embedding, 0 if w is None else w.rank
+        if w is not None:
+            buf.a[lora_slot, :r].copy_(w.a)
+            buf.b[lora_slot, :, :r].copy_(w.b)
+        buf.ranks[lora_slot, 0] = r
+        buf.scalings[lora_slot, 0] = 0.0 if w is None else w.scaling
 
     @staticmethod
     def _write_col_scales(buf: SlotBuffers, lora_slot: int, weights: list) -> None:
@@ -170,7 +193,7 @@ class LoRABuffers:
             done.record()
 
     def clear(self, lora_slot: int) -> None:
-        for buf in self.buffers.values():
+        for buf in self.all_buffers():
             buf.ranks[lora_slot].zero_()
             buf.scalings[lora_slot].zero_()
             self._write_col_scales(buf, lora_slot, [])
