@@ -221,6 +221,9 @@ def _collect(
                                        f"and {EMBED}")
             layer, proj = int(mm["layer"]), mm["proj"]
             kind = m["ab"] or "M"
+        if kind == "M" and not cfg.use_dora:
+            raise AdapterLoadError(f"{file}: tensor {key!r} is a DoRA magnitude, but "
+                                   f"adapter_config.json has use_dora=false")
         if layer >= mc.num_layers:
             raise AdapterLoadError(f"{file}: tensor {key!r} is for layer {layer}, but the base "
                                    f"model has {mc.num_layers} layers")
