@@ -4,7 +4,9 @@ adapters on all seven projections, float32, 2 threads. In one run:
   (a) prefill of 32 x 128-token prompts, (b) 32 decode steps, each on the base model, on 16
   adapters in consecutive slots (the best case) and on 16 adapters in scattered slots (what
   serving sees after loads and evictions); (c) the scattered mix through transformers + PEFT
-  (``adapter_names=``) and PEFT's own base.
+  (``adapter_names=``) and PEFT's own base; (d) 16 DoRA adapters (``use_dora``, same ranks
+  and targets) and (e) 16 adapters that also target ``embed_tokens``, each in consecutive
+  slots, against (a)/(b)'s plain LoRA in consecutive slots.
 
     python benchmarks/bench_lora.py [--adapters 16] [--layers 4] [--repeat 5] [--write-docs]
 
@@ -25,7 +27,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import bench_threads, make_adapters, make_bench_model, markdown_table, write_section
+from common import (
+    ALL_PROJS,
+    bench_threads,
+    make_adapters,
+    make_bench_model,
+    markdown_table,
+    write_section,
+)
 
 from loraplex import LLM, SamplingParams
 
@@ -77,6 +86,32 @@ def peft_times(model, ids: torch.Tensor, names, steps: int) -> tuple[float, floa
     return prefill, (total - prefill) / steps  # <= 0 when noise swamps it: shown as n/a
 
 
+def make_variant_adapters(model, out_root: Path, n: int, r: int, prefix: str,
+                          **lora_kwargs) -> dict[str, str]:
+    """``n`` random rank-``r`` adapters on all seven projections with extra ``LoraConfig``
+    fields (``use_dora=True``; ``target_modules`` for embedding LoRA); DoRA magnitudes are
+    perturbed away from PEFT's initial ||W + s*B@A|| (as training would)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    dirs = {}
+    lora_kwargs.setdefault("target_modules", list(ALL_PROJS))
+    for i in range(n):
+        torch.manual_seed(2000 + i)
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False, lora_dropout=0.0,
+                         **lora_kwargs)
+        pm = get_peft_model(copy.deepcopy(model), cfg)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(0.5 + torch.rand_like(p))
+        path = out_root / f"{prefix}{i}"
+        pm.save_pretrained(str(path))
+        dirs[f"{prefix}{i}"] = str(path)
+    return dirs
+
+
 def best(fn, repeat: int) -> tuple[float, float]:
     runs = [fn() for _ in range(repeat)]
     return min(r[0] for r in runs), min(r[1] for r in runs)
@@ -116,21 +151,30 @@ def main() -> None:
         # (consecutive slots, the best case), "scattered" a random n of the 2n (slots with gaps,
         # as in real serving after loads and evictions).
         dirs = make_adapters(hf, root, 2 * n, args.rank)
+        dora_dirs = make_variant_adapters(hf, root, n, args.rank, "dora", use_dora=True)
+        emb_dirs = make_variant_adapters(hf, root, n, args.rank, "emb",
+                                         target_modules=[*ALL_PROJS, "embed_tokens"])
         ordered = [f"lora{i % n}" for i in range(args.batch)]
         picked = random.Random(args.seed).sample(range(2 * n), n)
         scattered = [f"lora{picked[i % n]}" for i in range(args.batch)]
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(3, 32000, (args.batch, args.prompt_len), generator=g)
         prompts = ids.tolist()
-        llm = LLM(str(root / "model"), adapters=dirs, device="cpu",
-                  max_num_seqs=max(args.batch, 2 * n), max_loras_per_batch=2 * n,
+        dora = [f"dora{i % n}" for i in range(args.batch)]
+        emb = [f"emb{i % n}" for i in range(args.batch)]
+        llm = LLM(str(root / "model"), adapters=dirs | dora_dirs | emb_dirs, device="cpu",
+                  max_num_seqs=max(args.batch, 2 * n), max_loras_per_batch=4 * n,
                   max_lora_rank=args.rank)
-        for i in range(2 * n):  # one at a time, so lora{i} lands in slot i
-            loraplex_times(llm, prompts[:1], [f"lora{i}"], 1)
-        layouts = {"in order": slot_layout(llm, ordered), "scattered": slot_layout(llm, scattered)}
+        # one at a time: lora{i} lands in slot i, dora{i} in 2n + i, emb{i} in 3n + i
+        for name in ([f"lora{i}" for i in range(2 * n)] + [f"dora{i}" for i in range(n)]
+                     + [f"emb{i}" for i in range(n)]):
+            loraplex_times(llm, prompts[:1], [name], 1)
+        layouts = {"in order": slot_layout(llm, ordered), "scattered": slot_layout(llm, scattered),
+                   "DoRA": slot_layout(llm, dora), "embedding": slot_layout(llm, emb)}
         for key, slots in layouts.items():
             print(f"{key}: slots {slots}", flush=True)
-        cases = {"base": [None] * args.batch, "in order": ordered, "scattered": scattered}
+        cases = {"base": [None] * args.batch, "in order": ordered, "scattered": scattered,
+                 "DoRA": dora, "embedding": emb}
         rows: dict[str, tuple[float, float]] = {}
         for _ in range(args.repeat):  # interleaved, so load drifts hit every case alike
             for key, ns in cases.items():
@@ -173,15 +217,21 @@ def main() -> None:
         row("loraplex base", base, base),
         row(f"loraplex {n} adapters, slots in order", rows["in order"], base),
         row(f"loraplex {n} adapters, slots scattered", rows["scattered"], base),
+        row(f"loraplex {n} DoRA adapters, slots in order", rows["DoRA"], base),
+        row(f"loraplex {n} adapters + embed_tokens LoRA, slots in order", rows["embedding"],
+            base),
         ["decode floor (base + adapter bytes / bandwidth)", "", f"{floor * 1e3:.1f}", "", "",
          f"{floor / base[1]:.3f}"],
     ]
-    summary = ""
+    plain, dr, em = rows["in order"], rows["DoRA"], rows["embedding"]
+    summary = (f"\nAgainst plain LoRA in consecutive slots (time ratio): DoRA prefill "
+               f"{dr[0] / plain[0]:.3f}x, decode {dr[1] / plain[1]:.3f}x; + embed_tokens LoRA "
+               f"prefill {em[0] / plain[0]:.3f}x, decode {em[1] / plain[1]:.3f}x.\n")
     if "peft_mixed" in rows:
         pb, pmx = rows["peft_base"], rows["peft_mixed"]
         table_rows += [row("transformers base", pb, pb),
                        row(f"transformers + PEFT {n} adapters", pmx, pb)]
-        summary = "\nloraplex vs transformers + PEFT on the same mixed batch (speed ratio):\n"
+        summary += "\nloraplex vs transformers + PEFT on the same mixed batch (speed ratio):\n"
         for key in ("in order", "scattered"):
             decode = f"{pmx[1] / rows[key][1]:.2f}x" if pmx[1] > 0 else "n/a"
             summary += (f"- slots {key}: prefill {pmx[0] / rows[key][0]:.2f}x, decode "
@@ -192,9 +242,10 @@ def main() -> None:
             f"{args.prompt_len} tokens, {args.steps} decode steps, {n} distinct rank-{args.rank} "
             f"adapters on all seven projections, out of {2 * n} held in {2 * n} slots; CPU "
             f"float32, {args.threads} threads, {args.clock} clock; best of {args.repeat}, base "
-            f"and mixed runs interleaved in one run. Scattered slots: {layouts['scattered']}. "
-            f"Measured copy bandwidth {bw / 1e9:.1f} GB/s; one adapter is "
-            f"{per_adapter / 1e6:.1f} MB.\n\n"
+            f"and mixed runs interleaved in one run. Scattered slots: {layouts['scattered']}; "
+            f"{n} DoRA adapters (same rank and targets) in slots {layouts['DoRA']}; {n} adapters "
+            f"also on embed_tokens in slots {layouts['embedding']}. Measured copy "
+            f"bandwidth {bw / 1e9:.1f} GB/s; one adapter is {per_adapter / 1e6:.1f} MB.\n\n"
             f"`python benchmarks/bench_lora.py`\n\n{table}\n{summary}")
     print(body)
     if args.write_docs:

@@ -53,8 +53,8 @@ def test_lora_step_metadata_and_ops_allocate_no_weight_copies(tmp_path):
             _, sizes = allocated(_op, x, a, ranks, batch, out)
             op_calls.append(("shrink", batch.num_tokens, a.shape[1], sizes))
 
-        def spy_expand(h, b, ranks, scalings, offsets, batch, y, _op=expand):
-            _, sizes = allocated(_op, h, b, ranks, scalings, offsets, batch, y)
+        def spy_expand(h, b, ranks, scalings, offsets, batch, y, col_scales=None, _op=expand):
+            _, sizes = allocated(_op, h, b, ranks, scalings, offsets, batch, y, col_scales)
             op_calls.append(("expand", batch.num_tokens, b.shape[1], sizes))
 
         w.shrink, w.expand = spy_shrink, spy_expand

@@ -149,9 +149,9 @@ def test_bad_adapter_is_refused_and_others_keep_serving(tmp_path):
         llm.load_adapter("big", str(big))
     with pytest.raises(AdapterLoadError):
         llm.load_adapter("missing", str(tmp_path / "nope"))
-    dora = make_peft_adapter(hf, tmp_path / "dora", seed=3, r=4, use_dora=True)
-    with pytest.raises(AdapterLoadError, match="use_dora"):
-        llm.load_adapter("dora", str(dora))
+    lb = make_peft_adapter(hf, tmp_path / "lora_bias", seed=3, r=4, lora_bias=True)
+    with pytest.raises(AdapterLoadError, match="lora_bias"):
+        llm.load_adapter("lora_bias", str(lb))
     assert llm.list_adapters() == ["good"]
     out = llm.generate([[1, 5, 6]], SamplingParams(max_tokens=4), adapters="good")[0]
     assert len(out.token_ids) == 4

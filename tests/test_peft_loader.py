@@ -20,7 +20,7 @@ from helpers_lora import (
 
 from loraplex.config import ModelConfig
 from loraplex.errors import AdapterLoadError
-from loraplex.lora import LoRAAdapter, load_peft_adapter
+from loraplex.lora import PROJ_NAMES, LoRAAdapter, load_peft_adapter
 
 torch.set_num_threads(1)
 
@@ -159,8 +159,9 @@ BAD_EDITS = {
     "lora_bias": ({"lora_bias": True}, None, "lora_bias"),
     "peft_type": ({"peft_type": "IA3"}, None, "peft_type='IA3'"),
     "unknown_switch": ({"use_fancy_thing": True}, None, "use_fancy_thing"),
-    "embed_target": ({"target_modules": ["q_proj", "embed_tokens"]}, None,
-                     "targets model.embed_tokens"),
+    # embeddings are served now: targeting one without its tensors is the weights file's fault
+    "embed_target": ({"target_modules": [*PROJ_NAMES, "embed_tokens"]}, _drop("no such key"),
+                     "missing tensor 'base_model.model.model.embed_tokens.lora_embedding_A'"),
     "lm_head_target": ({"target_modules": ["lm_head"]}, None, "targets lm_head"),
     "foreign_target": ({"target_modules": ["q_proj", "c_attn"]}, None, "'c_attn' matches no"),
     "catch_all_regex": ({"target_modules": ".*"}, None, r"targets model\b"),
@@ -184,7 +185,8 @@ BAD_EDITS = {
     "unexpected": ({}, _set("base_model.model.lm_head.lora_A.weight", torch.zeros(4, 96)),
                    "lm_head"),
     "embedding_tensor": ({}, _set("base_model.model.model.embed_tokens.lora_embedding_A",
-                                  torch.zeros(4, 128)), "unexpected tensor"),
+                                  torch.zeros(4, 128)),
+                         "is for model.embed_tokens, which adapter_config.json does not target"),
     "tensor_layer_out_of_range": (
         {}, _set("base_model.model.model.layers.7.mlp.up_proj.lora_A.weight", torch.zeros(4, 96)),
         "layer 7, but the base model has 3 layers"),

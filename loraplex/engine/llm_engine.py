@@ -35,6 +35,7 @@ from loraplex.kvcache.profile import largest_step
 from loraplex.kvcache.sizing import MemorySplit, cuda_graph_reserve, measure_peak, num_kv_blocks
 from loraplex.layers.linear import can_prepack, prepack_linear_weights
 from loraplex.lora.adapter import LoRAAdapter
+from loraplex.lora.base_weights import CheckpointWeights
 from loraplex.lora.batch import LoRABatchBuilder
 from loraplex.lora.buffers import LoRABuffers
 from loraplex.lora.host_cache import HostCache, default_max_cpu_lora_bytes
@@ -77,7 +78,8 @@ class LLMEngine:
         self.adapters = AdapterRegistry()
         self.lora_cache = HostCache(lora.max_cpu_loras,
                                     lora.max_cpu_lora_bytes or default_max_cpu_lora_bytes())
-        self.lora_loader = AdapterLoader(model_config, lora, dtype, self.adapters, self.lora_cache)
+        self.lora_loader = AdapterLoader(model_config, lora, dtype, self.adapters, self.lora_cache,
+                                         base_weight=CheckpointWeights(model_dir).get)
         buffers = LoRABuffers(model_config, lora.max_loras_per_batch, lora.max_lora_rank, dtype,
                               device)
         self.lora_pool = LoRASlotPool(buffers)

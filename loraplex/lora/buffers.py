@@ -6,6 +6,9 @@ For a fused projection with ``n`` slices (q/k/v: 3, gate/up: 2, o/down: 1), ``S`
     b        [S, out, R]    slice i's B in rows offsets[i] : offsets[i+1], columns : rank
     ranks    [S, n] int32   0 = slice not targeted by the adapter in that slot
     scalings [S, n] float32
+    col_scales               DoRA's per-slot column scale/shift [S, out] (identity elsewhere)
+The input embedding has one more set (``embedding``), as a linear layer on one-hot tokens:
+``a [S, R, vocab]`` (PEFT's lora_embedding_A), ``b [S, hidden, R]``, n = 1.
 Rank columns beyond a slot's rank are never read, so loading an adapter writes only its own
 rows/columns and clearing a slot only zeroes its ranks.
 
@@ -20,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.config import ModelConfig
-from loraplex.lora.adapter import LoRAAdapter
+from loraplex.lora.adapter import EMBED, EMBED_LAYER, LoRAAdapter, LoRAWeights
+from loraplex.ops.lora_meta import ColumnScales
 
 # fused module -> the HF projections stacked in it, in order
 FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
@@ -38,6 +42,15 @@ class SlotBuffers:
     ranks: torch.Tensor
     scalings: torch.Tensor
     offsets: tuple[int, ...]  # output column offsets of the slices, len n + 1
+    col_scales: ColumnScales  # DoRA; scale 1 / shift 0 wherever no DoRA adapter wrote
+
+
+def _identity_scales(num_slots: int, out: int, device: torch.device) -> ColumnScales:
+    # float32 whatever the serving dtype: a scale multiplies the base output once, in the epilogue
+    return ColumnScales(scale=torch.ones(num_slots, out, device=device),
+                        shift=torch.zeros(num_slots, out, device=device),
+                        flags=torch.zeros(num_slots, dtype=torch.int32, device=device),
+                        host_flags=[False] * num_slots)
 
 
 class LoRABuffers:
@@ -68,7 +81,16 @@ class LoRABuffers:
                     ranks=torch.zeros(num_slots, n, dtype=torch.int32, device=device),
                     scalings=torch.zeros(num_slots, n, dtype=torch.float32, device=device),
                     offsets=offsets,
+                    col_scales=_identity_scales(num_slots, offsets[-1], device),
                 )
+        self.embedding = SlotBuffers(
+            a=torch.zeros(num_slots, max_rank, cfg.vocab_size, dtype=dtype, device=device),
+            b=torch.zeros(num_slots, cfg.hidden_size, max_rank, dtype=dtype, device=device),
+            ranks=torch.zeros(num_slots, 1, dtype=torch.int32, device=device),
+            scalings=torch.zeros(num_slots, 1, dtype=torch.float32, device=device),
+            offsets=(0, cfg.hidden_size),
+            col_scales=_identity_scales(num_slots, cfg.hidden_size, device),
+        )
         # On CUDA a slot load goes through pinned host buffers, each big enough for one layer
         # of a max-rank adapter: one host->device copy per layer. Two of them alternate, so
         # packing layer k+1 on the host overlaps layer k's transfer.
@@ -85,9 +107,13 @@ class LoRABuffers:
                               torch.cuda.Event() if cuda else None) for _ in range(2)]
         self.num_transfers = 0  # host->device copies of packed layers (staged writes)
 
+    def all_buffers(self) -> list[SlotBuffers]:
+        return [*self.buffers.values(), self.embedding]
+
     @property
     def nbytes(self) -> int:
-        return sum(b.a.nbytes + b.b.nbytes for b in self.buffers.values())
+        return sum(b.a.nbytes + b.b.nbytes + b.col_scales.scale.nbytes + b.col_scales.shift.nbytes
+                   for b in self.all_buffers())
 
     def write(self, lora_slot: int, adapter: LoRAAdapter) -> None:
         """Copy an adapter's weights into ``lora_slot`` (replacing whatever was there)."""
@@ -110,7 +136,37 @@ class LoRABuffers:
                     ranks[i], scalings[i] = r, w.scaling
                 buf.ranks[lora_slot].copy_(ranks)
                 buf.scalings[lora_slot].copy_(scalings)
+                self._write_col_scales(buf, lora_slot, [adapter.weights.get((layer, p))
+                                                        for p in projs])
             self._copy_layer(layer, pairs)
+        self._write_embedding(lora_slot, adapter.weights.get((EMBED_LAYER, EMBED)))
+
+    def _write_embedding(self, lora_slot: int, w: LoRAWeights | None) -> None:
+        # Copied directly, not staged: A is [r, vocab], larger than a layer's staging buffer.
+        buf, r = self.embedding, 0 if w is None else w.rank
+        if w is not None:
+            buf.a[lora_slot, :r].copy_(w.a)
+            buf.b[lora_slot, :, :r].copy_(w.b)
+        buf.ranks[lora_slot, 0] = r
+        buf.scalings[lora_slot, 0] = 0.0 if w is None else w.scaling
+
+    @staticmethod
+    def _write_col_scales(buf: SlotBuffers, lora_slot: int, weights: list) -> None:
+        """DoRA's column scale/shift of each slice into the slot; identity where none."""
+        cs = buf.col_scales
+        dora = any(w is not None and w.col_scale is not None for w in weights)
+        if not dora and not cs.host_flags[lora_slot]:
+            return  # identity already (a plain adapter replacing a plain one)
+        cs.scale[lora_slot].fill_(1.0)
+        cs.shift[lora_slot].zero_()
+        for i, w in enumerate(weights):
+            if w is not None and w.col_scale is not None:
+                c0, c1 = buf.offsets[i], buf.offsets[i + 1]
+                cs.scale[lora_slot, c0:c1].copy_(w.col_scale)
+                if w.col_shift is not None:
+                    cs.shift[lora_slot, c0:c1].copy_(w.col_shift)
+        cs.flags[lora_slot] = int(dora)
+        cs.host_flags[lora_slot] = dora
 
     def _copy_layer(self, layer: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         if not self._staging:  # host memory: copy straight into the slot
@@ -137,6 +193,7 @@ class LoRABuffers:
             done.record()
 
     def clear(self, lora_slot: int) -> None:
-        for buf in self.buffers.values():
+        for buf in self.all_buffers():
             buf.ranks[lora_slot].zero_()
             buf.scalings[lora_slot].zero_()
+            self._write_col_scales(buf, lora_slot, [])

@@ -2,9 +2,11 @@
 
 ``install_lora_layers`` replaces each layer's qkv_proj, o_proj, gate_up_proj and down_proj with a
 ``LoRALinear`` that computes ``y = base(x)`` and then, when the step's ForwardBatch carries LoRA
-metadata, adds ``scaling * (x @ A^T) @ B^T`` per segment in place. The model classes never
+metadata, adds ``scaling * (x @ A^T) @ B^T`` per segment in place (a DoRA slot first rescales
+its rows' base output by its column scales, inside the expand). The model classes never
 mention LoRA. All wrappers share one scratch buffer for the shrink output (layers run one at a
-time), allocated once.
+time), allocated once. The input embedding gets ``LoRAEmbedding`` (PEFT's embedding LoRA:
+a gather of A's columns, then the same expand).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 from loraplex.layers.forward_context import get_forward_batch
 from loraplex.layers.linear import LinearBase
 from loraplex.lora.buffers import FUSED_PROJECTIONS, LoRABuffers, SlotBuffers
+from loraplex.ops.lora_embedding import lora_embedding_shrink
 from loraplex.ops.lora_ops import get_lora_ops
 
 
@@ -44,6 +47,32 @@ class LoRALinear(nn.Module):
         buf = self.buffers
         h = self.scratch[: x.shape[0], : self.width]  # [T, n*R]
         self.shrink(x, buf.a, buf.ranks, lora, h)
+        self.expand(h, buf.b, buf.ranks, buf.scalings, buf.offsets, lora, y, buf.col_scales)
+        return y
+
+
+class LoRAEmbedding(nn.Module):
+    """The input embedding plus its per-slot LoRA: ``y = E[ids]``, then per segment
+    ``y += scaling * A.T[ids] @ B.T`` (gather, then the backend's expand)."""
+
+    def __init__(self, base: nn.Embedding, buffers: SlotBuffers, scratch: torch.Tensor,
+                 expand: Callable) -> None:
+        super().__init__()
+        self.base, self.buffers, self.scratch, self.expand = base, buffers, scratch, expand
+        self.width = buffers.a.shape[1]  # R
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads the embedding matrix keeps working
+        return self.base.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base(ids)
+        lora = get_forward_batch().lora
+        if lora is None:
+            return y
+        buf = self.buffers
+        h = self.scratch[: ids.shape[0], : self.width]  # [T, R]
+        lora_embedding_shrink(ids, buf.a, buf.ranks, lora, h)
         self.expand(h, buf.b, buf.ranks, buf.scalings, buf.offsets, lora, y)
         return y
 
@@ -57,7 +86,7 @@ def install_lora_layers(
     device: torch.device,
 ) -> list[LoRALinear]:
     ops = get_lora_ops(backend)
-    width = max(b.a.shape[1] for b in buffers.buffers.values())
+    width = max(b.a.shape[1] for b in buffers.all_buffers())
     scratch = torch.zeros(max_tokens, width, dtype=dtype, device=device)
     wrappers = []
     for layer_idx, layer in enumerate(model.model.layers):
@@ -69,4 +98,8 @@ def install_lora_layers(
             w = LoRALinear(base, buffers.buffers[(layer_idx, fused)], scratch, ops)
             setattr(parent, fused, w)
             wrappers.append(w)
+    embed = model.model.embed_tokens
+    if isinstance(embed, LoRAEmbedding):
+        embed = embed.base
+    model.model.embed_tokens = LoRAEmbedding(embed, buffers.embedding, scratch, ops.expand)
     return wrappers

@@ -19,6 +19,7 @@ import torch
 from loraplex.config import LoRAConfig, ModelConfig
 from loraplex.errors import AdapterLoadError
 from loraplex.lora.adapter import LoRAAdapter
+from loraplex.lora.dora import BaseWeightFn
 from loraplex.lora.host_cache import HostCache
 from loraplex.lora.peft_loader import load_peft_adapter
 from loraplex.lora.registry import AdapterEntry, AdapterKey, AdapterRegistry
@@ -27,8 +28,12 @@ from loraplex.models.hub import resolve_adapter_path
 
 class AdapterLoader:
     def __init__(self, cfg: ModelConfig, lora: LoRAConfig, dtype: torch.dtype,
-                 registry: AdapterRegistry, cache: HostCache, workers: int = 2) -> None:
+                 registry: AdapterRegistry, cache: HostCache, workers: int = 2,
+                 base_weight: BaseWeightFn | None = None) -> None:
+        """``base_weight``: the base model's weights by HF name (``CheckpointWeights.get``),
+        needed by DoRA adapters only."""
         self.cfg, self.max_rank, self.dtype = cfg, lora.max_lora_rank, dtype
+        self.base_weight = base_weight
         self.registry, self.cache = registry, cache
         self._pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="loraplex-adapter-io")
         self._fetches: dict[AdapterKey, cf.Future[LoRAAdapter]] = {}
@@ -37,7 +42,8 @@ class AdapterLoader:
 
     def parse(self, name: str, path: str | Path) -> LoRAAdapter:
         """Read, validate and convert one adapter (runs on a worker thread)."""
-        adapter = load_peft_adapter(path, self.cfg, self.max_rank, name=name)
+        adapter = load_peft_adapter(path, self.cfg, self.max_rank, name=name,
+                                    base_weight=self.base_weight)
         return self._checked(adapter)
 
     def _checked(self, adapter: LoRAAdapter) -> LoRAAdapter:

@@ -24,7 +24,6 @@ CONFIG_NAME = "adapter_config.json"
 # Fields that change what the adapter computes in ways loraplex does not implement; each is
 # refused when set to anything but its neutral value, with the reason.
 _REFUSED: dict[str, str] = {
-    "use_dora": "DoRA (weight-decomposed LoRA) is not supported",
     "modules_to_save": "fully trained modules (modules_to_save) are not supported",
     "lora_bias": "a bias on LoRA B (lora_bias) is not supported",
     "trainable_token_indices": "trainable embedding tokens are not supported",
@@ -40,9 +39,10 @@ _REFUSED: dict[str, str] = {
     "megatron_config": "Megatron-sharded LoRA layers are not supported",
 }
 # Fields shaped like feature switches that are known not to change the forward pass
-# (initialisation recipes, runtime options). Unknown switches that are set are refused.
+# (initialisation recipes, runtime options), or that are parsed below (use_rslora,
+# use_dora). Unknown switches that are set are refused.
 _HARMLESS_SWITCHES = frozenset({
-    "use_rslora", "runtime_config", "loftq_config", "eva_config", "corda_config",
+    "use_rslora", "use_dora", "runtime_config", "loftq_config", "eva_config", "corda_config",
     "lora_ga_config",
 })
 _ALL_LINEAR = "all-linear"
@@ -74,6 +74,7 @@ class PeftLoRAConfig:
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
     fan_in_fan_out: bool
+    use_dora: bool  # DoRA: a magnitude vector per module (lora_magnitude_vector tensors)
     # matches every regex above without letting one hang the process (see module_match)
     matcher: ModuleMatcher = dc_field(compare=False, repr=False)
 
@@ -211,6 +212,7 @@ def parse_peft_config(raw: dict[str, Any], file: Path) -> PeftLoRAConfig:
     if not _is_number(alpha):
         raise _fail(file, f"lora_alpha={alpha!r} must be a number")
     use_rslora = _get_bool(raw, "use_rslora", file)
+    use_dora = _get_bool(raw, "use_dora", file)
     fan_in_fan_out = _get_bool(raw, "fan_in_fan_out", file)
 
     target = raw.get("target_modules")
@@ -256,7 +258,7 @@ def parse_peft_config(raw: dict[str, Any], file: Path) -> PeftLoRAConfig:
         file=file, r=int(r), lora_alpha=float(alpha), use_rslora=use_rslora,
         target_modules=target, exclude_modules=exclude, layers_to_transform=layers,
         layers_pattern=pattern, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-        fan_in_fan_out=fan_in_fan_out, matcher=ModuleMatcher(str(file)),
+        fan_in_fan_out=fan_in_fan_out, use_dora=use_dora, matcher=ModuleMatcher(str(file)),
     )
 
 

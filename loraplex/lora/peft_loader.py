@@ -23,7 +23,15 @@ from safetensors.torch import load_file
 
 from loraplex.config import ModelConfig
 from loraplex.errors import AdapterLoadError
-from loraplex.lora.adapter import PROJ_NAMES, LoRAAdapter, LoRAWeights, hf_module_name
+from loraplex.lora.adapter import (
+    EMBED,
+    EMBED_LAYER,
+    PROJ_NAMES,
+    LoRAAdapter,
+    LoRAWeights,
+    hf_module_name,
+)
+from loraplex.lora.dora import BaseWeightFn, fold_dora
 from loraplex.lora.peft_config import (
     ALL_LINEAR,
     PeftLoRAConfig,
@@ -32,10 +40,15 @@ from loraplex.lora.peft_config import (
 )
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
+_KIND_NAMES = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector",
+               "W": "base_layer.weight"}
 BIN_NAME = "adapter_model.bin"
 
 # base_model.model.<module>.lora_A[.<adapter name>].weight; <module> as in the HF model.
-_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+# DoRA adds base_model.model.<module>.lora_magnitude_vector[.weight] (kind "M").
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?:lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight"
+                     r"|lora_magnitude_vector(?:\.weight)?|lora_embedding_(?P<eab>[AB])"
+                     r"|(?P<base>base_layer\.weight))$")
 _MODULE_RE = re.compile(r"^(?:model\.)?layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<proj>\w+)$")
 
 
@@ -44,6 +57,7 @@ def load_peft_adapter(
     model_config: ModelConfig,
     max_lora_rank: int,
     name: str | None = None,
+    base_weight: BaseWeightFn | None = None,
 ) -> LoRAAdapter:
     """Load the PEFT LoRA adapter in directory ``path`` for the base model ``model_config``.
 
@@ -51,8 +65,10 @@ def load_peft_adapter(
     tensors ``a: [r, in]`` and ``b: [out, r]`` with ``(in, out) = model_config.proj_shapes()
     [proj]``, and PEFT's scaling (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA, per
     module after ``rank_pattern`` / ``alpha_pattern``). ``name`` defaults to the directory
-    name. Raises ``AdapterLoadError`` for anything PEFT would not load into this model the
-    same way, or that loraplex cannot serve (e.g. DoRA, ``modules_to_save``, rank above
+    name. DoRA adapters (``use_dora``) need ``base_weight`` (HF parameter name -> the base
+    model's float32 tensor, e.g. ``CheckpointWeights.get``) and come back folded
+    (``lora/dora.py``). Raises ``AdapterLoadError`` for anything PEFT would not load into
+    this model the same way, or that loraplex cannot serve (e.g. ``modules_to_save``, rank above
     ``max_lora_rank``). Errors start with the adapter's name, then name the file relative to
     ``path`` (never an absolute path); a file that resolves outside ``path`` (a symlink out
     of it) is refused.
@@ -63,17 +79,23 @@ def load_peft_adapter(
         what = "is not a directory" if adapter_dir.exists() else "does not exist"
         raise AdapterLoadError(f"adapter {label!r}: adapter directory {str(path)!r} {what}")
     try:
-        return _load(adapter_dir, model_config, max_lora_rank, name)
+        return _load(adapter_dir, model_config, max_lora_rank, name, base_weight)
     except AdapterLoadError as e:
         raise AdapterLoadError(f"adapter {label!r}: {e}") from e.__cause__
 
 
 def _load(adapter_dir: Path, model_config: ModelConfig, max_lora_rank: int,
-          name: str | None) -> LoRAAdapter:
+          name: str | None, base_weight: BaseWeightFn | None) -> LoRAAdapter:
     cfg = read_peft_config(adapter_dir)
+    if cfg.use_dora and base_weight is None:
+        raise AdapterLoadError(f"{cfg.file}: use_dora=True: DoRA needs the base model's weights "
+                               f"(load it through the engine, or pass base_weight)")
     expected = _expected_modules(cfg, model_config, max_lora_rank)
     file, tensors = _read_tensors(adapter_dir)
-    weights = _unfuse(_collect(file, tensors, cfg, expected, model_config), model_config)
+    weights, magnitudes = _collect(file, tensors, cfg, expected, model_config, base_weight)
+    for key, m in magnitudes.items():
+        weights[key] = fold_dora(file, _module_name(*key), weights[key], m, base_weight)
+    weights = _unfuse(weights, model_config)
     return LoRAAdapter(name=name or adapter_dir.resolve().name, path=str(adapter_dir),
                        weights=weights)
 
@@ -84,7 +106,7 @@ def _expected_modules(
     """``(layer, proj) -> (r, scaling)`` for every module PEFT would wrap in this model."""
     file = cfg.file
     # every regex of the config against every name asked about below, at once and safely
-    cfg.prepare(_other_module_names(mc.num_layers) + [
+    cfg.prepare(_other_module_names(mc.num_layers) + [hf_module_name(EMBED_LAYER, EMBED)] + [
         _module_name(layer, p) for layer in range(mc.num_layers) for p in mc.checkpoint_projs()])
     _check_targets_applicable(cfg, mc)
     wanted = cfg.layers_to_transform
@@ -104,6 +126,17 @@ def _expected_modules(
                     f"{file}: rank {r} of {key} exceeds max_lora_rank={max_lora_rank} "
                     f"(raise max_lora_rank to at least {r} to serve this adapter)")
             expected[(layer, proj)] = (r, cfg.scaling(r, alpha))
+    embed = hf_module_name(EMBED_LAYER, EMBED)
+    if cfg.targets(embed):
+        r, alpha = cfg.rank_and_alpha(embed)
+        if r > max_lora_rank:
+            raise AdapterLoadError(
+                f"{file}: rank {r} of {embed} exceeds max_lora_rank={max_lora_rank} "
+                f"(raise max_lora_rank to at least {r} to serve this adapter)")
+        if cfg.use_dora:
+            raise AdapterLoadError(f"{file}: use_dora=True on {embed}: DoRA on the embedding "
+                                   f"is not supported (only on the seven projections)")
+        expected[(EMBED_LAYER, EMBED)] = (r, cfg.scaling(r, alpha))
     if not expected:
         raise AdapterLoadError(f"{file}: target_modules={_show(cfg.target_modules)} selects no "
                                f"projection of the base model")
@@ -111,28 +144,29 @@ def _expected_modules(
 
 
 def _check_targets_applicable(cfg: PeftLoRAConfig, mc: ModelConfig) -> None:
-    """Refuse targets outside the seven projections (embeddings, lm_head, norms, blocks)."""
+    """Refuse targets outside the seven projections and the input embedding (lm_head, norms,
+    blocks)."""
     file, shown = cfg.file, _show(cfg.target_modules)
     for key in _other_module_names(mc.num_layers):
         if cfg.targets(key, check_layers=False):
             raise AdapterLoadError(
                 f"{file}: target_modules={shown} targets {key}; loraplex applies LoRA only to "
-                f"{', '.join(PROJ_NAMES)}")
+                f"{', '.join(PROJ_NAMES)} and {EMBED}")
     if isinstance(cfg.target_modules, str) or cfg.target_modules == ALL_LINEAR:
         return
     projs = mc.checkpoint_projs()
     names = [_module_name(layer, p) for layer in range(mc.num_layers) for p in projs]
+    names.append(hf_module_name(EMBED_LAYER, EMBED))
     for entry in sorted(cfg.target_modules):
         if not any(n == entry or n.endswith(f".{entry}") for n in names):
             raise AdapterLoadError(
                 f"{file}: target_modules entry {entry!r} matches no module loraplex can apply "
-                f"LoRA to (supported: {', '.join(projs)})")
+                f"LoRA to (supported: {', '.join(projs)}, {EMBED})")
 
 
 def _other_module_names(num_layers: int) -> list[str]:
     """Modules of a Llama-family ``*ForCausalLM`` other than the seven projections."""
-    names = ["model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb",
-             "lm_head"]
+    names = ["model", "model.layers", "model.norm", "model.rotary_emb", "lm_head"]
     for i in range(num_layers):
         p = f"model.layers.{i}"
         names += [p, f"{p}.self_attn", f"{p}.mlp", f"{p}.mlp.act_fn", f"{p}.input_layernorm",
@@ -171,46 +205,103 @@ def _collect(
     cfg: PeftLoRAConfig,
     expected: dict[tuple[int, str], tuple[int, float]],
     mc: ModelConfig,
-) -> dict[tuple[int, str], LoRAWeights]:
-    """Match every tensor to an expected module's A or B and check it; nothing left over."""
+    base_weight: BaseWeightFn | None = None,
+) -> tuple[dict[tuple[int, str], LoRAWeights], dict[tuple[int, str], torch.Tensor]]:
+    """Match every tensor to an expected module's A or B (and DoRA magnitude) and check it;
+    nothing left over. Returns the weights and, for DoRA, the magnitudes per module."""
     found: dict[tuple[int, str, str], tuple[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY_RE.match(key)
         if m is None:
             raise AdapterLoadError(f"{file}: unexpected tensor {key!r} (not a LoRA A/B weight of "
                                    f"a supported module)")
-        mm = _MODULE_RE.match(m["module"])
-        if mm is None or mm["proj"] not in mc.checkpoint_projs():
-            projs = ", ".join(mc.checkpoint_projs())
-            raise AdapterLoadError(f"{file}: tensor {key!r} is for module {m['module']!r}; "
-                                   f"loraplex applies LoRA only to {projs}")
-        layer, proj = int(mm["layer"]), mm["proj"]
+        if m["module"] == hf_module_name(EMBED_LAYER, EMBED):
+            layer, proj, kind = EMBED_LAYER, EMBED, m["eab"] or ("W" if m["base"] else None)
+            if kind is None:
+                raise AdapterLoadError(f"{file}: unexpected tensor {key!r} (an embedding's LoRA "
+                                       f"is lora_embedding_A / lora_embedding_B)")
+        else:
+            mm = _MODULE_RE.match(m["module"])
+            projs = mc.checkpoint_projs()
+            if mm is None or mm["proj"] not in projs or m["eab"] or m["base"]:
+                raise AdapterLoadError(f"{file}: tensor {key!r} is for module {m['module']!r}; "
+                                       f"loraplex applies LoRA only to {', '.join(projs)} "
+                                       f"and {EMBED}")
+            layer, proj = int(mm["layer"]), mm["proj"]
+            kind = m["ab"] or "M"
+        if kind == "M" and not cfg.use_dora:
+            raise AdapterLoadError(f"{file}: tensor {key!r} is a DoRA magnitude, but "
+                                   f"adapter_config.json has use_dora=false")
         if layer >= mc.num_layers:
             raise AdapterLoadError(f"{file}: tensor {key!r} is for layer {layer}, but the base "
                                    f"model has {mc.num_layers} layers")
         if (layer, proj) not in expected:
             raise AdapterLoadError(f"{file}: tensor {key!r} is for {_module_name(layer, proj)}, "
                                    f"which adapter_config.json does not target")
-        slot = (layer, proj, m["ab"])
+        slot = (layer, proj, kind)
         if slot in found:
             raise AdapterLoadError(f"{file}: tensors {found[slot][0]!r} and {key!r} are both "
-                                   f"lora_{m['ab']} of {_module_name(layer, proj)}")
+                                   f"{_KIND_NAMES[kind]} of {_module_name(layer, proj)}")
         found[slot] = (key, t)
 
-    shapes = _checkpoint_shapes(mc)
-    weights = {}
+    shapes = _checkpoint_shapes(mc) | {EMBED: (mc.vocab_size, mc.hidden_size)}
+    weights, magnitudes = {}, {}
     for (layer, proj), (r, scaling) in expected.items():
         module = _module_name(layer, proj)
         d_in, d_out = shapes[proj]
         pair = []
         for ab, want in (("A", (r, d_in)), ("B", (d_out, r))):
+            name = f"lora_embedding_{ab}" if proj == EMBED else f"lora_{ab}.weight"
             if (layer, proj, ab) not in found:
-                raise AdapterLoadError(f"{file}: missing tensor "
-                                       f"'base_model.model.{module}.lora_{ab}.weight'")
+                raise AdapterLoadError(f"{file}: missing tensor 'base_model.model.{module}.{name}'")
             key, t = found[(layer, proj, ab)]
+            if proj == EMBED and ab == "A" and t.dim() == 2 and t.shape[1] != mc.vocab_size:
+                raise AdapterLoadError(
+                    f"{file}: tensor {key!r} has shape {tuple(t.shape)}: the adapter's vocabulary "
+                    f"has {t.shape[1]} tokens, the base model's {mc.vocab_size}; adapters that "
+                    f"resize the embeddings (added tokens) are not supported")
             pair.append(_check_tensor(file, key, t, want, module, proj, r))
         weights[(layer, proj)] = LoRAWeights(a=pair[0], b=pair[1], scaling=scaling)
-    return weights
+        if cfg.use_dora:
+            if (layer, proj, "M") not in found:
+                raise AdapterLoadError(f"{file}: use_dora=True but tensor 'base_model.model."
+                                       f"{module}.lora_magnitude_vector' is missing")
+            key, t = found[(layer, proj, "M")]
+            magnitudes[(layer, proj)] = _check_magnitude(file, key, t, d_out)
+    if (EMBED_LAYER, EMBED, "W") in found:
+        _check_embedding_copy(file, *found[(EMBED_LAYER, EMBED, "W")], mc, base_weight)
+    return weights, magnitudes
+
+
+def _check_embedding_copy(file: Path, key: str, t: torch.Tensor, mc: ModelConfig,
+                          base_weight: BaseWeightFn | None) -> None:
+    """PEFT saves the embedding matrix itself next to an embedding LoRA and loads it over the
+    base model's: serve the adapter only when that copy is the base model's own matrix."""
+    want = (mc.vocab_size, mc.hidden_size)
+    if tuple(t.shape) != want:
+        raise AdapterLoadError(
+            f"{file}: tensor {key!r} has shape {tuple(t.shape)}, the base model's embedding "
+            f"{want}: the adapter's vocabulary has {t.shape[0]} tokens, the base model's "
+            f"{mc.vocab_size}; adapters that resize the embeddings (added tokens) are not "
+            f"supported")
+    base = None if base_weight is None else base_weight("model.embed_tokens.weight")
+    if base is None:
+        raise AdapterLoadError(f"{file}: tensor {key!r} (PEFT's copy of model.embed_tokens) "
+                               f"needs the base model's weights to be checked against")
+    if not torch.equal(t.to(torch.float32), base):
+        raise AdapterLoadError(
+            f"{file}: tensor {key!r} differs from the base model's model.embed_tokens.weight; "
+            f"a fully trained embedding (as with modules_to_save) is not supported")
+
+
+def _check_magnitude(file: Path, key: str, t: torch.Tensor, d_out: int) -> torch.Tensor:
+    if not t.is_floating_point() or tuple(t.shape) != (d_out,):
+        raise AdapterLoadError(f"{file}: tensor {key!r} has shape {tuple(t.shape)} and dtype "
+                               f"{t.dtype}, expected a floating ({d_out},) DoRA magnitude")
+    t = t.to(torch.float32).contiguous()
+    if not torch.isfinite(t).all():
+        raise AdapterLoadError(f"{file}: tensor {key!r} contains NaN or infinite values")
+    return t
 
 
 def _module_name(layer: int, proj: str) -> str:
@@ -235,10 +326,20 @@ def _unfuse(weights: dict[tuple[int, str], LoRAWeights],
     shapes = mc.proj_shapes()
     out = {}
     for (layer, proj), w in weights.items():
-        parts = mc.checkpoint_projs()[proj]
-        rows = w.b.split([shapes[p][1] for p in parts])
-        for part, b in zip(parts, rows, strict=True):
-            out[(layer, part)] = LoRAWeights(a=w.a, b=b.contiguous(), scaling=w.scaling)
+        parts = mc.checkpoint_projs().get(proj)
+        if parts is None or parts == (proj,):  # the embedding, or a projection as served
+            out[(layer, proj)] = w
+            continue
+        widths = [shapes[p][1] for p in parts]
+
+        def split(t: torch.Tensor | None, widths=widths) -> list:
+            # DoRA's per-output-row scale and shift split with B's rows
+            return [None] * len(widths) if t is None else list(t.split(widths))
+
+        for part, b, scale, shift in zip(parts, w.b.split(widths), split(w.col_scale),
+                                         split(w.col_shift), strict=True):
+            out[(layer, part)] = LoRAWeights(a=w.a, b=b.contiguous(), scaling=w.scaling,
+                                             col_scale=scale, col_shift=shift)
     return out
 
 

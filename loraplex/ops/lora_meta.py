@@ -13,6 +13,7 @@ Per (layer, projection) the adapter pool holds, for ``S`` slots and ``n`` stacke
     b        [S, out, R]      slice i's B in rows offsets[i] : offsets[i+1], cols : rank[s, i]
     ranks    [S, n] int32     0 = slice not targeted (skipped)
     scalings [S, n] float32
+and, per output column, an optional ``ColumnScales`` (DoRA's magnitude over the column norm).
 """
 
 from __future__ import annotations
@@ -63,6 +64,25 @@ class LoRABatch:
             max_seg_len=max((s[1] for s in segs), default=0),
             host_segs=[s for s in segs if s[2] >= 0],
         )
+
+
+@dataclass
+class ColumnScales:
+    """A per-slot affine map of a projection's base output, applied by ``lora_expand`` before
+    it adds the LoRA delta (DoRA: ``scale = magnitude / ||W + s*B@A||`` per output row of W,
+    ``shift = (1 - scale) * bias``, and B already multiplied by ``scale`` row-wise)::
+
+        y[seg, cols_i] = y[seg, cols_i] * scale[slot, cols_i] + shift[slot, cols_i] + delta
+
+    for slots with ``flags[slot] != 0`` and slices with rank > 0. Other slots' rows get the
+    plain ``y += delta``. ``scale`` is 1 and ``shift`` 0 wherever no DoRA adapter writes, so
+    a backend may also apply it to unflagged slots (exactly the identity).
+    """
+
+    scale: torch.Tensor  # [S, out] float32
+    shift: torch.Tensor  # [S, out] float32
+    flags: torch.Tensor  # [S] int32, on the op's device: 1 = the slot scales this projection
+    host_flags: list[bool]  # the same on the host (host-side backends read it, no sync)
 
 
 def segments(lora_slots: list[int], lengths: list[int]) -> list[tuple[int, int, int]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from loraplex.ops.lora_meta import LoRABatch
+from loraplex.ops.lora_meta import ColumnScales, LoRABatch
 
 
 def lora_shrink(
@@ -56,6 +56,7 @@ def lora_expand(
     offsets: tuple[int, ...],
     batch: LoRABatch,
     y: torch.Tensor,
+    col_scales: ColumnScales | None = None,
 ) -> None:
     """Add each token's LoRA delta ``scaling * h @ B^T`` into ``y`` in place, per segment.
 
@@ -69,11 +70,13 @@ def lora_expand(
                 r = ranks[slot, i]
                 if r > 0:
                     cols = slice(offsets[i], offsets[i + 1])
-                    y[rows, cols] += scalings[slot, i] * (
-                        h[rows, i*R : i*R + r] @ b[slot, cols, :r].T)
+                    delta = scalings[slot, i] * (h[rows, i*R : i*R + r] @ b[slot, cols, :r].T)
+                    if col_scales is not None and col_scales.flags[slot]:   # DoRA
+                        y[rows, cols] = (y[rows, cols] * col_scales.scale[slot, cols]
+                                         + col_scales.shift[slot, cols])
+                    y[rows, cols] += delta
 
-    The sum ``y + delta`` is rounded once into y's dtype. Rows of ``slot == -1`` tokens are
-    untouched.
+    The result is rounded once into y's dtype. Rows of ``slot == -1`` tokens are untouched.
     """
     n, big_r = ranks.shape[1], b.shape[2]
     assert len(offsets) == n + 1 and offsets[-1] == y.shape[1], (offsets, y.shape)
@@ -85,7 +88,11 @@ def lora_expand(
                 cols = slice(offsets[i], offsets[i + 1])
                 hs = h[rows, i * big_r : i * big_r + r].double()  # [len, r]
                 delta = float(scalings[slot, i]) * (hs @ b[slot, cols, :r].double().T)
-                y[rows, cols] = (y[rows, cols].double() + delta).to(y.dtype)
+                base = y[rows, cols].double()
+                if col_scales is not None and int(col_scales.flags[slot]):
+                    base = (base * col_scales.scale[slot, cols].double()
+                            + col_scales.shift[slot, cols].double())
+                y[rows, cols] = (base + delta).to(y.dtype)
 
 
 def _segments(batch: LoRABatch) -> list[tuple[int, int, int]]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from loraplex.ops.lora_meta import LoRABatch
+from loraplex.ops.lora_meta import ColumnScales, LoRABatch
 
 
 def lora_shrink(
@@ -76,16 +76,18 @@ def lora_expand(
     offsets: tuple[int, ...],
     batch: LoRABatch,
     y: torch.Tensor,
+    col_scales: ColumnScales | None = None,
 ) -> None:
     """``y[seg, cols_i] += scalings[slot, i] * h[seg, i*R : i*R + r] @ b[slot, cols_i, :r].T``
     per segment and slice, in place (contract: ``lora_ref.lora_expand``). ``h [T, n*R]``,
     ``b [S, out, R]``, ``ranks [S, n]`` int32, ``scalings [S, n]`` float32, ``offsets`` n+1
-    python ints, ``y [T', out]``; h, b and y share one dtype."""
+    python ints, ``y [T', out]``; h, b and y share one dtype. ``col_scales`` (DoRA): flagged
+    slots first map their base output ``y * scale + shift``."""
     assert h.dtype == b.dtype == y.dtype, (h.dtype, b.dtype, y.dtype)
     n = ranks.shape[1]
     assert len(offsets) == n + 1 and offsets[-1] == y.shape[1], (offsets, y.shape)
     if ranks.device.type != "cpu" or scalings.device.type != "cpu":
-        return _expand_masked(h, b, ranks, scalings, offsets, batch, y)
+        return _expand_masked(h, b, ranks, scalings, offsets, batch, y, col_scales)
     big_r = b.shape[2]
     host_ranks, host_scalings = ranks.tolist(), scalings.tolist()
     # torch 2.13's CPU bfloat16 GEMM reads past the K extent of a column-sliced left operand
@@ -95,12 +97,15 @@ def lora_expand(
     views = _pool_views(batch, b)
     # one split per segment makes all n slice views in one call (cheaper than n slicings)
     h_widths, y_widths = [big_r] * n, [offsets[i + 1] - offsets[i] for i in range(n)]
+    dora = col_scales.host_flags if col_scales is not None else None
     for start, length, slot in batch.host_segs:
         hr, yr = h[start : start + length], y[start : start + length]  # [len, n*R], [len, out]
         h_parts = hr.split_with_sizes(h_widths, 1) if n > 1 else (hr,)  # [len, R] each
         y_parts = yr.split_with_sizes(y_widths, 1) if n > 1 else (yr,)  # [len, w_i] each
         for i, r in enumerate(host_ranks[slot]):
             if r:
+                if dora is not None and dora[slot]:  # DoRA: rescale the base output first
+                    _scale_columns(y_parts[i], col_scales, slot, offsets[i], offsets[i + 1])
                 b_t = views.get((slot, i, r))
                 if b_t is None:
                     b_t = views[(slot, i, r)] = b[slot, offsets[i] : offsets[i + 1], :r].T
@@ -115,6 +120,12 @@ def _pool_views(batch: LoRABatch, pool: torch.Tensor) -> dict[tuple[int, int, in
     much as a decode-sized GEMM, and a decode step makes ~700 of them; the pool never moves and
     a reload only rewrites values, so a view stays valid and the key's rank tracks the width."""
     return batch.views.setdefault((pool.data_ptr(), pool.shape), {})
+
+
+def _scale_columns(ys: torch.Tensor, cs: ColumnScales, slot: int, c0: int, c1: int) -> None:
+    # ys [len, w] a view of y: shift + y * scale in place, broadcast over the rows, in one
+    # pass over y (mul_ then add_ would read and write it twice)
+    torch.addcmul(cs.shift[slot, c0:c1], ys, cs.scale[slot, c0:c1], out=ys)
 
 
 # -- ranks on an accelerator: no host sync, unused rank columns masked -------------------------
@@ -135,7 +146,8 @@ def _shrink_masked(x, a, ranks, batch: LoRABatch, out) -> None:
             dst.copy_(torch.where(keep, h, dst))
 
 
-def _expand_masked(h, b, ranks, scalings, offsets, batch: LoRABatch, y) -> None:
+def _expand_masked(h, b, ranks, scalings, offsets, batch: LoRABatch, y,
+                   col_scales: ColumnScales | None = None) -> None:
     n, big_r = ranks.shape[1], b.shape[2]
     col = torch.arange(big_r, device=ranks.device)
     for start, length, slot in batch.host_segs:
@@ -146,4 +158,7 @@ def _expand_masked(h, b, ranks, scalings, offsets, batch: LoRABatch, y) -> None:
             hs = torch.where(keep, h[rows, lo : lo + big_r].float(), 0.0)  # [len, R]
             bs = torch.where(keep, b[slot, c0:c1].float(), 0.0)  # [w_i, R]
             dst = y[rows, c0:c1]
-            dst.copy_((dst.float() + (hs @ bs.T) * scalings[slot, i]).to(dst.dtype))
+            base = dst.float()
+            if col_scales is not None:  # identity for unflagged slots (scale 1, shift 0)
+                base = base * col_scales.scale[slot, c0:c1] + col_scales.shift[slot, c0:c1]
+            dst.copy_((base + (hs @ bs.T) * scalings[slot, i]).to(dst.dtype))

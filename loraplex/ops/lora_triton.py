@@ -26,7 +26,7 @@ import torch
 import triton
 
 from loraplex.ops import lora_triton_kernels as K
-from loraplex.ops.lora_meta import LoRABatch
+from loraplex.ops.lora_meta import ColumnScales, LoRABatch
 
 MAX_SLICES = 4
 _HALF = (torch.float16, torch.bfloat16)
@@ -83,10 +83,12 @@ def lora_expand(
     offsets: tuple[int, ...],
     batch: LoRABatch,
     y: torch.Tensor,
+    col_scales: ColumnScales | None = None,
 ) -> None:
     """``y[seg, off_i:off_i+1] += scalings[slot, i] * h[seg, i*R : i*R + r] @
     b[slot, off_i:off_i+1, :r].T`` in place (same contract as ``lora_ref.lora_expand``).
-    ``h [T, n*R]``, ``b [S, out, R]``, ``scalings [S, n]`` float32, ``y [T', out]``."""
+    ``h [T, n*R]``, ``b [S, out, R]``, ``scalings [S, n]`` float32, ``y [T', out]``;
+    ``col_scales`` (DoRA) applied in the epilogue to flagged slots."""
     n, r = ranks.shape[1], b.shape[2]
     _check_common(h, b, ranks, y, batch)
     _require(b.dim() == 3 and b.is_contiguous(), "b: contiguous [S, out, R]")
@@ -98,6 +100,7 @@ def lora_expand(
              and all(offsets[i] <= offsets[i + 1] for i in range(n)) and n <= MAX_SLICES,
              f"offsets {offsets}: n+1 ascending ints from 0 to out (n <= {MAX_SLICES})")
     offs = [int(o) for o in offsets] + [int(offsets[-1])] * (MAX_SLICES + 1 - len(offsets))
+    cs = _column_scale_args(col_scales, b, y)
     widths = [offsets[i + 1] - offsets[i] for i in range(n)]
     widest = max(widths)
     if widest == 0:
@@ -109,9 +112,10 @@ def lora_expand(
         block_n, block_r = _expand_decode_config(r, widest)
         tiles = sum(triton.cdiv(w, block_n) for w in widths)  # (slice, tile) pairs, exactly
         K.expand_decode_kernel[(t, tiles)](
-            h, b, ranks, scalings, batch.token_lora_slots, y, r, n, *offs,
-            h.stride(0), b.stride(0), b.stride(1), y.stride(0),
-            BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4, num_stages=2,
+            h, b, ranks, scalings, batch.token_lora_slots, y, *cs[:3], r, n, *offs,
+            h.stride(0), b.stride(0), b.stride(1), y.stride(0), cs[3],
+            BLOCK_N=block_n, BLOCK_R=block_r, HAS_COL_SCALES=col_scales is not None,
+            num_warps=4, num_stages=2,
         )
         return
     if batch.max_seg_len == 0 or batch.num_segs == 0:
@@ -121,10 +125,25 @@ def lora_expand(
     grid = (tiles, triton.cdiv(batch.max_seg_len, block_m), batch.num_segs)
     K.expand_segment_kernel[grid](
         h, b, ranks, scalings, batch.seg_starts, batch.seg_lens, batch.seg_lora_slots, y,
-        r, n, *offs, h.stride(0), b.stride(0), b.stride(1), y.stride(0),
+        *cs[:3], r, n, *offs, h.stride(0), b.stride(0), b.stride(1), y.stride(0), cs[3],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, DOT_PRECISION=_precision(y),
+        HAS_COL_SCALES=col_scales is not None,
         num_warps=8 if block_m * block_n >= 8192 else 4, num_stages=2,
     )
+
+
+def _column_scale_args(cs: ColumnScales | None, b: torch.Tensor, y: torch.Tensor) -> tuple:
+    """(scale, shift, flags, row stride) for the expand kernels; y stands in for absent ones
+    (never read: HAS_COL_SCALES is off)."""
+    if cs is None:
+        return y, y, y, 0
+    s = b.shape[0]
+    _require(cs.scale.dtype == cs.shift.dtype == torch.float32 and cs.scale.is_contiguous()
+             and cs.shift.is_contiguous() and tuple(cs.scale.shape) == (s, y.shape[1])
+             and cs.shift.shape == cs.scale.shape, "col_scales: float32 contiguous [S, out]")
+    _require(cs.flags.dtype == torch.int32 and tuple(cs.flags.shape) == (s,)
+             and {cs.scale.device, cs.flags.device} == {y.device}, "col_scales.flags: int32 [S]")
+    return cs.scale, cs.shift, cs.flags, cs.scale.stride(0)
 
 
 # ---- launch configuration (block sizes tuned for decode/prefill shapes; see docs/kernels.md)

@@ -18,7 +18,7 @@ import torch
 from loraplex.ops import lora_triton
 from loraplex.ops import lora_triton_kernels as K
 from loraplex.ops import triton_aot as aot
-from loraplex.ops.lora_meta import LoRABatch
+from loraplex.ops.lora_meta import ColumnScales, LoRABatch
 from loraplex.ops.triton_aot import CompiledLaunch, Launch
 
 KERNELS = ("shrink_segment_kernel", "shrink_decode_kernel", "expand_segment_kernel",
@@ -73,9 +73,13 @@ def record_op_launches(shape: OpShape) -> list[Launch]:
     ranks = torch.empty(s, n, dtype=torch.int32, device="meta")
     scalings = torch.empty(s, n, dtype=torch.float32, device="meta")
     batch = LoRABatch.from_token_slots(shape.token_lora_slots(), device="meta")
+    # the engine always passes the slots' column scales (DoRA's epilogue is compiled in)
+    f32 = dict(dtype=torch.float32, device="meta")
+    col_scales = ColumnScales(torch.empty(s, out, **f32), torch.empty(s, out, **f32),
+                              torch.empty(s, dtype=torch.int32, device="meta"), [False] * s)
     with recording_launches() as log:
         lora_triton.lora_shrink(x, a, ranks, batch, h)
-        lora_triton.lora_expand(h, b, ranks, scalings, offsets, batch, y)
+        lora_triton.lora_expand(h, b, ranks, scalings, offsets, batch, y, col_scales)
     return log
 
 

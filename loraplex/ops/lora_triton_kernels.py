@@ -22,6 +22,8 @@ live when ``c % R < ranks[slot, c // R]``. Expand's column tiles never straddle 
 one program axis enumerates exactly the (slice, tile) pairs, slice i owning
 ``cdiv(O[i+1] - O[i], BLOCK_N)`` tiles; slice bounds come from the scalar offsets ``O0..O4``
 (n <= 4, unused slices have width 0). Accumulation is float32; stores cast to the output type.
+Expand's epilogue applies a DoRA slot's ``ColumnScales`` to the loaded base output (flag
+read per program, so a CUDA graph replays for any mix of DoRA and plain adapters).
 """
 
 from __future__ import annotations
@@ -74,6 +76,14 @@ def _live_columns(ranks_ptr, slot, cols, NR, R, N_SLICES):
     col_slice = cols // R
     col_rank = tl.load(ranks_ptr + slot * N_SLICES + col_slice, mask=cols < NR, other=0)
     return (cols - col_slice * R) < col_rank
+
+
+@triton.jit
+def _column_scales(cs_ptr, csh_ptr, slot, cols, col_ok, stride_cs):
+    """[BLOCK_N] float32 scale and shift of ``slot``'s output columns (``ColumnScales``)."""
+    off = slot.to(tl.int64) * stride_cs + cols
+    return (tl.load(cs_ptr + off, mask=col_ok, other=1.0),
+            tl.load(csh_ptr + off, mask=col_ok, other=0.0))
 
 
 @triton.jit
@@ -161,9 +171,10 @@ def shrink_decode_kernel(
 @triton.jit
 def expand_segment_kernel(
     h_ptr, b_ptr, ranks_ptr, scalings_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, y_ptr,
-    R, N_SLICES, O0, O1, O2, O3, O4, stride_hm, stride_bs, stride_bn, stride_ym,
+    cs_ptr, csh_ptr, cflags_ptr,
+    R, N_SLICES, O0, O1, O2, O3, O4, stride_hm, stride_bs, stride_bn, stride_ym, stride_cs,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_COL_SCALES: tl.constexpr,
 ):
     pid_m = tl.program_id(1)
     seg = tl.program_id(2)
@@ -195,15 +206,20 @@ def expand_segment_kernel(
         b_ptrs += BLOCK_R
     mask = row_ok[:, None] & col_ok[None, :]
     y_ptrs = y_ptr + tok[:, None] * stride_ym + cols[None, :]
-    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + acc * scale
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_COL_SCALES:
+        if tl.load(cflags_ptr + slot) != 0:  # DoRA slot: map the base output first
+            g, sh = _column_scales(cs_ptr, csh_ptr, slot, cols, col_ok, stride_cs)
+            y = y * g[None, :] + sh[None, :]
+    y += acc * scale
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def expand_decode_kernel(
-    h_ptr, b_ptr, ranks_ptr, scalings_ptr, token_slots_ptr, y_ptr,
-    R, N_SLICES, O0, O1, O2, O3, O4, stride_hm, stride_bs, stride_bn, stride_ym,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    h_ptr, b_ptr, ranks_ptr, scalings_ptr, token_slots_ptr, y_ptr, cs_ptr, csh_ptr, cflags_ptr,
+    R, N_SLICES, O0, O1, O2, O3, O4, stride_hm, stride_bs, stride_bn, stride_ym, stride_cs,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_COL_SCALES: tl.constexpr,
 ):
     tok = tl.program_id(0)
     sl, col0, hi = _slice_tile(tl.program_id(1), O0, O1, O2, O3, O4, BLOCK_N)
@@ -228,5 +244,10 @@ def expand_decode_kernel(
         h_ptrs += BLOCK_R
         b_ptrs += BLOCK_R
     y_ptrs = y_ptr + tok.to(tl.int64) * stride_ym + cols
-    y = tl.load(y_ptrs, mask=col_ok, other=0.0).to(tl.float32) + tl.sum(acc, axis=1) * scale
+    y = tl.load(y_ptrs, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_COL_SCALES:
+        if tl.load(cflags_ptr + slot) != 0:  # DoRA slot: map the base output first
+            g, sh = _column_scales(cs_ptr, csh_ptr, slot, cols, col_ok, stride_cs)
+            y = y * g + sh
+    y += tl.sum(acc, axis=1) * scale
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=col_ok)
