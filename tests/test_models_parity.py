@@ -110,6 +110,30 @@ def test_mixed_adapters_match_transformers_and_peft(tmp_path, arch):
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "mistral"])
+def test_windows_and_softcap_hold_in_chunked_prefill_and_prefix_hits(tmp_path, arch):
+    """Chunks of 5 tokens (budget 5) and a second round served from the prefix cache attend
+    over the cache through the extend op: the window and softcap must apply there too."""
+    d, hf = _build(tmp_path, arch)
+    dirs = _adapters(tmp_path, hf, arch)
+    llm = LLM(str(d), adapters={k: str(v) for k, v in dirs.items()}, device="cpu",
+              max_loras_per_batch=4, max_lora_rank=16, max_num_batched_tokens=5)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(4, 120, (n,), generator=g).tolist() for n in (23, 40)]
+    names = [None, "all"]
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    refs = {name: peft_reference(hf, path) for name, path in dirs.items()}
+    for _ in range(2):  # the second round starts from cached blocks
+        gens = llm.generate(prompts, sp, adapters=names)
+        for ids, name, gen in zip(prompts, names, gens, strict=True):
+            model = hf if name is None else refs[name]
+            with torch.no_grad():
+                ref = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=8,
+                                     do_sample=False, eos_token_id=None, min_new_tokens=8)
+            assert gen.token_ids == ref[0, len(ids):].tolist(), (arch, name)
+    assert llm.engine.stats()["prefix_cache_hits"] > 0
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "mistral"])
 def test_window_matters(tmp_path, arch):
     """The references above differ from full-context attention past the window, so the
     parity test exercises the window (and the context is not capped at it)."""

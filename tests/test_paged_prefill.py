@@ -130,6 +130,10 @@ def test_torch_matches_reference(dtype, heads, kv_heads, d, window, softcap, mon
     want = reference(case, sliding_window=window, softcap=softcap)
     assert got.shape == case["q"].shape and got.dtype == dtype
     torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+    # with host context lengths each group gathers only up to its own longest context
+    got = run_op(case, sliding_window=window, softcap=softcap,
+                 context_lens_host=case["context_lens"].tolist())
+    torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
 
 
 @pytest.mark.parametrize("seed", range(6))

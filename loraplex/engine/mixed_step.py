@@ -71,7 +71,7 @@ def build_mixed_step(seqs: list[Sequence], counts: list[int], blocks: BlockManag
             block_tables=tensor([t + [0] * (width - len(t)) for t in ext_tables]),
             context_lens=tensor(ext_lens),
             max_query_len=max(b - a for a, b in zip(ext_cu[:-1], ext_cu[1:])),
-            max_context_len=max(ext_lens))
+            max_context_len=max(ext_lens), context_lens_host=ext_lens)
         groups = plan_prefill_rows(fresh_starts, fresh_lens, device) if fresh_lens else []
     else:
         groups = plan_prefill(cu, device)

@@ -36,6 +36,7 @@ class ExtendRows:
     context_lens: torch.Tensor  # [Be] int64
     max_query_len: int
     max_context_len: int
+    context_lens_host: list[int] | None = None  # the same lengths on the host
 
 
 @dataclass

@@ -108,6 +108,7 @@ def paged_prefill_attention(
     softcap: float | None = None,
     backend: str = "auto",
     cu_seqlens_q_host: list[int] | None = None,
+    context_lens_host: list[int] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Extend attention over the paged KV cache: ``q [T, H, d]`` -> ``[T, H, d]``, with the
@@ -126,7 +127,10 @@ def paged_prefill_attention(
     token is a chunk of length 1. ``cu_seqlens_q_host``: the same offsets on the host, when the
     caller has them: they are checked against ``q`` and the bounds (ValueError on a mismatch),
     and the torch backend groups chunks of similar length with them (a decode is not padded to
-    a long chunk's length). ``out``: written and returned when given.
+    a long chunk's length). ``context_lens_host``: ``context_lens`` on the host, when the
+    caller has them: the torch backend then gathers each group of chunks only up to that
+    group's longest context (a decode in a step with a long chunk reads its own context, not
+    the chunk's). ``out``: written and returned when given.
     """
     if cu_seqlens_q_host is not None:
         _check_chunks(cu_seqlens_q_host, q.shape[0], context_lens.shape[0], max_query_len)
@@ -142,7 +146,7 @@ def paged_prefill_attention(
 
     return paged_prefill_torch.paged_prefill_attention(
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
-        cu_seqlens_q_host=cu_seqlens_q_host, **kw)
+        cu_seqlens_q_host=cu_seqlens_q_host, context_lens_host=context_lens_host, **kw)
 
 
 def _check_chunks(cu: list[int], tokens: int, bsz: int, max_query_len: int) -> None:

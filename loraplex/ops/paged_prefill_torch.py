@@ -42,6 +42,7 @@ def paged_prefill_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     cu_seqlens_q_host: list[int] | None = None,
+    context_lens_host: list[int] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``q [T, H, d]`` -> ``out [T, H, d]`` (written and returned; allocated when None)."""
@@ -75,9 +76,14 @@ def paged_prefill_attention(
                            for i, b in enumerate(group)]).to(q.device)
         sel = torch.tensor(group, device=context_lens.device)
         lens = torch.tensor([host_lens[b] for b in group], device=context_lens.device)
-        o = _attend(q.index_select(0, tokens), index, k_cache, v_cache,
-                    tables.index_select(0, sel), lens, context_lens.index_select(0, sel), rows,
-                    min(host_lens[b] for b in group), **opts)
+        group_opts, group_tables = opts, tables.index_select(0, sel)
+        if context_lens_host is not None:  # gather only as far as this group's contexts
+            longest = max(context_lens_host[b] for b in group)
+            group_opts = {**opts, "max_context_len": longest}
+            group_tables = group_tables[:, : -(-longest // block_size)]
+        o = _attend(q.index_select(0, tokens), index, k_cache, v_cache, group_tables, lens,
+                    context_lens.index_select(0, sel), rows, min(host_lens[b] for b in group),
+                    **group_opts)
         out.index_copy_(0, tokens, o.index_select(0, index))
     return out
 
