@@ -1,0 +1,186 @@
+"""Replicas on Ray Serve: a local Ray cluster, 2 CPU replicas of a tiny model, 8 adapters.
+
+References: ``LLM.generate`` in this process (greedy), the ``loraplex serve`` error bodies,
+and the official ``openai`` client for streaming. Routing is read from the
+``x-loraplex-replica`` header the ingress puts on every response.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+import httpx  # noqa: E402
+from helpers_lora import make_peft_adapter, make_tiny_model  # noqa: E402
+from server_utils import free_port  # noqa: E402
+
+from loraplex.llm import LLM  # noqa: E402
+from loraplex.sampling_params import SamplingParams  # noqa: E402
+
+ADAPTERS = [f"a{i}" for i in range(8)]
+BASE = "tiny"
+PROMPTS = ["the cat", "in the", "a tree", "there are"]
+MAX_TOKENS = 8
+LONG_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from loraplex.serve_ray import RayServeConfig, build_app
+
+    root = tmp_path_factory.mktemp("serve_ray")
+    model_dir, hf = make_tiny_model(root / BASE)
+    adapters = {name: str(make_peft_adapter(hf, root / name, seed=10 + i, r=4, lora_alpha=8))
+                for i, name in enumerate(ADAPTERS)}
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": _pythonpath()}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = RayServeConfig(
+            model=str(model_dir), adapters=adapters, replicas=2, num_cpus_per_replica=0.5,
+            max_loras_per_replica=8, engine_args=dict(device="cpu", num_kv_blocks=64,
+                                                      max_num_seqs=16))
+        serve.run(build_app(config), name="loraplex", route_prefix="/")
+        yield {"url": f"http://127.0.0.1:{port}", "model_dir": str(model_dir),
+               "adapters": adapters}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _pythonpath() -> str:
+    import os
+
+    import loraplex
+
+    return os.path.dirname(os.path.dirname(loraplex.__file__))
+
+
+@pytest.fixture(scope="module")
+def expected(cluster):
+    """Greedy texts from LLM.generate for every (model, prompt)."""
+    llm = LLM(cluster["model_dir"], adapters=cluster["adapters"], device="cpu",
+              num_kv_blocks=64)
+    models = [BASE, *ADAPTERS]
+    pairs = [(m, p) for m in models for p in PROMPTS]
+    outs = llm.generate([p for _, p in pairs], SamplingParams(max_tokens=MAX_TOKENS,
+                                                              temperature=0, ignore_eos=True),
+                        adapters=[None if m == BASE else m for m, _ in pairs])
+    return {pair: out.text for pair, out in zip(pairs, outs)}
+
+
+def complete(url: str, model: str, prompt: str, **extra) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", timeout=300, json={
+        "model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+        "ignore_eos": True, **extra})
+
+
+def test_requests_for_an_adapter_stick_to_the_replica_that_loaded_it(cluster, expected):
+    # first in the module: later tests send concurrent first requests, which may load an
+    # adapter on both replicas
+    homes: dict[str, str] = {}
+    for name in ADAPTERS:  # the first request of each adapter decides where it lives
+        r = complete(cluster["url"], name, PROMPTS[0])
+        assert r.status_code == 200
+        homes.setdefault(name, r.headers["x-loraplex-replica"])
+    time.sleep(1.5)  # Ray pushes each replica's model ids to the routers periodically
+    jobs = [(name, p) for _ in range(2) for name in ADAPTERS for p in PROMPTS]
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda mp: complete(cluster["url"], *mp), jobs))
+    hits: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    for (name, prompt), r in zip(jobs, responses):
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected[(name, prompt)]
+        total[name] += 1
+        hits[name] += r.headers["x-loraplex-replica"] == homes[name]
+    for name in ADAPTERS:
+        assert hits[name] >= 0.8 * total[name], (name, hits, total, homes)
+    assert len(set(homes.values())) == 2, homes  # both replicas took adapters
+
+
+def test_unknown_model_gets_the_serve_404_body(cluster):
+    r = complete(cluster["url"], "nope", "hi")
+    assert r.status_code == 404
+    assert r.json() == {"error": {"message": "The model 'nope' does not exist.",
+                                  "type": "NotFoundError", "code": "model_not_found",
+                                  "param": None}}
+    r = httpx.post(f"{cluster['url']}/v1/completions", content=b"{not json", timeout=60,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError"
+
+
+def test_outputs_equal_llm_generate(cluster, expected):
+    pairs = list(expected)
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda mp: complete(cluster["url"], *mp), pairs))
+    for pair, r in zip(pairs, responses):
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected[pair], pair
+        assert r.json()["model"] == pair[0]
+
+
+def test_streaming_through_the_ingress_with_the_openai_client(cluster, expected):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{cluster['url']}/v1", api_key="unused", max_retries=0)
+    for model in (BASE, ADAPTERS[3]):
+        stream = client.completions.create(model=model, prompt=PROMPTS[1], max_tokens=MAX_TOKENS,
+                                           temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        chunks = [c.choices[0].text for c in stream if c.choices]
+        assert len(chunks) > 1  # token by token, not one buffered body
+        assert "".join(chunks) == expected[(model, PROMPTS[1])]
+
+
+@pytest.fixture(scope="module")
+def expected_long(cluster):
+    llm = LLM(cluster["model_dir"], adapters=cluster["adapters"], device="cpu",
+              num_kv_blocks=64)
+    outs = llm.generate([PROMPTS[0]] * len(ADAPTERS),
+                        SamplingParams(max_tokens=LONG_TOKENS, temperature=0, ignore_eos=True),
+                        adapters=ADAPTERS)
+    return {name: out.text for name, out in zip(ADAPTERS, outs)}
+
+
+def _replicas_running() -> int:
+    status = serve.status().applications["loraplex"].deployments["LoraplexReplica"]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def test_killing_a_replica_loses_no_request_that_had_not_streamed(cluster, expected_long):
+    url = cluster["url"]
+    before = {complete(url, BASE, PROMPTS[0]).headers["x-loraplex-replica"] for _ in range(6)}
+    jobs = ADAPTERS * 3
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(complete, url, name, PROMPTS[0], max_tokens=LONG_TOKENS)
+                   for name in jobs]
+        time.sleep(0.5)  # requests are in flight on both replicas
+        victim = sorted(before)[0]
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=False)
+        responses = [f.result() for f in futures]
+    for name, r in zip(jobs, responses):
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected_long[name]
+        assert r.headers["x-loraplex-replica"] != victim or r.headers["x-loraplex-attempt"] == "1"
+    # the kill hit requests in flight, and the ingress sent them again
+    assert any(r.headers["x-loraplex-attempt"] == "2" for r in responses)
+    # Ray replaces the replica; the new one serves requests
+    deadline = time.monotonic() + 240
+    seen: set[str] = set()
+    while time.monotonic() < deadline:
+        with ThreadPoolExecutor(4) as pool:
+            rs = list(pool.map(lambda _: complete(url, BASE, PROMPTS[0]), range(4)))
+        assert all(r.status_code == 200 for r in rs)
+        seen |= {r.headers["x-loraplex-replica"] for r in rs}
+        if seen - before and _replicas_running() == 2:
+            break
+        time.sleep(2)
+    else:
+        pytest.fail(f"no replacement replica served a request; seen {seen}, before {before}")
