@@ -7,9 +7,11 @@ and the official ``openai`` client for streaming. Routing is read from the
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -32,7 +34,7 @@ LONG_TOKENS = 48
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from loraplex.serve_ray import RayServeConfig, build_app
+    from loraplex.serve_ray.app import RayServeConfig, build_app
 
     root = tmp_path_factory.mktemp("serve_ray")
     model_dir, hf = make_tiny_model(root / BASE)
@@ -48,6 +50,9 @@ def cluster(tmp_path_factory):
             max_loras_per_replica=8, engine_args=dict(device="cpu", num_kv_blocks=64,
                                                       max_num_seqs=16))
         serve.run(build_app(config), name="loraplex", route_prefix="/")
+        # one replica holding at most 2 adapters, under a route prefix: LRU eviction
+        small = dataclasses.replace(config, replicas=1, max_loras_per_replica=2)
+        serve.run(build_app(small), name="small", route_prefix="/small")
         yield {"url": f"http://127.0.0.1:{port}", "model_dir": str(model_dir),
                "adapters": adapters}
     finally:
@@ -114,6 +119,33 @@ def test_unknown_model_gets_the_serve_404_body(cluster):
     r = httpx.post(f"{cluster['url']}/v1/completions", content=b"{not json", timeout=60,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError"
+
+
+def test_adapters_beyond_max_loras_per_replica_are_evicted_lru(cluster, expected):
+    url = f"{cluster['url']}/small"
+    loads = []
+    for name in ["a0", "a1", "a2", "a0", "a2"]:  # a2 evicts a0, a0 evicts a1, a2 stays
+        r = complete(url, name, PROMPTS[0])
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected[(name,
+                                                                                  PROMPTS[0])]
+        loads.append(int(r.headers["x-loraplex-replica-adapter-loads"]))
+    assert loads == [1, 2, 3, 4, 4]
+    listed = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=60).json()["data"]}
+    assert listed == {BASE, "a0", "a2"}  # a1 was unregistered from the engine
+    # 4 adapters through 2 resident places, concurrently: evictions while others run
+    jobs = [(name, p) for name in ADAPTERS[:4] for p in PROMPTS] * 2
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda mp: complete(url, *mp), jobs))
+    for pair, r in zip(jobs, responses):
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected[pair], pair
+    deadline = time.monotonic() + 30  # the last eviction's unregistering may still run
+    while True:
+        listed = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=60).json()["data"]}
+        if len(listed - {BASE}) <= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(listed - {BASE}) <= 2, listed
 
 
 def test_outputs_equal_llm_generate(cluster, expected):
@@ -184,3 +216,32 @@ def test_killing_a_replica_loses_no_request_that_had_not_streamed(cluster, expec
         time.sleep(2)
     else:
         pytest.fail(f"no replacement replica served a request; seen {seen}, before {before}")
+
+
+def test_the_documented_serve_run_config_and_the_cli_flags_build_the_same_config(tmp_path):
+    import argparse
+
+    import yaml
+
+    from loraplex.serve_ray.app import app_builder
+    from loraplex.serve_ray.config import RayServeConfig, add_serve_ray_args, config_from_args
+
+    for d in ("m", "sql", "chat"):
+        (tmp_path / d).mkdir()
+    doc = yaml.safe_load((Path(__file__).parents[1] / "docs" / "serve_ray.yaml").read_text())
+    args = doc["applications"][0]["args"]
+    assert doc["applications"][0]["import_path"] == "loraplex.serve_ray.app:app_builder"
+    args.update(model=str(tmp_path / "m"),
+                adapters={k: str(tmp_path / k) for k in args["adapters"]})
+    from_yaml = RayServeConfig(**args)
+    assert isinstance(app_builder(args), serve.Application)
+    flags = add_serve_ray_args(argparse.ArgumentParser()).parse_args([
+        "--model", str(tmp_path / "m"), "--replicas", "2", "--num-cpus-per-replica", "4",
+        "--num-gpus-per-replica", "1", "--max-loras-per-replica", "16",
+        "--adapter", f"sql={tmp_path / 'sql'}", "--adapter", f"chat={tmp_path / 'chat'}"])
+    from_cli = config_from_args(flags)
+    for field in ("model", "adapters", "replicas", "num_cpus_per_replica",
+                  "num_gpus_per_replica", "max_loras_per_replica", "max_ongoing_requests"):
+        assert getattr(from_cli, field) == getattr(from_yaml, field), field
+    with pytest.raises(ValueError, match="not a directory"):
+        RayServeConfig(model=str(tmp_path / "m"), adapters={"x": str(tmp_path / "nope")})

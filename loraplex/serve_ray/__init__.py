@@ -13,10 +13,8 @@ proxy, request routing); loraplex adds two deployments:
   already holds that adapter. A request whose replica dies before anything reached the
   client is retried once.
 
-Ray is an optional dependency (``pip install "loraplex[ray]"``); importing this package
-without it raises ImportError naming the extra.
+``app.build_app(RayServeConfig(...))`` returns the Serve application; ``app.app_builder``
+is the ``serve run`` entry. Ray is an optional dependency (``pip install "loraplex[ray]"``):
+importing ``loraplex.serve_ray.app`` without it raises ImportError naming the extra, while
+``config`` (the flags and their validation) needs no Ray.
 """
-
-from loraplex.serve_ray.app import RayServeConfig, app_builder, build_app
-
-__all__ = ["RayServeConfig", "app_builder", "build_app"]

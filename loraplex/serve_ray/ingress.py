@@ -56,7 +56,11 @@ class Ingress:
         handle = self.replicas.options(stream=True)
         if adapter is not None and self.routing == "multiplexed":
             handle = handle.options(multiplexed_model_id=adapter)
-        args = (adapter, request.method, request.url.path, request.url.query.encode(),
+        # the app's own path: under a route prefix, scope["path"] starts with root_path
+        path, root = request.scope["path"], request.scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        args = (adapter, request.method, path, request.url.query.encode(),
                 list(request.headers.raw), body)
         for attempt in (1, 2):
             gen: DeploymentResponseGenerator = handle.handle.remote(*args)
