@@ -8,6 +8,7 @@ and the official ``openai`` client for streaming. Routing is read from the
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -216,6 +217,24 @@ def test_killing_a_replica_loses_no_request_that_had_not_streamed(cluster, expec
         time.sleep(2)
     else:
         pytest.fail(f"no replacement replica served a request; seen {seen}, before {before}")
+
+
+def test_a_stream_whose_replica_dies_ends_with_an_error_event(cluster):
+    url = cluster["url"]
+    body = {"model": ADAPTERS[1], "prompt": PROMPTS[2], "max_tokens": 200, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as r:
+        assert r.status_code == 200
+        events = r.iter_lines()
+        first = next(e for e in events if e.startswith("data: "))
+        assert '"text"' in first  # a token reached the client: no retry is possible now
+        victim = r.headers["x-loraplex-replica"]
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=False)
+        rest = [e.removeprefix("data: ") for e in events if e.startswith("data: ")]
+    assert rest[-1] == "[DONE]"
+    error = json.loads(rest[-2])["error"]
+    assert error["code"] == "replica_failed" and error["type"] == "ServiceUnavailableError"
+    assert complete(url, ADAPTERS[1], PROMPTS[0]).status_code == 200  # the survivor serves
 
 
 def test_the_documented_serve_run_config_and_the_cli_flags_build_the_same_config(tmp_path):
