@@ -14,7 +14,7 @@ queue length). Adapter loads per replica are read from the ``x-loraplex-replica-
 header (each replica's running count). Each replica gets ``--cpus-per-replica`` Ray CPUs and
 one torch thread.
 
-    python benchmarks/bench_replicas.py --small [--num-requests 128] [--write-docs]
+    python benchmarks/bench_replicas.py --small [--num-requests 256] [--write-docs]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--num-adapters", type=int, default=32)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--max-loras-per-replica", type=int, default=8)
-    ap.add_argument("--num-requests", type=int, default=128)
+    ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--input-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=16)

@@ -5,9 +5,10 @@ routes it to a replica that already holds that adapter. Everything else (the bas
 unknown name, a body that is not JSON, ``/health``) goes to any replica, whose app answers
 exactly as ``loraplex serve`` would (an unknown name: its 404 body).
 
-A replica that dies before the response head reached the client costs nothing but time:
-the request is sent once more (Ray routes it to a live replica). Once a stream has started,
-its client gets an error event instead, then ``[DONE]``.
+A replica that dies before anything reached the client costs nothing but time: the request
+is sent once more (Ray routes it to a live replica). A stream is answered only once its
+first event is here, so that covers streams that had no token yet; once one has reached
+the client, the stream ends with an error event instead, then ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ class Ingress:
             try:
                 head = await gen.__anext__()
                 head["attempt"] = attempt
-                if _is_stream(head):
-                    return StreamingResponse(_chunks(gen), status_code=head["status"],
+                if _is_stream(head):  # answered once its first event (a token) is here
+                    first = await anext(gen, b"")
+                    return StreamingResponse(_chunks(first, gen), status_code=head["status"],
                                              headers=_headers(head))
                 chunks = [chunk async for chunk in gen]  # nothing sent yet: still retryable
             except REPLICA_GONE as exc:
@@ -99,8 +101,9 @@ def _headers(head: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-async def _chunks(gen: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
+async def _chunks(first: bytes, gen: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
     try:
+        yield first
         async for chunk in gen:
             yield chunk
     except REPLICA_GONE as exc:  # tokens already reached the client: no retry

@@ -58,6 +58,7 @@ class LoraplexReplica:
         self.replica_id = serve.get_replica_context().replica_id.to_full_id_str()
         self._lifespan = contextlib.AsyncExitStack()
         self._started = False
+        self._start_lock = asyncio.Lock()
         self._adapter_lock = asyncio.Lock()  # registering and unregistering, one at a time
         self._in_flight: Counter[str] = Counter()
         self._evicted: set[str] = set()  # evicted by Ray, still in use here
@@ -83,7 +84,12 @@ class LoraplexReplica:
                 self.loads[name] += 1
                 logger.info("replica %s registered adapter %r", self.replica_id, name)
         loop = asyncio.get_running_loop()
-        return _Resident(name, lambda n: loop.call_soon_threadsafe(self._evict, n))
+
+        def release(n: str) -> None:  # from Ray's executor thread, or the GC at exit
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to free
+                loop.call_soon_threadsafe(self._evict, n)
+
+        return _Resident(name, release)
 
     def _evict(self, name: str) -> None:
         self._evicted.add(name)
@@ -103,9 +109,11 @@ class LoraplexReplica:
                      headers: list[tuple[bytes, bytes]], body: bytes
                      ) -> AsyncIterator[dict[str, Any] | bytes]:
         """Run one HTTP request through the app; yield its head, then its body chunks."""
-        if not self._started:
-            await self._lifespan.enter_async_context(self.app.router.lifespan_context(self.app))
-            self._started = True
+        async with self._start_lock:  # the app's lifespan starts the engine thread, once
+            if not self._started:
+                await self._lifespan.enter_async_context(
+                    self.app.router.lifespan_context(self.app))
+                self._started = True
         if adapter is not None:
             await self.resident(adapter)
             self._in_flight[adapter] += 1
