@@ -163,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
 
     _memory_args(add_serve_args(sub.add_parser("serve", help="OpenAI-compatible HTTP server")))
 
+    sr = sub.add_parser("serve-ray", help="many engine replicas behind one endpoint on Ray "
+                                          "Serve (needs the 'ray' extra)")
+    from loraplex.serve_ray.config import add_serve_ray_args  # flags only: no Ray import
+
+    _memory_args(add_serve_ray_args(sr))
+
     g = sub.add_parser("generate", help="complete prompts and print the outputs")
     _engine_args(g)
     _sampling_args(g)
@@ -191,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
             from loraplex.server.api import run_server
 
             run_server(args)
+        elif args.command == "serve-ray":
+            try:
+                from loraplex.serve_ray.app import run_serve_ray
+            except ImportError as exc:
+                raise ValueError(str(exc)) from None
+            run_serve_ray(args)
         elif args.command == "generate":
             cmd_generate(args)
         elif args.command == "demo":

@@ -45,6 +45,7 @@ SLOW = [
     "test_server_sampling.py",
     "test_server_protocol.py",  # an in-process demo server (~15 s on 2 cores)
     "test_server_logprobs.py",
+    "test_serve_ray.py",  # a local Ray cluster with 2 engine replicas (~1 min)
     "test_peft_safety.py::test_catastrophic_patterns_refused_quickly",
     "test_sampling_triton.py::test_distribution_matches_exact_probabilities",
     "test_sampling_triton.py::test_negative_infinity_logits_never_drawn",
