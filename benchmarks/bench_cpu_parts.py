@@ -119,7 +119,8 @@ def decode_attention(bsz: int, ctx: int, layers: int, repeat: int) -> dict[str, 
 def prefill_steps(budgets: list[int], repeat: int) -> dict[str, tuple[float, int]]:
     with tempfile.TemporaryDirectory() as tmp:
         make_bench_model(Path(tmp))
-        llms = {b: LLM(tmp, device="cpu", max_num_seqs=32, max_num_batched_tokens=b)
+        llms = {b: LLM(tmp, device="cpu", max_num_seqs=32, max_num_batched_tokens=b,
+                       enable_prefix_caching=False)  # the same prompts every repeat
                 for b in budgets}
         ids = torch.randint(3, 32000, (32, 128), generator=torch.Generator().manual_seed(0))
         sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)

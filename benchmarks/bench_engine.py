@@ -49,7 +49,8 @@ def main() -> None:
         return logprobs_cost(args)
     with tempfile.TemporaryDirectory() as tmp:
         hf = make_bench_model(Path(tmp))
-        llm = LLM(tmp, device="cpu", max_num_seqs=max(args.batches))
+        # the same prompts every repeat: no prefix-cache hits, as transformers has none
+        llm = LLM(tmp, device="cpu", max_num_seqs=max(args.batches), enable_prefix_caching=False)
         rows = []
         for bsz in args.batches:
             g = torch.Generator().manual_seed(bsz)
@@ -105,7 +106,8 @@ def logprobs_cost(args: argparse.Namespace) -> None:
     """Whole greedy requests with and without ``logprobs=K``, interleaved, best of repeat."""
     with tempfile.TemporaryDirectory() as tmp:
         make_bench_model(Path(tmp))
-        llm = LLM(tmp, device="cpu", max_num_seqs=max(args.batches))
+        # the same prompts every repeat: no prefix-cache hits, as transformers has none
+        llm = LLM(tmp, device="cpu", max_num_seqs=max(args.batches), enable_prefix_caching=False)
         rows = []
         for bsz in args.batches:
             g = torch.Generator().manual_seed(bsz)

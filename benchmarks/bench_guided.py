@@ -53,7 +53,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         make_bench_model(Path(tmp), **({} if args.layers is None
                                         else {"num_hidden_layers": args.layers}))
-        llm = LLM(tmp, device="cpu", max_num_seqs=args.batch)
+        llm = LLM(tmp, device="cpu", max_num_seqs=args.batch,
+                  enable_prefix_caching=False)  # the same prompts every repeat
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(3, 32000, (args.batch, args.prompt_len), generator=g).tolist()
         guided = GuidedParams(regex=REGEX)

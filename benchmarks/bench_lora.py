@@ -164,7 +164,7 @@ def main() -> None:
         emb = [f"emb{i % n}" for i in range(args.batch)]
         llm = LLM(str(root / "model"), adapters=dirs | dora_dirs | emb_dirs, device="cpu",
                   max_num_seqs=max(args.batch, 2 * n), max_loras_per_batch=4 * n,
-                  max_lora_rank=args.rank)
+                  max_lora_rank=args.rank, enable_prefix_caching=False)  # repeats prompts
         # one at a time: lora{i} lands in slot i, dora{i} in 2n + i, emb{i} in 3n + i
         for name in ([f"lora{i}" for i in range(2 * n)] + [f"dora{i}" for i in range(n)]
                      + [f"emb{i}" for i in range(n)]):
