@@ -111,3 +111,28 @@ def test_n_without_best_of_keeps_draw_order(llm):
                                                      ignore_eos=True))[0] for i in range(3)]
     assert [o.token_ids for o in outs] == [o.token_ids for o in singles]
     assert outs[0].logprobs is None and outs[0].cumulative_logprob is None
+
+
+@pytest.mark.parametrize("budget", [1, 5])
+def test_prompt_logprobs_over_chunks_and_cached_prefixes(tmp_path, budget):
+    """Prompt logprobs gathered chunk by chunk (budget 5: mixed steps; budget 1: decode-shaped
+    steps walking the prompt) equal log_softmax(score()); a repeated prompt that asks for
+    prompt logprobs recomputes every position instead of starting from the prefix cache."""
+    d, hf = make_tiny_model(tmp_path / "base", "llama")
+    dirs = {"a": str(make_peft_adapter(hf, tmp_path / "a", seed=1, b_scale=0.5, r=4,
+                                       lora_alpha=8))}
+    llm = LLM(str(d), adapters=dirs, device="cpu", max_num_seqs=8, max_lora_rank=8,
+              max_num_batched_tokens=budget)
+    g = torch.Generator().manual_seed(11)
+    prompt = [1] + torch.randint(4, 120, (37,), generator=g).tolist()  # crosses blocks
+    names = [None, "a", "a"]
+    plain = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    llm.generate([prompt], plain, adapters=["a"])  # its blocks are now cached under "a"
+    sp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=3)
+    outs = llm.generate([prompt] * 3, sp, adapters=names)
+    scores = llm.score([prompt] * 3, adapters=names)
+    for out, logits in zip(outs, scores, strict=True):
+        ref = torch.log_softmax(logits, dim=-1)
+        assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+        for i in range(1, len(prompt)):
+            _check_entry(out.prompt_logprobs[i], prompt[i], ref[i - 1], 3)
