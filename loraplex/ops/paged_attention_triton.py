@@ -52,22 +52,7 @@ def paged_decode_attention(
     block_size`` (not checked: that would sync)."""
     bsz, heads, d = q.shape
     num_blocks, block_size, kv_heads, d_cache = k_cache.shape
-    _require(q.dtype in DTYPES and k_cache.dtype == v_cache.dtype == q.dtype,
-             f"dtypes: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}; "
-             f"must match and be one of {DTYPES}")
-    _require(supports(q.dtype, d) and d_cache == d,
-             f"head_dim {d} (cache {d_cache}): a power of two in 16..256")
-    _require(heads % kv_heads == 0, f"heads {heads} not a multiple of kv heads {kv_heads}")
-    _require(q.stride(2) == 1, "q: [B, H, d] with unit stride along d")
-    _require(k_cache.is_contiguous() and v_cache.is_contiguous()
-             and v_cache.shape == k_cache.shape, "k_cache, v_cache: contiguous, same shape")
-    _require(block_tables.dim() == 2 and block_tables.shape[0] == bsz
-             and block_tables.stride(1) == 1, "block_tables: [B, W], unit stride along W")
-    _require(context_lens.shape == (bsz,) and context_lens.is_contiguous(), "context_lens: [B]")
-    for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
-        _require(t.dtype in (torch.int32, torch.int64), f"{name}: int32 or int64, got {t.dtype}")
-    devices = {t.device for t in (q, k_cache, v_cache, block_tables, context_lens)}
-    _require(len(devices) == 1, f"all tensors must be on one device, got {devices}")
+    check_cache_operands(q, k_cache, v_cache, block_tables, context_lens, rows="B")
     if out is None:
         out = torch.empty(bsz, heads, d, dtype=q.dtype, device=q.device)
     _require(out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1,
@@ -146,6 +131,34 @@ def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 132
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def check_cache_operands(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         block_tables: torch.Tensor, context_lens: torch.Tensor,
+                         *extra: tuple[str, torch.Tensor], rows: str) -> None:
+    """The checks both Triton attention wrappers make (ValueError naming the operand):
+    ``q [rows, H, d]``, the paged caches, ``block_tables [B, W]``, ``context_lens [B]`` and
+    the ``extra`` (name, index tensor) operands, int32/int64, all on one device."""
+    heads, d = q.shape[1], q.shape[2]
+    kv_heads, d_cache = k_cache.shape[2], k_cache.shape[3]
+    bsz = context_lens.shape[0]
+    _require(q.dtype in DTYPES and k_cache.dtype == v_cache.dtype == q.dtype,
+             f"dtypes: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}; "
+             f"must match and be one of {DTYPES}")
+    _require(supports(q.dtype, d) and d_cache == d,
+             f"head_dim {d} (cache {d_cache}): a power of two in 16..256")
+    _require(heads % kv_heads == 0, f"heads {heads} not a multiple of kv heads {kv_heads}")
+    _require(q.stride(2) == 1, f"q: [{rows}, H, d] with unit stride along d")
+    _require(k_cache.is_contiguous() and v_cache.is_contiguous()
+             and v_cache.shape == k_cache.shape, "k_cache, v_cache: contiguous, same shape")
+    _require(block_tables.dim() == 2 and block_tables.shape[0] == bsz
+             and block_tables.stride(1) == 1, "block_tables: [B, W], unit stride along W")
+    _require(context_lens.shape == (bsz,) and context_lens.is_contiguous(), "context_lens: [B]")
+    for name, t in (("block_tables", block_tables), ("context_lens", context_lens), *extra):
+        _require(t.dtype in (torch.int32, torch.int64), f"{name}: int32 or int64, got {t.dtype}")
+    devices = {t.device for t in (q, k_cache, v_cache, block_tables, context_lens)}
+    devices |= {t.device for _, t in extra}
+    _require(len(devices) == 1, f"all tensors must be on one device, got {devices}")
 
 
 def _require(ok: bool, what: str) -> None:

@@ -13,7 +13,7 @@ import torch
 import triton
 
 from loraplex.ops import paged_prefill_kernels as K
-from loraplex.ops.paged_attention_triton import DTYPES, _require, supports
+from loraplex.ops.paged_attention_triton import _require, check_cache_operands
 
 NO_WINDOW = 1 << 30  # "no sliding window": farther back than any context
 TILE_BYTES = 16384  # one K (and one V) tile per loop trip: 64 tokens at d=128 in 16 bits
@@ -41,27 +41,12 @@ def paged_prefill_attention(
     tokens, heads, d = q.shape
     _, block_size, kv_heads, d_cache = k_cache.shape
     bsz = context_lens.shape[0]
-    _require(q.dtype in DTYPES and k_cache.dtype == v_cache.dtype == q.dtype,
-             f"dtypes: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}; "
-             f"must match and be one of {DTYPES}")
-    _require(supports(q.dtype, d) and d_cache == d,
-             f"head_dim {d} (cache {d_cache}): a power of two in 16..256")
-    _require(heads % kv_heads == 0, f"heads {heads} not a multiple of kv heads {kv_heads}")
-    _require(q.stride(2) == 1, "q: [T, H, d] with unit stride along d")
-    _require(k_cache.is_contiguous() and v_cache.is_contiguous()
-             and v_cache.shape == k_cache.shape, "k_cache, v_cache: contiguous, same shape")
-    _require(block_tables.dim() == 2 and block_tables.shape[0] == bsz
-             and block_tables.stride(1) == 1, "block_tables: [B, W], unit stride along W")
-    _require(context_lens.shape == (bsz,) and context_lens.is_contiguous(), "context_lens: [B]")
     _require(cu_seqlens_q.shape == (bsz + 1,) and cu_seqlens_q.is_contiguous(),
              "cu_seqlens_q: [B + 1]")
-    for name, t in (("block_tables", block_tables), ("context_lens", context_lens),
-                    ("cu_seqlens_q", cu_seqlens_q)):
-        _require(t.dtype in (torch.int32, torch.int64), f"{name}: int32 or int64, got {t.dtype}")
+    check_cache_operands(q, k_cache, v_cache, block_tables, context_lens,
+                         ("cu_seqlens_q", cu_seqlens_q), rows="T")
     _require(sliding_window is None or sliding_window >= 1, "sliding_window: >= 1 or None")
     _require(softcap is None or softcap > 0, "softcap: > 0 or None")
-    devices = {t.device for t in (q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens)}
-    _require(len(devices) == 1, f"all tensors must be on one device, got {devices}")
     if out is None:
         out = torch.empty(tokens, heads, d, dtype=q.dtype, device=q.device)
     _require(out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1,
