@@ -86,7 +86,7 @@ def test_captured_decode_step_allocates_nothing(setup):
     seqs = list(engine.scheduler.running)
     for s in seqs:  # grow each sequence by one slot, as the scheduler would
         engine.blocks.append(s.seq_id, s.num_tokens)
-    slots = [engine.runner._slot(s.adapter) for s in seqs]
+    slots = [engine.runner._lora_slot(s) for s in seqs]
     order = sorted(range(len(seqs)), key=lambda i: slots[i])
     seqs, slots = [seqs[i] for i in order], [slots[i] for i in order]
     torch.cuda.synchronize()
