@@ -18,7 +18,7 @@ from torch import nn
 from loraplex.config import ModelConfig
 from loraplex.errors import ModelLoadError
 from loraplex.layers.attention import Attention
-from loraplex.layers.linear import ColumnLinear, MergedColumnLinear, QKVLinear, RowLinear
+from loraplex.layers.linear import MergedColumnLinear, QKVLinear, RowLinear
 from loraplex.layers.norm import GemmaRMSNorm
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.llama import LlamaForCausalLM
@@ -111,22 +111,14 @@ class GemmaModel(nn.Module):
         return self.norm(x)
 
 
-class Gemma2ForCausalLM(nn.Module):
-    """input_ids [T], positions [T] (a flattened batch) -> hidden states [T, hidden]."""
+class Gemma2ForCausalLM(LlamaForCausalLM):
+    """input_ids [T], positions [T] (a flattened batch) -> hidden states [T, hidden]; Llama's
+    wrapper over the Gemma decoder stack, with the final logit softcap."""
 
-    packed_modules = LlamaForCausalLM.packed_modules
     qk_norm = False
 
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.model = GemmaModel(cfg, self.qk_norm)
-        self.lm_head = ColumnLinear(cfg.hidden_size, cfg.vocab_size)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def make_model(self, cfg: ModelConfig) -> nn.Module:
+        return GemmaModel(cfg, self.qk_norm)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()

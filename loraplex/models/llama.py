@@ -129,10 +129,14 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, self.attention_cls)
+        self.model = self.make_model(cfg)
         self.lm_head = ColumnLinear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def make_model(self, cfg: ModelConfig) -> nn.Module:
+        """The decoder stack (a subclass with other layers overrides this)."""
+        return LlamaModel(cfg, self.attention_cls)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
