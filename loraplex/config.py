@@ -232,12 +232,16 @@ class LoRAConfig:
     backend: str = "auto"  # "torch" | "triton" | "auto"
     # host LRU cache bound in bytes (serving dtype); None = min(1/8 of RAM, 32 GiB)
     max_cpu_lora_bytes: int | None = None
+    # device slots for adapters with a full embedding / lm_head copy (PEFT modules_to_save),
+    # each 2 x vocab x hidden x dtype bytes (lora/full_module_layers.py); 0 refuses them
+    max_full_module_adapters: int = 0
 
     def __post_init__(self) -> None:
         check_int("max_loras_per_batch", self.max_loras_per_batch)
         check_int("max_lora_rank", self.max_lora_rank)
         check_int("max_cpu_loras", self.max_cpu_loras, optional=True)
         check_int("max_cpu_lora_bytes", self.max_cpu_lora_bytes, optional=True)
+        check_int("max_full_module_adapters", self.max_full_module_adapters, minimum=0)
         if self.backend not in ("torch", "triton", "auto"):
             raise ConfigError(f"lora_backend={self.backend!r} must be 'torch', 'triton' or 'auto'")
 

@@ -38,6 +38,7 @@ from loraplex.lora.adapter import LoRAAdapter
 from loraplex.lora.base_weights import CheckpointWeights
 from loraplex.lora.batch import LoRABatchBuilder
 from loraplex.lora.buffers import LoRABuffers
+from loraplex.lora.full_module_layers import FullModuleBuffers, install_full_module_layers
 from loraplex.lora.host_cache import HostCache, default_max_cpu_lora_bytes
 from loraplex.lora.layers import install_lora_layers
 from loraplex.lora.loader import AdapterLoader
@@ -82,18 +83,22 @@ class LLMEngine:
                                          base_weight=CheckpointWeights(model_dir).get)
         buffers = LoRABuffers(model_config, lora.max_loras_per_batch, lora.max_lora_rank, dtype,
                               device)
-        self.lora_pool = LoRASlotPool(buffers)
+        # full embedding / lm_head copies (modules_to_save) and trainable tokens
+        self.full_modules = FullModuleBuffers(model_config, lora.max_loras_per_batch,
+                                              lora.max_full_module_adapters, dtype, device)
+        self.lora_pool = LoRASlotPool(buffers, self.full_modules)
         self.lora_batches = LoRABatchBuilder(max_tokens, lora.max_loras_per_batch, device)
         self.lora_backend = resolve_lora_backend(lora.backend, device)
         self.lora_layers = install_lora_layers(model, buffers, self.lora_backend, max_tokens,
                                                dtype, device)
+        install_full_module_layers(model, self.full_modules)
         self.max_tokens = max_tokens
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
         capture = cuda_graphs and self._can_capture()
         num_blocks = num_kv_blocks(
             cache, bytes_per_block(model_config, cache.block_size, dtype), sched.max_model_len,
-            device, MemorySplit(weights, buffers.nbytes),
+            device, MemorySplit(weights, buffers.nbytes, full_modules=self.full_modules.nbytes),
             profile=lambda: measure_peak(
                 largest_step(model, sched, self.lora_batches, lora.max_loras_per_batch, device),
                 device, others),
@@ -111,6 +116,7 @@ class LLMEngine:
             self.eos_ids.add(tokenizer.eos_token_id)
         self.runner = ModelRunner(model, self.kv_caches, self.blocks, device, self.lora_batches,
                                   eos_ids=sorted(self.eos_ids))
+        self.runner.full_modules = self.full_modules
         if cuda_graphs:
             self.runner.enable_decode_graphs(sched.max_num_seqs, sched.max_model_len,
                                              dummy_block=num_blocks, capture=capture)
@@ -142,6 +148,7 @@ class LLMEngine:
         revision: str | None = None,
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
+        max_full_module_adapters: int = 0,
     ) -> LLMEngine:
         """Build an engine from a Hugging Face model directory.
 
@@ -153,6 +160,9 @@ class LLMEngine:
         ``model`` is a directory or a Hugging Face Hub id (``revision``: its branch, tag or
         commit), see ``models/hub.py``.
         ``enable_prefix_caching`` / ``enable_chunked_prefill``: see ``engine/scheduler.py``.
+        ``max_full_module_adapters``: device slots for adapters with a full embedding /
+        lm_head copy (PEFT ``modules_to_save``), each ``2 x vocab x hidden`` in the serving
+        dtype; 0 (the default) reserves none and refuses such adapters at load.
         """
         from transformers import AutoTokenizer
 
@@ -165,7 +175,7 @@ class LLMEngine:
                                 gpu_memory_utilization=gpu_memory_utilization,
                                 enable_prefix_caching=enable_prefix_caching)
         lora_cfg = LoRAConfig(max_loras_per_batch, max_lora_rank, max_cpu_loras, lora_backend,
-                              max_cpu_lora_bytes)
+                              max_cpu_lora_bytes, max_full_module_adapters)
         # validates them now; the real one is below
         SchedulerConfig(max_num_seqs=max_num_seqs, enable_chunked_prefill=enable_chunked_prefill)
         model = resolve_model_path(model, revision)
@@ -461,7 +471,9 @@ class LLMEngine:
         entries = [None if a is None else self.check_adapter(a) for a in adapters]
         keys = [None if e is None else e.key for e in entries]
         out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
-        for idx in self.lora_pool.plan_groups(keys, [len(p) for p in prompts], self.max_tokens):
+        full = [e is not None and e.needs_full_slot for e in entries]
+        for idx in self.lora_pool.plan_groups(keys, [len(p) for p in prompts], self.max_tokens,
+                                              full):
             group = {keys[i]: entries[i] for i in idx if keys[i] is not None}
             slots: dict = {}
             try:

@@ -33,6 +33,7 @@ class AdapterLoader:
         """``base_weight``: the base model's weights by HF name (``CheckpointWeights.get``),
         needed by DoRA adapters only."""
         self.cfg, self.max_rank, self.dtype = cfg, lora.max_lora_rank, dtype
+        self.max_full = lora.max_full_module_adapters
         self.base_weight = base_weight
         self.registry, self.cache = registry, cache
         self._pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="loraplex-adapter-io")
@@ -50,6 +51,12 @@ class AdapterLoader:
         if adapter.max_rank > self.max_rank:
             raise AdapterLoadError(f"adapter {adapter.name!r} has rank {adapter.max_rank} > "
                                    f"max_lora_rank={self.max_rank}")
+        if adapter.needs_full_slot and self.max_full == 0:
+            raise AdapterLoadError(
+                f"adapter {adapter.name!r}: modules_to_save holds a full copy of "
+                f"{_full_copies(adapter)} ({self.cfg.vocab_size} x {self.cfg.hidden_size}), "
+                f"which needs a full-module slot, but max_full_module_adapters=0; start the "
+                f"engine with max_full_module_adapters >= 1 (--max-full-module-adapters)")
         adapter = adapter.to(self.dtype)
         if adapter.nbytes > self.cache.max_bytes:
             raise AdapterLoadError(
@@ -72,7 +79,7 @@ class AdapterLoader:
             path = resolve_adapter_path(path)  # a hub id: its snapshot, once per registration
         adapter = self.parse(name, path) if adapter is None else self._checked(adapter)
         entry = AdapterEntry(name, path, generation, adapter.max_rank, adapter.nbytes,
-                             frozenset(adapter.target_modules()))
+                             frozenset(adapter.target_modules()), adapter.needs_full_slot)
         self.cache.put(entry.key, adapter)
         try:
             self.registry.add(entry)
@@ -135,3 +142,10 @@ class AdapterLoader:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _full_copies(adapter: LoRAAdapter) -> str:
+    rep = adapter.replaced
+    names = [n for n, t in (("embed_tokens", rep.embed), ("lm_head", rep.lm_head))
+             if t is not None]
+    return " and ".join(names)

@@ -340,7 +340,8 @@ def run_server(args: argparse.Namespace) -> None:
         enable_prefix_caching=getattr(args, "enable_prefix_caching", True),
         enable_chunked_prefill=getattr(args, "enable_chunked_prefill", True),
         gpu_memory_utilization=getattr(args, "gpu_memory_utilization", 0.9),
-        kv_cache_memory_bytes=getattr(args, "kv_cache_memory", None))
+        kv_cache_memory_bytes=getattr(args, "kv_cache_memory", None),
+        max_full_module_adapters=getattr(args, "max_full_module_adapters", 0))
     app = create_app(engine, config)
     logger.info("serving %r with adapters %s on http://%s:%d", config.served_model_name,
                 sorted(config.adapters), args.host, args.port)
