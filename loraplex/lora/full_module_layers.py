@@ -140,6 +140,8 @@ class FullModuleEmbedding(nn.Module):
 class FullModuleLMHead(nn.Module):
     """The lm_head (with its LoRA) plus per-slot replaced rows (see the module doc)."""
 
+    reads_lora_batch = True  # the runner computes logits under their rows' LoRA batch
+
     def __init__(self, inner: nn.Module, buffers: FullModuleBuffers) -> None:
         super().__init__()
         self.inner, self.buffers = inner, buffers
