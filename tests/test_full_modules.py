@@ -54,6 +54,9 @@ def peft_model(base, adapter_dir: Path):
 
 ADAPTERS = {  # name -> LoraConfig kwargs
     "emb": dict(target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens"]),
+    # PEFT puts no LoRA on a module it saves whole: the copy alone, no embedding LoRA
+    "emb_not_lora": dict(target_modules=["embed_tokens", "q_proj"],
+                         modules_to_save=["embed_tokens"]),
     "head": dict(target_modules=["o_proj"], modules_to_save=["lm_head"]),
     "both": dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]),
     "tokens": dict(target_modules=["q_proj", "down_proj"], trainable_token_indices=TOKENS),
@@ -196,6 +199,8 @@ def test_budget_zero_refuses_and_unload_frees_the_slot(tmp_path):
 
     llm = LLM(str(d), adapters={"a": str(a)}, device="cpu", max_lora_rank=8,
               max_loras_per_batch=4, max_full_module_adapters=1)
+    # one slot: an embedding and an lm_head copy, float32 128 x 96 each
+    assert llm.engine.full_modules.nbytes == 2 * 128 * 96 * 4
     pool = llm.engine.lora_pool
     llm.generate([[1, 5, 9]], GREEDY, adapters="a")
     assert pool.full_of.count(None) == pool.num_slots - 1  # held after the request (cached)
@@ -284,3 +289,19 @@ def test_decode_steps_with_replaced_rows_skip_the_graphs(tmp_path):
                 eos_token_id=None, min_new_tokens=10)[0, 4:]
         assert out.token_ids == want.tolist(), name
         assert bool(calls) == (name == "plain"), name
+
+
+def test_cli_flag_reaches_the_engine(tmp_path, capsys):
+    from loraplex.cli import main as cli_main
+
+    d, hf = make_tiny_model(tmp_path / "base", "llama")
+    a = make_adapter(hf, tmp_path / "a", seed=1, target_modules=["q_proj"],
+                     modules_to_save=["embed_tokens"])
+    args = ["generate", "--model", str(d), "--device", "cpu", "--max-lora-rank", "8",
+            "--adapter", f"a={a}", "--use-adapter", "a", "--prompt", "hi", "--max-tokens", "2"]
+    assert cli_main(args) == 2
+    assert "max_full_module_adapters=0" in capsys.readouterr().err
+    assert cli_main([*args, "--max-full-module-adapters", "1"]) == 0
+    assert cli_main(["serve", "--model", str(d), "--device", "cpu",
+                     "--max-full-module-adapters", "-1"]) == 2
+    assert "max_full_module_adapters=-1 must be >= 0" in capsys.readouterr().err
