@@ -305,3 +305,34 @@ def test_cli_flag_reaches_the_engine(tmp_path, capsys):
     assert cli_main(["serve", "--model", str(d), "--device", "cpu",
                      "--max-full-module-adapters", "-1"]) == 2
     assert "max_full_module_adapters=-1 must be >= 0" in capsys.readouterr().err
+
+
+def test_lm_head_copy_goes_inside_an_lm_head_lora_wrapper(tmp_path):
+    """An lm_head LoRA wrapper (``reads_lora_batch`` and a ``base``) stays outermost, since it
+    needs the whole batch; the copy wraps its base linear, whose GEMM then skips the rows a
+    copy replaces."""
+    from torch import nn
+
+    from loraplex.lora.full_module_layers import FullModuleLMHead, install_full_module_layers
+
+    class HeadLoRA(nn.Module):
+        reads_lora_batch = True
+
+        def __init__(self, base: nn.Module) -> None:
+            super().__init__()
+            self.base = base
+
+        def forward(self, h):
+            return self.base(h)
+
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.embed_tokens = nn.Embedding(128, 96)
+    model.lm_head = HeadLoRA(nn.Linear(96, 128, bias=False))
+    mc = load_model_config(make_tiny_model(tmp_path / "b", "llama", tokenizer=False)[0])[0]
+    buffers = FullModuleBuffers(mc, 2, 1, torch.float32, torch.device("cpu"))
+    install_full_module_layers(model, buffers)
+    install_full_module_layers(model, buffers)  # idempotent
+    assert isinstance(model.lm_head, HeadLoRA)
+    assert isinstance(model.lm_head.base, FullModuleLMHead)
+    assert isinstance(model.lm_head.base.inner, nn.Linear)

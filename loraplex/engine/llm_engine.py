@@ -33,7 +33,7 @@ from loraplex.kvcache.kv_cache import allocate_kv_cache, bytes_per_block
 from loraplex.kvcache.prefix_cache import root_hash
 from loraplex.kvcache.profile import largest_step
 from loraplex.kvcache.sizing import MemorySplit, cuda_graph_reserve, measure_peak, num_kv_blocks
-from loraplex.layers.linear import can_prepack, prepack_linear_weights
+from loraplex.layers.linear import LinearBase, can_prepack, prepack_linear_weights
 from loraplex.lora.adapter import LoRAAdapter
 from loraplex.lora.base_weights import CheckpointWeights
 from loraplex.lora.batch import LoRABatchBuilder
@@ -84,8 +84,10 @@ class LLMEngine:
         buffers = LoRABuffers(model_config, lora.max_loras_per_batch, lora.max_lora_rank, dtype,
                               device)
         # full embedding / lm_head copies (modules_to_save) and trainable tokens
-        self.full_modules = FullModuleBuffers(model_config, lora.max_loras_per_batch,
-                                              lora.max_full_module_adapters, dtype, device)
+        self.full_modules = FullModuleBuffers(
+            model_config, lora.max_loras_per_batch, lora.max_full_module_adapters, dtype, device,
+            prepack=any(isinstance(m, LinearBase) and m.packed is not None
+                        for m in model.modules()))
         self.lora_pool = LoRASlotPool(buffers, self.full_modules)
         self.lora_batches = LoRABatchBuilder(max_tokens, lora.max_loras_per_batch, device)
         self.lora_backend = resolve_lora_backend(lora.backend, device)

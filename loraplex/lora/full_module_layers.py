@@ -3,7 +3,8 @@
 ``FullModuleBuffers`` holds, allocated once, ``F = max_full_module_adapters`` full-module
 slots: each an embedding copy ``embed [F, vocab, hidden]`` and an lm_head copy ``lm_head
 [F, vocab, hidden]`` (memory ``2 * F * vocab * hidden * itemsize``, counted with the adapter
-buffers before the KV cache is sized). Which lora slot holds which full-module slot is the
+buffers before the KV cache is sized; on CPU with prepacked weights an lm_head copy is
+packed in oneDNN's layout when written instead of kept in the dense pool). Which lora slot holds which full-module slot is the
 slot pool's business (``pool.py``); here a lora slot just points at the matrices its adapter
 uses. Trainable tokens need no full-module slot: their rows are copied to the device when the
 adapter's lora slot is written (``n x hidden``, small) with, for the embedding, a ``[vocab]``
@@ -19,8 +20,9 @@ sorted by lora slot, so one adapter's rows are contiguous):
         full copy W_s:       logits[rows] = h[rows] @ W_s.T
         trainable tokens:    logits[rows][:, tok_s] = h[rows] @ rows_s.T
 
-A full copy's rows still run the base GEMM (inside the wrapped module, which may add its own
-LoRA and needs the whole batch), then one GEMM per segment replaces them. The work depends on
+Rows with a full lm_head copy skip the base GEMM (the base runs over the other rows only)
+and do one GEMM per segment with their copy; an lm_head LoRA wrapper, which needs the whole
+batch, goes around this one. The work depends on
 host-side segments, so a decode step with such rows runs eagerly, not from a CUDA graph
 (``ModelRunner``); steps without them keep their graphs.
 """
@@ -44,6 +46,7 @@ class _SlotWeights:
 
     embed: torch.Tensor | None = None  # [vocab, hidden], a view of a full-module slot
     lm_head: torch.Tensor | None = None
+    head_packed: bool = False  # lm_head is oneDNN-blocked (CPU prepacking), not [vocab, hidden]
     embed_map: torch.Tensor | None = None  # [vocab] int64: row index into embed_rows, or -1
     embed_rows: torch.Tensor | None = None  # [n, hidden]
     head_ids: torch.Tensor | None = None  # [n] int64
@@ -56,17 +59,20 @@ class _SlotWeights:
 
 class FullModuleBuffers:
     def __init__(self, cfg: ModelConfig, num_lora_slots: int, num_full_slots: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, prepack: bool = False) -> None:
+        """``prepack``: the base linear weights are oneDNN-prepacked (CPU, layers/linear.py):
+        lm_head copies are packed the same way when written (a dense small-M GEMM runs about
+        half as fast), so they are not kept in a dense pool."""
         self.num_full_slots, self.vocab_size = num_full_slots, cfg.vocab_size
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.prepack = dtype, device, prepack
         shape = (num_full_slots, cfg.vocab_size, cfg.hidden_size)
         self.embed = torch.zeros(shape, dtype=dtype, device=device)
-        self.lm_head = torch.zeros(shape, dtype=dtype, device=device)
+        self.lm_head = None if prepack else torch.zeros(shape, dtype=dtype, device=device)
         self.slots = [_SlotWeights() for _ in range(num_lora_slots)]
 
     @property
     def nbytes(self) -> int:
-        return self.embed.nbytes + self.lm_head.nbytes
+        return 2 * self.embed.nbytes  # packed lm_head copies take about as much as dense ones
 
     def active(self, lora_slot: int) -> bool:
         """Whether rows of ``lora_slot`` need the wrappers (host state, no device sync)."""
@@ -82,7 +88,10 @@ class FullModuleBuffers:
             if rep.embed is not None:
                 w.embed = self.embed[full_slot]
                 w.embed.copy_(rep.embed)
-            if rep.lm_head is not None and rep.lm_head is rep.embed:
+            if rep.lm_head is not None and self.prepack:
+                w.lm_head = torch.ops.mkldnn._reorder_linear_weight(rep.lm_head.to(self.dtype))
+                w.head_packed = True
+            elif rep.lm_head is not None and rep.lm_head is rep.embed:
                 w.lm_head = w.embed  # PEFT's tied copy: one matrix for both
             elif rep.lm_head is not None:
                 w.lm_head = self.lm_head[full_slot]
@@ -151,22 +160,51 @@ class FullModuleLMHead(nn.Module):
         return self.inner.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        y = self.inner(hidden)
-        for start, end, w in _segments(self.buffers):
-            if w.lm_head is not None:
+        segs = list(_segments(self.buffers))
+        full = [(start, end) for start, end, w in segs if w.lm_head is not None]
+        if full and not getattr(self.inner, "reads_lora_batch", False):
+            # the base GEMM only over the rows no copy replaces (it may run on any subset of
+            # rows: it reads no LoRA batch)
+            y = hidden.new_empty(hidden.shape[0], self.buffers.vocab_size)
+            for start, end in _gaps(full, hidden.shape[0]):
+                y[start:end] = self.inner(hidden[start:end])
+        else:
+            y = self.inner(hidden)
+        for start, end, w in segs:
+            if w.head_packed:
+                y[start:end] = torch.ops.mkldnn._linear_pointwise(hidden[start:end], w.lm_head,
+                                                                  None, "none", [], "")
+            elif w.lm_head is not None:
                 y[start:end] = F.linear(hidden[start:end], w.lm_head)
             elif w.head_ids is not None:
                 y[start:end].index_copy_(1, w.head_ids, F.linear(hidden[start:end], w.head_rows))
         return y
 
 
+def _gaps(ranges: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """The non-empty [start, end) runs of 0..n outside ``ranges`` (sorted, disjoint)."""
+    out, pos = [], 0
+    for start, end in ranges:
+        if start > pos:
+            out.append((pos, start))
+        pos = end
+    return out + [(pos, n)] if pos < n else out
+
+
 def install_full_module_layers(model: nn.Module, buffers: FullModuleBuffers) -> None:
-    """Wrap the model's input embedding and lm_head (outermost: after the LoRA wrappers)."""
+    """Wrap the model's input embedding (outside its LoRA wrapper) and the lm_head's base
+    linear (inside an lm_head LoRA wrapper, found as a module with ``reads_lora_batch`` and a
+    ``base``: the copy replaces the base output, which the GEMM then skips for those rows; an
+    adapter never has both, PEFT puts no LoRA on a module it saves whole)."""
     embed = model.model.embed_tokens
     if isinstance(embed, FullModuleEmbedding):
         embed = embed.inner
     model.model.embed_tokens = FullModuleEmbedding(embed, buffers)
-    head = model.lm_head
+    parent, attr = model, "lm_head"
+    while (getattr(getattr(parent, attr), "reads_lora_batch", False)
+           and isinstance(getattr(getattr(parent, attr), "base", None), nn.Module)):
+        parent, attr = getattr(parent, attr), "base"
+    head = getattr(parent, attr)
     if isinstance(head, FullModuleLMHead):
         head = head.inner
-    model.lm_head = FullModuleLMHead(head, buffers)
+    setattr(parent, attr, FullModuleLMHead(head, buffers))
