@@ -168,13 +168,17 @@ def test_more_full_adapters_than_slots_queue_and_finish(tmp_path):
     names = [*dirs, *dirs, None]
     prompts = _prompts(len(names), seed=5)
     outs = llm.generate(prompts, GREEDY, adapters=names)
+    scores = llm.score(prompts, adapters=names)  # one full adapter per group
     base = load_hf_model(d)
-    for ids, name, out in zip(prompts, names, outs, strict=True):
+    for ids, name, out, logits in zip(prompts, names, outs, scores, strict=True):
         ref = base if name is None else peft_model(base, dirs[name])
         with torch.no_grad():
             want = ref.generate(input_ids=torch.tensor([ids]), max_new_tokens=10,
                                 do_sample=False, eos_token_id=None, min_new_tokens=10)
+            ref_logits = ref(input_ids=torch.tensor([ids])).logits[0]
         assert out.token_ids == want[0, len(ids):].tolist(), name
+        err = (logits - ref_logits).abs().max().item()
+        assert err <= 1e-4 * ref_logits.abs().max().item(), (name, err)
     stats = llm.engine.stats()
     assert stats["adapter_loads"] >= 3 and stats["num_pinned_slots"] == 0
 
