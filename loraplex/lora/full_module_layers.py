@@ -4,11 +4,11 @@
 slots: each an embedding copy ``embed [F, vocab, hidden]`` and an lm_head copy ``lm_head
 [F, vocab, hidden]`` (memory ``2 * F * vocab * hidden * itemsize``, counted with the adapter
 buffers before the KV cache is sized; on CPU with prepacked weights an lm_head copy is
-packed in oneDNN's layout when written instead of kept in the dense pool). Which lora slot holds which full-module slot is the
-slot pool's business (``pool.py``); here a lora slot just points at the matrices its adapter
-uses. Trainable tokens need no full-module slot: their rows are copied to the device when the
-adapter's lora slot is written (``n x hidden``, small) with, for the embedding, a ``[vocab]``
-map from token id to row.
+packed in oneDNN's layout when written instead of kept in the dense pool). Which lora slot
+holds which full-module slot is the slot pool's business (``pool.py``); here a lora slot
+just points at the matrices its adapter uses. Trainable tokens need no full-module slot:
+their rows are copied to the device when the adapter's lora slot is written (``n x hidden``,
+small) with, for the embedding, a ``[vocab]`` map from token id to row.
 
 The wrappers run after the wrapped module, per segment of the step's ``LoRABatch`` (rows are
 sorted by lora slot, so one adapter's rows are contiguous):
@@ -149,7 +149,11 @@ class FullModuleEmbedding(nn.Module):
 class FullModuleLMHead(nn.Module):
     """The lm_head (with its LoRA) plus per-slot replaced rows (see the module doc)."""
 
-    reads_lora_batch = True  # the runner computes logits under their rows' LoRA batch
+    @property
+    def reads_lora_batch(self) -> bool:
+        """Whether logits need their rows' LoRA batch (``logits_read_lora``): only while some
+        lora slot replaces lm_head rows, so engines without such adapters build none."""
+        return any(w.lm_head is not None or w.head_ids is not None for w in self.buffers.slots)
 
     def __init__(self, inner: nn.Module, buffers: FullModuleBuffers) -> None:
         super().__init__()
