@@ -233,7 +233,9 @@ class LoRAConfig:
     # host LRU cache bound in bytes (serving dtype); None = min(1/8 of RAM, 32 GiB)
     max_cpu_lora_bytes: int | None = None
     # device slots for adapters with a full embedding / lm_head copy (PEFT modules_to_save),
-    # each 2 x vocab x hidden x dtype bytes (lora/full_module_layers.py); 0 refuses them
+    # each 2 x vocab x hidden x dtype bytes (lora/full_module_layers.py): 2.1 GB for
+    # Llama-3-8B in bf16, so none is reserved unless asked (as vLLM reserves nothing for a
+    # feature not enabled); 0 refuses such adapters at load, naming this flag
     max_full_module_adapters: int = 0
 
     def __post_init__(self) -> None:

@@ -22,9 +22,9 @@ sorted by lora slot, so one adapter's rows are contiguous):
 
 Rows with a full lm_head copy skip the base GEMM (the base runs over the other rows only)
 and do one GEMM per segment with their copy; an lm_head LoRA wrapper, which needs the whole
-batch, goes around this one. The work depends on
-host-side segments, so a decode step with such rows runs eagerly, not from a CUDA graph
-(``ModelRunner``); steps without them keep their graphs.
+batch, goes around this one. The work depends on host-side segments, so a decode step with
+such rows runs eagerly, not from a CUDA graph (``ModelRunner``); steps without them keep
+their graphs.
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ class FullModuleBuffers:
 
 def _segments(buffers: FullModuleBuffers):
     """The step's (start, end, slot weights) of segments whose adapter replaces something."""
+    # not get_forward_batch(): logits may be computed outside any forward context (when no
+    # slot replaces lm_head rows, the runner builds no batch for them)
     batch = _current.get()
     lora = None if batch is None else batch.lora
     if lora is None:
