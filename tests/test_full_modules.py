@@ -311,32 +311,63 @@ def test_cli_flag_reaches_the_engine(tmp_path, capsys):
     assert "max_full_module_adapters=-1 must be >= 0" in capsys.readouterr().err
 
 
-def test_lm_head_copy_goes_inside_an_lm_head_lora_wrapper(tmp_path):
-    """An lm_head LoRA wrapper (``reads_lora_batch`` and a ``base``) stays outermost, since it
-    needs the whole batch; the copy wraps its base linear, whose GEMM then skips the rows a
-    copy replaces."""
+def test_lm_head_wrapper_composes_with_an_lm_head_lora_wrapper(tmp_path):
+    """Around an lm_head LoRA wrapper (which reads the batch of all the logits' rows), the
+    copy's wrapper asks for a batch when either needs one, and runs the wrapped module over
+    every row (not the subsets a plain base linear gets)."""
     from torch import nn
 
+    from loraplex.layers.forward_context import ForwardBatch, forward_context
+    from loraplex.layers.linear import ColumnLinear
     from loraplex.lora.full_module_layers import FullModuleLMHead, install_full_module_layers
+    from loraplex.lora.full_modules import ReplacedModules
+    from loraplex.ops.lora_meta import LoRABatch
 
-    class HeadLoRA(nn.Module):
-        reads_lora_batch = True
-
+    class HeadLoRA(nn.Module):  # stands in for an lm_head LoRA: rows it saw, per call
         def __init__(self, base: nn.Module) -> None:
             super().__init__()
-            self.base = base
+            self.base, self.live, self.rows = base, False, []
+
+        @property
+        def reads_lora_batch(self) -> bool:
+            return self.live
 
         def forward(self, h):
+            self.rows.append(h.shape[0])
             return self.base(h)
 
+    mc = load_model_config(make_tiny_model(tmp_path / "b", "llama", tokenizer=False)[0])[0]
+    g = torch.Generator().manual_seed(0)
+    base = ColumnLinear(96, 128)
+    base.weight.data = torch.randn(128, 96, generator=g)
     model = nn.Module()
     model.model = nn.Module()
     model.model.embed_tokens = nn.Embedding(128, 96)
-    model.lm_head = HeadLoRA(nn.Linear(96, 128, bias=False))
-    mc = load_model_config(make_tiny_model(tmp_path / "b", "llama", tokenizer=False)[0])[0]
+    model.lm_head = HeadLoRA(base)
     buffers = FullModuleBuffers(mc, 2, 1, torch.float32, torch.device("cpu"))
     install_full_module_layers(model, buffers)
     install_full_module_layers(model, buffers)  # idempotent
-    assert isinstance(model.lm_head, HeadLoRA)
-    assert isinstance(model.lm_head.base, FullModuleLMHead)
-    assert isinstance(model.lm_head.base.inner, nn.Linear)
+    head = model.lm_head
+    assert isinstance(head, FullModuleLMHead) and isinstance(head.inner, HeadLoRA)
+    assert not head.reads_lora_batch
+    head.inner.live = True
+    assert head.reads_lora_batch  # the LoRA's need passes through
+    head.inner.live = False
+    copy_ = torch.randn(128, 96, generator=g)
+    buffers.write(1, 0, ReplacedModules(lm_head=copy_))
+    assert head.reads_lora_batch  # now its own
+    h = torch.randn(5, 96, generator=g)
+    batch = ForwardBatch(is_prefill=False, num_tokens=5, slot_mapping=None,
+                         lora=LoRABatch.from_token_slots([-1, -1, 1, 1, 0]))
+    with torch.no_grad(), forward_context(batch):
+        y = head(h)
+    assert head.inner.rows == [5]  # every row, once
+    torch.testing.assert_close(y[2:4], h[2:4] @ copy_.T)
+    torch.testing.assert_close(y[[0, 1, 4]], h[[0, 1, 4]] @ base.weight.T)
+    head.inner = base  # a plain base linear: the copy's rows skip its GEMM
+    calls = []
+    base.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad(), forward_context(batch):
+        y2 = head(h)
+    assert calls == [2, 1]
+    torch.testing.assert_close(y2, y)

@@ -21,10 +21,10 @@ sorted by lora slot, so one adapter's rows are contiguous):
         trainable tokens:    logits[rows][:, tok_s] = h[rows] @ rows_s.T
 
 Rows with a full lm_head copy skip the base GEMM (the base runs over the other rows only)
-and do one GEMM per segment with their copy; an lm_head LoRA wrapper, which needs the whole
-batch, goes around this one. The work depends on host-side segments, so a decode step with
-such rows runs eagerly, not from a CUDA graph (``ModelRunner``); steps without them keep
-their graphs.
+and do one GEMM per segment with their copy; when the wrapped module is an lm_head LoRA
+wrapper, which needs the batch of all rows, they pay its GEMM too. The work depends on
+host-side segments, so a decode step with such rows runs eagerly, not from a CUDA graph
+(``ModelRunner``); steps without them keep their graphs.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from torch import nn
 
 from loraplex.config import ModelConfig
 from loraplex.layers.forward_context import _current
+from loraplex.layers.linear import LinearBase
 from loraplex.lora.full_modules import ReplacedModules, TokenRows
 
 
@@ -153,9 +154,11 @@ class FullModuleLMHead(nn.Module):
 
     @property
     def reads_lora_batch(self) -> bool:
-        """Whether logits need their rows' LoRA batch (``logits_read_lora``): only while some
-        lora slot replaces lm_head rows, so engines without such adapters build none."""
-        return any(w.lm_head is not None or w.head_ids is not None for w in self.buffers.slots)
+        """Whether logits need their rows' LoRA batch (``logits_read_lora``): while some lora
+        slot replaces lm_head rows, or the wrapped module (an lm_head LoRA) needs it; so
+        engines without such adapters build none."""
+        mine = any(w.lm_head is not None or w.head_ids is not None for w in self.buffers.slots)
+        return mine or getattr(self.inner, "reads_lora_batch", False)
 
     def __init__(self, inner: nn.Module, buffers: FullModuleBuffers) -> None:
         super().__init__()
@@ -168,9 +171,9 @@ class FullModuleLMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         segs = list(_segments(self.buffers))
         full = [(start, end) for start, end, w in segs if w.lm_head is not None]
-        if full and not getattr(self.inner, "reads_lora_batch", False):
-            # the base GEMM only over the rows no copy replaces (it may run on any subset of
-            # rows: it reads no LoRA batch)
+        if full and isinstance(self.inner, LinearBase):
+            # the base GEMM only over the rows no copy replaces (a plain linear may run on any
+            # subset of rows; an lm_head LoRA wrapper reads the batch of all of them)
             y = hidden.new_empty(hidden.shape[0], self.buffers.vocab_size)
             for start, end in _gaps(full, hidden.shape[0]):
                 y[start:end] = self.inner(hidden[start:end])
@@ -198,19 +201,14 @@ def _gaps(ranges: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
 
 
 def install_full_module_layers(model: nn.Module, buffers: FullModuleBuffers) -> None:
-    """Wrap the model's input embedding (outside its LoRA wrapper) and the lm_head's base
-    linear (inside an lm_head LoRA wrapper, found as a module with ``reads_lora_batch`` and a
-    ``base``: the copy replaces the base output, which the GEMM then skips for those rows; an
-    adapter never has both, PEFT puts no LoRA on a module it saves whole)."""
+    """Wrap the model's input embedding and lm_head, outside their LoRA wrappers (an adapter
+    never has both a copy and a LoRA of one module: PEFT puts no LoRA on a module it saves
+    whole). Outermost, the lm_head wrapper answers ``reads_lora_batch`` for both."""
     embed = model.model.embed_tokens
     if isinstance(embed, FullModuleEmbedding):
         embed = embed.inner
     model.model.embed_tokens = FullModuleEmbedding(embed, buffers)
-    parent, attr = model, "lm_head"
-    while (getattr(getattr(parent, attr), "reads_lora_batch", False)
-           and isinstance(getattr(getattr(parent, attr), "base", None), nn.Module)):
-        parent, attr = getattr(parent, attr), "base"
-    head = getattr(parent, attr)
+    head = model.lm_head
     if isinstance(head, FullModuleLMHead):
         head = head.inner
-    setattr(parent, attr, FullModuleLMHead(head, buffers))
+    model.lm_head = FullModuleLMHead(head, buffers)
