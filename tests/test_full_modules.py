@@ -97,25 +97,36 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
 def test_mixed_batch_equals_peft(setup):
     d, hf, dirs = setup
     full = [n for n in dirs if n not in ("tokens", "tokens_head", "plain")]
+    # 7-token steps: prompt chunks share steps with decodes; prefix caching on
     llm = LLM(str(d), adapters={k: str(v) for k, v in dirs.items()}, device="cpu",
               max_loras_per_batch=len(dirs), max_lora_rank=8,
-              max_full_module_adapters=len(full))
+              max_full_module_adapters=len(full), max_num_batched_tokens=7)
     names = [*dirs, None, "emb", None, "tokens", "head", "plain"]
     prompts = _prompts(len(names), seed=3)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=1,
+                            prompt_logprobs=1)
     scores = llm.score(prompts, adapters=names)
-    gens = llm.generate(prompts, GREEDY, adapters=names)
+    gens = llm.generate(prompts, params, adapters=names)
+    again = llm.generate(prompts, GREEDY, adapters=names)  # from the prefix cache
     base = load_hf_model(d)
     refs = {name: peft_model(base, path) for name, path in dirs.items()} | {None: base}
-    for ids, name, logits, gen in zip(prompts, names, scores, gens, strict=True):
+    for ids, name, logits, gen, gen2 in zip(prompts, names, scores, gens, again, strict=True):
         x = torch.tensor([ids])
         with torch.no_grad():
-            ref_logits = refs[name](input_ids=x).logits[0]
             ref_tokens = refs[name].generate(input_ids=x, max_new_tokens=10, do_sample=False,
-                                             eos_token_id=None, min_new_tokens=10)[0, len(ids):]
+                                             eos_token_id=None, min_new_tokens=10)[0]
+            ref_all = refs[name](input_ids=ref_tokens[None]).logits[0]  # prompt + generated
             base_logits = base(input_ids=x).logits[0]
+        ref_logits = ref_all[: len(ids)]
+        scale = ref_logits.abs().max().item()
         err = (logits - ref_logits).abs().max().item()
-        assert err <= 1e-4 * ref_logits.abs().max().item(), (name, err)
-        assert gen.token_ids == ref_tokens.tolist(), name
+        assert err <= 1e-4 * scale, (name, err)
+        assert gen.token_ids == ref_tokens[len(ids):].tolist() == gen2.token_ids, name
+        lp = torch.log_softmax(ref_all.double(), -1)  # logprobs of sampled and prompt tokens
+        want = [lp[len(ids) - 1 + j, t].item() for j, t in enumerate(gen.token_ids)]
+        want += [lp[p - 1, ids[p]].item() for p in range(1, len(ids))]
+        got = [e.logprob for e in gen.logprobs] + [e.logprob for e in gen.prompt_logprobs[1:]]
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-4 * scale, name
         if name is not None:  # the adapter really changes the model
             assert (ref_logits - base_logits).abs().max() > 1e-2, name
 
