@@ -124,6 +124,10 @@ class ColumnLinear(LinearBase):
         size, rank = _group(tp_size, tp_rank)
         super().__init__(in_features, -(-out_features // size), bias, size, rank)
         self.full_output_sizes = [out_features]
+        if self.out_features * size != out_features:  # padding rows: zero, never loaded
+            self.weight.data.zero_()
+            if self.bias is not None:
+                self.bias.data.zero_()
 
 
 class RowLinear(LinearBase):
