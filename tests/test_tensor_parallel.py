@@ -179,13 +179,16 @@ def _prefill_then_decode(model, cfg, builder, dev, slots, lengths) -> list[torch
     return [prefill.float().cpu(), decode.float().cpu()]
 
 
-def _worker(rank: int, world: int, init_method: str, specs: dict, device: str, results) -> None:
+def _worker(rank: int, world: int, init_method: str, specs: dict, device: str, results,
+            fail_rank: int) -> None:
     try:
         torch.set_num_threads(1)  # ranks share the CPU
         from loraplex.distributed import parallel_state as ps
 
         backend = "nccl" if device == "cuda" else "gloo"
         ps.init_tensor_parallel(rank, world, init_method, backend=backend)
+        if rank == fail_rank:  # the others are left waiting in their first collective
+            raise RuntimeError("injected failure")
         dev = f"cuda:{rank}" if device == "cuda" else "cpu"
         out = {"collectives": _check_collectives(rank, world, dev)}
         for name, spec in specs.items():
@@ -213,13 +216,14 @@ def _check_collectives(rank: int, world: int, dev: str) -> bool:
     return True
 
 
-def run_ranks(world: int, specs: dict, tmp_path: Path, device: str = "cpu") -> dict[int, dict]:
+def run_ranks(world: int, specs: dict, tmp_path: Path, device: str = "cpu",
+              fail_rank: int = -1) -> dict[int, dict]:
     """Spawn ``world`` ranks running ``_worker``; their outputs by rank. Fails (and ends the
     other ranks) on a rank's exception, a rank that dies without answering, or the deadline."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     init = f"file://{tmp_path / f'tp{world}.init'}"
-    procs = [ctx.Process(target=_worker, args=(r, world, init, specs, device, results),
+    procs = [ctx.Process(target=_worker, args=(r, world, init, specs, device, results, fail_rank),
                          daemon=True) for r in range(world)]
     for p in procs:
         p.start()
@@ -243,9 +247,11 @@ def run_ranks(world: int, specs: dict, tmp_path: Path, device: str = "cpu") -> d
             out[rank] = torch.load(io.BytesIO(res))
     finally:
         for p in procs:
+            if len(out) < world:  # failed: the others may wait in a collective forever
+                p.terminate()
             p.join(timeout=10)
             if p.is_alive():
-                p.terminate()
+                p.kill()
                 p.join(timeout=5)
     return out
 
@@ -295,6 +301,13 @@ def test_sharded_logits_equal_unsharded(checkpoints, world):
             _assert_same_logits(res[name], refs[name], f"{name}, tp={world}, rank {rank}")
         stats = res["stats"]  # one all-reduce per row-parallel layer, embedding, LoRA shrink
         assert stats["all_reduce_calls"] > 0 and stats["all_gather_calls"] > 0
+
+
+def test_a_failing_rank_fails_the_run_instead_of_hanging(tmp_path):
+    # rank 0 blocks in a collective that rank 1 never joins: the run must end on rank 1's
+    # report (not on the deadline), and rank 0 is ended with it
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)rank 1 failed:.*injected failure"):
+        run_ranks(2, {}, tmp_path, fail_rank=1)
 
 
 @pytest.mark.gpu
