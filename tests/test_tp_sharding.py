@@ -232,3 +232,10 @@ def test_lora_buffers_hold_this_ranks_shards(tmp_path, as_rank):
     assert o.a.shape == (2, 16, 64) and torch.equal(o.a[1, :4], ow.a[:, 64:])  # row: A cols
     assert torch.equal(o.b[1, :, :4], ow.b)  # B whole
     assert o.ranks[1].tolist() == [4] and qkv.ranks[1].tolist() == [8, 8, 8]
+    # the CUDA path (one packed host->device copy per layer) cuts the same shards
+    staged = LoRABuffers(cfg, 2, 16, torch.float32, torch.device("cpu"), staged=True)
+    staged.write(1, adapter)
+    assert staged.num_transfers == cfg.num_layers
+    for key, buf in buffers.buffers.items():
+        assert torch.equal(staged.buffers[key].a, buf.a) and torch.equal(staged.buffers[key].b,
+                                                                          buf.b), key
