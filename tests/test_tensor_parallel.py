@@ -314,7 +314,9 @@ def test_a_failing_rank_fails_the_run_instead_of_hanging(tmp_path):
 def test_sharded_logits_equal_unsharded_on_two_gpus(checkpoints):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA devices")
-    root, specs, refs = checkpoints
+    root, specs, _ = checkpoints
+    # the reference on the same kind of device: CUDA's kernels round differently from CPU's
+    refs = {name: run_steps(spec, "cuda:0") for name, spec in specs.items()}
     out = run_ranks(2, specs, root, device="cuda")
     for rank, res in out.items():
         for name in MODELS:
