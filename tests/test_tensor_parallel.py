@@ -213,6 +213,14 @@ def _check_collectives(rank: int, world: int, dev: str) -> bool:
     assert torch.equal(x.cpu(), torch.full((2, 3), world * (world + 1) / 2))
     g = ps.all_gather_last(torch.full((2, 1), float(rank), device=dev))
     assert torch.equal(g.cpu(), torch.arange(world, dtype=torch.float32).expand(2, world))
+    stats = ps.comm_stats()
+    assert (stats["all_reduce_calls"], stats["all_gather_calls"]) == (1, 1)
+    assert stats["all_reduce_bytes"] == 6 * 4 and stats["all_reduce_seconds"] == 0  # not timed
+    ps.enable_comm_timing(True)
+    ps.all_reduce_(x)
+    assert ps.comm_stats()["all_reduce_seconds"] > 0
+    ps.enable_comm_timing(False)
+    ps.reset_comm_stats()
     return True
 
 
