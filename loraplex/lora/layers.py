@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from loraplex.distributed.parallel_state import all_reduce_
+from loraplex.layers.embedding import VocabParallelEmbedding
 from loraplex.layers.forward_context import get_forward_batch
 from loraplex.layers.linear import LinearBase, RowLinear
 from loraplex.lora.buffers import FUSED_PROJECTIONS, LoRABuffers, SlotBuffers
@@ -69,9 +70,11 @@ class LoRALinear(nn.Module):
 
 class LoRAEmbedding(nn.Module):
     """The input embedding plus its per-slot LoRA: ``y = E[ids]``, then per segment
-    ``y += scaling * A.T[ids] @ B.T`` (gather, then the backend's expand)."""
+    ``y += scaling * A.T[ids] @ B.T`` (gather, then the backend's expand). Under tensor
+    parallelism ``E[ids]`` is the vocab-parallel lookup, already all-reduced, and A and B are
+    whole on every rank, so each rank adds the same delta: no further communication."""
 
-    def __init__(self, base: nn.Embedding, buffers: SlotBuffers, scratch: torch.Tensor,
+    def __init__(self, base: VocabParallelEmbedding, buffers: SlotBuffers, scratch: torch.Tensor,
                  expand: Callable) -> None:
         super().__init__()
         self.base, self.buffers, self.scratch, self.expand = base, buffers, scratch, expand
