@@ -135,7 +135,8 @@ def comm_stats() -> dict[str, float]:
 
 
 def _start_timer(x: torch.Tensor) -> float | None:
-    if not _state.timing:
+    # never while a CUDA graph is being captured: a synchronize would break the capture
+    if not _state.timing or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
