@@ -12,6 +12,14 @@ The input embedding has one more set (``embedding``), as a linear layer on one-h
 Rank columns beyond a slot's rank are never read, so loading an adapter writes only its own
 rows/columns and clearing a slot only zeroes its ranks.
 
+Under tensor parallelism (``distributed/parallel_state``, read at construction) a rank's
+buffers hold only its shards, as S-LoRA and vLLM split them: column kinds (q/k/v, gate/up) keep
+A whole and hold B's rows of this rank's output slice (per q/k/v and gate/up slice, with the
+GQA kv-head replication of ``distributed/sharding.py``); row kinds (o, down) hold A's columns
+of this rank's input slice and B whole. ``write`` takes the full adapter and cuts the shards.
+The embedding's A and B stay whole on every rank (the delta is added after the embedding's
+all-reduce, identically everywhere).
+
 Which adapter a slot holds, and who pins it, is the slot pool's business (``pool.py``); this
 file only moves weights.
 """
@@ -23,6 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.config import ModelConfig
+from loraplex.distributed.parallel_state import tp_rank, tp_size
+from loraplex.distributed.sharding import ProjShard, proj_shards
 from loraplex.lora.adapter import EMBED, EMBED_LAYER, LoRAAdapter, LoRAWeights
 from loraplex.ops.lora_meta import ColumnScales
 
@@ -67,12 +77,13 @@ class LoRABuffers:
         tests force it on CPU to check the packing)."""
         self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
         self.num_layers = cfg.num_layers
-        shapes = cfg.proj_shapes()
+        # this rank's slice of each projection, in full coordinates
+        self.shards: dict[str, ProjShard] = proj_shards(cfg, tp_size(), tp_rank())
         self.buffers: dict[tuple[int, str], SlotBuffers] = {}
         for layer in range(cfg.num_layers):
             for fused, projs in FUSED_PROJECTIONS.items():
-                in_f = shapes[projs[0]][0]
-                outs = [shapes[p][1] for p in projs]
+                in_f = self.shards[projs[0]].shape[0]
+                outs = [self.shards[p].shape[1] for p in projs]
                 offsets = tuple(sum(outs[:i]) for i in range(len(outs) + 1))
                 n = len(projs)
                 self.buffers[(layer, fused)] = SlotBuffers(
@@ -116,7 +127,8 @@ class LoRABuffers:
                    for b in self.all_buffers())
 
     def write(self, lora_slot: int, adapter: LoRAAdapter) -> None:
-        """Copy an adapter's weights into ``lora_slot`` (replacing whatever was there)."""
+        """Copy an adapter's weights into ``lora_slot`` (replacing whatever was there).
+        ``adapter`` is whole (as loaded); this rank's shards are cut here."""
         assert adapter.max_rank <= self.max_rank
         R = self.max_rank
         for layer in range(self.num_layers):
@@ -130,14 +142,16 @@ class LoRABuffers:
                     w = adapter.weights.get((layer, proj))
                     if w is None:
                         continue
-                    r = w.rank
-                    pairs.append((w.a, buf.a[lora_slot, i * R : i * R + r]))
-                    pairs.append((w.b, buf.b[lora_slot, buf.offsets[i] : buf.offsets[i + 1], :r]))
+                    r, sh = w.rank, self.shards[proj]
+                    pairs.append((w.a[:, sh.in_lo : sh.in_hi], buf.a[lora_slot, i * R : i * R + r]))
+                    pairs.append((w.b[sh.out_lo : sh.out_hi],
+                                  buf.b[lora_slot, buf.offsets[i] : buf.offsets[i + 1], :r]))
                     ranks[i], scalings[i] = r, w.scaling
                 buf.ranks[lora_slot].copy_(ranks)
                 buf.scalings[lora_slot].copy_(scalings)
                 self._write_col_scales(buf, lora_slot, [adapter.weights.get((layer, p))
-                                                        for p in projs])
+                                                        for p in projs],
+                                       [self.shards[p] for p in projs])
             self._copy_layer(layer, pairs)
         self._write_embedding(lora_slot, adapter.weights.get((EMBED_LAYER, EMBED)))
 
@@ -151,8 +165,10 @@ class LoRABuffers:
         buf.scalings[lora_slot, 0] = 0.0 if w is None else w.scaling
 
     @staticmethod
-    def _write_col_scales(buf: SlotBuffers, lora_slot: int, weights: list) -> None:
-        """DoRA's column scale/shift of each slice into the slot; identity where none."""
+    def _write_col_scales(buf: SlotBuffers, lora_slot: int, weights: list,
+                          shards: list[ProjShard] | None = None) -> None:
+        """DoRA's column scale/shift of each slice (this rank's output columns of it, from
+        ``shards``) into the slot; identity where none."""
         cs = buf.col_scales
         dora = any(w is not None and w.col_scale is not None for w in weights)
         if not dora and not cs.host_flags[lora_slot]:
@@ -162,9 +178,10 @@ class LoRABuffers:
         for i, w in enumerate(weights):
             if w is not None and w.col_scale is not None:
                 c0, c1 = buf.offsets[i], buf.offsets[i + 1]
-                cs.scale[lora_slot, c0:c1].copy_(w.col_scale)
+                lo, hi = shards[i].out_lo, shards[i].out_hi
+                cs.scale[lora_slot, c0:c1].copy_(w.col_scale[lo:hi])
                 if w.col_shift is not None:
-                    cs.shift[lora_slot, c0:c1].copy_(w.col_shift)
+                    cs.shift[lora_slot, c0:c1].copy_(w.col_shift[lo:hi])
         cs.flags[lora_slot] = int(dora)
         cs.host_flags[lora_slot] = dora
 

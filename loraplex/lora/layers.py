@@ -7,6 +7,11 @@ its rows' base output by its column scales, inside the expand). The model classe
 mention LoRA. All wrappers share one scratch buffer for the shrink output (layers run one at a
 time), allocated once. The input embedding gets ``LoRAEmbedding`` (PEFT's embedding LoRA:
 a gather of A's columns, then the same expand).
+
+Under tensor parallelism a row-parallel projection (o, down) shrinks its input shard with its
+columns of A: each rank's ``[T, n*R]`` shrink output is a partial sum, all-reduced (r values per
+token, cheap) before the expand with the whole B adds the same delta on every rank to the
+already reduced output. Column kinds need no communication (B's rows match the output shard).
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from loraplex.distributed.parallel_state import all_reduce_
+from loraplex.layers.embedding import VocabParallelEmbedding
 from loraplex.layers.forward_context import get_forward_batch
-from loraplex.layers.linear import LinearBase
+from loraplex.layers.linear import LinearBase, RowLinear
 from loraplex.lora.buffers import FUSED_PROJECTIONS, LoRABuffers, SlotBuffers
 from loraplex.ops.lora_embedding import lora_embedding_shrink
 from loraplex.ops.lora_ops import get_lora_ops
@@ -38,6 +45,8 @@ class LoRALinear(nn.Module):
         self.shrink, self.expand = ops
         self.output_sizes = base.output_sizes
         self.width = buffers.a.shape[1]  # n * R
+        # row-parallel under TP: the shrink output is a partial sum over the input shards
+        self.reduce_shrink = isinstance(base, RowLinear) and base.tp_size > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -45,17 +54,27 @@ class LoRALinear(nn.Module):
         if lora is None:
             return y
         buf = self.buffers
-        h = self.scratch[: x.shape[0], : self.width]  # [T, n*R]
-        self.shrink(x, buf.a, buf.ranks, lora, h)
+        t = x.shape[0]
+        if self.reduce_shrink:
+            # contiguous (collectives need it) and zeroed: rows of base-model tokens and
+            # columns past a slot's rank are summed too, and must not grow across layers
+            h = self.scratch.view(-1)[: t * self.width].view(t, self.width).zero_()
+            self.shrink(x, buf.a, buf.ranks, lora, h)
+            all_reduce_(h)
+        else:
+            h = self.scratch[:t, : self.width]  # [T, n*R]
+            self.shrink(x, buf.a, buf.ranks, lora, h)
         self.expand(h, buf.b, buf.ranks, buf.scalings, buf.offsets, lora, y, buf.col_scales)
         return y
 
 
 class LoRAEmbedding(nn.Module):
     """The input embedding plus its per-slot LoRA: ``y = E[ids]``, then per segment
-    ``y += scaling * A.T[ids] @ B.T`` (gather, then the backend's expand)."""
+    ``y += scaling * A.T[ids] @ B.T`` (gather, then the backend's expand). Under tensor
+    parallelism ``E[ids]`` is the vocab-parallel lookup, already all-reduced, and A and B are
+    whole on every rank, so each rank adds the same delta: no further communication."""
 
-    def __init__(self, base: nn.Embedding, buffers: SlotBuffers, scratch: torch.Tensor,
+    def __init__(self, base: VocabParallelEmbedding, buffers: SlotBuffers, scratch: torch.Tensor,
                  expand: Callable) -> None:
         super().__init__()
         self.base, self.buffers, self.scratch, self.expand = base, buffers, scratch, expand
