@@ -1,0 +1,246 @@
+"""Rank 0's side of tensor parallelism: start the workers, mirror every model call to them,
+notice when one dies, stop them.
+
+Rank 0 runs the scheduler, the API and the ``ModelRunner`` (which samples) as at size 1. The
+seam is three proxies installed on the engine once it is built (``attach``): around the model
+(``forward`` and ``compute_logits`` send their inputs first), around the decode graphs (each
+rank replays its own graph on the same host inputs) and around the LoRA buffers (a slot
+write or clear is sent with the full adapter; each rank's buffers keep only their shard).
+So ``ModelRunner`` and ``Scheduler`` do not know about ranks. All sends come from the engine
+thread, the only caller of the model and of the slot pool.
+
+Failure: before each send the executor looks at the workers' exit codes, and a collective
+whose peer died raises at once (gloo: connection closed). Either way it stops the other
+workers, leaves the process group and raises ``TensorParallelError`` naming the rank and
+its exit code (and the worker's own error when it reported one); the engine then fails
+every request it holds and refuses new ones.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import multiprocessing.connection
+import os
+import signal
+import tempfile
+
+import torch
+import torch.multiprocessing as mp
+
+from loraplex.distributed.channel import (
+    LAST,
+    SAME,
+    Command,
+    ControlChannel,
+    open_control_group,
+    pack_batch,
+)
+from loraplex.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+from loraplex.errors import TensorParallelError
+from loraplex.layers.forward_context import current_forward_batch, get_forward_batch
+
+logger = logging.getLogger(__name__)
+
+# Seconds a worker may take to leave after SHUTDOWN before it is terminated, then killed.
+_JOIN_S = 10.0
+
+
+class TPExecutor:
+    """The workers of one tensor-parallel engine (ranks 1..N-1) and the channel to them."""
+
+    def __init__(self, procs: list, channel: ControlChannel, errors, init_file: str) -> None:
+        self.procs = procs
+        self.channel = channel
+        self._errors = errors
+        self._init_file = init_file
+        self.error: TensorParallelError | None = None
+        self.closed = False
+        atexit.register(self.close)
+
+    @classmethod
+    def launch(cls, world_size: int, engine_kwargs: dict, device: torch.device,
+               threads: int) -> TPExecutor:
+        """Spawn ranks 1..``world_size``-1 (each builds the engine from ``engine_kwargs``
+        with ``threads`` CPU threads) and join the group as rank 0."""
+        from loraplex.distributed.worker import worker_main
+
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        fd, path = tempfile.mkstemp(prefix="loraplex-tp-")
+        os.close(fd)
+        os.unlink(path)  # the file store creates it; it must not exist yet
+        init = f"file://{path}"
+        ctx = mp.get_context("spawn")
+        errors = ctx.SimpleQueue()
+        procs = [ctx.Process(target=worker_main, name=f"loraplex-tp-rank{rank}", daemon=True,
+                             args=(rank, world_size, init, backend, engine_kwargs, errors,
+                                   threads))
+                 for rank in range(1, world_size)]
+        for p in procs:
+            p.start()
+        try:
+            init_tensor_parallel(0, world_size, init, backend)
+            channel = ControlChannel(open_control_group())
+        except BaseException:
+            _stop(procs)
+            destroy_tensor_parallel()
+            raise
+        return cls(procs, channel, errors, path)
+
+    # -- the engine's side -----------------------------------------------------------------------
+    def agree_num_blocks(self, num_blocks: int) -> int:
+        """Every rank sizes its KV cache, then all take the smallest count (ranks' free
+        memory may differ); rank 0's scheduler plans with that count."""
+        return self._call(lambda: self.channel.all_min(num_blocks))
+
+    def attach(self, engine) -> None:
+        runner = engine.runner
+        runner.model = ModelProxy(runner.model, self)
+        if runner.graphs is not None:
+            runner.graphs = DecodeGraphsProxy(runner.graphs, self)
+        engine.lora_pool.buffers = LoRABuffersProxy(engine.lora_pool.buffers, self)
+
+    def send(self, command: Command, payload=None) -> None:
+        self._call(lambda: self.channel.send(command, payload))
+
+    def check(self) -> None:
+        """Raise the failure that stopped this executor, or find a worker that exited."""
+        if self.error is not None:
+            raise self.error
+        if self.closed:
+            raise TensorParallelError("the tensor-parallel engine was closed")
+        dead = [p for p in self.procs if p.exitcode is not None]
+        if dead:
+            self._fail(dead[0], None)
+
+    def _call(self, fn):
+        self.check()
+        try:
+            return fn()
+        except RuntimeError as exc:  # gloo: a peer's connection closed mid-collective
+            ready = multiprocessing.connection.wait([p.sentinel for p in self.procs], _JOIN_S)
+            dead = next((p for p in self.procs if p.sentinel in ready), None)
+            self._fail(dead, exc)
+
+    def _fail(self, proc, exc: BaseException | None) -> None:
+        reports = []
+        with contextlib.suppress(OSError, EOFError):
+            while not self._errors.empty():
+                reports.append(self._errors.get())
+        if proc is not None:
+            code = proc.exitcode
+            how = (f"was killed by {signal.Signals(-code).name}"
+                   if code is not None and code < 0 else f"exited with code {code}")
+            what = f"tensor-parallel worker {proc.name} {how}"
+        else:
+            what = f"a tensor-parallel collective failed: {exc}"
+        detail = f" ({'; '.join(reports)})" if reports else ""
+        self.error = TensorParallelError(f"{what}{detail}; the engine has shut down and "
+                                         f"cannot serve requests any more")
+        logger.error("%s", self.error)
+        self.close()
+        raise self.error from exc
+
+    def close(self, graceful: bool = True) -> None:
+        """Stop the workers (SHUTDOWN, then terminate / kill the ones that linger) and leave
+        the process group. Safe to call more than once, and after a failure. ``graceful=False``
+        sends nothing (the workers may be inside a collective, e.g. a failed start-up)."""
+        if self.closed:
+            return
+        self.closed = True
+        atexit.unregister(self.close)
+        if graceful and self.error is None and all(p.exitcode is None for p in self.procs):
+            with contextlib.suppress(RuntimeError):
+                self.channel.send(Command.SHUTDOWN)
+        _stop(self.procs)
+        destroy_tensor_parallel()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._init_file)
+        with contextlib.suppress(OSError):
+            self._errors.close()
+
+
+def _stop(procs: list) -> None:
+    for p in procs:
+        p.join(_JOIN_S if p.exitcode is None else 0)
+    for p in procs:
+        if p.exitcode is None:
+            p.terminate()
+            p.join(_JOIN_S)
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+
+
+class ModelProxy:
+    """The model as rank 0's runner sees it: each call is sent to the workers first."""
+
+    def __init__(self, model: torch.nn.Module, executor: TPExecutor) -> None:
+        self.model = model
+        self.executor = executor
+        self._last_batch = None
+        self._last_hidden: torch.Tensor | None = None
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        batch = get_forward_batch()
+        self.executor.send(Command.FORWARD, (ids, positions, pack_batch(batch)))
+        self._last_batch, self._last_hidden = batch, None
+        hidden = self.model(ids, positions)
+        self._last_hidden = hidden
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        batch = current_forward_batch()
+        if batch is None:
+            wire_batch = None
+        elif batch is self._last_batch:  # the usual case: only the LoRA batch is sent again
+            wire_batch = (SAME, pack_batch(batch)["lora"])
+        else:
+            wire_batch = pack_batch(batch)
+        # the last forward's output (decode) is already on every rank; rows of it are sent
+        wire_hidden = LAST if hidden is self._last_hidden else hidden
+        self.executor.send(Command.LOGITS, (wire_hidden, wire_batch))
+        return self.model.compute_logits(hidden)
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+
+class DecodeGraphsProxy:
+    """Rank 0's decode graphs: every rank replays its own graph on the same host inputs."""
+
+    def __init__(self, graphs, executor: TPExecutor) -> None:
+        self.graphs = graphs
+        self.executor = executor
+
+    def run(self, *inputs) -> torch.Tensor:
+        self.executor.send(Command.DECODE_GRAPH, inputs)
+        return self.graphs.run(*inputs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.graphs, name)
+
+
+class LoRABuffersProxy:
+    """Rank 0's LoRA buffers: a slot write sends the full adapter, each rank writes its shard.
+    After the executor stopped, writes and clears stay local (nothing reads them any more:
+    every model call raises), so releasing a dead engine's requests cannot fail."""
+
+    def __init__(self, buffers, executor: TPExecutor) -> None:
+        self.buffers = buffers
+        self.executor = executor
+
+    def write(self, lora_slot: int, adapter) -> None:
+        if not self.executor.closed:
+            self.executor.send(Command.LORA_WRITE, (lora_slot, adapter))
+        self.buffers.write(lora_slot, adapter)
+
+    def clear(self, lora_slot: int) -> None:
+        if not self.executor.closed:
+            self.executor.send(Command.LORA_CLEAR, lora_slot)
+        self.buffers.clear(lora_slot)
+
+    def __getattr__(self, name: str):
+        return getattr(self.buffers, name)
+

@@ -1,0 +1,198 @@
+"""Tensor parallelism's process model on CPU (gloo): rank 0 schedules and samples, worker
+processes run every model call on their shard.
+
+References: the same engine at tensor_parallel_size=1 (greedy tokens equal, logprobs within
+1e-5 in float32), for the same requests, adapter loads and unloads; the typed errors a user
+can cause. A killed worker must end every request with ``TensorParallelError`` within a
+deadline (no hang) and leave no process behind.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+import torch
+from helpers_lora import make_peft_adapter, make_tiny_model
+from server_utils import ServerProcess
+
+from loraplex import LLM, SamplingParams
+from loraplex.distributed.parallel_state import tp_size
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.errors import ConfigError, ConfigTypeError, TensorParallelError
+
+# 6 heads and 2 KV heads (tiny shape): TP=2 splits both. Prompts share a 24-token prefix so
+# the second round starts from cached blocks.
+PREFIX = [(7 * j + 3) % 120 + 4 for j in range(24)]
+PROMPTS = [PREFIX + [10 + i, 20 + i, 30 + i][: 1 + i % 3] for i in range(6)]
+NAMES = ["a", None, "b", "a", None, "b"]
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, logprobs=2)
+PROMPT_LP = SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=2)
+ENGINE = dict(device="cpu", max_num_batched_tokens=16, max_loras_per_batch=2,
+              num_kv_blocks=64, enable_prefix_caching=True, enable_chunked_prefill=True)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("tp")
+    model, hf = make_tiny_model(root / "tiny")
+    adapters = {"a": str(make_peft_adapter(hf, root / "a", seed=11)),
+                "b": str(make_peft_adapter(hf, root / "b", seed=12, r=4,
+                                           rank_pattern={"o_proj": 2}))}
+    late = str(make_peft_adapter(hf, root / "c", seed=13, r=16,
+                                 target_modules=["q_proj", "v_proj", "down_proj"]))
+    # 8 heads, 2 KV heads: TP=4 splits the heads and replicates each KV head over 2 ranks
+    wide, wide_hf = make_tiny_model(root / "wide", seed=4, hidden_size=128,
+                                    num_attention_heads=8, num_key_value_heads=2)
+    wide_adapter = str(make_peft_adapter(wide_hf, root / "wa", seed=14))
+    return SimpleNamespace(root=root, model=str(model), adapters=adapters, late=late,
+                           wide=str(wide), wide_adapter=wide_adapter)
+
+
+def scenario(llm: LLM, late: str) -> list:
+    """Mixed adapter and base rows in one batch, 16-token steps (chunked prefill), two rounds
+    (the second from the prefix cache), prompt logprobs, then an adapter loaded and another
+    unloaded while requests run, and scores. Returns everything comparable."""
+    params = [GREEDY] * 5 + [PROMPT_LP]
+    outs = [o for _ in range(2) for o in llm.generate(PROMPTS, params, adapters=NAMES)]
+    engine = llm.engine
+    engine.add_request("r0", PROMPTS[0], GREEDY, "b")
+    engine.add_request("r1", PROMPTS[1], GREEDY, None)
+    done = {o.request_id: o for o in engine.step() if o.finished}
+    engine.load_adapter("c", late)  # while r0 and r1 run
+    engine.add_request("r2", PROMPTS[2], GREEDY, "c")
+    for _ in range(3):
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
+    engine.unload_adapter("b")  # r0 finishes on b's weights
+    engine.add_request("r3", PROMPTS[3], GREEDY, "a")
+    while engine.has_unfinished_requests():
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
+    outs += [done[f"r{i}"] for i in range(4)]
+    scores = llm.score([PROMPTS[0], PROMPTS[4][:9]], adapters=["c", None])
+    return [outs, scores, engine.stats()["prefix_cache_hits"]]
+
+
+def assert_same(want: list, got: list) -> None:
+    (w_outs, w_scores, _), (g_outs, g_scores, hits) = want, got
+    assert hits > 0  # the second round really read cached blocks
+    assert len(g_outs) == len(w_outs) == 16
+    for w, g in zip(w_outs, g_outs, strict=True):
+        assert g.token_ids == w.token_ids and g.finish_reason == w.finish_reason
+        for lw, lg in ((w.logprobs or [], g.logprobs or []),
+                       ((w.prompt_logprobs or [])[1:], (g.prompt_logprobs or [])[1:])):
+            assert len(lw) == len(lg)
+            for a, b in zip(lw, lg, strict=True):
+                assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-5
+                assert [t for t, _ in a.top] == [t for t, _ in b.top]
+    assert any(g.prompt_logprobs for g in g_outs)
+    for w, g in zip(w_scores, g_scores, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def reference(assets) -> list:
+    """The scenario at tensor_parallel_size=1 (built while no group is open)."""
+    with LLM(assets.model, adapters=assets.adapters, **ENGINE) as llm:
+        return scenario(llm, assets.late)
+
+
+def test_tp2_equals_tp1_with_mixed_adapters_chunks_cache_and_runtime_loads(assets, reference):
+    with LLM(assets.model, adapters=assets.adapters, tensor_parallel_size=2, **ENGINE) as llm:
+        procs = llm.engine.tp_peer.procs
+        assert len(procs) == 1 and procs[0].is_alive() and tp_size() == 2
+        got = scenario(llm, assets.late)
+    assert_same(reference, got)
+    assert tp_size() == 1 and procs[0].exitcode == 0  # close() stopped the worker cleanly
+    assert not multiprocessing.active_children()
+
+
+def test_tp4_engine_equals_tp1(assets):
+    prompts = [PREFIX[: 5 + 3 * i] for i in range(5)]
+    names = ["wa", None, "wa", None, "wa"]
+    kw = dict(ENGINE, adapters={"wa": assets.wide_adapter}, cuda_graphs=True)
+    tokens = []
+    for tp in (1, 4):
+        engine = LLMEngine.from_args(assets.wide, tensor_parallel_size=tp, **kw)
+        try:
+            for i, (p, a) in enumerate(zip(prompts, names)):
+                engine.add_request(f"q{i}", p, SamplingParams(max_tokens=5, temperature=0.0), a)
+            done = {}
+            while engine.has_unfinished_requests():
+                done.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
+            tokens.append([done[f"q{i}"] for i in range(len(prompts))])
+        finally:
+            engine.close()
+    assert tokens[0] == tokens[1]
+    assert not multiprocessing.active_children()
+
+
+def test_killed_worker_fails_every_request_without_hanging(assets):
+    llm = LLM(assets.model, adapters=assets.adapters, tensor_parallel_size=2, **ENGINE)
+    engine = llm.engine
+    worker = engine.tp_peer.procs[0]
+    for i, (p, a) in enumerate(zip(PROMPTS, NAMES)):
+        engine.add_request(f"k{i}", p, SamplingParams(max_tokens=40, temperature=0.0), a)
+    engine.step()
+    running = [s for s in engine.requests.values()]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(30)
+
+    def drive() -> None:
+        while engine.has_unfinished_requests():
+            engine.step()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with pytest.raises(TensorParallelError, match=r"rank1 was killed by SIGKILL"):
+            pool.submit(drive).result(timeout=60)
+    assert running and all(s.finish_reason == "error" and "SIGKILL" in s.error
+                           for s in running)
+    assert not engine.has_unfinished_requests() and not engine.requests
+    with pytest.raises(TensorParallelError):  # the engine takes nothing new
+        engine.add_request("late", PROMPTS[0], GREEDY, None)
+    with pytest.raises(TensorParallelError):
+        llm.generate(PROMPTS[:1], GREEDY)
+    llm.close()
+    assert not multiprocessing.active_children() and tp_size() == 1
+
+
+def test_tensor_parallel_size_is_validated_before_any_process_starts(assets):
+    with pytest.raises(ConfigTypeError, match="tensor_parallel_size"):
+        LLM(assets.model, tensor_parallel_size="2", device="cpu")
+    with pytest.raises(ConfigError, match="tensor_parallel_size=0"):
+        LLM(assets.model, tensor_parallel_size=0, device="cpu")
+    with pytest.raises(ConfigError, match="6 attention heads"):
+        LLM(assets.model, tensor_parallel_size=4, device="cpu")
+    assert not multiprocessing.active_children()
+
+
+def test_one_tensor_parallel_group_per_process(assets):
+    with LLM(assets.model, tensor_parallel_size=2, **ENGINE):
+        with pytest.raises(ConfigError, match="is open in this process"):
+            LLM(assets.model, **ENGINE)
+    assert not multiprocessing.active_children()
+
+
+def test_server_with_tensor_parallel_size_2_answers_completions(assets, reference):
+    args = ["--model", assets.model, "--tensor-parallel-size", "2", "--num-kv-blocks", "64"]
+    for name, path in assets.adapters.items():
+        args += ["--adapter", f"{name}={path}"]
+    server = ServerProcess(args, Path(assets.root) / "server.log")
+    try:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0,
+                               timeout=120)
+        want = reference[0][2]  # PROMPTS[2] on "b", first round
+        got = client.completions.create(model="b", prompt=PROMPTS[2], max_tokens=6,
+                                        temperature=0)
+        assert got.choices[0].text == want.text
+        assert got.usage.completion_tokens == len(want.token_ids)
+        assert httpx.get(f"{server.base_url}/health").status_code == 200
+    finally:
+        server.stop()
+    assert server.proc.returncode is not None
