@@ -24,7 +24,7 @@ from helpers_lora import make_peft_adapter, make_tiny_model
 from server_utils import ServerProcess
 
 from loraplex import LLM, SamplingParams
-from loraplex.distributed.parallel_state import tp_size
+from loraplex.distributed.parallel_state import all_reduce_, tp_size
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.errors import ConfigError, ConfigTypeError, TensorParallelError
 
@@ -141,14 +141,20 @@ def test_killed_worker_fails_every_request_without_hanging(assets):
         engine.add_request(f"k{i}", p, SamplingParams(max_tokens=40, temperature=0.0), a)
     engine.step()
     running = [s for s in engine.requests.values()]
-    os.kill(worker.pid, signal.SIGKILL)
-    worker.join(30)
-
-    def drive() -> None:
-        while engine.has_unfinished_requests():
-            engine.step()
-
+    # Rank 0 waits in a collective the worker never joins (as in a sharded forward whose
+    # peer dies): the worker's death must end the wait with the typed error, not hang it.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(engine.tp_peer.guard, lambda: all_reduce_(torch.ones(4)))
+        with pytest.raises(concurrent.futures.TimeoutError):
+            waiting.result(timeout=0.5)  # really blocked
+        os.kill(worker.pid, signal.SIGKILL)
+        with pytest.raises(TensorParallelError, match=r"rank1 was killed by SIGKILL"):
+            waiting.result(timeout=60)
+
+        def drive() -> None:
+            while engine.has_unfinished_requests():
+                engine.step()
+
         with pytest.raises(TensorParallelError, match=r"rank1 was killed by SIGKILL"):
             pool.submit(drive).result(timeout=60)
     assert running and all(s.finish_reason == "error" and "SIGKILL" in s.error
@@ -193,6 +199,26 @@ def test_server_with_tensor_parallel_size_2_answers_completions(assets, referenc
         assert got.choices[0].text == want.text
         assert got.usage.completion_tokens == len(want.token_ids)
         assert httpx.get(f"{server.base_url}/health").status_code == 200
+        (worker,) = _spawned_children(server.proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        # the first request fails in the step that finds the worker dead (500), or, when
+        # its exit was seen first, is refused (503); later ones are refused
+        for codes in ((500, 503), (503,)):
+            with pytest.raises(openai.APIStatusError) as failed:
+                client.completions.create(model="a", prompt=PROMPTS[0], max_tokens=4)
+            assert failed.value.status_code in codes
+            assert "rank1 was killed by SIGKILL" in failed.value.message
+        health = httpx.get(f"{server.base_url}/health")
+        assert health.status_code == 503 and "SIGKILL" in health.json()["status"]
     finally:
         server.stop()
     assert server.proc.returncode is not None
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """Process ids started by ``pid`` with multiprocessing's spawn (Linux /proc; not its
+    resource tracker)."""
+    kids = [c for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()]
+    return [int(c) for c in kids
+            if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]

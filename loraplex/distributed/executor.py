@@ -114,13 +114,31 @@ class TPExecutor:
         if dead:
             self._fail(dead[0], None)
 
+    def failure(self) -> str | None:
+        """Why this executor cannot serve (a recorded failure, or a worker that exited), or
+        None; looks only, changes nothing (safe from another thread, e.g. a health check)."""
+        if self.error is not None:
+            return str(self.error)
+        dead = next((p for p in self.procs if p.exitcode is not None), None)
+        return None if dead is None else f"tensor-parallel worker {dead.name} exited"
+
     def _call(self, fn):
         self.check()
+        return self.guard(fn)
+
+    def guard(self, fn):
+        """Run ``fn`` (a model call or a send); a ``RuntimeError`` it raises because a
+        worker died (a collective whose peer closed its connection) becomes the executor's
+        failure. Other errors pass through unchanged."""
         try:
             return fn()
-        except RuntimeError as exc:  # gloo: a peer's connection closed mid-collective
-            ready = multiprocessing.connection.wait([p.sentinel for p in self.procs], _JOIN_S)
+        except RuntimeError as exc:
+            comm = _is_comm_error(exc)  # then give the dead worker's exit time to show
+            ready = multiprocessing.connection.wait([p.sentinel for p in self.procs],
+                                                    _JOIN_S if comm else 0)
             dead = next((p for p in self.procs if p.sentinel in ready), None)
+            if dead is None and not comm:
+                raise
             self._fail(dead, exc)
 
     def _fail(self, proc, exc: BaseException | None) -> None:
@@ -129,6 +147,7 @@ class TPExecutor:
             while not self._errors.empty():
                 reports.append(self._errors.get())
         if proc is not None:
+            proc.join(_JOIN_S)  # its sentinel may fire a moment before it can be reaped
             code = proc.exitcode
             how = (f"was killed by {signal.Signals(-code).name}"
                    if code is not None and code < 0 else f"exited with code {code}")
@@ -161,6 +180,10 @@ class TPExecutor:
             self._errors.close()
 
 
+def _is_comm_error(exc: RuntimeError) -> bool:
+    return isinstance(exc, torch.distributed.DistError) or "Connection closed" in str(exc)
+
+
 def _stop(procs: list) -> None:
     for p in procs:
         p.join(_JOIN_S if p.exitcode is None else 0)
@@ -186,7 +209,7 @@ class ModelProxy:
         batch = get_forward_batch()
         self.executor.send(Command.FORWARD, (ids, positions, pack_batch(batch)))
         self._last_batch, self._last_hidden = batch, None
-        hidden = self.model(ids, positions)
+        hidden = self.executor.guard(lambda: self.model(ids, positions))
         self._last_hidden = hidden
         return hidden
 
@@ -201,7 +224,7 @@ class ModelProxy:
         # the last forward's output (decode) is already on every rank; rows of it are sent
         wire_hidden = LAST if hidden is self._last_hidden else hidden
         self.executor.send(Command.LOGITS, (wire_hidden, wire_batch))
-        return self.model.compute_logits(hidden)
+        return self.executor.guard(lambda: self.model.compute_logits(hidden))
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)
@@ -216,7 +239,7 @@ class DecodeGraphsProxy:
 
     def run(self, *inputs) -> torch.Tensor:
         self.executor.send(Command.DECODE_GRAPH, inputs)
-        return self.graphs.run(*inputs)
+        return self.executor.guard(lambda: self.graphs.run(*inputs))
 
     def __getattr__(self, name: str):
         return getattr(self.graphs, name)

@@ -88,6 +88,9 @@ class WorkerPeer:
     def attach(self, engine) -> None:
         self.engine = engine
 
+    def failure(self) -> None:  # a worker's engine never serves requests itself
+        return None
+
     @torch.inference_mode()
     def serve(self) -> None:
         engine = self.engine

@@ -249,6 +249,11 @@ class LLMEngine:
         return cls(model, cfg, net, tokenizer, sched, cache_cfg, lora_cfg, dev, dt, cuda_graphs,
                    tp_peer=peer)
 
+    def failure(self) -> str | None:
+        """Why this engine cannot serve any more (a tensor-parallel worker died), or None.
+        Only looks: safe from any thread (the server's health check)."""
+        return None if self.tp_peer is None else self.tp_peer.failure()
+
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any (safe to call more than once). At
         tensor-parallel size 1 there is nothing to stop."""

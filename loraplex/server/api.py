@@ -129,6 +129,9 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
     async def health() -> Response:
         if not async_engine.alive:
             return JSONResponse({"status": "engine not running"}, status_code=503)
+        failure = getattr(engine, "failure", lambda: None)()  # a tensor-parallel worker died
+        if failure is not None:
+            return JSONResponse({"status": f"engine failed: {failure}"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
