@@ -334,22 +334,17 @@ def apply_cpu_threads() -> None:
 
 
 def check_tensor_parallel(tp: int, cfg: ModelConfig, device: torch.device) -> None:
-    """``tensor_parallel_size``: an int >= 1 that splits the model evenly: attention heads,
-    the MLP's intermediate features, and KV heads (or ranks share KV heads: fewer KV heads
-    than ranks are replicated, so they must divide the rank count). On CUDA, one GPU a rank:
-    ranks use ``cuda:0`` .. ``cuda:N-1``."""
+    """``tensor_parallel_size``: an int >= 1 that splits the model evenly (attention heads,
+    KV heads or their replication, the MLP's intermediate features: the sharding rules of
+    ``distributed/sharding.py``). On CUDA, one GPU a rank: ranks use ``cuda:0`` ..
+    ``cuda:N-1``."""
+    from loraplex.distributed.sharding import divide, kv_heads_per_rank  # (imports config)
+
     check_int("tensor_parallel_size", tp)
     if tp == 1:
         return
-    if cfg.num_heads % tp:
-        raise ConfigError(f"tensor_parallel_size={tp} must divide the model's "
-                          f"{cfg.num_heads} attention heads")
-    if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
-        raise ConfigError(f"tensor_parallel_size={tp} and the model's {cfg.num_kv_heads} KV "
-                          f"heads: one must divide the other")
-    if cfg.intermediate_size % tp:
-        raise ConfigError(f"tensor_parallel_size={tp} must divide the model's "
-                          f"intermediate_size ({cfg.intermediate_size})")
+    kv_heads_per_rank(cfg.num_kv_heads, cfg.num_heads, tp)
+    divide(cfg.intermediate_size, tp, "intermediate_size")
     if device.type == "cuda":
         if device.index not in (None, 0):
             raise ConfigError(f"device={str(device)!r} with tensor_parallel_size={tp}: ranks "
