@@ -222,3 +222,44 @@ def _spawned_children(pid: int) -> list[int]:
             for c in (task / "children").read_text().split()]
     return [int(c) for c in kids
             if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def test_lora_batch_and_forward_batch_survive_the_wire():
+    """No process needed: what a worker rebuilds from a message equals what rank 0 built."""
+    from loraplex.distributed.channel import from_wire, lora_recipe, pack_batch, to_wire
+    from loraplex.layers.forward_context import ExtendRows, ForwardBatch
+    from loraplex.layers.prefill_groups import plan_prefill
+    from loraplex.lora.batch import LoRABatchBuilder
+
+    sent, got = (LoRABatchBuilder(64, 8, torch.device("cpu")) for _ in range(2))
+    # base rows first, between and after adapter rows (any order a batch may have)
+    slots, lengths = [-1, 2, 2, -1, 0, 3, -1], [3, 1, 4, 2, 5, 1, 2]
+    want = sent.prepare(slots, lengths)
+    rebuilt = got.prepare(*lora_recipe(want)[:2], is_decode=lora_recipe(want)[2])
+    n, k = want.num_tokens, want.num_segs
+    assert (rebuilt.num_tokens, rebuilt.num_segs, rebuilt.max_seg_len) == (n, k,
+                                                                            want.max_seg_len)
+    for a, b in ((want.token_lora_slots[:n], rebuilt.token_lora_slots[:n]),
+                 (want.seg_starts[:k], rebuilt.seg_starts[:k]),
+                 (want.seg_lens[:k], rebuilt.seg_lens[:k]),
+                 (want.seg_lora_slots[:k], rebuilt.seg_lora_slots[:k])):
+        assert torch.equal(a, b)
+    i64 = dict(dtype=torch.int64)
+    batch = ForwardBatch(
+        is_prefill=True, num_tokens=18, cu_seqlens=[0, 10, 18],
+        prefill_groups=plan_prefill([0, 10], torch.device("cpu")),
+        extend=ExtendRows(tokens=torch.arange(10, 18), cu_seqlens_q=torch.tensor([0, 8], **i64),
+                          cu_seqlens_q_host=[0, 8], block_tables=torch.tensor([[3, 4]], **i64),
+                          context_lens=torch.tensor([20], **i64), max_query_len=8,
+                          max_context_len=20, context_lens_host=[20]),
+        slot_mapping=torch.arange(100, 118), lora=want)
+    hidden = torch.randn(3, 8, dtype=torch.bfloat16)
+    devices: list[torch.Tensor] = []
+    wire = to_wire((pack_batch(batch), hidden), devices)
+    fields, h = from_wire(wire, torch.device("cpu"), [])
+    assert not devices and torch.equal(h, hidden) and h.dtype == torch.bfloat16
+    assert fields["lora"] == lora_recipe(want) and fields["cu_seqlens"] == [0, 10, 18]
+    assert torch.equal(fields["slot_mapping"], batch.slot_mapping)
+    assert torch.equal(fields["extend"].block_tables, batch.extend.block_tables)
+    assert fields["extend"].cu_seqlens_q_host == [0, 8]
+    assert [g.size for g in fields["prefill_groups"]] == [g.size for g in batch.prefill_groups]

@@ -46,6 +46,7 @@ class Command(IntEnum):
     LORA_WRITE = 4  # (lora_slot, LoRAAdapter): the full adapter; each rank keeps its shard
     LORA_CLEAR = 5  # lora_slot
     SHUTDOWN = 6
+    COMM_STATS = 7  # (enable_timing | None, reset): then every rank's comm_stats() gathered
 
 
 LAST = "last"  # LOGITS: the hidden states the last FORWARD returned
@@ -106,9 +107,17 @@ class ControlChannel:
             dist.broadcast(rest, src=0, group=self.group)
             body += rest.numpy().tobytes()
         command, wire = pickle.loads(body)
+        if command == Command.LORA_WRITE:  # adapters stay host weights (buffers.py copies)
+            device = torch.device("cpu")
         received: list[torch.Tensor] = []
         payload = from_wire(wire, device, received)
         return Command(command), payload
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order (every rank calls it)."""
+        out: list = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
 
     def all_min(self, value: int) -> int:
         """The smallest ``value`` over the ranks (every rank calls it)."""

@@ -101,6 +101,16 @@ class TPExecutor:
             runner.graphs = DecodeGraphsProxy(runner.graphs, self)
         engine.lora_pool.buffers = LoRABuffersProxy(engine.lora_pool.buffers, self)
 
+    def comm_stats(self, enable_timing: bool | None = None, reset: bool = False) -> list[dict]:
+        """Every rank's collective counts and seconds (``parallel_state.comm_stats``) in rank
+        order, then, on every rank, switch timing on or off and reset the counts if asked
+        (benchmarks)."""
+        from loraplex.distributed.worker import update_comm_stats
+
+        self.send(Command.COMM_STATS, (enable_timing, reset))
+        mine = update_comm_stats(enable_timing, reset)
+        return self._call(lambda: self.channel.gather(mine))
+
     def send(self, command: Command, payload=None) -> None:
         self._call(lambda: self.channel.send(command, payload))
 

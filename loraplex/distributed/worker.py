@@ -15,6 +15,7 @@ the ``errors`` queue, printed, and ends the process with exit code 1, which rank
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -31,7 +32,12 @@ from loraplex.distributed.channel import (
     prepare_lora,
     unpack_batch,
 )
-from loraplex.distributed.parallel_state import init_tensor_parallel
+from loraplex.distributed.parallel_state import (
+    comm_stats,
+    enable_comm_timing,
+    init_tensor_parallel,
+    reset_comm_stats,
+)
 from loraplex.layers.forward_context import forward_context
 
 _PARENT_POLL_S = 1.0
@@ -43,6 +49,8 @@ def worker_main(rank: int, world_size: int, init_method: str, backend: str,
     from loraplex.engine.llm_engine import LLMEngine
 
     torch.set_num_threads(threads)
+    # Ctrl-C reaches the whole process group: rank 0 decides (close() stops the workers)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent(os.getppid())
     try:
         if backend == "nccl":
@@ -112,6 +120,8 @@ class WorkerPeer:
                 buffers.write(*payload)
             elif command is Command.LORA_CLEAR:
                 buffers.clear(payload)
+            elif command is Command.COMM_STATS:
+                self.channel.gather(update_comm_stats(*payload))
             else:
                 assert command is Command.SHUTDOWN, command
                 return
@@ -131,3 +141,14 @@ class WorkerPeer:
             batch = unpack_batch(fields, engine.kv_caches, engine.lora_batches)
         with forward_context(batch):
             engine.runner.model.compute_logits(hidden)
+
+
+def update_comm_stats(enable_timing: bool | None, reset: bool) -> dict:
+    """This rank's collective stats (``parallel_state.comm_stats``), then apply the switches
+    (benchmarks: ``TPExecutor.comm_stats``)."""
+    stats = comm_stats()
+    if enable_timing is not None:
+        enable_comm_timing(enable_timing)
+    if reset:
+        reset_comm_stats()
+    return stats
