@@ -1,4 +1,2 @@
-"""Tensor parallelism over ``torch.distributed``: the process group and collectives
-(``parallel_state``), per-rank shapes (``sharding``), the control channel rank 0 drives the
-workers through (``channel``), rank 0's side (``executor``) and the worker processes
-(``worker``)."""
+"""Tensor parallelism: the process-group state (``parallel_state``) and the per-rank sizes of a
+sharded model (``sharding``)."""
