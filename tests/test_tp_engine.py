@@ -26,7 +26,12 @@ from server_utils import ServerProcess
 from loraplex import LLM, SamplingParams
 from loraplex.distributed.parallel_state import all_reduce_, tp_size
 from loraplex.engine.llm_engine import LLMEngine
-from loraplex.errors import ConfigError, ConfigTypeError, TensorParallelError
+from loraplex.errors import (
+    AdapterLoadError,
+    ConfigError,
+    ConfigTypeError,
+    TensorParallelError,
+)
 
 # 6 heads and 2 KV heads (tiny shape): TP=2 splits both. Prompts share a 24-token prefix so
 # the second round starts from cached blocks.
@@ -178,11 +183,15 @@ def test_tensor_parallel_size_is_validated_before_any_process_starts(assets):
     assert not multiprocessing.active_children()
 
 
-def test_one_tensor_parallel_group_per_process(assets):
+def test_one_tensor_parallel_group_per_process_and_none_left_by_a_failed_start(assets):
     with LLM(assets.model, tensor_parallel_size=2, **ENGINE):
         with pytest.raises(ConfigError, match="is open in this process"):
             LLM(assets.model, **ENGINE)
     assert not multiprocessing.active_children()
+    missing = str(Path(assets.root) / "missing")
+    with pytest.raises(AdapterLoadError, match="missing"):  # read after the workers started
+        LLM(assets.model, adapters={"x": missing}, tensor_parallel_size=2, **ENGINE)
+    assert not multiprocessing.active_children() and tp_size() == 1
 
 
 def test_server_with_tensor_parallel_size_2_answers_completions(assets, reference):

@@ -177,6 +177,7 @@ class LLMEngine:
         share of torch's threads. ``close()`` stops them. ``_tp_peer``: set by a worker
         process building its rank's engine (``distributed/worker.py``).
         """
+        # tensor-parallel workers build their engine from these same arguments
         worker_args = {k: v for k, v in locals().items() if k not in ("cls", "_tp_peer")}
 
         # every argument is checked before the (slow) model load; 0 never means "default"
@@ -226,9 +227,14 @@ class LLMEngine:
             if peer is not None and peer is not _tp_peer:
                 peer.close(graceful=False)  # the workers may be inside a collective
             raise
-        loads = [engine.submit_adapter_load(name, path) for name, path in (adapters or {}).items()]
-        for load in loads:  # parsed in parallel on the loader's threads
-            load.result()
+        try:
+            loads = [engine.submit_adapter_load(name, path)
+                     for name, path in (adapters or {}).items()]
+            for load in loads:  # parsed in parallel on the loader's threads
+                load.result()
+        except BaseException:
+            engine.close()  # a bad adapter: no workers left behind
+            raise
         return engine
 
     @classmethod
