@@ -272,3 +272,16 @@ def test_lora_batch_and_forward_batch_survive_the_wire():
     assert torch.equal(fields["extend"].block_tables, batch.extend.block_tables)
     assert fields["extend"].cu_seqlens_q_host == [0, 8]
     assert [g.size for g in fields["prefill_groups"]] == [g.size for g in batch.prefill_groups]
+
+
+def test_a_worker_that_dies_before_joining_does_not_hang_the_start(tmp_path):
+    """(Last in the file: the abandoned rendezvous thread waits out its store's timeout.)"""
+    from loraplex.distributed.executor import join_group
+
+    worker = multiprocessing.get_context("fork").Process(target=os._exit, args=(3,))
+    worker.start()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        start = pool.submit(join_group, 2, f"file://{tmp_path / 'store'}", "gloo", [worker])
+        with pytest.raises(TensorParallelError, match="exited with code 3 before joining"):
+            start.result(timeout=30)
+    assert tp_size() == 1

@@ -25,6 +25,7 @@ import multiprocessing.connection
 import os
 import signal
 import tempfile
+import threading
 
 import torch
 import torch.multiprocessing as mp
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 # Seconds a worker may take to leave after SHUTDOWN before it is terminated, then killed.
 _JOIN_S = 10.0
+_POLL_S = 0.1
 
 
 class TPExecutor:
@@ -80,11 +82,13 @@ class TPExecutor:
         for p in procs:
             p.start()
         try:
-            init_tensor_parallel(0, world_size, init, backend)
+            join_group(world_size, init, backend, procs)
             channel = ControlChannel(open_control_group())
         except BaseException:
             _stop(procs)
             destroy_tensor_parallel()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
             raise
         return cls(procs, channel, errors, path)
 
@@ -133,17 +137,24 @@ class TPExecutor:
         return None if dead is None else f"tensor-parallel worker {dead.name} exited"
 
     def _call(self, fn):
+        """A channel operation: any RuntimeError it raises is the channel failing (a send
+        to a killed worker may say "Connection reset" before its exit shows)."""
         self.check()
-        return self.guard(fn)
+        return self._guarded(fn, comm=True)
 
     def guard(self, fn):
-        """Run ``fn`` (a model call or a send); a ``RuntimeError`` it raises because a
-        worker died (a collective whose peer closed its connection) becomes the executor's
-        failure. Other errors pass through unchanged."""
+        """Run ``fn`` (a model call); a ``RuntimeError`` it raises because a worker died (a
+        collective whose peer closed its connection) becomes the executor's failure. Other
+        errors pass through unchanged."""
+        return self._guarded(fn, comm=None)
+
+    def _guarded(self, fn, comm: bool | None):
         try:
             return fn()
         except RuntimeError as exc:
-            comm = _is_comm_error(exc)  # then give the dead worker's exit time to show
+            if comm is None:
+                comm = _is_comm_error(exc)
+            # a communication error: give the dead worker's exit time to show
             ready = multiprocessing.connection.wait([p.sentinel for p in self.procs],
                                                     _JOIN_S if comm else 0)
             dead = next((p for p in self.procs if p.sentinel in ready), None)
@@ -190,8 +201,35 @@ class TPExecutor:
             self._errors.close()
 
 
+def join_group(world_size: int, init_method: str, backend: str, procs: list) -> None:
+    """``init_tensor_parallel`` as rank 0, given up with ``TensorParallelError`` when a
+    worker exits first: the rendezvous would wait for it until the store's timeout (30 min).
+    The rendezvous runs on a helper thread, left to that timeout in the failure case."""
+    done = threading.Event()
+    failed: list[BaseException] = []
+
+    def rendezvous() -> None:
+        try:
+            init_tensor_parallel(0, world_size, init_method, backend)
+        except BaseException as exc:
+            failed.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=rendezvous, name="loraplex-tp-rendezvous", daemon=True).start()
+    while not done.wait(_POLL_S):
+        dead = next((p for p in procs if p.exitcode is not None), None)
+        if dead is not None:
+            raise TensorParallelError(f"tensor-parallel worker {dead.name} exited with code "
+                                      f"{dead.exitcode} before joining the group")
+    if failed:
+        raise failed[0]
+
+
 def _is_comm_error(exc: RuntimeError) -> bool:
-    return isinstance(exc, torch.distributed.DistError) or "Connection closed" in str(exc)
+    text = str(exc)
+    return (isinstance(exc, torch.distributed.DistError)
+            or any(word in text for word in ("gloo", "NCCL", "Connection")))
 
 
 def _stop(procs: list) -> None:
