@@ -2,12 +2,10 @@
 notice when one dies, stop them.
 
 Rank 0 runs the scheduler, the API and the ``ModelRunner`` (which samples) as at size 1. The
-seam is three proxies installed on the engine once it is built (``attach``): around the model
-(``forward`` and ``compute_logits`` send their inputs first), around the decode graphs (each
-rank replays its own graph on the same host inputs) and around the LoRA buffers (a slot
-write or clear is sent with the full adapter; each rank's buffers keep only their shard).
-So ``ModelRunner`` and ``Scheduler`` do not know about ranks. All sends come from the engine
-thread, the only caller of the model and of the slot pool.
+seam is three proxies (``proxies.py``) installed on the engine once it is built
+(``attach``): around the model, the decode graphs and the LoRA buffers, so ``ModelRunner``
+and ``Scheduler`` do not know about ranks. All sends come from the engine thread, the only
+caller of the model and of the slot pool.
 
 Failure: before each send the executor looks at the workers' exit codes, and a collective
 whose peer died raises at once (gloo: connection closed). Either way it stops the other
@@ -30,17 +28,9 @@ import threading
 import torch
 import torch.multiprocessing as mp
 
-from loraplex.distributed.channel import (
-    LAST,
-    SAME,
-    Command,
-    ControlChannel,
-    open_control_group,
-    pack_batch,
-)
+from loraplex.distributed.channel import Command, ControlChannel, open_control_group
 from loraplex.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
 from loraplex.errors import TensorParallelError
-from loraplex.layers.forward_context import current_forward_batch, get_forward_batch
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +89,9 @@ class TPExecutor:
         return self._call(lambda: self.channel.all_min(num_blocks))
 
     def attach(self, engine) -> None:
+        """Install the proxies (``proxies.py``) on rank 0's built engine."""
+        from loraplex.distributed.proxies import DecodeGraphsProxy, LoRABuffersProxy, ModelProxy
+
         runner = engine.runner
         runner.model = ModelProxy(runner.model, self)
         if runner.graphs is not None:
@@ -242,76 +235,3 @@ def _stop(procs: list) -> None:
         if p.exitcode is None:
             p.kill()
             p.join()
-
-
-class ModelProxy:
-    """The model as rank 0's runner sees it: each call is sent to the workers first."""
-
-    def __init__(self, model: torch.nn.Module, executor: TPExecutor) -> None:
-        self.model = model
-        self.executor = executor
-        self._last_batch = None
-        self._last_hidden: torch.Tensor | None = None
-
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        batch = get_forward_batch()
-        self.executor.send(Command.FORWARD, (ids, positions, pack_batch(batch)))
-        self._last_batch, self._last_hidden = batch, None
-        hidden = self.executor.guard(lambda: self.model(ids, positions))
-        self._last_hidden = hidden
-        return hidden
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        batch = current_forward_batch()
-        if batch is None:
-            wire_batch = None
-        elif batch is self._last_batch:  # the usual case: only the LoRA batch is sent again
-            wire_batch = (SAME, pack_batch(batch)["lora"])
-        else:
-            wire_batch = pack_batch(batch)
-        # the last forward's output (decode) is already on every rank; rows of it are sent
-        wire_hidden = LAST if hidden is self._last_hidden else hidden
-        self.executor.send(Command.LOGITS, (wire_hidden, wire_batch))
-        return self.executor.guard(lambda: self.model.compute_logits(hidden))
-
-    def __getattr__(self, name: str):
-        return getattr(self.model, name)
-
-
-class DecodeGraphsProxy:
-    """Rank 0's decode graphs: every rank replays its own graph on the same host inputs."""
-
-    def __init__(self, graphs, executor: TPExecutor) -> None:
-        self.graphs = graphs
-        self.executor = executor
-
-    def run(self, *inputs) -> torch.Tensor:
-        self.executor.send(Command.DECODE_GRAPH, inputs)
-        return self.executor.guard(lambda: self.graphs.run(*inputs))
-
-    def __getattr__(self, name: str):
-        return getattr(self.graphs, name)
-
-
-class LoRABuffersProxy:
-    """Rank 0's LoRA buffers: a slot write sends the full adapter, each rank writes its shard.
-    After the executor stopped, writes and clears stay local (nothing reads them any more:
-    every model call raises), so releasing a dead engine's requests cannot fail."""
-
-    def __init__(self, buffers, executor: TPExecutor) -> None:
-        self.buffers = buffers
-        self.executor = executor
-
-    def write(self, lora_slot: int, adapter) -> None:
-        if not self.executor.closed:
-            self.executor.send(Command.LORA_WRITE, (lora_slot, adapter))
-        self.buffers.write(lora_slot, adapter)
-
-    def clear(self, lora_slot: int) -> None:
-        if not self.executor.closed:
-            self.executor.send(Command.LORA_CLEAR, lora_slot)
-        self.buffers.clear(lora_slot)
-
-    def __getattr__(self, name: str):
-        return getattr(self.buffers, name)
-
