@@ -274,6 +274,31 @@ def test_lora_batch_and_forward_batch_survive_the_wire():
     assert [g.size for g in fields["prefill_groups"]] == [g.size for g in batch.prefill_groups]
 
 
+@pytest.mark.gpu
+def test_tp2_on_two_gpus_with_cuda_graphs_equals_tp1(assets):
+    """NCCL, one GPU a rank, decode through CUDA graphs (each rank replays its own, the
+    collectives inside), the memory profile run in lockstep. Needs 2 GPUs."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    import gc
+
+    kw = dict(adapters=assets.adapters, device="cuda", dtype="float32", max_loras_per_batch=2,
+              gpu_memory_utilization=0.3, max_num_seqs=8)
+    outs = []
+    for tp in (1, 2):
+        with LLM(assets.model, tensor_parallel_size=tp, **kw) as llm:
+            assert llm.engine.runner.graphs is not None  # decode steps replay graphs
+            outs.append(llm.generate(PROMPTS, GREEDY, adapters=NAMES))
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    for w, g in zip(*outs, strict=True):
+        assert g.token_ids == w.token_ids
+        for a, b in zip(w.logprobs, g.logprobs, strict=True):
+            assert abs(a.logprob - b.logprob) < 1e-4  # the split changes summation order
+    assert not multiprocessing.active_children()
+
+
 def test_a_worker_that_dies_before_joining_does_not_hang_the_start(tmp_path):
     """(Last in the file: the abandoned rendezvous thread waits out its store's timeout.)"""
     from loraplex.distributed.executor import join_group
