@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from loraplex.distributed.channel import LAST, SAME, Command, pack_batch
@@ -25,14 +27,16 @@ class ModelProxy:
         self.model = model
         self.executor = executor
         self._last_batch = None
-        self._last_hidden: torch.Tensor | None = None
+        # a weak reference: holding a prefill's [T, hidden] output between steps would take
+        # memory the KV-cache sizing did not count
+        self._last_hidden: weakref.ref | None = None
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         batch = get_forward_batch()
         self.executor.send(Command.FORWARD, (ids, positions, pack_batch(batch)))
         self._last_batch, self._last_hidden = batch, None
         hidden = self.executor.guard(lambda: self.model(ids, positions))
-        self._last_hidden = hidden
+        self._last_hidden = weakref.ref(hidden)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -44,7 +48,8 @@ class ModelProxy:
         else:
             wire_batch = pack_batch(batch)
         # the last forward's output (decode) is already on every rank; rows of it are sent
-        wire_hidden = LAST if hidden is self._last_hidden else hidden
+        last = self._last_hidden() if self._last_hidden is not None else None
+        wire_hidden = LAST if hidden is last else hidden
         self.executor.send(Command.LOGITS, (wire_hidden, wire_batch))
         return self.executor.guard(lambda: self.model.compute_logits(hidden))
 
