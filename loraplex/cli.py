@@ -18,7 +18,15 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-loras-per-batch", type=int, default=8)
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=64)
+    add_tensor_parallel_arg(p)
     _memory_args(p)
+
+
+def add_tensor_parallel_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, metavar="N",
+                   help="split the model over N ranks (torch.distributed: NCCL, one GPU a "
+                        "rank; gloo on CPU); this process is rank 0 and starts the others "
+                        "(default: 1)")
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
@@ -67,7 +75,8 @@ def _build_llm(args):
                dtype=args.dtype, max_loras_per_batch=args.max_loras_per_batch,
                max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
                gpu_memory_utilization=args.gpu_memory_utilization,
-               kv_cache_memory_bytes=args.kv_cache_memory)
+               kv_cache_memory_bytes=args.kv_cache_memory,
+               tensor_parallel_size=args.tensor_parallel_size)
 
 
 def cmd_generate(args) -> None:

@@ -331,3 +331,25 @@ def apply_cpu_threads() -> None:
     n = int(os.environ.get("LORAPLEX_NUM_THREADS", "0") or 0)
     if n > 0:
         torch.set_num_threads(n)
+
+
+def check_tensor_parallel(tp: int, cfg: ModelConfig, device: torch.device) -> None:
+    """``tensor_parallel_size``: an int >= 1 that splits the model evenly (attention heads,
+    KV heads or their replication, the MLP's intermediate features: the sharding rules of
+    ``distributed/sharding.py``). On CUDA, one GPU a rank: ranks use ``cuda:0`` ..
+    ``cuda:N-1``."""
+    from loraplex.distributed.sharding import divide, kv_heads_per_rank  # (imports config)
+
+    check_int("tensor_parallel_size", tp)
+    if tp == 1:
+        return
+    kv_heads_per_rank(cfg.num_kv_heads, cfg.num_heads, tp)
+    divide(cfg.intermediate_size, tp, "intermediate_size")
+    if device.type == "cuda":
+        if device.index not in (None, 0):
+            raise ConfigError(f"device={str(device)!r} with tensor_parallel_size={tp}: ranks "
+                              f"use cuda:0 .. cuda:{tp - 1}; pass device='cuda'")
+        count = torch.cuda.device_count()
+        if tp > count:
+            raise ConfigError(f"tensor_parallel_size={tp} needs {tp} GPUs (one a rank); "
+                              f"torch sees {count}")

@@ -32,6 +32,7 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
+        tensor_parallel_size: int = 1,
         **engine_kwargs,
     ) -> None:
         """Engine arguments beyond these (``max_num_batched_tokens``, ``num_kv_blocks``,
@@ -39,7 +40,10 @@ class LLM:
         range or mistyped ones raise ``ConfigError`` naming the argument.
         ``enable_prefix_caching``: requests with the same adapter and prompt prefix share its
         KV blocks; ``enable_chunked_prefill``: prompt chunks and decodes share each step's
-        token budget (see engine/scheduler.py)."""
+        token budget (see engine/scheduler.py).
+        ``tensor_parallel_size``: ranks the model is split over (``torch.distributed``: gloo
+        on CPU, NCCL on one GPU a rank); this process is rank 0 and starts the others, which
+        ``close()`` (or leaving a ``with LLM(...)`` block, or interpreter exit) stops."""
         self.engine = LLMEngine.from_args(
             model,
             adapters=adapters,
@@ -54,9 +58,20 @@ class LLM:
             gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=enable_prefix_caching,
             enable_chunked_prefill=enable_chunked_prefill,
+            tensor_parallel_size=tensor_parallel_size,
             **engine_kwargs,
         )
         self._counter = itertools.count()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any; safe to call more than once."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def tokenizer(self):

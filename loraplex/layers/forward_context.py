@@ -99,6 +99,11 @@ def forward_context(batch: ForwardBatch) -> Iterator[ForwardBatch]:
         _current.reset(token)
 
 
+def current_forward_batch() -> ForwardBatch | None:
+    """The installed batch, or None outside ``forward_context()``."""
+    return _current.get()
+
+
 def get_forward_batch() -> ForwardBatch:
     batch = _current.get()
     assert batch is not None, "model forward called outside forward_context()"

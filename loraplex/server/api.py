@@ -33,6 +33,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from loraplex.cli import add_tensor_parallel_arg
 from loraplex.errors import AdapterLoadError
 from loraplex.server.adapters import ServedModels
 from loraplex.server.async_engine import AsyncEngine
@@ -128,6 +129,9 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
     async def health() -> Response:
         if not async_engine.alive:
             return JSONResponse({"status": "engine not running"}, status_code=503)
+        failure = getattr(engine, "failure", lambda: None)()  # a tensor-parallel worker died
+        if failure is not None:
+            return JSONResponse({"status": f"engine failed: {failure}"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -254,6 +258,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV-cache blocks (default: sized from the memory budget)")
     p.add_argument("--lora-backend", default="auto", help="torch | triton | auto")
+    add_tensor_parallel_arg(p)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=True, help="share KV blocks of equal prefixes per adapter")
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
@@ -340,11 +345,15 @@ def run_server(args: argparse.Namespace) -> None:
         enable_prefix_caching=getattr(args, "enable_prefix_caching", True),
         enable_chunked_prefill=getattr(args, "enable_chunked_prefill", True),
         gpu_memory_utilization=getattr(args, "gpu_memory_utilization", 0.9),
-        kv_cache_memory_bytes=getattr(args, "kv_cache_memory", None))
-    app = create_app(engine, config)
-    logger.info("serving %r with adapters %s on http://%s:%d", config.served_model_name,
-                sorted(config.adapters), args.host, args.port)
-    # timeout_graceful_shutdown: on SIGTERM, connections still open after the deadline (a
-    # stream nobody reads) are cancelled, which aborts their engine requests.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                timeout_graceful_shutdown=args.shutdown_timeout)
+        kv_cache_memory_bytes=getattr(args, "kv_cache_memory", None),
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
+    try:
+        app = create_app(engine, config)
+        logger.info("serving %r with adapters %s on http://%s:%d", config.served_model_name,
+                    sorted(config.adapters), args.host, args.port)
+        # timeout_graceful_shutdown: on SIGTERM, connections still open after the deadline
+        # (a stream nobody reads) are cancelled, which aborts their engine requests.
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                    timeout_graceful_shutdown=args.shutdown_timeout)
+    finally:
+        engine.close()  # stops tensor-parallel workers
