@@ -23,6 +23,14 @@ from loraplex.ops.lora_embedding import lora_embedding_shrink
 from loraplex.ops.lora_ops import get_lora_ops
 
 
+def logits_read_lora(model: nn.Module) -> bool:
+    """Whether ``model.compute_logits`` reads the LoRA batch of its rows: a wrapper around
+    ``lm_head`` says so with a ``reads_lora_batch = True`` attribute (lm_head LoRA). When
+    False, callers may compute logits of a subset of a forward's rows without building that
+    batch (no cost for models without one)."""
+    return getattr(getattr(model, "lm_head", None), "reads_lora_batch", False)
+
+
 class LoRALinear(nn.Module):
     def __init__(
         self,

@@ -1,0 +1,121 @@
+"""lm_head LoRA and the plumbing it needs: every ``compute_logits`` call runs under a LoRA
+batch that segments exactly the rows it is given (decode, graphs, mixed steps, score,
+prompt logprobs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers_lora import make_peft_adapter, make_tiny_model
+from torch import nn
+
+from loraplex import LLM, SamplingParams
+from loraplex.layers.forward_context import get_forward_batch
+
+FORCED = 10  # a row on lora slot s gets logit +1000 on token FORCED + s
+
+
+class SlotForcingHead(nn.Module):
+    """Stands in for a per-slot lm_head: it reads the LoRA batch the way a wrapper does (the
+    torch backend's host segments) and forces token ``FORCED + slot`` on each segment's rows.
+    A row given another row's slot produces the wrong token."""
+
+    reads_lora_batch = True
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base, self.calls = base, []
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        y = self.base(hidden)
+        lora = get_forward_batch().lora
+        segs = [] if lora is None else lora.host_segs
+        self.calls.append((hidden.shape[0], segs and list(segs)))
+        covered = sum(n for _, n, _ in segs)
+        assert covered <= hidden.shape[0] and (lora is None or lora.num_tokens <= y.shape[0])
+        for start, n, slot in segs:
+            y[start : start + n, FORCED + slot] += 1000.0
+        return y
+
+
+def _engine(tmp_path, **kw) -> tuple[LLM, SlotForcingHead]:
+    d, hf = make_tiny_model(tmp_path / "base", "llama")
+    dirs = {name: make_peft_adapter(hf, tmp_path / name, seed=i, r=4, b_scale=0.2)
+            for i, name in enumerate(("a", "b", "c"))}
+    llm = LLM(str(d), adapters={k: str(v) for k, v in dirs.items()}, device="cpu",
+              max_loras_per_batch=3, max_lora_rank=8, **kw)
+    model = llm.engine.runner.model
+    model.lm_head = SlotForcingHead(model.lm_head)
+    return llm, model.lm_head
+
+
+def _slot(llm: LLM, name: str) -> int:
+    return llm.engine.lora_pool.lora_slot_of(llm.engine.adapters.get(name).key)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_logits_see_their_own_rows_lora_slots(tmp_path, graphs):
+    # 5-token budget: prompt chunks and decodes share steps (mixed steps whose sampled rows
+    # are a few of the forward's rows); prefix caching on; graphs=True: the static-buffer
+    # decode path (the one CUDA captures), eagerly on CPU
+    llm, head = _engine(tmp_path, max_num_batched_tokens=5, enable_prefix_caching=True,
+                        cuda_graphs=graphs, max_num_seqs=8)
+    names = [None, "a", "b", None, "c", "a", None, "b"]
+    g = torch.Generator().manual_seed(0)
+    prompts = [[1] + torch.randint(4, 100, (int(n),), generator=g).tolist()
+               for n in torch.randint(3, 12, (len(names),), generator=g)]
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
+                             prompt_logprobs=1 if i % 3 == 0 else None, logprobs=1)
+              for i in range(len(names))]
+    base_rows = [i for i, n in enumerate(names) if n is None]
+    solo = {i: llm.generate([prompts[i]], params[i])[0] for i in base_rows}
+    solo_scores = {i: llm.score([prompts[i]])[0] for i in base_rows}
+    outs = llm.generate(prompts, params, adapters=names)
+    scores = llm.score(prompts, adapters=names)
+    assert any(n > 1 and segs and len(segs) > 1 for n, segs in head.calls)
+    for i, (name, out, logits) in enumerate(zip(names, outs, scores, strict=True)):
+        if name is None:  # base rows: exactly the tokens and logprobs they get alone
+            assert out.token_ids == solo[i].token_ids, i
+            torch.testing.assert_close(logits, solo_scores[i], rtol=1e-5, atol=1e-5)
+            assert [e.token_id for e in out.logprobs] == out.token_ids
+            if out.prompt_logprobs is not None:
+                assert ([None if e is None else e.top[0][0] for e in out.prompt_logprobs]
+                        == [None if e is None else e.top[0][0]
+                            for e in solo[i].prompt_logprobs]), i
+            continue
+        want = FORCED + _slot(llm, name)
+        assert out.token_ids == [want] * 6, (i, name)
+        assert logits.argmax(-1).tolist() == [want] * len(prompts[i]), (i, name)
+        if out.prompt_logprobs is not None:
+            assert [e.top[0][0] for e in out.prompt_logprobs[1:]] == [want] * (
+                len(prompts[i]) - 1), (i, name)
+
+
+@pytest.mark.parametrize("reader", [False, True])
+def test_logits_lora_batch_only_for_a_reader(tmp_path, monkeypatch, reader):
+    llm, _ = _engine(tmp_path, max_num_batched_tokens=5)
+    model, runner = llm.engine.runner.model, llm.engine.runner
+    model.lm_head = model.lm_head.base  # a plain lm_head: nothing reads the rows' batch
+    if reader:
+        model.lm_head = SlotForcingHead(model.lm_head)
+    forwards, batches = [], []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    build = runner._lora_batch
+    monkeypatch.setattr(runner, "_lora_batch", lambda *a, **k: batches.append(1) or build(*a, **k))
+    llm.generate([[1, 5, 6, 7, 8, 9, 10]] * 2, SamplingParams(max_tokens=3, ignore_eos=True),
+                 adapters=["a", None])
+    # one LoRA batch per forward; the logits' rows get their own only when lm_head reads it
+    assert (len(batches) > len(forwards)) if reader else (len(batches) == len(forwards))
+
+
+def test_profiled_step_logits_under_their_rows_batch(tmp_path):
+    from loraplex.kvcache.profile import largest_step
+
+    llm, head = _engine(tmp_path, max_num_batched_tokens=40, max_model_len=16, max_num_seqs=5)
+    engine = llm.engine
+    head.calls.clear()
+    largest_step(engine.runner.model, engine.scheduler.cfg, engine.lora_batches, 3,
+                 engine.device)()
+    # 40 tokens as 16 + 16 + 8 on slots 0, 1, 2: last tokens, then 5 decode rows
+    assert head.calls == [(3, [(0, 1, 0), (1, 1, 1), (2, 1, 2)]),
+                          (5, [(0, 2, 0), (2, 2, 1), (4, 1, 2)])]
