@@ -119,3 +119,81 @@ def test_profiled_step_logits_under_their_rows_batch(tmp_path):
     # 40 tokens as 16 + 16 + 8 on slots 0, 1, 2: last tokens, then 5 decode rows
     assert head.calls == [(3, [(0, 1, 0), (1, 1, 1), (2, 1, 2)]),
                           (5, [(0, 2, 0), (2, 2, 1), (4, 1, 2)])]
+
+
+# -- lm_head LoRA against PEFT --------------------------------------------------------------
+ADAPTERS = {  # name -> make_peft_adapter kwargs
+    "head_only": dict(r=8, lora_alpha=16, target_modules=["lm_head"]),
+    "head_qv": dict(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj", "v_proj"]),
+    "head_emb_rs": dict(r=16, lora_alpha=8, use_rslora=True, rank_pattern={"lm_head": 2},
+                        target_modules=["lm_head", "embed_tokens", "down_proj"]),
+    "plain": dict(r=8, lora_alpha=16),
+    "emb": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"]),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "up_proj"]),
+}
+
+
+def _peft_case(tmp_path, arch):
+    overrides = {"tie_word_embeddings": True} if arch == "qwen2" else {}
+    d, hf = make_tiny_model(tmp_path / "base", arch, **overrides)
+    dirs = {name: make_peft_adapter(hf, tmp_path / name, seed=i, b_scale=0.5, **kw)
+            for i, (name, kw) in enumerate(ADAPTERS.items())}
+    return d, dirs
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: tied lm_head
+def test_lm_head_lora_mixed_batch_equals_peft(tmp_path, arch):
+    from helpers_lora import load_hf_model, peft_reference
+
+    d, dirs = _peft_case(tmp_path, arch)
+    # 7-token steps: chunked prefill mixes prompt chunks with decodes; prefix caching on
+    llm = LLM(str(d), adapters={k: str(v) for k, v in dirs.items()}, device="cpu",
+              max_loras_per_batch=len(dirs), max_lora_rank=16, enable_lm_head_lora=True,
+              max_num_batched_tokens=7, enable_prefix_caching=True)
+    names = [*dirs, None, "head_only", None, "head_emb_rs"]
+    g = torch.Generator().manual_seed(3)
+    prompts = [[1] + torch.randint(4, 120, (int(n),), generator=g).tolist()
+               for n in torch.randint(2, 20, (len(names),), generator=g)]
+    new = 8
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True, logprobs=2,
+                            prompt_logprobs=1)
+    scores = llm.score(prompts, adapters=names)
+    gens = llm.generate(prompts, params, adapters=names)
+    again = llm.generate(prompts, params, adapters=names)  # from the prefix cache this time
+    base = load_hf_model(d)
+    for ids, name, logits, gen, gen2 in zip(prompts, names, scores, gens, again, strict=True):
+        ref_model = base if name is None else peft_reference(d, dirs[name])
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            ref_tokens = ref_model.generate(input_ids=x, max_new_tokens=new, do_sample=False,
+                                            eos_token_id=None, min_new_tokens=new)[0]
+            ref_all = ref_model(input_ids=ref_tokens[None]).logits[0]  # prompt + generated
+            base_logits = base(input_ids=x).logits[0]
+        ref_logits = ref_all[: len(ids)]
+        scale = ref_logits.abs().max().item()
+        assert (logits - ref_logits).abs().max().item() <= 1e-4 * scale, name
+        assert gen.token_ids == ref_tokens[len(ids):].tolist() == gen2.token_ids, name
+        lp = torch.log_softmax(ref_all.double(), -1)
+        want = [lp[len(ids) - 1 + j, t].item() for j, t in enumerate(gen.token_ids)]
+        got = [e.logprob for e in gen.logprobs]
+        assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-4 * scale, name
+        want_p = [lp[p - 1, ids[p]].item() for p in range(1, len(ids))]
+        got_p = [e.logprob for e in gen.prompt_logprobs[1:]]
+        assert max(abs(a - b) for a, b in zip(got_p, want_p)) <= 1e-4 * scale, name
+        if name is not None:  # the adapter really changes the model
+            assert (ref_logits - base_logits).abs().max() > 1e-3, name
+
+
+def test_lm_head_refused_without_the_flag(tmp_path):
+    from loraplex import AdapterLoadError
+
+    d, hf = make_tiny_model(tmp_path / "base", "llama")
+    head = make_peft_adapter(hf, tmp_path / "head", r=4, target_modules=["q_proj", "lm_head"])
+    plain = make_peft_adapter(hf, tmp_path / "plain", r=4)
+    llm = LLM(str(d), adapters={"plain": str(plain)}, device="cpu", max_lora_rank=8)
+    assert llm.engine.lora_pool.buffers.lm_head is None  # nothing allocated when off
+    with pytest.raises(AdapterLoadError, match=r"adapter 'head': adapter_config.json: "
+                       r"target_modules=\['lm_head', 'q_proj'\] targets lm_head; serving lm_head "
+                       r"LoRA needs enable_lm_head_lora=True \(--enable-lm-head-lora\)"):
+        llm.load_adapter("head", str(head))
+    assert llm.list_adapters() == ["plain"]

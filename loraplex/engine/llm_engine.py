@@ -81,7 +81,7 @@ class LLMEngine:
         self.lora_loader = AdapterLoader(model_config, lora, dtype, self.adapters, self.lora_cache,
                                          base_weight=CheckpointWeights(model_dir).get)
         buffers = LoRABuffers(model_config, lora.max_loras_per_batch, lora.max_lora_rank, dtype,
-                              device)
+                              device, lm_head=lora.enable_lm_head_lora)
         self.lora_pool = LoRASlotPool(buffers)
         self.lora_batches = LoRABatchBuilder(max_tokens, lora.max_loras_per_batch, device)
         self.lora_backend = resolve_lora_backend(lora.backend, device)
@@ -142,6 +142,7 @@ class LLMEngine:
         revision: str | None = None,
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
+        enable_lm_head_lora: bool = False,
     ) -> LLMEngine:
         """Build an engine from a Hugging Face model directory.
 
@@ -153,6 +154,7 @@ class LLMEngine:
         ``model`` is a directory or a Hugging Face Hub id (``revision``: its branch, tag or
         commit), see ``models/hub.py``.
         ``enable_prefix_caching`` / ``enable_chunked_prefill``: see ``engine/scheduler.py``.
+        ``enable_lm_head_lora``: serve adapters that target ``lm_head`` (``LoRAConfig``).
         """
         from transformers import AutoTokenizer
 
@@ -165,7 +167,7 @@ class LLMEngine:
                                 gpu_memory_utilization=gpu_memory_utilization,
                                 enable_prefix_caching=enable_prefix_caching)
         lora_cfg = LoRAConfig(max_loras_per_batch, max_lora_rank, max_cpu_loras, lora_backend,
-                              max_cpu_lora_bytes)
+                              max_cpu_lora_bytes, enable_lm_head_lora)
         # validates them now; the real one is below
         SchedulerConfig(max_num_seqs=max_num_seqs, enable_chunked_prefill=enable_chunked_prefill)
         model = resolve_model_path(model, revision)

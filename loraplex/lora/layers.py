@@ -6,7 +6,9 @@ metadata, adds ``scaling * (x @ A^T) @ B^T`` per segment in place (a DoRA slot f
 its rows' base output by its column scales, inside the expand). The model classes never
 mention LoRA. All wrappers share one scratch buffer for the shrink output (layers run one at a
 time), allocated once. The input embedding gets ``LoRAEmbedding`` (PEFT's embedding LoRA:
-a gather of A's columns, then the same expand).
+a gather of A's columns, then the same expand). With lm_head LoRA enabled, ``lm_head`` gets
+``LoRALMHead``: the same shrink/expand on the final hidden states, vocabulary-wide B; the
+runner gives ``compute_logits`` a LoRA batch of exactly its rows (``logits_read_lora``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,19 @@ class LoRALinear(nn.Module):
         self.shrink(x, buf.a, buf.ranks, lora, h)
         self.expand(h, buf.b, buf.ranks, buf.scalings, buf.offsets, lora, y, buf.col_scales)
         return y
+
+
+class LoRALMHead(LoRALinear):
+    """``logits = lm_head(h)``, then per segment ``logits += scaling * (h @ A.T) @ B.T`` with
+    ``B [vocab, r]`` (PEFT's LoRA on lm_head; on a tied model too: the delta goes to the
+    logits only, the input embedding is untouched). The rows are ``compute_logits``' rows,
+    segmented by the LoRA batch the runner installs for them."""
+
+    reads_lora_batch = True  # see logits_read_lora
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads the output matrix keeps working
+        return self.base.weight
 
 
 class LoRAEmbedding(nn.Module):
@@ -110,4 +125,8 @@ def install_lora_layers(
     if isinstance(embed, LoRAEmbedding):
         embed = embed.base
     model.model.embed_tokens = LoRAEmbedding(embed, buffers.embedding, scratch, ops.expand)
+    if buffers.lm_head is not None:
+        head = model.lm_head
+        model.lm_head = LoRALMHead(head.base if isinstance(head, LoRALMHead) else head,
+                                   buffers.lm_head, scratch, ops)
     return wrappers
