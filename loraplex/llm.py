@@ -39,7 +39,9 @@ class LLM:
         range or mistyped ones raise ``ConfigError`` naming the argument.
         ``enable_prefix_caching``: requests with the same adapter and prompt prefix share its
         KV blocks; ``enable_chunked_prefill``: prompt chunks and decodes share each step's
-        token budget (see engine/scheduler.py)."""
+        token budget (see engine/scheduler.py). ``enable_lm_head_lora=True`` (an engine
+        argument) serves adapters that target ``lm_head``; it allocates their vocabulary-wide
+        B buffers up front, so it is off by default and such adapters are refused."""
         self.engine = LLMEngine.from_args(
             model,
             adapters=adapters,

@@ -197,3 +197,59 @@ def test_lm_head_refused_without_the_flag(tmp_path):
                        r"LoRA needs enable_lm_head_lora=True \(--enable-lm-head-lora\)"):
         llm.load_adapter("head", str(head))
     assert llm.list_adapters() == ["plain"]
+
+
+def test_server_completions_on_lm_head_adapter_and_base_equal_peft(tmp_path):
+    import openai
+    from helpers_lora import load_hf_model, peft_reference
+    from server_utils import InProcessServer
+
+    from loraplex.engine.llm_engine import LLMEngine
+    from loraplex.server.api import ServerConfig, create_app
+
+    d, hf = make_tiny_model(tmp_path / "base", "llama")
+    dirs = {"head": make_peft_adapter(hf, tmp_path / "head", seed=1, r=8,
+                                      target_modules=["lm_head", "v_proj"]),
+            "plain": make_peft_adapter(hf, tmp_path / "plain", seed=2, r=4, b_scale=0.5)}
+    adapters = {k: str(v) for k, v in dirs.items()}
+    engine = LLMEngine.from_args(str(d), adapters=adapters, device="cpu", num_kv_blocks=64,
+                                 max_lora_rank=8, enable_lm_head_lora=True,
+                                 max_num_batched_tokens=6, enable_prefix_caching=True)
+    srv = InProcessServer(create_app(engine, ServerConfig("tiny", str(d), adapters)))
+    prompt = [1, 40, 41, 72, 73, 74, 80, 81, 90]
+    new = 10
+    try:
+        c = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="x", max_retries=0)
+        texts = {}
+        for model, ref in (("head", peft_reference(d, dirs["head"])),
+                           ("tiny", load_hf_model(d))):
+            got = c.completions.create(model=model, prompt=prompt, max_tokens=new,
+                                       temperature=0, extra_body={"ignore_eos": True})
+            with torch.no_grad():
+                ids = ref.generate(input_ids=torch.tensor([prompt]), max_new_tokens=new,
+                                   do_sample=False, eos_token_id=None, min_new_tokens=new)
+            want = engine.tokenizer.decode(ids[0, len(prompt):], skip_special_tokens=True)
+            assert got.choices[0].text == want, model
+            texts[model] = want
+        assert texts["head"] != texts["tiny"]
+    finally:
+        srv.stop()
+
+
+def test_cli_flag(tmp_path, capsys):
+    import argparse
+
+    from loraplex.cli import main as cli_main
+    from loraplex.server.api import add_serve_args
+
+    d, hf = make_tiny_model(tmp_path / "base", "llama")
+    head = make_peft_adapter(hf, tmp_path / "head", r=4, target_modules=["lm_head"])
+    args = ["generate", "--model", str(d), "--adapter", f"head={head}", "--device", "cpu",
+            "--max-lora-rank", "8", "--kv-cache-memory", "1MiB", "--prompt", "the",
+            "--use-adapter", "head", "--max-tokens", "2"]
+    assert cli_main(args) == 2
+    assert "needs enable_lm_head_lora=True (--enable-lm-head-lora)" in capsys.readouterr().err
+    assert cli_main([*args, "--enable-lm-head-lora"]) == 0
+    serve = add_serve_args(argparse.ArgumentParser())
+    assert serve.parse_args(["--model", "m", "--enable-lm-head-lora"]).enable_lm_head_lora
+    assert not serve.parse_args(["--model", "m"]).enable_lm_head_lora

@@ -254,6 +254,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV-cache blocks (default: sized from the memory budget)")
     p.add_argument("--lora-backend", default="auto", help="torch | triton | auto")
+    p.add_argument("--enable-lm-head-lora", action="store_true",
+                   help="serve adapters that target lm_head (allocates vocab x max-lora-rank x "
+                        "max-loras-per-batch of adapter buffers; off: such adapters are refused)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=True, help="share KV blocks of equal prefixes per adapter")
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
@@ -340,7 +343,8 @@ def run_server(args: argparse.Namespace) -> None:
         enable_prefix_caching=getattr(args, "enable_prefix_caching", True),
         enable_chunked_prefill=getattr(args, "enable_chunked_prefill", True),
         gpu_memory_utilization=getattr(args, "gpu_memory_utilization", 0.9),
-        kv_cache_memory_bytes=getattr(args, "kv_cache_memory", None))
+        kv_cache_memory_bytes=getattr(args, "kv_cache_memory", None),
+        enable_lm_head_lora=getattr(args, "enable_lm_head_lora", False))
     app = create_app(engine, config)
     logger.info("serving %r with adapters %s on http://%s:%d", config.served_model_name,
                 sorted(config.adapters), args.host, args.port)
