@@ -4,6 +4,10 @@ prompt logprobs)."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+
 import pytest
 import torch
 from helpers_lora import make_peft_adapter, make_tiny_model
@@ -11,6 +15,26 @@ from torch import nn
 
 from loraplex import LLM, SamplingParams
 from loraplex.layers.forward_context import get_forward_batch
+from loraplex.ops.lora_ops import get_lora_ops
+
+# Without CUDA the Triton kernels run in Triton's interpreter, whose flag is read when triton
+# is imported and when the kernels are defined (as in test_lora_triton.py); restored after.
+lora_triton = None
+if importlib.util.find_spec("triton") is not None:
+    _SAVED_FLAG = os.environ.get("TRITON_INTERPRET")
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from loraplex.ops import lora_triton, lora_triton_kernels
+
+    if not torch.cuda.is_available() and not isinstance(lora_triton_kernels.shrink_decode_kernel,
+                                                        InterpretedFunction):
+        importlib.reload(lora_triton_kernels)  # imported earlier without the flag
+    if _SAVED_FLAG is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _SAVED_FLAG
 
 FORCED = 10  # a row on lora slot s gets logit +1000 on token FORCED + s
 
@@ -253,3 +277,67 @@ def test_cli_flag(tmp_path, capsys):
     serve = add_serve_args(argparse.ArgumentParser())
     assert serve.parse_args(["--model", "m", "--enable-lm-head-lora"]).enable_lm_head_lora
     assert not serve.parse_args(["--model", "m"]).enable_lm_head_lora
+
+
+# -- the wrapper on both op backends, vocabulary-wide N -----------------------------------
+def _triton_ops(monkeypatch):
+    """The Triton ops: compiled on a GPU, else run by Triton's interpreter (set up at import,
+    above, as test_lora_triton.py does)."""
+    if lora_triton is None:
+        pytest.skip("needs triton")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        # interpreted grids cost ~ms per program: size them as for a small GPU
+        monkeypatch.setattr(lora_triton, "_num_sms", lambda device: 4)
+    return get_lora_ops("triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("decode", [False, True])
+def test_lm_head_wrapper_equals_float64_reference(monkeypatch, backend, dtype, decode):
+    from helpers_lora import tiny_hf_config
+
+    from loraplex.config import ModelConfig
+    from loraplex.layers.forward_context import ForwardBatch, forward_context
+    from loraplex.layers.linear import ColumnLinear
+    from loraplex.lora.adapter import EMBED_LAYER, LM_HEAD, LoRAAdapter, LoRAWeights
+    from loraplex.lora.buffers import LoRABuffers
+    from loraplex.lora.layers import LoRALMHead
+    from loraplex.ops.lora_meta import LoRABatch
+
+    if dtype == torch.float16 and backend == "torch" and not torch.cuda.is_available():
+        pytest.skip("CPU half GEMMs: the engine serves bfloat16/float32 on CPU")
+    ops = _triton_ops(monkeypatch) if backend == "triton" else get_lora_ops("torch")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    vocab, hidden, max_rank = 1000, 96, 16  # 1000: no multiple of any column tile
+    cfg = ModelConfig.from_hf(tiny_hf_config("llama", vocab_size=vocab))
+    bufs = LoRABuffers(cfg, 4, max_rank, dtype, torch.device(dev), lm_head=True)
+    g = torch.Generator().manual_seed(7)
+    adapters = {}  # slot -> (A, B, scaling) in float64; slot 2 holds an adapter without lm_head
+    for slot, r in ((0, 16), (1, 3), (3, 8)):
+        a = torch.randn(r, hidden, generator=g).to(dtype)
+        b = (torch.randn(vocab, r, generator=g) * 0.3).to(dtype)
+        adapters[slot] = (a.double(), b.double(), 2.0 / r)
+        bufs.write(slot, LoRAAdapter(f"s{slot}", "", {
+            (EMBED_LAYER, LM_HEAD): LoRAWeights(a, b, 2.0 / r)}))
+    bufs.write(2, LoRAAdapter("s2", "", {}))
+    base = ColumnLinear(hidden, vocab).to(dev)
+    base.weight.data = (torch.randn(vocab, hidden, generator=g) * 0.1).to(dtype).to(dev)
+    scratch = torch.zeros(64, max_rank, dtype=dtype, device=dev)
+    head = LoRALMHead(base, bufs.lm_head, scratch, ops)
+    token_slots = ([0, 1, 2, -1, 3, 0, 3, 1] if decode
+                   else [0] * 9 + [1] * 6 + [-1] * 3 + [2] * 4 + [3] * 7)
+    batch = LoRABatch.from_token_slots(token_slots, dev)
+    batch.is_decode = decode
+    x = torch.randn(len(token_slots), hidden, generator=g).to(dtype)
+    with forward_context(ForwardBatch(is_prefill=False, num_tokens=len(token_slots),
+                                      slot_mapping=None, lora=batch)):
+        got = head(x.to(dev)).cpu().double()
+    want = x.double() @ base.weight.detach().cpu().double().T
+    for row, slot in enumerate(token_slots):
+        if slot in adapters:
+            a, b, s = adapters[slot]
+            want[row] += s * (x[row].double() @ a.T) @ b.T
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
