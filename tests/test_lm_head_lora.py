@@ -341,3 +341,38 @@ def test_lm_head_wrapper_equals_float64_reference(monkeypatch, backend, dtype, d
             want[row] += s * (x[row].double() @ a.T) @ b.T
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_graphs_with_lm_head_lora_equal_peft(tmp_path):
+    """CUDA graphs capture the decode logits with the LoRA batch (the Triton expand over the
+    vocabulary inside the graph); tokens equal eager and PEFT, scores PEFT's."""
+    from helpers_lora import peft_reference
+
+    d, dirs = _peft_case(tmp_path, "llama")
+    kw = dict(adapters={k: str(v) for k, v in dirs.items()}, device="cuda", dtype="float32",
+              max_loras_per_batch=len(dirs), max_lora_rank=16, enable_lm_head_lora=True,
+              max_num_seqs=8, gpu_memory_utilization=0.3, lora_backend="triton")
+    graphs = LLM(str(d), **kw)
+    assert graphs.engine.runner.graphs is not None and graphs.engine.runner.graphs.capture
+    eager = LLM(str(d), cuda_graphs=False, **kw)
+    names = ["head_only", None, "head_qv", "plain", "head_emb_rs", "dora"]
+    g = torch.Generator().manual_seed(1)
+    prompts = [[1] + torch.randint(4, 120, (int(n),), generator=g).tolist()
+               for n in torch.randint(3, 30, (len(names),), generator=g)]
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    out_g = [o.token_ids for o in graphs.generate(prompts, sp, adapters=names)]
+    assert out_g == [o.token_ids for o in eager.generate(prompts, sp, adapters=names)]
+    for ids, name, got, toks in zip(prompts, names, graphs.score(prompts, names), out_g,
+                                    strict=True):
+        if name is None:
+            continue
+        ref = peft_reference(d, dirs[name]).cuda()
+        with torch.no_grad():
+            x = torch.tensor([ids], device="cuda")
+            want = ref(input_ids=x).logits[0].cpu()
+            gen = ref.generate(input_ids=x, max_new_tokens=12, do_sample=False,
+                               eos_token_id=None, min_new_tokens=12)[0, len(ids):]
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max(), name
+        assert toks == gen.tolist(), name
