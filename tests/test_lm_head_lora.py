@@ -325,7 +325,8 @@ def test_lm_head_wrapper_equals_float64_reference(monkeypatch, backend, dtype, d
     base = ColumnLinear(hidden, vocab).to(dev)
     base.weight.data = (torch.randn(vocab, hidden, generator=g) * 0.1).to(dtype).to(dev)
     scratch = torch.zeros(64, max_rank, dtype=dtype, device=dev)
-    head = LoRALMHead(base, bufs.lm_head, scratch, ops)
+    head = LoRALMHead(base, bufs.lm_head, scratch, ops, bufs.lm_head_slots)
+    assert head.reads_lora_batch and bufs.lm_head_slots == {0, 1, 3}
     token_slots = ([0, 1, 2, -1, 3, 0, 3, 1] if decode
                    else [0] * 9 + [1] * 6 + [-1] * 3 + [2] * 4 + [3] * 7)
     batch = LoRABatch.from_token_slots(token_slots, dev)
@@ -376,3 +377,20 @@ def test_gpu_graphs_with_lm_head_lora_equal_peft(tmp_path):
                                eos_token_id=None, min_new_tokens=12)[0, len(ids):]
         assert (got - want).abs().max() <= 1e-4 * want.abs().max(), name
         assert toks == gen.tolist(), name
+
+
+def test_logits_batch_only_while_an_lm_head_lora_is_in_a_slot(tmp_path):
+    from loraplex.lora.layers import logits_read_lora
+
+    d, hf = make_tiny_model(tmp_path / "base", "llama")
+    head = make_peft_adapter(hf, tmp_path / "head", r=4, target_modules=["lm_head"])
+    plain = make_peft_adapter(hf, tmp_path / "plain", r=4)
+    llm = LLM(str(d), adapters={"plain": str(plain), "head": str(head)}, device="cpu",
+              max_lora_rank=8, max_loras_per_batch=1, enable_lm_head_lora=True)
+    model, sp = llm.engine.runner.model, SamplingParams(max_tokens=2)
+    llm.generate([[1, 5, 6]], sp, adapters="plain")
+    assert not logits_read_lora(model)  # the flag alone costs no per-step work
+    llm.generate([[1, 5, 6]], sp, adapters="head")
+    assert logits_read_lora(model)
+    llm.generate([[1, 5, 6]], sp, adapters="plain")  # evicts head from the only slot
+    assert not logits_read_lora(model)

@@ -105,6 +105,7 @@ class LoRABuffers:
             offsets=(0, cfg.vocab_size),
             col_scales=None,
         )
+        self.lm_head_slots: set[int] = set()  # slots whose adapter has an lm_head LoRA
         # On CUDA a slot load goes through pinned host buffers, each big enough for one layer
         # of a max-rank adapter: one host->device copy per layer. Two of them alternate, so
         # packing layer k+1 on the host overlaps layer k's transfer.
@@ -160,6 +161,8 @@ class LoRABuffers:
         assert head is None or self.lm_head is not None, "lm_head LoRA needs lm_head=True"
         if self.lm_head is not None:
             self._write_direct(self.lm_head, lora_slot, head)
+            (self.lm_head_slots.add if head is not None else self.lm_head_slots.discard)(
+                lora_slot)
 
     def _write_embedding(self, lora_slot: int, w: LoRAWeights | None) -> None:
         self._write_direct(self.embedding, lora_slot, w)
@@ -220,6 +223,7 @@ class LoRABuffers:
             done.record()
 
     def clear(self, lora_slot: int) -> None:
+        self.lm_head_slots.discard(lora_slot)
         for buf in self.all_buffers():
             buf.ranks[lora_slot].zero_()
             buf.scalings[lora_slot].zero_()

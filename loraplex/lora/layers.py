@@ -67,7 +67,17 @@ class LoRALMHead(LoRALinear):
     logits only, the input embedding is untouched). The rows are ``compute_logits``' rows,
     segmented by the LoRA batch the runner installs for them."""
 
-    reads_lora_batch = True  # see logits_read_lora
+    def __init__(self, base: LinearBase, buffers: SlotBuffers, scratch: torch.Tensor,
+                 ops: tuple[Callable, Callable], live_slots: set[int]) -> None:
+        super().__init__(base, buffers, scratch, ops)
+        self.live_slots = live_slots  # LoRABuffers.lm_head_slots: slots with an lm_head LoRA
+
+    @property
+    def reads_lora_batch(self) -> bool:
+        """See ``logits_read_lora``: only while some slot holds an lm_head LoRA, so serving
+        with the flag on but no such adapter loaded builds no batch for the logits' rows.
+        (A captured CUDA graph always holds the expand: its forward reads the batch as is.)"""
+        return bool(self.live_slots)
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads the output matrix keeps working
@@ -128,5 +138,5 @@ def install_lora_layers(
     if buffers.lm_head is not None:
         head = model.lm_head
         model.lm_head = LoRALMHead(head.base if isinstance(head, LoRALMHead) else head,
-                                   buffers.lm_head, scratch, ops)
+                                   buffers.lm_head, scratch, ops, buffers.lm_head_slots)
     return wrappers
