@@ -394,3 +394,33 @@ def test_logits_batch_only_while_an_lm_head_lora_is_in_a_slot(tmp_path):
     assert logits_read_lora(model)
     llm.generate([[1, 5, 6]], sp, adapters="plain")  # evicts head from the only slot
     assert not logits_read_lora(model)
+
+
+def test_gemma2_lm_head_lora_before_final_softcap_equals_peft(tmp_path):
+    """Gemma 2 (tied lm_head, final logit soft-capping): the delta joins the logits before
+    the cap, as in PEFT, whose LoRA wraps lm_head itself."""
+    import transformers as tf
+    from helpers_lora import TINY_SHAPE, make_tokenizer, peft_reference
+
+    torch.manual_seed(0)
+    cfg = tf.Gemma2Config(**TINY_SHAPE, head_dim=16, query_pre_attn_scalar=16,
+                          final_logit_softcapping=2.5, attn_logit_softcapping=4.0)
+    hf = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    d = tmp_path / "gemma2"
+    hf.save_pretrained(d)
+    make_tokenizer(d)
+    head = make_peft_adapter(hf, tmp_path / "head", seed=4, r=8, b_scale=2.0,
+                             target_modules=["lm_head", "q_proj"])
+    llm = LLM(str(d), adapters={"head": str(head)}, device="cpu", max_lora_rank=8,
+              enable_lm_head_lora=True)
+    prompts, names = [[2, 40, 41, 50, 60, 7], [2, 9, 8]], ["head", None]
+    ref = peft_reference(hf, head)
+    for ids, name, got in zip(prompts, names, llm.score(prompts, adapters=names), strict=True):
+        model = ref if name else hf
+        with torch.no_grad():
+            want = model(input_ids=torch.tensor([ids])).logits[0]
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    with torch.no_grad():
+        base = hf(input_ids=torch.tensor([prompts[0]])).logits[0]
+        adapted = ref(input_ids=torch.tensor([prompts[0]])).logits[0]
+    assert (adapted - base).abs().max() > 1e-2 and adapted.abs().max() <= 2.5
