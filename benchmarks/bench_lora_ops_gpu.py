@@ -6,7 +6,9 @@ them under CUDA graphs next to the projection's base GEMM and its memory floor.
 
 Shapes: Llama-3-8B projections (q/k/v 4096 -> 4096+1024+1024, down 14336 -> 4096), ranks
 16/64, 1/8/32/128 decode tokens (one adapter per token up to 32, then round-robin) and a
-4096-token prefill (32 adapters x 128 tokens). Times are medians of CUDA-graph replays of many
+4096-token prefill (32 adapters x 128 tokens); and lm_head LoRA (4096 -> a 128256-token
+vocabulary, Llama 3's) on the rows that get logits: 1 and 32 sampled rows, 512 prompt-logprob
+rows (16 per adapter). Times are medians of CUDA-graph replays of many
 back-to-back calls. "cold" calls rotate over ``--rotate`` disjoint sets of adapter slots so
 the adapters are not L2-resident (as in a real forward, where every layer has its own
 weights); "hot" reuses one set. The floor is bytes moved (x read, used adapters' A and B read
@@ -295,9 +297,25 @@ def bench_decode_step(args) -> str:
     return "\n" + decode_step.run(dry=bool(args.dry_run) or not torch.cuda.is_available())
 
 
+def lm_head_shapes(ops_shape, ranks, hidden: int, vocab: int, rows=(1, 32), long=(512, 16),
+                   adapters: int = 32, dtype=torch.bfloat16) -> list:
+    """lm_head LoRA: the logits' rows (one per sampled sequence; ``long``: a chunk's
+    prompt-logprob rows, ``long[1]`` per adapter, sorted by adapter), vocabulary-wide B.
+    Named "rows", not "decode", so the block-size sweep (decode 32 / prefill 4096 shapes)
+    leaves them out."""
+    out = []
+    for rank in ranks:
+        out += [ops_shape(f"lm_head r={rank} rows {t}", hidden, (vocab,), rank, t, adapters,
+                          dtype=dtype) for t in rows]
+        out.append(ops_shape(f"lm_head r={rank} rows {long[0]}", hidden, (vocab,), rank,
+                             long[0], adapters, seg_len=long[1], dtype=dtype))
+    return out
+
+
 def tiny_shapes(ops_shape) -> list:
     """CPU dry run: the same kinds of shapes, small enough for the Triton interpreter."""
-    out = []
+    out = lm_head_shapes(ops_shape, (4,), 96, 1000, rows=(1, 6), long=(48, 12), adapters=4,
+                         dtype=torch.float32)
     for rank in (4, 8):
         for name, k, widths in (("qkv", 96, (64, 16, 16)), ("down", 160, (48,))):
             out += [ops_shape(f"{name} r={rank} decode {t}", k, widths, rank, t, 4,
@@ -355,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         env = Env(torch.device("cuda"), torch.bfloat16, graphs=True, target_ms=5.0)
         shapes = target_shapes(tuple(args.ranks), tuple(args.tokens))
+        shapes += lm_head_shapes(OpShape, tuple(args.ranks), 4096, 128256)
         rotate, device_name = args.rotate, torch.cuda.get_device_name()
     env.bandwidth = measure_bandwidth(env)
     head = (f"# LoRA ops: {device_name}, {str(env.dtype)[6:]}, copy bandwidth "

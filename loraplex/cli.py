@@ -19,6 +19,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=64)
     add_tensor_parallel_arg(p)
+    p.add_argument("--enable-lm-head-lora", action="store_true",
+                   help="serve adapters that target lm_head (allocates vocab x max-lora-rank x "
+                        "max-loras-per-batch of adapter buffers; off: such adapters are refused)")
     _memory_args(p)
 
 
@@ -76,7 +79,8 @@ def _build_llm(args):
                max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
                gpu_memory_utilization=args.gpu_memory_utilization,
                kv_cache_memory_bytes=args.kv_cache_memory,
-               tensor_parallel_size=args.tensor_parallel_size)
+               tensor_parallel_size=args.tensor_parallel_size,
+               enable_lm_head_lora=args.enable_lm_head_lora)
 
 
 def cmd_generate(args) -> None:

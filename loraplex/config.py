@@ -232,12 +232,17 @@ class LoRAConfig:
     backend: str = "auto"  # "torch" | "triton" | "auto"
     # host LRU cache bound in bytes (serving dtype); None = min(1/8 of RAM, 32 GiB)
     max_cpu_lora_bytes: int | None = None
+    # serve adapters that target lm_head: allocates B [max_loras_per_batch, vocab,
+    # max_lora_rank] (and A [.., max_lora_rank, hidden]) up front, e.g. 128 MiB for a 128k
+    # vocabulary at rank 64, 8 slots, bf16; off, such adapters are refused when loaded
+    enable_lm_head_lora: bool = False
 
     def __post_init__(self) -> None:
         check_int("max_loras_per_batch", self.max_loras_per_batch)
         check_int("max_lora_rank", self.max_lora_rank)
         check_int("max_cpu_loras", self.max_cpu_loras, optional=True)
         check_int("max_cpu_lora_bytes", self.max_cpu_lora_bytes, optional=True)
+        check_bool("enable_lm_head_lora", self.enable_lm_head_lora)
         if self.backend not in ("torch", "triton", "auto"):
             raise ConfigError(f"lora_backend={self.backend!r} must be 'torch', 'triton' or 'auto'")
 

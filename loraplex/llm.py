@@ -43,7 +43,10 @@ class LLM:
         token budget (see engine/scheduler.py).
         ``tensor_parallel_size``: ranks the model is split over (``torch.distributed``: gloo
         on CPU, NCCL on one GPU a rank); this process is rank 0 and starts the others, which
-        ``close()`` (or leaving a ``with LLM(...)`` block, or interpreter exit) stops."""
+        ``close()`` (or leaving a ``with LLM(...)`` block, or interpreter exit) stops.
+        ``enable_lm_head_lora=True`` (an engine argument) serves adapters that target
+        ``lm_head``; it allocates their vocabulary-wide B buffers up front, so it is off by
+        default and such adapters are refused."""
         self.engine = LLMEngine.from_args(
             model,
             adapters=adapters,

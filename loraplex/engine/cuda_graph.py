@@ -71,9 +71,8 @@ class DecodeGraphs:
             block_tables=self.block_tables[:bs], context_lens=self.context_lens[:bs],
             max_context_len=max_context_len, kv_caches=self.kv_caches,
             lora=self.lora.batch if use_lora else None)
-        with forward_context(batch):
-            hidden = self.model(self.ids[:bs], self.positions[:bs])
-        return self.model.compute_logits(hidden)
+        with forward_context(batch):  # logits too: their rows are the forward's (lm_head LoRA)
+            return self.model.compute_logits(self.model(self.ids[:bs], self.positions[:bs]))
 
     @torch.inference_mode()
     def capture_all(self) -> None:

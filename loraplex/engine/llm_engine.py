@@ -93,7 +93,7 @@ class LLMEngine:
         self.lora_loader = AdapterLoader(model_config, lora, dtype, self.adapters, self.lora_cache,
                                          base_weight=CheckpointWeights(model_dir).get)
         buffers = LoRABuffers(model_config, lora.max_loras_per_batch, lora.max_lora_rank, dtype,
-                              device)
+                              device, lm_head=lora.enable_lm_head_lora)
         self.lora_pool = LoRASlotPool(buffers)
         self.lora_batches = LoRABatchBuilder(max_tokens, lora.max_loras_per_batch, device)
         self.lora_backend = resolve_lora_backend(lora.backend, device)
@@ -159,6 +159,7 @@ class LLMEngine:
         revision: str | None = None,
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
+        enable_lm_head_lora: bool = False,
         tensor_parallel_size: int = 1,
         _tp_peer=None,
     ) -> LLMEngine:
@@ -176,6 +177,7 @@ class LLMEngine:
         spawns the other ranks (``distributed/executor.py``); on CPU each rank gets an equal
         share of torch's threads. ``close()`` stops them. ``_tp_peer``: set by a worker
         process building its rank's engine (``distributed/worker.py``).
+        ``enable_lm_head_lora``: serve adapters that target ``lm_head`` (``LoRAConfig``).
         """
         # tensor-parallel workers build their engine from these same arguments
         worker_args = {k: v for k, v in locals().items() if k not in ("cls", "_tp_peer")}
@@ -189,7 +191,7 @@ class LLMEngine:
                                 gpu_memory_utilization=gpu_memory_utilization,
                                 enable_prefix_caching=enable_prefix_caching)
         lora_cfg = LoRAConfig(max_loras_per_batch, max_lora_rank, max_cpu_loras, lora_backend,
-                              max_cpu_lora_bytes)
+                              max_cpu_lora_bytes, enable_lm_head_lora)
         # validates them now; the real one is below
         SchedulerConfig(max_num_seqs=max_num_seqs, enable_chunked_prefill=enable_chunked_prefill)
         model = resolve_model_path(model, revision)

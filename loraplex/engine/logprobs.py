@@ -107,7 +107,7 @@ def record_sample_logprob(seq: Sequence, entry: TokenLogprobs | None) -> None:
 
 def record_prompt_logprobs(compute_logits, hidden: torch.Tensor, seqs: list[Sequence],
                            row_starts: list[int], first_positions: list[int],
-                           lengths: list[int]) -> None:
+                           lengths: list[int], lora_slots: list[int]) -> None:
     """Extend ``seq.prompt_logprobs`` for every sequence in a prefill that still wants them.
 
     Sequence ``i``'s chunk holds positions ``first_positions[i] + j`` for ``j < lengths[i]`` at
@@ -115,12 +115,14 @@ def record_prompt_logprobs(compute_logits, hidden: torch.Tensor, seqs: list[Sequ
     token ``p + 1``. Chunks must arrive in order from position 0 (a prompt served from the
     prefix cache has no logits to give: the scheduler keeps such requests off the cache).
     A recomputed prefill (after preemption) adds nothing once the list is complete.
-    ``compute_logits``: hidden [n, hidden] -> logits [n, vocab].
+    ``compute_logits(h, row_slots)``: hidden [n, hidden] and each row's lora slot (sequence
+    ``i``'s rows are on ``lora_slots[i]``, -1 = none) -> logits [n, vocab].
     """
     rows: list[int] = []  # hidden rows, in target order
+    row_slots: list[int] = []  # their lora slots
     targets: list[int] = []  # the prompt token each row's logits score
     owners: list[tuple[Sequence, int]] = []  # (seq, number of targets), in order
-    for seq, start, pos0, n in zip(seqs, row_starts, first_positions, lengths):
+    for seq, start, pos0, n, slot in zip(seqs, row_starts, first_positions, lengths, lora_slots):
         if not seq.wants_prompt_logprobs:
             continue
         have = len(seq.prompt_logprobs)
@@ -133,6 +135,7 @@ def record_prompt_logprobs(compute_logits, hidden: torch.Tensor, seqs: list[Sequ
         if first > last:
             continue
         rows += range(start + first - 1 - pos0, start + last - pos0)
+        row_slots += [slot] * (last - first + 1)
         targets += seq.prompt_token_ids[first : last + 1]
         owners.append((seq, last - first + 1))
     if not rows:
@@ -144,7 +147,8 @@ def record_prompt_logprobs(compute_logits, hidden: torch.Tensor, seqs: list[Sequ
     parts = []
     for a in range(0, len(rows), _PROMPT_ROWS_PER_PASS):
         b = a + _PROMPT_ROWS_PER_PASS
-        lp = torch.log_softmax(compute_logits(hidden[rows_t[a:b]]).float(), dim=-1)
+        logits = compute_logits(hidden[rows_t[a:b]], row_slots[a:b])
+        lp = torch.log_softmax(logits.float(), dim=-1)
         parts.append(_measure(lp, targets_t[a:b], kmax))
     host = torch.cat(parts).tolist()  # one copy back for the whole prefill
     at = 0

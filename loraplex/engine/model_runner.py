@@ -21,6 +21,7 @@ from loraplex.kvcache.block_manager import BlockManager
 from loraplex.layers.forward_context import ForwardBatch, forward_context
 from loraplex.layers.prefill_groups import plan_prefill
 from loraplex.lora.batch import LoRABatchBuilder
+from loraplex.lora.layers import logits_read_lora
 
 
 class ModelRunner:
@@ -43,6 +44,8 @@ class ModelRunner:
         self.penalties = Penalties(eos_ids)
         self.graphs: DecodeGraphs | None = None
         self.guided: GuidedDecoding | None = None  # set by the engine on the first grammar
+        # the context of logits nobody reads a LoRA batch for (reused: no per-step object)
+        self._rows_without_lora = ForwardBatch(is_prefill=False, num_tokens=0, slot_mapping=None)
 
     def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, dummy_block: int,
                              capture: bool) -> None:
@@ -51,6 +54,20 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.lora, max_num_seqs,
                                    -(-max_model_len // bs), bs, dummy_block, self.device, capture)
         self.graphs.capture_all()
+
+    def _logits(self, hidden: torch.Tensor, lora_slots: list[int]) -> torch.Tensor:
+        """``compute_logits`` of ``hidden`` [n, H] whose row ``i`` belongs to lora slot
+        ``lora_slots[i]`` (sorted; -1 = no adapter), under a forward context whose LoRA batch
+        segments exactly these rows. Built after the forward, in the builder's reused batch
+        (the forward has read it by then: its host fields at launch, its device copy in
+        stream order)."""
+        if not logits_read_lora(self.model):
+            with forward_context(self._rows_without_lora):
+                return self.model.compute_logits(hidden)
+        batch = ForwardBatch(is_prefill=False, num_tokens=len(lora_slots), slot_mapping=None,
+                             lora=self._lora_batch(lora_slots, [1] * len(lora_slots)))
+        with forward_context(batch):
+            return self.model.compute_logits(hidden)
 
     @staticmethod
     def _lora_slot(seq: Sequence) -> int:
@@ -105,12 +122,12 @@ class ModelRunner:
         return SamplerOutput(tokens, finite, per_seq)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, cu: list[int], seqs: list[Sequence],
-                         counts: list[int]) -> None:
+                         counts: list[int], slots: list[int]) -> None:
         """Prompt logprobs of the step's rows that asked: row ``k`` holds positions
         ``num_computed_tokens ..`` of its sequence (a prompt chunk, or a decode token)."""
         if any(s.wants_prompt_logprobs for s in seqs):
-            record_prompt_logprobs(self.model.compute_logits, hidden, seqs, cu[:-1],
-                                   [s.num_computed_tokens for s in seqs], counts)
+            record_prompt_logprobs(self._logits, hidden, seqs, cu[:-1],
+                                   [s.num_computed_tokens for s in seqs], counts, slots)
 
     def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Structured outputs: mask the logits of rows that have a grammar (engine/guided.py),
@@ -130,12 +147,11 @@ class ModelRunner:
             lora=self._lora_batch(slots, counts))
         with forward_context(batch):
             hidden = self.model(step.ids, step.positions)
-        self._prompt_logprobs(hidden, step.cu_seqlens, seqs, counts)
+        self._prompt_logprobs(hidden, step.cu_seqlens, seqs, counts, slots)
         if not sampling:
             return None
         last = self._tensor([step.cu_seqlens[k + 1] - 1 for k in sampling])
-        with forward_context(batch):
-            return self.model.compute_logits(hidden[last])
+        return self._logits(hidden[last], [slots[k] for k in sampling])
 
     def _lora_batch(self, lora_slots: list[int], lengths: list[int], is_decode: bool = False):
         if self.lora is None or all(s < 0 for s in lora_slots):
@@ -205,9 +221,9 @@ class ModelRunner:
             positions += range(len(prompts[i]))
             cu.append(cu[-1] + len(prompts[i]))
         batch = self._prefill_batch(cu, None, [lora_slots[i] for i in order])
-        with forward_context(batch):
-            hidden = self.model(self._tensor(ids), self._tensor(positions))
-        logits = self.model.compute_logits(hidden).cpu()
+        with forward_context(batch):  # the logits' rows are the forward's rows
+            logits = self.model.compute_logits(
+                self.model(self._tensor(ids), self._tensor(positions))).cpu()
         out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
         for k, i in enumerate(order):
             out[i] = logits[cu[k] : cu[k + 1]]

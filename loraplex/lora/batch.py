@@ -26,6 +26,10 @@ class LoRABatchBuilder:
                  for i in range(3)] + [(h[3 * max_segs :], d[3 * max_segs :])]
         self._np = [v[0].numpy() for v in views]  # host views, fast to fill
         self.batch = LoRABatch(views[0][1], views[1][1], views[2][1], views[3][1], 0, 0, 0, [])
+        # CUDA: the host staging may be refilled before the GPU ran the last copy out of it
+        # (the logits rows' batch is built right after the forward's): wait for that copy
+        # only (it was queued before the forward, so this does not wait for the forward).
+        self._copied = torch.cuda.Event() if self._dev is not self._host else None
 
     def prepare(self, lora_slots: list[int], lengths: list[int], is_decode: bool = False,
                 pad_to: int = 0) -> LoRABatch:
@@ -34,6 +38,8 @@ class LoRABatchBuilder:
         count get slot -1 (CUDA-graph padding). Host work is a few numpy slice writes, then
         one host->device copy."""
         segs = segments(lora_slots, lengths)
+        if self._copied is not None:
+            self._copied.synchronize()
         starts, lens, seg_lora_slots, tok = self._np
         k, pos = len(segs), sum(lengths)
         assert pos <= self.max_tokens and k <= len(starts)
@@ -44,6 +50,7 @@ class LoRABatchBuilder:
             tok[pos:pad_to] = -1
         if self._dev is not self._host:
             self._dev.copy_(self._host, non_blocking=True)
+            self._copied.record()
         b = self.batch
         b.num_segs, b.num_tokens, b.is_decode = k, pos, is_decode
         b.max_seg_len = int(table[:, 1].max()) if k else 0

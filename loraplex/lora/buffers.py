@@ -8,7 +8,11 @@ For a fused projection with ``n`` slices (q/k/v: 3, gate/up: 2, o/down: 1), ``S`
     scalings [S, n] float32
     col_scales               DoRA's per-slot column scale/shift [S, out] (identity elsewhere)
 The input embedding has one more set (``embedding``), as a linear layer on one-hot tokens:
-``a [S, R, vocab]`` (PEFT's lora_embedding_A), ``b [S, hidden, R]``, n = 1.
+``a [S, R, vocab]`` (PEFT's lora_embedding_A), ``b [S, hidden, R]``, n = 1. With
+``lm_head=True`` the output projection has one too (``lm_head``): ``a [S, R, hidden]``,
+``b [S, vocab, R]`` (under TP this rank's padded vocabulary rows), n = 1, no DoRA
+(``col_scales`` None); ``lm_head`` is None otherwise, since B alone is vocab x R per slot
+(128k x 64 x 8 slots x 2 bytes = 128 MiB).
 Rank columns beyond a slot's rank are never read, so loading an adapter writes only its own
 rows/columns and clearing a slot only zeroes its ranks.
 
@@ -32,8 +36,8 @@ import torch
 
 from loraplex.config import ModelConfig
 from loraplex.distributed.parallel_state import tp_rank, tp_size
-from loraplex.distributed.sharding import ProjShard, proj_shards
-from loraplex.lora.adapter import EMBED, EMBED_LAYER, LoRAAdapter, LoRAWeights
+from loraplex.distributed.sharding import ProjShard, proj_shards, vocab_per_rank, vocab_range
+from loraplex.lora.adapter import EMBED, EMBED_LAYER, LM_HEAD, LoRAAdapter, LoRAWeights
 from loraplex.ops.lora_meta import ColumnScales
 
 # fused module -> the HF projections stacked in it, in order
@@ -52,7 +56,8 @@ class SlotBuffers:
     ranks: torch.Tensor
     scalings: torch.Tensor
     offsets: tuple[int, ...]  # output column offsets of the slices, len n + 1
-    col_scales: ColumnScales  # DoRA; scale 1 / shift 0 wherever no DoRA adapter wrote
+    # DoRA; scale 1 / shift 0 wherever no DoRA adapter wrote (None: no DoRA here, lm_head)
+    col_scales: ColumnScales | None
 
 
 def _identity_scales(num_slots: int, out: int, device: torch.device) -> ColumnScales:
@@ -72,9 +77,11 @@ class LoRABuffers:
         dtype: torch.dtype,
         device: torch.device,
         staged: bool | None = None,
+        lm_head: bool = False,
     ) -> None:
         """``staged``: copy through the per-layer staging buffers (default: on CUDA only;
-        tests force it on CPU to check the packing)."""
+        tests force it on CPU to check the packing). ``lm_head``: allocate the lm_head LoRA
+        buffers (``enable_lm_head_lora``)."""
         self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
         self.num_layers = cfg.num_layers
         # this rank's slice of each projection, in full coordinates
@@ -102,6 +109,19 @@ class LoRABuffers:
             offsets=(0, cfg.hidden_size),
             col_scales=_identity_scales(num_slots, cfg.hidden_size, device),
         )
+        # lm_head is vocabulary-parallel under TP: B keeps this rank's (padded) vocab rows,
+        # like the base lm_head's shard, so the delta joins the local logits before the gather
+        vocab_rows = vocab_per_rank(cfg.vocab_size, tp_size())
+        self.lm_head_rows = vocab_range(cfg.vocab_size, tp_size(), tp_rank())
+        self.lm_head = None if not lm_head else SlotBuffers(
+            a=torch.zeros(num_slots, max_rank, cfg.hidden_size, dtype=dtype, device=device),
+            b=torch.zeros(num_slots, vocab_rows, max_rank, dtype=dtype, device=device),
+            ranks=torch.zeros(num_slots, 1, dtype=torch.int32, device=device),
+            scalings=torch.zeros(num_slots, 1, dtype=torch.float32, device=device),
+            offsets=(0, vocab_rows),
+            col_scales=None,
+        )
+        self.lm_head_slots: set[int] = set()  # slots whose adapter has an lm_head LoRA
         # On CUDA a slot load goes through pinned host buffers, each big enough for one layer
         # of a max-rank adapter: one host->device copy per layer. Two of them alternate, so
         # packing layer k+1 on the host overlaps layer k's transfer.
@@ -119,11 +139,13 @@ class LoRABuffers:
         self.num_transfers = 0  # host->device copies of packed layers (staged writes)
 
     def all_buffers(self) -> list[SlotBuffers]:
-        return [*self.buffers.values(), self.embedding]
+        head = [self.lm_head] if self.lm_head is not None else []
+        return [*self.buffers.values(), self.embedding, *head]
 
     @property
     def nbytes(self) -> int:
-        return sum(b.a.nbytes + b.b.nbytes + b.col_scales.scale.nbytes + b.col_scales.shift.nbytes
+        return sum(b.a.nbytes + b.b.nbytes + (0 if b.col_scales is None else
+                                              b.col_scales.scale.nbytes + b.col_scales.shift.nbytes)
                    for b in self.all_buffers())
 
     def write(self, lora_slot: int, adapter: LoRAAdapter) -> None:
@@ -154,13 +176,28 @@ class LoRABuffers:
                                        [self.shards[p] for p in projs])
             self._copy_layer(layer, pairs)
         self._write_embedding(lora_slot, adapter.weights.get((EMBED_LAYER, EMBED)))
+        head = adapter.weights.get((EMBED_LAYER, LM_HEAD))
+        assert head is None or self.lm_head is not None, "lm_head LoRA needs lm_head=True"
+        if self.lm_head is not None:
+            self._write_direct(self.lm_head, lora_slot, head, self.lm_head_rows)
+            (self.lm_head_slots.add if head is not None else self.lm_head_slots.discard)(
+                lora_slot)
 
     def _write_embedding(self, lora_slot: int, w: LoRAWeights | None) -> None:
-        # Copied directly, not staged: A is [r, vocab], larger than a layer's staging buffer.
-        buf, r = self.embedding, 0 if w is None else w.rank
+        self._write_direct(self.embedding, lora_slot, w)
+
+    @staticmethod
+    def _write_direct(buf: SlotBuffers, lora_slot: int, w: LoRAWeights | None,
+                      b_rows: tuple[int, int] | None = None) -> None:
+        """``b_rows``: the rows of B this rank keeps (lm_head's vocabulary shard; the padding
+        rows past them stay zero)."""
+        # Copied directly, not staged: the embedding's A [r, vocab] and lm_head's B [vocab, r]
+        # are larger than a layer's staging buffer.
+        r = 0 if w is None else w.rank
         if w is not None:
             buf.a[lora_slot, :r].copy_(w.a)
-            buf.b[lora_slot, :, :r].copy_(w.b)
+            b = w.b if b_rows is None else w.b[b_rows[0]:b_rows[1]]
+            buf.b[lora_slot, : b.shape[0], :r].copy_(b)
         buf.ranks[lora_slot, 0] = r
         buf.scalings[lora_slot, 0] = 0.0 if w is None else w.scaling
 
@@ -170,6 +207,8 @@ class LoRABuffers:
         """DoRA's column scale/shift of each slice (this rank's output columns of it, from
         ``shards``) into the slot; identity where none."""
         cs = buf.col_scales
+        if cs is None:
+            return  # no DoRA on this module (lm_head)
         dora = any(w is not None and w.col_scale is not None for w in weights)
         if not dora and not cs.host_flags[lora_slot]:
             return  # identity already (a plain adapter replacing a plain one)
@@ -210,6 +249,7 @@ class LoRABuffers:
             done.record()
 
     def clear(self, lora_slot: int) -> None:
+        self.lm_head_slots.discard(lora_slot)
         for buf in self.all_buffers():
             buf.ranks[lora_slot].zero_()
             buf.scalings[lora_slot].zero_()

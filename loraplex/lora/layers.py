@@ -6,7 +6,9 @@ metadata, adds ``scaling * (x @ A^T) @ B^T`` per segment in place (a DoRA slot f
 its rows' base output by its column scales, inside the expand). The model classes never
 mention LoRA. All wrappers share one scratch buffer for the shrink output (layers run one at a
 time), allocated once. The input embedding gets ``LoRAEmbedding`` (PEFT's embedding LoRA:
-a gather of A's columns, then the same expand).
+a gather of A's columns, then the same expand). With lm_head LoRA enabled, ``lm_head`` gets
+``LoRALMHead``: the same shrink/expand on the final hidden states, vocabulary-wide B; the
+runner gives ``compute_logits`` a LoRA batch of exactly its rows (``logits_read_lora``).
 
 Under tensor parallelism a row-parallel projection (o, down) shrinks its input shard with its
 columns of A: each rank's ``[T, n*R]`` shrink output is a partial sum, all-reduced (r values per
@@ -28,6 +30,14 @@ from loraplex.layers.linear import LinearBase, RowLinear
 from loraplex.lora.buffers import FUSED_PROJECTIONS, LoRABuffers, SlotBuffers
 from loraplex.ops.lora_embedding import lora_embedding_shrink
 from loraplex.ops.lora_ops import get_lora_ops
+
+
+def logits_read_lora(model: nn.Module) -> bool:
+    """Whether ``model.compute_logits`` reads the LoRA batch of its rows: a wrapper around
+    ``lm_head`` says so with a ``reads_lora_batch = True`` attribute (lm_head LoRA). When
+    False, callers may compute logits of a subset of a forward's rows without building that
+    batch (no cost for models without one)."""
+    return getattr(getattr(model, "lm_head", None), "reads_lora_batch", False)
 
 
 class LoRALinear(nn.Module):
@@ -66,6 +76,29 @@ class LoRALinear(nn.Module):
             self.shrink(x, buf.a, buf.ranks, lora, h)
         self.expand(h, buf.b, buf.ranks, buf.scalings, buf.offsets, lora, y, buf.col_scales)
         return y
+
+
+class LoRALMHead(LoRALinear):
+    """``logits = lm_head(h)``, then per segment ``logits += scaling * (h @ A.T) @ B.T`` with
+    ``B [vocab, r]`` (PEFT's LoRA on lm_head; on a tied model too: the delta goes to the
+    logits only, the input embedding is untouched). The rows are ``compute_logits``' rows,
+    segmented by the LoRA batch the runner installs for them."""
+
+    def __init__(self, base: LinearBase, buffers: SlotBuffers, scratch: torch.Tensor,
+                 ops: tuple[Callable, Callable], live_slots: set[int]) -> None:
+        super().__init__(base, buffers, scratch, ops)
+        self.live_slots = live_slots  # LoRABuffers.lm_head_slots: slots with an lm_head LoRA
+
+    @property
+    def reads_lora_batch(self) -> bool:
+        """See ``logits_read_lora``: only while some slot holds an lm_head LoRA, so serving
+        with the flag on but no such adapter loaded builds no batch for the logits' rows.
+        (A captured CUDA graph always holds the expand: its forward reads the batch as is.)"""
+        return bool(self.live_slots)
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads the output matrix keeps working
+        return self.base.weight
 
 
 class LoRAEmbedding(nn.Module):
@@ -121,4 +154,8 @@ def install_lora_layers(
     if isinstance(embed, LoRAEmbedding):
         embed = embed.base
     model.model.embed_tokens = LoRAEmbedding(embed, buffers.embedding, scratch, ops.expand)
+    if buffers.lm_head is not None:
+        head = model.lm_head
+        model.lm_head = LoRALMHead(head.base if isinstance(head, LoRALMHead) else head,
+                                   buffers.lm_head, scratch, ops, buffers.lm_head_slots)
     return wrappers

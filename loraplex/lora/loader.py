@@ -33,6 +33,7 @@ class AdapterLoader:
         """``base_weight``: the base model's weights by HF name (``CheckpointWeights.get``),
         needed by DoRA adapters only."""
         self.cfg, self.max_rank, self.dtype = cfg, lora.max_lora_rank, dtype
+        self.lm_head_lora = lora.enable_lm_head_lora
         self.base_weight = base_weight
         self.registry, self.cache = registry, cache
         self._pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="loraplex-adapter-io")
@@ -43,7 +44,7 @@ class AdapterLoader:
     def parse(self, name: str, path: str | Path) -> LoRAAdapter:
         """Read, validate and convert one adapter (runs on a worker thread)."""
         adapter = load_peft_adapter(path, self.cfg, self.max_rank, name=name,
-                                    base_weight=self.base_weight)
+                                    base_weight=self.base_weight, lm_head_lora=self.lm_head_lora)
         return self._checked(adapter)
 
     def _checked(self, adapter: LoRAAdapter) -> LoRAAdapter:

@@ -259,6 +259,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="KV-cache blocks (default: sized from the memory budget)")
     p.add_argument("--lora-backend", default="auto", help="torch | triton | auto")
     add_tensor_parallel_arg(p)
+    p.add_argument("--enable-lm-head-lora", action="store_true",
+                   help="serve adapters that target lm_head (allocates vocab x max-lora-rank x "
+                        "max-loras-per-batch of adapter buffers; off: such adapters are refused)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=True, help="share KV blocks of equal prefixes per adapter")
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
@@ -346,7 +349,8 @@ def run_server(args: argparse.Namespace) -> None:
         enable_chunked_prefill=getattr(args, "enable_chunked_prefill", True),
         gpu_memory_utilization=getattr(args, "gpu_memory_utilization", 0.9),
         kv_cache_memory_bytes=getattr(args, "kv_cache_memory", None),
-        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+        enable_lm_head_lora=getattr(args, "enable_lm_head_lora", False))
     try:
         app = create_app(engine, config)
         logger.info("serving %r with adapters %s on http://%s:%d", config.served_model_name,
