@@ -57,8 +57,11 @@ def assets(tmp_path_factory) -> SimpleNamespace:
     wide, wide_hf = make_tiny_model(root / "wide", seed=4, hidden_size=128,
                                     num_attention_heads=8, num_key_value_heads=2)
     wide_adapter = str(make_peft_adapter(wide_hf, root / "wa", seed=14))
+    # lm_head LoRA: its B is split by vocabulary rows like the lm_head itself
+    head_adapter = str(make_peft_adapter(wide_hf, root / "wh", seed=15, b_scale=4.0,
+                                         target_modules=["lm_head", "q_proj"]))
     return SimpleNamespace(root=root, model=str(model), adapters=adapters, late=late,
-                           wide=str(wide), wide_adapter=wide_adapter)
+                           wide=str(wide), wide_adapter=wide_adapter, head_adapter=head_adapter)
 
 
 def scenario(llm: LLM, late: str) -> list:
@@ -119,10 +122,13 @@ def test_tp2_equals_tp1_with_mixed_adapters_chunks_cache_and_runtime_loads(asset
 
 
 def test_tp4_engine_equals_tp1(assets):
+    """TP=4 (kv heads replicated over 2 ranks each), decode graphs' static buffers, and an
+    lm_head LoRA (vocabulary-parallel B) next to a plain adapter and base rows."""
     prompts = [PREFIX[: 5 + 3 * i] for i in range(5)]
-    names = ["wa", None, "wa", None, "wa"]
-    kw = dict(ENGINE, adapters={"wa": assets.wide_adapter}, cuda_graphs=True)
-    tokens = []
+    names = ["wa", None, "wh", None, "wa"]
+    kw = dict(ENGINE, adapters={"wa": assets.wide_adapter, "wh": assets.head_adapter},
+              cuda_graphs=True, enable_lm_head_lora=True)
+    tokens, scores = [], []
     for tp in (1, 4):
         engine = LLMEngine.from_args(assets.wide, tensor_parallel_size=tp, **kw)
         try:
@@ -132,9 +138,12 @@ def test_tp4_engine_equals_tp1(assets):
             while engine.has_unfinished_requests():
                 done.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
             tokens.append([done[f"q{i}"] for i in range(len(prompts))])
+            scores.append(engine.score(prompts[:3], ["wh", None, "wa"]))
         finally:
             engine.close()
     assert tokens[0] == tokens[1]
+    for w, g in zip(*scores, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
     assert not multiprocessing.active_children()
 
 
