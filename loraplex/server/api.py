@@ -317,8 +317,8 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ValueError(f"--adapter name {name!r} equals the served model name")
     if args.adapter_root is not None and not os.path.isdir(args.adapter_root):
         raise ValueError(f"--adapter-root {args.adapter_root!r} is not a directory")
-    return ServerConfig(served_model_name=name, model_path=os.path.realpath(args.model),
-                        adapters={k: os.path.realpath(v) for k, v in adapters.items()},
+    return ServerConfig(served_model_name=name, model_path=_local_or_hub(args.model),
+                        adapters={k: _local_or_hub(v) for k, v in adapters.items()},
                         api_key=args.api_key or None,
                         allow_runtime_adapters=args.allow_runtime_adapters,
                         adapter_root=args.adapter_root,
@@ -327,6 +327,12 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
                         max_sequences_per_request=args.max_sequences_per_request,
                         max_stream_backlog=args.max_stream_backlog,
                         tool_call_parser=getattr(args, "tool_call_parser", None))
+
+
+def _local_or_hub(path: str) -> str:
+    """A local path made absolute; anything else as given (a hub id, ``org/name[@rev]``, which
+    made absolute would no longer read as one)."""
+    return os.path.realpath(path) if os.path.exists(path) else path
 
 
 def run_server(args: argparse.Namespace) -> None:
