@@ -5,8 +5,9 @@ adapters on all seven projections, float32, 2 threads. In one run:
   adapters in consecutive slots (the best case) and on 16 adapters in scattered slots (what
   serving sees after loads and evictions); (c) the scattered mix through transformers + PEFT
   (``adapter_names=``) and PEFT's own base; (d) 16 DoRA adapters (``use_dora``, same ranks
-  and targets) and (e) 16 adapters that also target ``embed_tokens``, each in consecutive
-  slots, against (a)/(b)'s plain LoRA in consecutive slots.
+  and targets), (e) 16 adapters that also target ``embed_tokens`` and (f) 16 that also target
+  ``lm_head`` (``enable_lm_head_lora``), each in consecutive slots, against (a)/(b)'s plain
+  LoRA in consecutive slots.
 
     python benchmarks/bench_lora.py [--adapters 16] [--layers 4] [--repeat 5] [--write-docs]
 
@@ -203,6 +204,8 @@ def main() -> None:
         dora_dirs = make_variant_adapters(hf, root, n, args.rank, "dora", use_dora=True)
         emb_dirs = make_variant_adapters(hf, root, n, args.rank, "emb",
                                          target_modules=[*ALL_PROJS, "embed_tokens"])
+        head_dirs = make_variant_adapters(hf, root, n, args.rank, "head",
+                                          target_modules=[*ALL_PROJS, "lm_head"])
         ordered = [f"lora{i % n}" for i in range(args.batch)]
         picked = random.Random(args.seed).sample(range(2 * n), n)
         scattered = [f"lora{picked[i % n]}" for i in range(args.batch)]
@@ -211,19 +214,24 @@ def main() -> None:
         prompts = ids.tolist()
         dora = [f"dora{i % n}" for i in range(args.batch)]
         emb = [f"emb{i % n}" for i in range(args.batch)]
-        llm = LLM(str(root / "model"), adapters=dirs | dora_dirs | emb_dirs, device="cpu",
-                  max_num_seqs=max(args.batch, 2 * n), max_loras_per_batch=4 * n,
-                  max_lora_rank=args.rank, enable_prefix_caching=False)  # repeats prompts
-        # one at a time: lora{i} lands in slot i, dora{i} in 2n + i, emb{i} in 3n + i
+        head = [f"head{i % n}" for i in range(args.batch)]
+        # enable_lm_head_lora for (f): every case runs with it on (lm_head adapters resident)
+        llm = LLM(str(root / "model"), adapters=dirs | dora_dirs | emb_dirs | head_dirs,
+                  device="cpu", max_num_seqs=max(args.batch, 2 * n), max_loras_per_batch=5 * n,
+                  max_lora_rank=args.rank, enable_prefix_caching=False,  # repeats prompts
+                  enable_lm_head_lora=True)
+        # one at a time: lora{i} lands in slot i, dora{i} in 2n + i, emb{i} in 3n + i,
+        # head{i} in 4n + i
         for name in ([f"lora{i}" for i in range(2 * n)] + [f"dora{i}" for i in range(n)]
-                     + [f"emb{i}" for i in range(n)]):
+                     + [f"emb{i}" for i in range(n)] + [f"head{i}" for i in range(n)]):
             loraplex_times(llm, prompts[:1], [name], 1)
         layouts = {"in order": slot_layout(llm, ordered), "scattered": slot_layout(llm, scattered),
-                   "DoRA": slot_layout(llm, dora), "embedding": slot_layout(llm, emb)}
+                   "DoRA": slot_layout(llm, dora), "embedding": slot_layout(llm, emb),
+                   "lm_head": slot_layout(llm, head)}
         for key, slots in layouts.items():
             print(f"{key}: slots {slots}", flush=True)
         cases = {"base": [None] * args.batch, "in order": ordered, "scattered": scattered,
-                 "DoRA": dora, "embedding": emb}
+                 "DoRA": dora, "embedding": emb, "lm_head": head}
         rows: dict[str, tuple[float, float]] = {}
         for _ in range(args.repeat):  # interleaved, so load drifts hit every case alike
             for key, ns in cases.items():
@@ -269,13 +277,15 @@ def main() -> None:
         row(f"loraplex {n} DoRA adapters, slots in order", rows["DoRA"], base),
         row(f"loraplex {n} adapters + embed_tokens LoRA, slots in order", rows["embedding"],
             base),
+        row(f"loraplex {n} adapters + lm_head LoRA, slots in order", rows["lm_head"], base),
         ["decode floor (base + adapter bytes / bandwidth)", "", f"{floor * 1e3:.1f}", "", "",
          f"{floor / base[1]:.3f}"],
     ]
-    plain, dr, em = rows["in order"], rows["DoRA"], rows["embedding"]
+    plain, dr, em, hd = rows["in order"], rows["DoRA"], rows["embedding"], rows["lm_head"]
     summary = (f"\nAgainst plain LoRA in consecutive slots (time ratio): DoRA prefill "
                f"{dr[0] / plain[0]:.3f}x, decode {dr[1] / plain[1]:.3f}x; + embed_tokens LoRA "
-               f"prefill {em[0] / plain[0]:.3f}x, decode {em[1] / plain[1]:.3f}x.\n")
+               f"prefill {em[0] / plain[0]:.3f}x, decode {em[1] / plain[1]:.3f}x; + lm_head "
+               f"LoRA prefill {hd[0] / plain[0]:.3f}x, decode {hd[1] / plain[1]:.3f}x.\n")
     if "peft_mixed" in rows:
         pb, pmx = rows["peft_base"], rows["peft_mixed"]
         table_rows += [row("transformers base", pb, pb),
@@ -293,7 +303,8 @@ def main() -> None:
             f"float32, {args.threads} threads, {args.clock} clock; best of {args.repeat}, base "
             f"and mixed runs interleaved in one run. Scattered slots: {layouts['scattered']}; "
             f"{n} DoRA adapters (same rank and targets) in slots {layouts['DoRA']}; {n} adapters "
-            f"also on embed_tokens in slots {layouts['embedding']}. Measured copy "
+            f"also on embed_tokens in slots {layouts['embedding']}; {n} also on lm_head "
+            f"(vocabulary {cfg.vocab_size}) in slots {layouts['lm_head']}. Measured copy "
             f"bandwidth {bw / 1e9:.1f} GB/s; one adapter is {per_adapter / 1e6:.1f} MB.\n\n"
             f"`python benchmarks/bench_lora.py`\n\n{table}\n{summary}")
     print(body)

@@ -6,7 +6,12 @@ them under CUDA graphs next to the projection's base GEMM and its memory floor.
 
 Shapes: Llama-3-8B projections (q/k/v 4096 -> 4096+1024+1024, down 14336 -> 4096), ranks
 16/64, 1/8/32/128 decode tokens (one adapter per token up to 32, then round-robin) and a
-4096-token prefill (32 adapters x 128 tokens). Times are medians of CUDA-graph replays of many
+4096-token prefill (32 adapters x 128 tokens); and lm_head LoRA (4096 -> a 128256-token
+vocabulary, Llama 3's) on the rows that get logits: 1 and 32 sampled rows, 512 prompt-logprob
+rows (16 per adapter). For the 32-token decode and the prefill, a second table puts DoRA
+(column scales in the expand's epilogue) and embedding LoRA (a gather of A's columns over
+Llama-3's 128256-token vocabulary, then the expand to hidden 4096) next to plain LoRA on the
+same shape. Times are medians of CUDA-graph replays of many
 back-to-back calls. "cold" calls rotate over ``--rotate`` disjoint sets of adapter slots so
 the adapters are not L2-resident (as in a real forward, where every layer has its own
 weights); "hot" reuses one set. The floor is bytes moved (x read, used adapters' A and B read
@@ -228,6 +233,74 @@ def bench_shape(shape, env: Env, ops, rotate: int, seed: int) -> dict:
 
 COLUMNS = ["shape", "check", "floor", "base GEMM", "shrink", "expand", "LoRA", "x floor",
            "/ base", "LoRA hot", "eager"]
+VARIANT_COLUMNS = ["shape", "variant", "check", "plain LoRA", "variant LoRA", "/ plain"]
+
+
+def variant_rows(shapes, env: Env, ops, rotate: int, vocab: int) -> list[dict]:
+    """DoRA and embedding LoRA next to plain LoRA on the same shape, cold (rotating adapter
+    sets), each checked against the reference first. DoRA: the same shrink, and the expand
+    with every slot's column scales (``ColumnScales``) applied in its epilogue. Embedding
+    (shapes whose output is the hidden size, i.e. ``down``): the gather of A's columns for
+    ``vocab`` token ids (``lora_embedding_shrink``) and the expand of B to the hidden size,
+    against that shape's plain shrink + expand."""
+    return [row for i, shape in enumerate(shapes)
+            for row in _variant_shape(shape, env, ops, rotate, vocab, seed=300 + i)]
+
+
+def _variant_shape(shape, env: Env, ops, rotate: int, vocab: int, seed: int) -> list[dict]:
+    from loraplex.ops.lora_embedding import lora_embedding_shrink
+    from loraplex.ops.lora_meta import ColumnScales
+
+    rows = []
+    p = build_problem(shape, env, rotate, seed)
+    gen = torch.Generator(device=env.device).manual_seed(seed + 100)
+    slots, out, r = p.b.shape[0], p.b.shape[1], p.b.shape[2]
+    plain = time_us(env, lora_fns(p, ops)[2], rotate)
+    cs = ColumnScales(torch.rand(slots, out, generator=gen, device=env.device) + 0.5,
+                      torch.randn(slots, out, generator=gen, device=env.device) * 0.1,
+                      torch.ones(slots, dtype=torch.int32, device=env.device), [True] * slots)
+    h_ref = torch.zeros_like(p.h)
+    lora_ref.lora_shrink(p.x, p.a, p.ranks, p.batches[0], h_ref)
+    y0 = torch.randn(p.y.shape, generator=gen, device=env.device).to(env.dtype)
+    y, y_ref = y0.clone(), y0.clone()
+    ops.lora_expand(h_ref, p.b, p.ranks, p.scalings, p.offsets, p.batches[0], y, cs)
+    lora_ref.lora_expand(h_ref, p.b, p.ranks, p.scalings, p.offsets, p.batches[0], y_ref, cs)
+    err = _rel(y, y_ref)
+
+    def dora(j: int) -> None:
+        batch = p.batches[j % rotate]
+        ops.lora_shrink(p.x, p.a, p.ranks, batch, p.h)
+        ops.lora_expand(p.h, p.b, p.ranks, p.scalings, p.offsets, batch, p.y, cs)
+
+    t = time_us(env, dora, rotate)
+    rows.append({"shape": shape.name, "variant": "DoRA", "check":
+                 f"{'ok' if err < TOL else 'FAIL'} {err:.1e}", "plain LoRA": plain,
+                 "variant LoRA": t, "/ plain": t / plain})
+    if len(shape.widths) != 1:
+        return rows
+    ids = torch.randint(0, vocab, (shape.num_tokens,), generator=gen, device=env.device)
+    a_emb = (torch.randn(slots, r, vocab, generator=gen, device=env.device)).to(env.dtype)
+    ranks1, scal1 = p.ranks[:, :1].contiguous(), p.scalings[:, :1].contiguous()
+    h_emb = torch.zeros(shape.num_tokens, r, dtype=env.dtype, device=env.device)
+    # the reference: the per-segment gather (ranks on the host), then the torch expand
+    h_ref = torch.zeros_like(h_emb)
+    lora_embedding_shrink(ids, a_emb, ranks1.cpu(), p.batches[0], h_ref)
+    y, y_ref = y0.clone(), y0.clone()
+    lora_ref.lora_expand(h_ref, p.b, ranks1, scal1, (0, out), p.batches[0], y_ref)
+    lora_embedding_shrink(ids, a_emb, ranks1, p.batches[0], h_emb)
+    ops.lora_expand(h_emb, p.b, ranks1, scal1, (0, out), p.batches[0], y)
+    err = _rel(y, y_ref)
+
+    def embedding(j: int) -> None:
+        batch = p.batches[j % rotate]
+        lora_embedding_shrink(ids, a_emb, ranks1, batch, h_emb)
+        ops.lora_expand(h_emb, p.b, ranks1, scal1, (0, out), batch, p.y)
+
+    t = time_us(env, embedding, rotate)
+    rows.append({"shape": shape.name, "variant": f"embedding (vocab {vocab})", "check":
+                 f"{'ok' if err < TOL else 'FAIL'} {err:.1e}", "plain LoRA": plain,
+                 "variant LoRA": t, "/ plain": t / plain})
+    return rows
 
 
 def markdown(rows: list[dict], columns: list[str]) -> str:
@@ -295,9 +368,25 @@ def bench_decode_step(args) -> str:
     return "\n" + decode_step.run(dry=bool(args.dry_run) or not torch.cuda.is_available())
 
 
+def lm_head_shapes(ops_shape, ranks, hidden: int, vocab: int, rows=(1, 32), long=(512, 16),
+                   adapters: int = 32, dtype=torch.bfloat16) -> list:
+    """lm_head LoRA: the logits' rows (one per sampled sequence; ``long``: a chunk's
+    prompt-logprob rows, ``long[1]`` per adapter, sorted by adapter), vocabulary-wide B.
+    Named "rows", not "decode", so the block-size sweep (decode 32 / prefill 4096 shapes)
+    leaves them out."""
+    out = []
+    for rank in ranks:
+        out += [ops_shape(f"lm_head r={rank} rows {t}", hidden, (vocab,), rank, t, adapters,
+                          dtype=dtype) for t in rows]
+        out.append(ops_shape(f"lm_head r={rank} rows {long[0]}", hidden, (vocab,), rank,
+                             long[0], adapters, seg_len=long[1], dtype=dtype))
+    return out
+
+
 def tiny_shapes(ops_shape) -> list:
     """CPU dry run: the same kinds of shapes, small enough for the Triton interpreter."""
-    out = []
+    out = lm_head_shapes(ops_shape, (4,), 96, 1000, rows=(1, 6), long=(48, 12), adapters=4,
+                         dtype=torch.float32)
     for rank in (4, 8):
         for name, k, widths in (("qkv", 96, (64, 16, 16)), ("down", 160, (48,))):
             out += [ops_shape(f"{name} r={rank} decode {t}", k, widths, rank, t, 4,
@@ -355,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         env = Env(torch.device("cuda"), torch.bfloat16, graphs=True, target_ms=5.0)
         shapes = target_shapes(tuple(args.ranks), tuple(args.tokens))
+        shapes += lm_head_shapes(OpShape, tuple(args.ranks), 4096, 128256)
         rotate, device_name = args.rotate, torch.cuda.get_device_name()
     env.bandwidth = measure_bandwidth(env)
     head = (f"# LoRA ops: {device_name}, {str(env.dtype)[6:]}, copy bandwidth "
@@ -372,6 +462,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(report)
     failed = any(not r["check"].startswith("ok") for r in rows)
+    ends = (" decode 6", " prefill 48") if dry else (" decode 32", " prefill 4096")
+    vrows = variant_rows([s for s in shapes if s.name.endswith(ends)], env, ops, rotate,
+                         vocab=512 if dry else 128256)  # Llama-3's vocabulary
+    failed |= any(not r["check"].startswith("ok") for r in vrows)
+    table = ("\n## DoRA and embedding LoRA vs plain LoRA (cold, us)\n\n"
+             + markdown(vrows, VARIANT_COLUMNS) + "\n")
+    print(table)
+    report += table
+    if args.out:
+        args.out.write_text(report)
     if not args.no_sweep:
         picks = [s for s in shapes if s.name.endswith((" decode 32", " prefill 4096"))]
         if dry:

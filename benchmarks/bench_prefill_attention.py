@@ -7,7 +7,10 @@ blocks of 16, a max_model_len-wide table of 8192 tokens as the engine passes it)
       with ``is_causal`` on the same tokens (what ``Attention._prefill`` runs today);
   (b) the same prompt as 4 chunks over a growing cached prefix (4 calls), vs (a)'s SDPA;
   (c) a mixed step: 8 decodes (contexts 512) + one 256-token chunk after 768 cached tokens in
-      one call, vs the same work as two calls (decode op + extend of the chunk alone).
+      one call, vs the same work as two calls (decode op + extend of the chunk alone);
+  (d) 8 layers of one mixed step (32 decodes over contexts 100..1000 + two chunks, with the
+      host lengths the engine passes), the layers sharing one ``ExtendPlan`` (the groups'
+      indices, tables and masks built once per step) vs each layer building its own.
 Each row: best of ``--repeat`` interleaved runs, ms, and the ratio extend / baseline.
 
 GPU (when CUDA is there, or ``--dry-run``: tiny shapes on CPU through the Triton interpreter,
@@ -71,6 +74,7 @@ def extend(step: dict, fn=paged_prefill_torch.paged_prefill_attention, **kw) -> 
                                "context_lens", "scale")]
     if fn is not paged_prefill_torch.paged_prefill_attention:
         s.pop("cu_seqlens_q_host")  # only the torch backend takes it (the op checks it)
+        s.pop("context_lens_host", None)
     return fn(*args, **s, **kw)
 
 
@@ -108,6 +112,14 @@ def cpu_rows(prompt: int, repeat: int) -> list[str]:
     dec = make_step(mixed_seqs[:8], heads, kv_heads, d, dtype, "cpu")
     alone = make_step(mixed_seqs[8:], heads, kv_heads, d, dtype, "cpu")
     dec_tables = dec["block_tables"][:, : -(-512 // BLOCK)]
+    step_seqs = [(99 + 29 * i, 1) for i in range(32)] + [(768, 256), (0, 96)]
+    step = make_step(step_seqs, heads, kv_heads, d, dtype, "cpu")
+    step["context_lens_host"] = step["context_lens"].tolist()
+
+    def layers(shared: bool) -> None:
+        plan = paged_prefill_torch.ExtendPlan() if shared else None
+        for _ in range(8):
+            extend(step, plan=plan)
     fns = {
         "sdpa": lambda: causal_sdpa(whole["q"], k, v, whole["scale"]),
         "one": lambda: extend(whole),
@@ -116,15 +128,19 @@ def cpu_rows(prompt: int, repeat: int) -> list[str]:
         "split": lambda: (paged_attention_torch.paged_decode_attention(
             dec["q"], dec["k_cache"], dec["v_cache"], dec_tables, dec["context_lens"],
             dec["scale"]), extend(alone)),
+        "shared": lambda: layers(True),
+        "per layer": lambda: layers(False),
     }
     t = best_ms(fns, repeat)
-    head = f"{'case':46s} {'extend ms':>9s} {'base ms':>8s} {'extend/base':>11s}"
+    head = f"{'case':62s} {'extend ms':>9s} {'base ms':>8s} {'extend/base':>11s}"
     rows = [f"CPU, {torch.get_num_threads()} threads, one layer (16/4 heads, d 64, fp32), "
             f"best of {repeat}", head]
     for label, a, b in ((f"(a) {prompt} tokens, no prefix vs SDPA causal", "one", "sdpa"),
                         (f"(b) 4 chunks of {part} over the prefix vs SDPA", "chunks", "sdpa"),
-                        ("(c) 8 decodes + 256 after 768: 1 call vs 2", "mixed", "split")):
-        rows.append(f"{label:46s} {t[a]:9.2f} {t[b]:8.2f} {t[a] / t[b]:10.2f}x")
+                        ("(c) 8 decodes + 256 after 768: 1 call vs 2", "mixed", "split"),
+                        ("(d) 8 layers, 32 decodes + 2 chunks: plan shared vs per layer",
+                         "shared", "per layer")):
+        rows.append(f"{label:62s} {t[a]:9.2f} {t[b]:8.2f} {t[a] / t[b]:10.2f}x")
     return rows
 
 

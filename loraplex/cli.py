@@ -18,7 +18,18 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-loras-per-batch", type=int, default=8)
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=64)
+    add_tensor_parallel_arg(p)
+    p.add_argument("--enable-lm-head-lora", action="store_true",
+                   help="serve adapters that target lm_head (allocates vocab x max-lora-rank x "
+                        "max-loras-per-batch of adapter buffers; off: such adapters are refused)")
     _memory_args(p)
+
+
+def add_tensor_parallel_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, metavar="N",
+                   help="split the model over N ranks (torch.distributed: NCCL, one GPU a "
+                        "rank; gloo on CPU); this process is rank 0 and starts the others "
+                        "(default: 1)")
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
@@ -71,7 +82,9 @@ def _build_llm(args):
                max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
                gpu_memory_utilization=args.gpu_memory_utilization,
                kv_cache_memory_bytes=args.kv_cache_memory,
-               max_full_module_adapters=args.max_full_module_adapters)
+               max_full_module_adapters=args.max_full_module_adapters,
+               tensor_parallel_size=args.tensor_parallel_size,
+               enable_lm_head_lora=args.enable_lm_head_lora)
 
 
 def cmd_generate(args) -> None:

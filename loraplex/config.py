@@ -237,6 +237,10 @@ class LoRAConfig:
     # Llama-3-8B in bf16, so none is reserved unless asked (as vLLM reserves nothing for a
     # feature not enabled); 0 refuses such adapters at load, naming this flag
     max_full_module_adapters: int = 0
+    # serve adapters that target lm_head: allocates B [max_loras_per_batch, vocab,
+    # max_lora_rank] (and A [.., max_lora_rank, hidden]) up front, e.g. 128 MiB for a 128k
+    # vocabulary at rank 64, 8 slots, bf16; off, such adapters are refused when loaded
+    enable_lm_head_lora: bool = False
 
     def __post_init__(self) -> None:
         check_int("max_loras_per_batch", self.max_loras_per_batch)
@@ -244,6 +248,7 @@ class LoRAConfig:
         check_int("max_cpu_loras", self.max_cpu_loras, optional=True)
         check_int("max_cpu_lora_bytes", self.max_cpu_lora_bytes, optional=True)
         check_int("max_full_module_adapters", self.max_full_module_adapters, minimum=0)
+        check_bool("enable_lm_head_lora", self.enable_lm_head_lora)
         if self.backend not in ("torch", "triton", "auto"):
             raise ConfigError(f"lora_backend={self.backend!r} must be 'torch', 'triton' or 'auto'")
 
@@ -337,3 +342,25 @@ def apply_cpu_threads() -> None:
     n = int(os.environ.get("LORAPLEX_NUM_THREADS", "0") or 0)
     if n > 0:
         torch.set_num_threads(n)
+
+
+def check_tensor_parallel(tp: int, cfg: ModelConfig, device: torch.device) -> None:
+    """``tensor_parallel_size``: an int >= 1 that splits the model evenly (attention heads,
+    KV heads or their replication, the MLP's intermediate features: the sharding rules of
+    ``distributed/sharding.py``). On CUDA, one GPU a rank: ranks use ``cuda:0`` ..
+    ``cuda:N-1``."""
+    from loraplex.distributed.sharding import divide, kv_heads_per_rank  # (imports config)
+
+    check_int("tensor_parallel_size", tp)
+    if tp == 1:
+        return
+    kv_heads_per_rank(cfg.num_kv_heads, cfg.num_heads, tp)
+    divide(cfg.intermediate_size, tp, "intermediate_size")
+    if device.type == "cuda":
+        if device.index not in (None, 0):
+            raise ConfigError(f"device={str(device)!r} with tensor_parallel_size={tp}: ranks "
+                              f"use cuda:0 .. cuda:{tp - 1}; pass device='cuda'")
+        count = torch.cuda.device_count()
+        if tp > count:
+            raise ConfigError(f"tensor_parallel_size={tp} needs {tp} GPUs (one a rank); "
+                              f"torch sees {count}")

@@ -42,3 +42,7 @@ class ConfigTypeError(ConfigError, TypeError):
 
 class DeviceError(LoraplexError, RuntimeError):
     """The requested device is not available in this torch build or on this machine."""
+
+
+class TensorParallelError(LoraplexError, RuntimeError):
+    """A tensor-parallel worker died or a collective failed: the engine has shut down."""

@@ -33,6 +33,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
         max_full_module_adapters: int = 0,
+        tensor_parallel_size: int = 1,
         **engine_kwargs,
     ) -> None:
         """Engine arguments beyond these (``max_num_batched_tokens``, ``num_kv_blocks``,
@@ -42,7 +43,14 @@ class LLM:
         KV blocks; ``enable_chunked_prefill``: prompt chunks and decodes share each step's
         token budget (see engine/scheduler.py). ``max_full_module_adapters``: device slots for
         adapters that carry a full embedding / lm_head copy (PEFT ``modules_to_save``), each
-        ``2 x vocab x hidden`` in the serving dtype; 0 refuses such adapters at load."""
+        ``2 x vocab x hidden`` in the serving dtype; 0 refuses such adapters at load.
+
+        ``tensor_parallel_size``: ranks the model is split over (``torch.distributed``: gloo
+        on CPU, NCCL on one GPU a rank); this process is rank 0 and starts the others, which
+        ``close()`` (or leaving a ``with LLM(...)`` block, or interpreter exit) stops.
+        ``enable_lm_head_lora=True`` (an engine argument) serves adapters that target
+        ``lm_head``; it allocates their vocabulary-wide B buffers up front, so it is off by
+        default and such adapters are refused."""
         self.engine = LLMEngine.from_args(
             model,
             adapters=adapters,
@@ -58,9 +66,20 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             enable_chunked_prefill=enable_chunked_prefill,
             max_full_module_adapters=max_full_module_adapters,
+            tensor_parallel_size=tensor_parallel_size,
             **engine_kwargs,
         )
         self._counter = itertools.count()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any; safe to call more than once."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def tokenizer(self):

@@ -38,6 +38,8 @@ SLOW = [
     "test_multi_lora.py::test_mixed_batch_equals_peft[qwen2]",
     "test_multi_lora.py::test_lora_metadata_and_scratch_are_reused_across_steps",
     "test_engine.py::test_cpu_prepacked_weights_match_dense_and_free_the_dense_copy",
+    "test_tensor_parallel.py",  # spawns 2- and 4-rank gloo groups (~1.5 min on 2 cores)
+    "test_tp_engine.py",  # spawned worker ranks per engine; ~1.5 min on 2 cores
     "test_quickstart.py",
     "test_cpu_allocations.py",  # the profiler around every LoRA op call
     "test_server_robustness.py",  # server subprocesses and in-process fault injection

@@ -382,3 +382,25 @@ def test_lm_head_wrapper_composes_with_an_lm_head_lora_wrapper(tmp_path):
         y2 = head(h)
     assert calls == [2, 1]
     torch.testing.assert_close(y2, y)
+
+
+def test_tensor_parallel_refuses_replaced_modules(tmp_path, monkeypatch):
+    """Each rank's lm_head gives its vocabulary shard and the copies / rows are not sharded:
+    refused by name instead of served wrong."""
+    from loraplex import ConfigError
+    from loraplex.engine.llm_engine import LLMEngine
+    from loraplex.lora import loader
+
+    d, hf = make_tiny_model(tmp_path / "base", "llama")
+    with pytest.raises(ConfigError, match="max_full_module_adapters=1: full embedding / lm_head "
+                                          "copies .* tensor_parallel_size=2 > 1"):
+        LLMEngine.from_args(str(d), device="cpu", max_full_module_adapters=1,
+                            tensor_parallel_size=2)
+    tokens = make_adapter(hf, tmp_path / "t", seed=3, target_modules=["q_proj"],
+                          trainable_token_indices=TOKENS)
+    llm = LLM(str(d), device="cpu", max_lora_rank=8)
+    monkeypatch.setattr(loader, "tp_size", lambda: 2)
+    with pytest.raises(AdapterLoadError, match="adapter 't': modules_to_save / "
+                                               "trainable_token_indices are not served with "
+                                               "tensor parallelism"):
+        llm.load_adapter("t", str(tokens))

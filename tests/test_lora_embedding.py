@@ -1,7 +1,7 @@
 """Embedding LoRA (``target_modules`` with ``embed_tokens``: PEFT's lora_embedding_A/B) served
 per slot in mixed batches with plain and DoRA adapters and base requests: logits and greedy
-tokens equal PEFT's. What stays refused is refused by name (lm_head, resized vocabularies, a
-trained embedding copy)."""
+tokens equal PEFT's. What stays refused is refused by name (lm_head unless enabled, resized
+vocabularies, a trained embedding copy)."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def test_refusals_name_the_feature(tmp_path):
     d, hf = make_tiny_model(tmp_path / "base", "llama")
     mc, base = load_model_config(d)[0], CheckpointWeights(d).get
     head = make_peft_adapter(hf, tmp_path / "head", r=4, target_modules=["q_proj", "lm_head"])
-    with pytest.raises(AdapterLoadError, match="targets lm_head; loraplex applies LoRA only to"):
+    with pytest.raises(AdapterLoadError, match="targets lm_head; serving lm_head LoRA"):
         load_peft_adapter(head, mc, 8, base_weight=base)
     dora_emb = make_peft_adapter(hf, tmp_path / "de", r=4, use_dora=True,
                                  target_modules=["embed_tokens", "q_proj"])

@@ -169,14 +169,17 @@ def test_body_limit_enforced_while_reading_a_chunked_body():
 
 @pytest.mark.parametrize("route", ["completions", "chat"])
 def test_4mb_prompt_is_400_naming_the_limit_and_health_stays_live(server, route):
-    """A 4 MB prompt is refused before tokenizing; /health answers within 1 s meanwhile (the
-    old server tokenized chat on the event loop: every route stalled for seconds)."""
+    """A 4 MB prompt is refused before tokenizing, and /health stays live meanwhile (the old
+    server tokenized chat on the event loop: every route stalled for the whole request). The
+    bound is relative to the big request's own time, so a loaded host cannot fail it: a blocked
+    loop makes one /health call last about as long as the big request."""
     text = "hello there " * ((4 << 20) // 12)
     body = ({"model": "tiny", "prompt": text, "max_tokens": 2} if route == "completions" else
             {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 2})
     answer: list[httpx.Response] = []
     path = "/v1/completions" if route == "completions" else "/v1/chat/completions"
     big = threading.Thread(target=lambda: answer.append(post(server, path, body)))
+    started = time.monotonic()
     big.start()
     slowest = 0.0
     while big.is_alive() or slowest == 0.0:  # liveness while the big request is in flight
@@ -184,7 +187,9 @@ def test_4mb_prompt_is_400_naming_the_limit_and_health_stays_live(server, route)
         assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
         slowest = max(slowest, time.monotonic() - t)
     big.join()
-    assert slowest < 1.0, f"/health took {slowest:.2f} s while a 4 MB prompt was in flight"
+    took = time.monotonic() - started
+    assert slowest < max(1.0, took / 2), (
+        f"/health took {slowest:.2f} s while a 4 MB prompt was in flight ({took:.2f} s)")
     r = answer[0]
     assert r.status_code == 400, r.text
     err = r.json()["error"]

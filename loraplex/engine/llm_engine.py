@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from concurrent.futures import Future
@@ -17,9 +18,12 @@ from loraplex.config import (
     apply_cpu_threads,
     check_adapter_map,
     check_int,
+    check_tensor_parallel,
     resolve_device,
     resolve_dtype,
 )
+from loraplex.distributed.executor import TPExecutor
+from loraplex.distributed.parallel_state import tp_size
 from loraplex.engine.cuda_graph import graph_batch_sizes
 from loraplex.engine.detokenizer import detokenize_step, find_stop, visible_text
 from loraplex.engine.guided import GuidedDecoding, GuidedParams
@@ -27,7 +31,12 @@ from loraplex.engine.logprobs import record_sample_logprob
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import RequestOutput, Sequence, SequenceStatus
-from loraplex.errors import CapacityError, ConfigError, InvalidRequestError
+from loraplex.errors import (
+    CapacityError,
+    ConfigError,
+    InvalidRequestError,
+    TensorParallelError,
+)
 from loraplex.kvcache.block_manager import BlockManager
 from loraplex.kvcache.kv_cache import allocate_kv_cache, bytes_per_block
 from loraplex.kvcache.prefix_cache import root_hash
@@ -63,7 +72,10 @@ class LLMEngine:
         device: torch.device,
         dtype: torch.dtype,
         cuda_graphs: bool | None = None,
+        tp_peer=None,
     ) -> None:
+        """``tp_peer``: this rank's tensor-parallel side (``distributed/executor.py`` on rank
+        0, ``distributed/worker.py`` on the others), None at tensor-parallel size 1."""
         self.model_dir = str(model_dir)
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -82,7 +94,7 @@ class LLMEngine:
         self.lora_loader = AdapterLoader(model_config, lora, dtype, self.adapters, self.lora_cache,
                                          base_weight=CheckpointWeights(model_dir).get)
         buffers = LoRABuffers(model_config, lora.max_loras_per_batch, lora.max_lora_rank, dtype,
-                              device)
+                              device, lm_head=lora.enable_lm_head_lora)
         # full embedding / lm_head copies (modules_to_save) and trainable tokens
         self.full_modules = FullModuleBuffers(
             model_config, lora.max_loras_per_batch, lora.max_full_module_adapters, dtype, device,
@@ -106,6 +118,8 @@ class LLMEngine:
                 device, others),
             graph_reserve=(cuda_graph_reserve(graph_batch_sizes(sched.max_num_seqs),
                                               model_config.vocab_size) if capture else 0))
+        if tp_peer is not None:  # every rank's KV cache gets the same block count
+            num_blocks = tp_peer.agree_num_blocks(num_blocks)
         self.blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         # one extra block that no sequence owns: CUDA-graph padding rows write there
         self.kv_caches = allocate_kv_cache(
@@ -126,6 +140,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self.max_num_seqs = sched.max_num_seqs
         self._guided_lock = threading.Lock()
+        self.tp_peer = tp_peer
+        if tp_peer is not None:
+            tp_peer.attach(self)
 
     @classmethod
     def from_args(
@@ -151,6 +168,9 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
         max_full_module_adapters: int = 0,
+        enable_lm_head_lora: bool = False,
+        tensor_parallel_size: int = 1,
+        _tp_peer=None,
     ) -> LLMEngine:
         """Build an engine from a Hugging Face model directory.
 
@@ -165,8 +185,14 @@ class LLMEngine:
         ``max_full_module_adapters``: device slots for adapters with a full embedding /
         lm_head copy (PEFT ``modules_to_save``), each ``2 x vocab x hidden`` in the serving
         dtype; 0 (the default) reserves none and refuses such adapters at load.
+        ``tensor_parallel_size`` > 1: this process is rank 0 (scheduler, sampling) and
+        spawns the other ranks (``distributed/executor.py``); on CPU each rank gets an equal
+        share of torch's threads. ``close()`` stops them. ``_tp_peer``: set by a worker
+        process building its rank's engine (``distributed/worker.py``).
+        ``enable_lm_head_lora``: serve adapters that target ``lm_head`` (``LoRAConfig``).
         """
-        from transformers import AutoTokenizer
+        # tensor-parallel workers build their engine from these same arguments
+        worker_args = {k: v for k, v in locals().items() if k not in ("cls", "_tp_peer")}
 
         # every argument is checked before the (slow) model load; 0 never means "default"
         check_int("max_model_len", max_model_len, optional=True)
@@ -177,14 +203,20 @@ class LLMEngine:
                                 gpu_memory_utilization=gpu_memory_utilization,
                                 enable_prefix_caching=enable_prefix_caching)
         lora_cfg = LoRAConfig(max_loras_per_batch, max_lora_rank, max_cpu_loras, lora_backend,
-                              max_cpu_lora_bytes,
+                              max_cpu_lora_bytes, enable_lm_head_lora=enable_lm_head_lora,
                               max_full_module_adapters=max_full_module_adapters)
+        if max_full_module_adapters and tensor_parallel_size > 1:
+            # each rank's lm_head gives its vocabulary shard; the copies are not sharded
+            raise ConfigError(f"max_full_module_adapters={max_full_module_adapters}: full "
+                              f"embedding / lm_head copies (modules_to_save) are not served "
+                              f"with tensor_parallel_size={tensor_parallel_size} > 1")
         # validates them now; the real one is below
         SchedulerConfig(max_num_seqs=max_num_seqs, enable_chunked_prefill=enable_chunked_prefill)
         model = resolve_model_path(model, revision)
         cfg, _ = load_model_config(model)
         dev = resolve_device(device)
-        if dev.type == "cpu":
+        check_tensor_parallel(tensor_parallel_size, cfg, dev)
+        if dev.type == "cpu" and _tp_peer is None:  # a worker got its share from rank 0
             apply_cpu_threads()
         dt = resolve_dtype(dtype, dev, cfg.dtype)
         limit = cfg.max_position  # sliding windows are applied in attention: no cap here
@@ -198,6 +230,39 @@ class LLMEngine:
             max_num_seqs=max_num_seqs, max_model_len=max_len, max_num_batched_tokens=budget,
             enable_chunked_prefill=enable_chunked_prefill,
         )
+        peer = _tp_peer
+        if peer is None:
+            _check_no_open_group(tensor_parallel_size)
+            if tensor_parallel_size > 1:
+                threads = max(1, torch.get_num_threads() // tensor_parallel_size)
+                if dev.type == "cpu":
+                    torch.set_num_threads(threads)
+                peer = TPExecutor.launch(tensor_parallel_size,
+                                         {**worker_args, "model": model, "adapters": None,
+                                          "revision": None}, dev, threads)
+        try:
+            engine = cls._build(model, cfg, dev, dt, sched, cache_cfg, lora_cfg, cuda_graphs,
+                                cpu_prepack, peer)
+        except BaseException:
+            if peer is not None and peer is not _tp_peer:
+                peer.close(graceful=False)  # the workers may be inside a collective
+            raise
+        try:
+            loads = [engine.submit_adapter_load(name, path)
+                     for name, path in (adapters or {}).items()]
+            for load in loads:  # parsed in parallel on the loader's threads
+                load.result()
+        except BaseException:
+            engine.close()  # a bad adapter: no workers left behind
+            raise
+        return engine
+
+    @classmethod
+    def _build(cls, model: str, cfg: ModelConfig, dev: torch.device, dt: torch.dtype,
+               sched: SchedulerConfig, cache_cfg: CacheConfig, lora_cfg: LoRAConfig,
+               cuda_graphs: bool | None, cpu_prepack: bool | None, peer) -> LLMEngine:
+        from transformers import AutoTokenizer
+
         net = load_model(model, cfg, dt, dev)
         if cpu_prepack is None:
             cpu_prepack = can_prepack(dev, dt)
@@ -207,11 +272,19 @@ class LLMEngine:
         if cpu_prepack:
             prepack_linear_weights(net)
         tokenizer = AutoTokenizer.from_pretrained(model)
-        engine = cls(model, cfg, net, tokenizer, sched, cache_cfg, lora_cfg, dev, dt, cuda_graphs)
-        loads = [engine.submit_adapter_load(name, path) for name, path in (adapters or {}).items()]
-        for load in loads:  # parsed in parallel on the loader's threads
-            load.result()
-        return engine
+        return cls(model, cfg, net, tokenizer, sched, cache_cfg, lora_cfg, dev, dt, cuda_graphs,
+                   tp_peer=peer)
+
+    def failure(self) -> str | None:
+        """Why this engine cannot serve any more (a tensor-parallel worker died), or None.
+        Only looks: safe from any thread (the server's health check)."""
+        return None if self.tp_peer is None else self.tp_peer.failure()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (safe to call more than once). At
+        tensor-parallel size 1 there is nothing to stop."""
+        if self.tp_peer is not None:
+            self.tp_peer.close()
 
     def _can_capture(self) -> bool:
         # The torch reference LoRA ops read host-side segment lists, which a graph would
@@ -233,6 +306,8 @@ class LLMEngine:
         params: SamplingParams,
         adapter: str | None = None,
     ) -> None:
+        if self.tp_peer is not None:
+            self.tp_peer.check()  # a dead tensor-parallel engine takes no new requests
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams")
         if request_id in self.requests:
@@ -306,7 +381,30 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule -> run -> finish. A request whose row fails (non-finite logits, or an
-        error while finishing it) ends alone with finish_reason "error"; the step goes on."""
+        error while finishing it) ends alone with finish_reason "error"; the step goes on.
+        A tensor-parallel worker that died ends every request with finish_reason "error"
+        and raises ``TensorParallelError``: the engine is shut down."""
+        if self.tp_peer is None:
+            return self._step()
+        try:
+            self.tp_peer.check()
+            return self._step()
+        except TensorParallelError as exc:
+            self._fail_all(str(exc))
+            raise
+
+    def _fail_all(self, message: str) -> None:
+        for seq in list(self.requests.values()):
+            self._fail(seq, message)
+            # the scheduler may be mid-step; its state no longer matters, the requests do
+            with contextlib.suppress(Exception):
+                self.scheduler.finish(seq)
+            self._drop_grammar(seq)
+        self.requests.clear()
+        self.scheduler.waiting.clear()
+        self.scheduler.running.clear()
+
+    def _step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         outputs = [self._finish_failed(s) for s in self.scheduler.failed]
         self.scheduler.failed.clear()
@@ -469,6 +567,8 @@ class LLMEngine:
         return stats
 
     def score(self, prompts: list[list[int]], adapters: list[str | None]) -> list[torch.Tensor]:
+        if self.tp_peer is not None:
+            self.tp_peer.check()
         for ids in prompts:
             self.validate_prompt(ids)
         entries = [None if a is None else self.check_adapter(a) for a in adapters]
@@ -498,6 +598,15 @@ class LLMEngine:
         while (adapter := self.lora_loader.fetch(entry)) is None:
             self.lora_loader.wait(_LOAD_POLL_S)
         return adapter
+
+
+def _check_no_open_group(tensor_parallel_size: int) -> None:
+    """The tensor-parallel group is per process: one tensor-parallel engine at a time, and
+    none next to an engine of size 1 (its model would be built as a shard)."""
+    if tp_size() > 1:
+        raise ConfigError(f"tensor_parallel_size={tensor_parallel_size}: a tensor-parallel "
+                          f"engine (size {tp_size()}) is open in this process; close() it "
+                          f"first")
 
 
 # How long an idle step waits for a background adapter read before returning.

@@ -47,6 +47,8 @@ class ModelRunner:
         self.guided: GuidedDecoding | None = None  # set by the engine on the first grammar
         # replaced embedding / lm_head rows (set by the engine): their steps run eagerly
         self.full_modules: FullModuleBuffers | None = None
+        # the context of logits nobody reads a LoRA batch for (reused: no per-step object)
+        self._rows_without_lora = ForwardBatch(is_prefill=False, num_tokens=0, slot_mapping=None)
 
     def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, dummy_block: int,
                              capture: bool) -> None:
@@ -63,7 +65,8 @@ class ModelRunner:
         (the forward has read it by then: its host fields at launch, its device copy in
         stream order)."""
         if not logits_read_lora(self.model):
-            return self.model.compute_logits(hidden)
+            with forward_context(self._rows_without_lora):
+                return self.model.compute_logits(hidden)
         batch = ForwardBatch(is_prefill=False, num_tokens=len(lora_slots), slot_mapping=None,
                              lora=self._lora_batch(lora_slots, [1] * len(lora_slots)))
         with forward_context(batch):

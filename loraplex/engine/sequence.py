@@ -3,11 +3,71 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import time
+from collections.abc import Iterator
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, overload
 
 from loraplex.engine.logprobs import TokenLogprobs
 from loraplex.sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+
+class Prefix(SequenceABC, Generic[T]):
+    """The first ``n`` items of an append-only list, without copying them: what a running
+    request's ``RequestOutput`` holds. A copy per step costs O(tokens so far), so over a
+    stream of n tokens O(n^2); this costs O(1), and reading the new items (``out[k:]``)
+    O(new items). Items appended to the list later stay invisible, so an output keeps its
+    step's contents (the owner only ever appends). Slices are plain lists; ``==`` compares
+    with any list, tuple or Prefix; ``pickle`` and ``copy`` give plain lists."""
+
+    __slots__ = ("_items", "_n")
+
+    def __init__(self, items: list[T], n: int | None = None) -> None:
+        self._items, self._n = items, len(items) if n is None else n
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> T: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[T]: ...
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(self._n)
+            if step == 1:
+                return self._items[start:stop]
+            return [self._items[j] for j in range(start, stop, step)]
+        j = i + self._n if i < 0 else i
+        if not 0 <= j < self._n:
+            raise IndexError(f"index {i} out of range for {self._n} items")
+        return self._items[j]
+
+    def __iter__(self) -> Iterator[T]:
+        return itertools.islice(self._items, self._n)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (list, tuple, Prefix)):
+            return NotImplemented
+        return len(other) == self._n and all(a == b for a, b in zip(self, other, strict=False))
+
+    __hash__ = None  # type: ignore[assignment]  # equal to lists, which are unhashable
+
+    def __add__(self, other: Any) -> list[T]:
+        return list(self) + list(other)
+
+    def __radd__(self, other: Any) -> list[T]:
+        return list(other) + list(self)
+
+    def __reduce__(self):
+        return list, (list(self),)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
 
 
 class SequenceStatus(enum.Enum):
@@ -20,6 +80,10 @@ class SequenceStatus(enum.Enum):
 class RequestOutput:
     """A request's state after a step: cumulative ``token_ids`` and ``text``.
 
+    While the request runs, ``token_ids`` and ``logprobs`` are ``Prefix`` views of the
+    request's own lists as of this step (sequences that read like lists, O(1) to hand out);
+    in the output that finishes it they are plain lists.
+
     ``text`` has stop strings removed and, while running, may hold back a tail that could
     still become a stop string. ``finish_reason`` is "stop", "length", "abort", "error" or
     None. "error": the engine ended this request alone (e.g. its logits were NaN/inf, as a
@@ -29,14 +93,14 @@ class RequestOutput:
 
     request_id: str
     prompt_token_ids: list[int]
-    token_ids: list[int]
+    token_ids: list[int] | Prefix[int]
     text: str
     finished: bool
     finish_reason: str | None
     adapter: str | None = None
     error: str | None = None  # why the engine failed this request (see finish_reason)
     # -- logprobs (SamplingParams.logprobs / prompt_logprobs; see engine/logprobs.py) --
-    logprobs: list[TokenLogprobs] | None = None  # one per generated token
+    logprobs: list[TokenLogprobs] | Prefix[TokenLogprobs] | None = None  # one per token
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # first prompt token: None
     cumulative_logprob: float | None = None  # sum of the generated tokens' logprobs
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
@@ -116,16 +180,20 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def output(self, visible_text: str | None = None) -> RequestOutput:
+        """This step's output. A running request hands out views (``Prefix``), not copies: a
+        stream of n tokens would otherwise copy O(n^2) list items; the finishing output holds
+        plain lists, once (what ``LLM.generate`` returns)."""
+        snapshot = list if self.finished else Prefix
         return RequestOutput(
             request_id=self.request_id,
             prompt_token_ids=self.prompt_token_ids,
-            token_ids=list(self.output_token_ids),
+            token_ids=snapshot(self.output_token_ids),
             text=self.text if visible_text is None else visible_text,
             finished=self.finished,
             finish_reason=self.finish_reason,
             adapter=self.adapter,
             error=self.error,
-            logprobs=None if self.logprobs is None else list(self.logprobs),
+            logprobs=None if self.logprobs is None else snapshot(self.logprobs),
             prompt_logprobs=self.prompt_logprobs,  # complete after the prefill; not copied
             cumulative_logprob=None if self.logprobs is None else self.cumulative_logprob,
             num_cached_tokens=self.num_cached_tokens,

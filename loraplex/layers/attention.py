@@ -81,7 +81,8 @@ class Attention(nn.Module):
             q_ext, k_cache, v_cache, ext.block_tables, ext.cu_seqlens_q, ext.context_lens,
             self.scale, max_query_len=ext.max_query_len, max_context_len=ext.max_context_len,
             sliding_window=self.sliding_window, softcap=self.softcap, backend=backend,
-            cu_seqlens_q_host=ext.cu_seqlens_q_host, context_lens_host=ext.context_lens_host)
+            cu_seqlens_q_host=ext.cu_seqlens_q_host, context_lens_host=ext.context_lens_host,
+            plan=ext.torch_plan)
         if ext.tokens is None:
             return o
         out = self._prefill(q, k, v, batch.prefill_groups or [], partial=True)

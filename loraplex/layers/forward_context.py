@@ -16,6 +16,7 @@ import torch
 from loraplex.layers.prefill_groups import PrefillGroup
 from loraplex.ops.lora_meta import LoRABatch
 from loraplex.ops.paged_attention_torch import decode_attention_bias
+from loraplex.ops.paged_prefill_torch import ExtendPlan
 
 
 @dataclass
@@ -37,6 +38,9 @@ class ExtendRows:
     max_query_len: int
     max_context_len: int
     context_lens_host: list[int] | None = None  # the same lengths on the host
+    # the torch backend's layout of these rows, filled by the first layer and shared by the
+    # rest (each rebuilt it: index tensors, table gathers and masks per group per layer)
+    torch_plan: ExtendPlan = field(default_factory=ExtendPlan, repr=False)
 
 
 @dataclass
@@ -97,6 +101,11 @@ def forward_context(batch: ForwardBatch) -> Iterator[ForwardBatch]:
         yield batch
     finally:
         _current.reset(token)
+
+
+def current_forward_batch() -> ForwardBatch | None:
+    """The installed batch, or None outside ``forward_context()``."""
+    return _current.get()
 
 
 def get_forward_batch() -> ForwardBatch:

@@ -28,12 +28,17 @@ ATTN_PROJS: frozenset[str] = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})
 # the linear kind on a one-hot input, ``a [r, vocab]`` (PEFT's lora_embedding_A), ``b
 # [hidden, r]`` (lora_embedding_B), so ``x @ a.T`` is a gather of a's columns.
 EMBED, EMBED_LAYER = "embed_tokens", -1
+# The output projection, keyed ``(EMBED_LAYER, LM_HEAD)``: the linear kind, ``a [r, hidden]``,
+# ``b [vocab, r]``, on the final hidden states (served only with ``enable_lm_head_lora``).
+LM_HEAD = "lm_head"
 
 
 def hf_module_name(layer: int, proj: str) -> str:
     """The module's name in a Hugging Face ``*ForCausalLM``, e.g. ``model.layers.3.mlp.up_proj``."""
     if proj == EMBED:
         return "model.embed_tokens"
+    if proj == LM_HEAD:
+        return LM_HEAD
     block = "self_attn" if proj in ATTN_PROJS else "mlp"
     return f"model.layers.{layer}.{block}.{proj}"
 

@@ -6,7 +6,14 @@ metadata, adds ``scaling * (x @ A^T) @ B^T`` per segment in place (a DoRA slot f
 its rows' base output by its column scales, inside the expand). The model classes never
 mention LoRA. All wrappers share one scratch buffer for the shrink output (layers run one at a
 time), allocated once. The input embedding gets ``LoRAEmbedding`` (PEFT's embedding LoRA:
-a gather of A's columns, then the same expand).
+a gather of A's columns, then the same expand). With lm_head LoRA enabled, ``lm_head`` gets
+``LoRALMHead``: the same shrink/expand on the final hidden states, vocabulary-wide B; the
+runner gives ``compute_logits`` a LoRA batch of exactly its rows (``logits_read_lora``).
+
+Under tensor parallelism a row-parallel projection (o, down) shrinks its input shard with its
+columns of A: each rank's ``[T, n*R]`` shrink output is a partial sum, all-reduced (r values per
+token, cheap) before the expand with the whole B adds the same delta on every rank to the
+already reduced output. Column kinds need no communication (B's rows match the output shard).
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from loraplex.distributed.parallel_state import all_reduce_
+from loraplex.layers.embedding import VocabParallelEmbedding
 from loraplex.layers.forward_context import get_forward_batch
-from loraplex.layers.linear import LinearBase
+from loraplex.layers.linear import LinearBase, RowLinear
 from loraplex.lora.buffers import FUSED_PROJECTIONS, LoRABuffers, SlotBuffers
 from loraplex.ops.lora_embedding import lora_embedding_shrink
 from loraplex.ops.lora_ops import get_lora_ops
@@ -46,6 +55,8 @@ class LoRALinear(nn.Module):
         self.shrink, self.expand = ops
         self.output_sizes = base.output_sizes
         self.width = buffers.a.shape[1]  # n * R
+        # row-parallel under TP: the shrink output is a partial sum over the input shards
+        self.reduce_shrink = isinstance(base, RowLinear) and base.tp_size > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -53,17 +64,50 @@ class LoRALinear(nn.Module):
         if lora is None:
             return y
         buf = self.buffers
-        h = self.scratch[: x.shape[0], : self.width]  # [T, n*R]
-        self.shrink(x, buf.a, buf.ranks, lora, h)
+        t = x.shape[0]
+        if self.reduce_shrink:
+            # contiguous (collectives need it) and zeroed: rows of base-model tokens and
+            # columns past a slot's rank are summed too, and must not grow across layers
+            h = self.scratch.view(-1)[: t * self.width].view(t, self.width).zero_()
+            self.shrink(x, buf.a, buf.ranks, lora, h)
+            all_reduce_(h)
+        else:
+            h = self.scratch[:t, : self.width]  # [T, n*R]
+            self.shrink(x, buf.a, buf.ranks, lora, h)
         self.expand(h, buf.b, buf.ranks, buf.scalings, buf.offsets, lora, y, buf.col_scales)
         return y
 
 
+class LoRALMHead(LoRALinear):
+    """``logits = lm_head(h)``, then per segment ``logits += scaling * (h @ A.T) @ B.T`` with
+    ``B [vocab, r]`` (PEFT's LoRA on lm_head; on a tied model too: the delta goes to the
+    logits only, the input embedding is untouched). The rows are ``compute_logits``' rows,
+    segmented by the LoRA batch the runner installs for them."""
+
+    def __init__(self, base: LinearBase, buffers: SlotBuffers, scratch: torch.Tensor,
+                 ops: tuple[Callable, Callable], live_slots: set[int]) -> None:
+        super().__init__(base, buffers, scratch, ops)
+        self.live_slots = live_slots  # LoRABuffers.lm_head_slots: slots with an lm_head LoRA
+
+    @property
+    def reads_lora_batch(self) -> bool:
+        """See ``logits_read_lora``: only while some slot holds an lm_head LoRA, so serving
+        with the flag on but no such adapter loaded builds no batch for the logits' rows.
+        (A captured CUDA graph always holds the expand: its forward reads the batch as is.)"""
+        return bool(self.live_slots)
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads the output matrix keeps working
+        return self.base.weight
+
+
 class LoRAEmbedding(nn.Module):
     """The input embedding plus its per-slot LoRA: ``y = E[ids]``, then per segment
-    ``y += scaling * A.T[ids] @ B.T`` (gather, then the backend's expand)."""
+    ``y += scaling * A.T[ids] @ B.T`` (gather, then the backend's expand). Under tensor
+    parallelism ``E[ids]`` is the vocab-parallel lookup, already all-reduced, and A and B are
+    whole on every rank, so each rank adds the same delta: no further communication."""
 
-    def __init__(self, base: nn.Embedding, buffers: SlotBuffers, scratch: torch.Tensor,
+    def __init__(self, base: VocabParallelEmbedding, buffers: SlotBuffers, scratch: torch.Tensor,
                  expand: Callable) -> None:
         super().__init__()
         self.base, self.buffers, self.scratch, self.expand = base, buffers, scratch, expand
@@ -110,4 +154,8 @@ def install_lora_layers(
     if isinstance(embed, LoRAEmbedding):
         embed = embed.base
     model.model.embed_tokens = LoRAEmbedding(embed, buffers.embedding, scratch, ops.expand)
+    if buffers.lm_head is not None:
+        head = model.lm_head
+        model.lm_head = LoRALMHead(head.base if isinstance(head, LoRALMHead) else head,
+                                   buffers.lm_head, scratch, ops, buffers.lm_head_slots)
     return wrappers

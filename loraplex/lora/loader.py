@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from loraplex.config import LoRAConfig, ModelConfig
+from loraplex.distributed.parallel_state import tp_size
 from loraplex.errors import AdapterLoadError
 from loraplex.lora.adapter import LoRAAdapter
 from loraplex.lora.dora import BaseWeightFn
@@ -34,6 +35,7 @@ class AdapterLoader:
         needed by DoRA adapters only."""
         self.cfg, self.max_rank, self.dtype = cfg, lora.max_lora_rank, dtype
         self.max_full = lora.max_full_module_adapters
+        self.lm_head_lora = lora.enable_lm_head_lora
         self.base_weight = base_weight
         self.registry, self.cache = registry, cache
         self._pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="loraplex-adapter-io")
@@ -44,7 +46,7 @@ class AdapterLoader:
     def parse(self, name: str, path: str | Path) -> LoRAAdapter:
         """Read, validate and convert one adapter (runs on a worker thread)."""
         adapter = load_peft_adapter(path, self.cfg, self.max_rank, name=name,
-                                    base_weight=self.base_weight)
+                                    base_weight=self.base_weight, lm_head_lora=self.lm_head_lora)
         return self._checked(adapter)
 
     def _checked(self, adapter: LoRAAdapter) -> LoRAAdapter:
@@ -57,6 +59,11 @@ class AdapterLoader:
                 f"{_full_copies(adapter)} ({self.cfg.vocab_size} x {self.cfg.hidden_size}), "
                 f"which needs a full-module slot, but max_full_module_adapters=0; start the "
                 f"engine with max_full_module_adapters >= 1 (--max-full-module-adapters)")
+        if adapter.replaced is not None and tp_size() > 1:
+            # each rank's lm_head gives its vocabulary shard; replaced rows are not sharded
+            raise AdapterLoadError(
+                f"adapter {adapter.name!r}: modules_to_save / trainable_token_indices are not "
+                f"served with tensor parallelism (tensor_parallel_size={tp_size()})")
         adapter = adapter.to(self.dtype)
         if adapter.nbytes > self.cache.max_bytes:
             raise AdapterLoadError(

@@ -26,6 +26,7 @@ from loraplex.errors import AdapterLoadError
 from loraplex.lora.adapter import (
     EMBED,
     EMBED_LAYER,
+    LM_HEAD,
     PROJ_NAMES,
     LoRAAdapter,
     LoRAWeights,
@@ -66,6 +67,7 @@ def load_peft_adapter(
     max_lora_rank: int,
     name: str | None = None,
     base_weight: BaseWeightFn | None = None,
+    lm_head_lora: bool = False,
 ) -> LoRAAdapter:
     """Load the PEFT LoRA adapter in directory ``path`` for the base model ``model_config``.
 
@@ -77,7 +79,8 @@ def load_peft_adapter(
     model's float32 tensor, e.g. ``CheckpointWeights.get``) and come back folded
     (``lora/dora.py``). Raises ``AdapterLoadError`` for anything PEFT would not load into
     this model the same way, or that loraplex cannot serve (e.g. ``modules_to_save`` of a
-    module other than the embedding or lm_head, rank above ``max_lora_rank``). Replaced
+    module other than the embedding or lm_head, rank above ``max_lora_rank``, an ``lm_head``
+    target unless ``lm_head_lora``: the engine's ``enable_lm_head_lora``). Replaced
     embedding / lm_head weights come back in ``adapter.replaced`` (lora/full_modules.py).
     Errors start with the adapter's name, then name the file relative to
     ``path`` (never an absolute path); a file that resolves outside ``path`` (a symlink out
@@ -89,18 +92,19 @@ def load_peft_adapter(
         what = "is not a directory" if adapter_dir.exists() else "does not exist"
         raise AdapterLoadError(f"adapter {label!r}: adapter directory {str(path)!r} {what}")
     try:
-        return _load(adapter_dir, model_config, max_lora_rank, name, base_weight)
+        return _load(adapter_dir, model_config, max_lora_rank, name, base_weight, lm_head_lora)
     except AdapterLoadError as e:
         raise AdapterLoadError(f"adapter {label!r}: {e}") from e.__cause__
 
 
 def _load(adapter_dir: Path, model_config: ModelConfig, max_lora_rank: int,
-          name: str | None, base_weight: BaseWeightFn | None) -> LoRAAdapter:
+          name: str | None, base_weight: BaseWeightFn | None,
+          lm_head_lora: bool = False) -> LoRAAdapter:
     cfg = read_peft_config(adapter_dir)
     if cfg.use_dora and base_weight is None:
         raise AdapterLoadError(f"{cfg.file}: use_dora=True: DoRA needs the base model's weights "
                                f"(load it through the engine, or pass base_weight)")
-    expected = _expected_modules(cfg, model_config, max_lora_rank)
+    expected = _expected_modules(cfg, model_config, max_lora_rank, lm_head_lora)
     file, tensors = _read_tensors(adapter_dir)
     replaced = _replaced_modules(file, tensors, cfg, model_config)  # takes its tensors out
     weights, magnitudes = _collect(file, tensors, cfg, expected, model_config, base_weight)
@@ -138,7 +142,7 @@ def _replaced_modules(file: Path, tensors: dict[str, torch.Tensor], cfg: PeftLoR
 
 
 def _expected_modules(
-    cfg: PeftLoRAConfig, mc: ModelConfig, max_lora_rank: int,
+    cfg: PeftLoRAConfig, mc: ModelConfig, max_lora_rank: int, lm_head_lora: bool = False,
 ) -> dict[tuple[int, str], tuple[int, float]]:
     """``(layer, proj) -> (r, scaling)`` for every module PEFT would wrap in this model."""
     file = cfg.file
@@ -174,31 +178,53 @@ def _expected_modules(
             raise AdapterLoadError(f"{file}: use_dora=True on {embed}: DoRA on the embedding "
                                    f"is not supported (only on the seven projections)")
         expected[(EMBED_LAYER, EMBED)] = (r, cfg.scaling(r, alpha))
+    if cfg.targets(LM_HEAD):
+        expected[(EMBED_LAYER, LM_HEAD)] = _lm_head_target(cfg, max_lora_rank, lm_head_lora)
     if not expected:
         raise AdapterLoadError(f"{file}: target_modules={_show(cfg.target_modules)} selects no "
                                f"projection of the base model")
     return expected
 
 
+def _lm_head_target(cfg: PeftLoRAConfig, max_lora_rank: int,
+                    lm_head_lora: bool) -> tuple[int, float]:
+    """``(r, scaling)`` of an lm_head LoRA, or the reason it cannot be served."""
+    file = cfg.file
+    if not lm_head_lora:
+        raise AdapterLoadError(
+            f"{file}: target_modules={_show(cfg.target_modules)} targets {LM_HEAD}; serving "
+            f"lm_head LoRA needs enable_lm_head_lora=True (--enable-lm-head-lora), which "
+            f"allocates vocab x max_lora_rank x max_loras_per_batch more device memory")
+    r, alpha = cfg.rank_and_alpha(LM_HEAD)
+    if r > max_lora_rank:
+        raise AdapterLoadError(
+            f"{file}: rank {r} of {LM_HEAD} exceeds max_lora_rank={max_lora_rank} "
+            f"(raise max_lora_rank to at least {r} to serve this adapter)")
+    if cfg.use_dora:
+        raise AdapterLoadError(f"{file}: use_dora=True on {LM_HEAD}: DoRA on the lm_head is "
+                               f"not supported (only on the seven projections)")
+    return r, cfg.scaling(r, alpha)
+
+
 def _check_targets_applicable(cfg: PeftLoRAConfig, mc: ModelConfig) -> None:
-    """Refuse targets outside the seven projections and the input embedding (lm_head, norms,
+    """Refuse targets outside the seven projections, the input embedding and lm_head (norms,
     blocks)."""
     file, shown = cfg.file, _show(cfg.target_modules)
     for key in _other_module_names(mc.num_layers):
-        if cfg.targets(key, check_layers=False):
+        if key != LM_HEAD and cfg.targets(key, check_layers=False):
             raise AdapterLoadError(
                 f"{file}: target_modules={shown} targets {key}; loraplex applies LoRA only to "
-                f"{', '.join(PROJ_NAMES)} and {EMBED}")
+                f"{', '.join(PROJ_NAMES)}, {EMBED} and {LM_HEAD}")
     if isinstance(cfg.target_modules, str) or cfg.target_modules == ALL_LINEAR:
         return
     projs = mc.checkpoint_projs()
     names = [_module_name(layer, p) for layer in range(mc.num_layers) for p in projs]
-    names.append(hf_module_name(EMBED_LAYER, EMBED))
+    names += [hf_module_name(EMBED_LAYER, EMBED), LM_HEAD]
     for entry in sorted(cfg.target_modules):
         if not any(n == entry or n.endswith(f".{entry}") for n in names):
             raise AdapterLoadError(
                 f"{file}: target_modules entry {entry!r} matches no module loraplex can apply "
-                f"LoRA to (supported: {', '.join(projs)}, {EMBED})")
+                f"LoRA to (supported: {', '.join(projs)}, {EMBED}, {LM_HEAD})")
 
 
 def _other_module_names(num_layers: int) -> list[str]:
@@ -252,7 +278,13 @@ def _collect(
         if m is None:
             raise AdapterLoadError(f"{file}: unexpected tensor {key!r} (not a LoRA A/B weight of "
                                    f"a supported module)")
-        if m["module"] == hf_module_name(EMBED_LAYER, EMBED):
+        if m["module"] == LM_HEAD:  # a linear kind; PEFT saves its base weight too
+            layer, proj = EMBED_LAYER, LM_HEAD
+            kind = m["ab"] or ("W" if m["base"] else None if m["eab"] else "M")
+            if kind is None:
+                raise AdapterLoadError(f"{file}: unexpected tensor {key!r} ({LM_HEAD}'s LoRA is "
+                                       f"lora_A / lora_B)")
+        elif m["module"] == hf_module_name(EMBED_LAYER, EMBED):
             layer, proj, kind = EMBED_LAYER, EMBED, m["eab"] or ("W" if m["base"] else None)
             if kind is None:
                 raise AdapterLoadError(f"{file}: unexpected tensor {key!r} (an embedding's LoRA "
@@ -281,7 +313,8 @@ def _collect(
                                    f"{_KIND_NAMES[kind]} of {_module_name(layer, proj)}")
         found[slot] = (key, t)
 
-    shapes = _checkpoint_shapes(mc) | {EMBED: (mc.vocab_size, mc.hidden_size)}
+    shapes = _checkpoint_shapes(mc) | {EMBED: (mc.vocab_size, mc.hidden_size),
+                                       LM_HEAD: (mc.hidden_size, mc.vocab_size)}
     weights, magnitudes = {}, {}
     for (layer, proj), (r, scaling) in expected.items():
         module = _module_name(layer, proj)
@@ -307,7 +340,33 @@ def _collect(
             magnitudes[(layer, proj)] = _check_magnitude(file, key, t, d_out)
     if (EMBED_LAYER, EMBED, "W") in found:
         _check_embedding_copy(file, *found[(EMBED_LAYER, EMBED, "W")], mc, base_weight)
+    if (EMBED_LAYER, LM_HEAD, "W") in found:
+        _check_lm_head_copy(file, *found[(EMBED_LAYER, LM_HEAD, "W")], mc, base_weight)
     return weights, magnitudes
+
+
+def _check_lm_head_copy(file: Path, key: str, t: torch.Tensor, mc: ModelConfig,
+                        base_weight: BaseWeightFn | None) -> None:
+    """PEFT saves lm_head's own weight next to its LoRA (``save_embedding_layers``): serve
+    the adapter only when it is the base model's (the embedding's, when tied)."""
+    want = (mc.vocab_size, mc.hidden_size)
+    if tuple(t.shape) != want:
+        raise AdapterLoadError(
+            f"{file}: tensor {key!r} has shape {tuple(t.shape)}, the base model's {LM_HEAD} "
+            f"{want}: the adapter's vocabulary has {t.shape[0]} tokens, the base model's "
+            f"{mc.vocab_size}; adapters that resize the vocabulary are not supported")
+    base = None
+    if base_weight is not None:
+        base = base_weight(f"{LM_HEAD}.weight")
+        if base is None and mc.tie_word_embeddings:
+            base = base_weight("model.embed_tokens.weight")
+    if base is None:
+        raise AdapterLoadError(f"{file}: tensor {key!r} (PEFT's copy of {LM_HEAD}) needs the "
+                               f"base model's weights to be checked against")
+    if not torch.equal(t.to(torch.float32), base):
+        raise AdapterLoadError(
+            f"{file}: tensor {key!r} differs from the base model's {LM_HEAD} weight; a fully "
+            f"trained {LM_HEAD} (as with modules_to_save) is not supported")
 
 
 def _check_embedding_copy(file: Path, key: str, t: torch.Tensor, mc: ModelConfig,

@@ -16,8 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.config import ModelConfig
+from loraplex.distributed.parallel_state import tp_size
+from loraplex.distributed.sharding import RankShape
 from loraplex.errors import ModelLoadError
 from loraplex.layers.attention import Attention
+from loraplex.layers.embedding import VocabParallelEmbedding
 from loraplex.layers.linear import MergedColumnLinear, QKVLinear, RowLinear
 from loraplex.layers.norm import GemmaRMSNorm
 from loraplex.layers.rotary import RotaryEmbedding
@@ -29,13 +32,14 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 class GemmaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, qk_norm: bool) -> None:
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        local = RankShape.of(cfg, tp_size())  # this rank's heads
+        self.heads, self.kv_heads, self.head_dim = local.num_heads, local.num_kv_heads, cfg.head_dim
         self.qkv_proj = QKVLinear(
             cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, bias=cfg.attention_bias
         )
         self.o_proj = RowLinear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_bias)
         scalar = cfg.query_pre_attn_scalar or cfg.head_dim
-        self.attn = Attention(layer_idx, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+        self.attn = Attention(layer_idx, self.heads, self.kv_heads, cfg.head_dim,
                               scale=scalar**-0.5, sliding_window=cfg.layer_window(layer_idx),
                               softcap=cfg.attn_logit_softcap)
         self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
@@ -88,8 +92,7 @@ class GemmaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, qk_norm: bool) -> None:
         super().__init__()
         self.hidden_size = cfg.hidden_size
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope)
         # Gemma 3's sliding layers rotate with their own base; one table per distinct RoPE
         self.local_rotary = (RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.local_rope)
@@ -121,7 +124,7 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         return GemmaModel(cfg, self.qk_norm)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+        logits = self.gather_logits(self.lm_head(hidden)).float()
         cap = self.config.final_logit_softcap
         if cap is not None:
             logits = logits.div_(cap).tanh_().mul_(cap)

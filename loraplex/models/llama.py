@@ -3,6 +3,10 @@
 
 Parameter names follow Hugging Face, with q/k/v fused into ``qkv_proj`` and gate/up into
 ``gate_up_proj`` (``packed_modules`` maps checkpoint names onto them).
+
+Under tensor parallelism (``distributed/parallel_state``, read at construction) each rank
+builds its shard: its query and kv heads, its MLP columns, its vocabulary rows of the
+embedding and lm_head; ``compute_logits`` gathers the full vocabulary on every rank.
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.config import ModelConfig
+from loraplex.distributed.parallel_state import all_gather_last, tp_size
+from loraplex.distributed.sharding import RankShape
 from loraplex.errors import ModelLoadError
 from loraplex.layers.attention import Attention
+from loraplex.layers.embedding import VocabParallelEmbedding
 from loraplex.layers.linear import ColumnLinear, MergedColumnLinear, QKVLinear, RowLinear
 from loraplex.layers.norm import RMSNorm
 from loraplex.layers.rotary import RotaryEmbedding
@@ -23,12 +30,13 @@ from loraplex.ops.elementwise import fused_ops
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        local = RankShape.of(cfg, tp_size())  # this rank's heads
+        self.heads, self.kv_heads, self.head_dim = local.num_heads, local.num_kv_heads, cfg.head_dim
         self.qkv_proj = QKVLinear(
             cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, bias=cfg.attention_bias
         )
         self.o_proj = RowLinear(cfg.q_size, cfg.hidden_size, bias=False)
-        self.attn = Attention(layer_idx, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+        self.attn = Attention(layer_idx, self.heads, self.kv_heads, cfg.head_dim,
                               sliding_window=cfg.layer_window(layer_idx))
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -96,8 +104,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, attention_cls: type[nn.Module] = LlamaAttention) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, attention_cls)
                                     for i in range(cfg.num_layers))
@@ -131,6 +138,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.model = self.make_model(cfg)
         self.lm_head = ColumnLinear(cfg.hidden_size, cfg.vocab_size)
+        self.vocab_parallel = tp_size() > 1  # lm_head holds this rank's vocabulary rows
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -142,4 +150,13 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """hidden [T, hidden] -> float32 logits [T, vocab] (the full vocabulary, every rank)."""
+        return self.gather_logits(self.lm_head(hidden)).float()
+
+    def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
+        """This rank's vocabulary columns [T, ceil(V / tp)] -> [T, V] (padding cut off)."""
+        if not self.vocab_parallel:
+            return local
+        full = all_gather_last(local)
+        vocab = self.config.vocab_size
+        return full if full.shape[-1] == vocab else full[:, :vocab].contiguous()

@@ -5,6 +5,10 @@ or the shards listed in ``model.safetensors.index.json``. Checkpoint names are m
 fused parameters (q/k/v -> qkv_proj, gate/up -> gate_up_proj; Phi-3's checkpoint has them fused
 already and they are split into the same shards); a tensor the model needs but the
 checkpoint lacks is an error naming it.
+
+Tensors are opened as lazy safetensors slices (``get_slice``): each layer's ``load_shard``
+indexes out the rows or columns its tensor-parallel rank holds, so a rank reads only its shard
+of a sharded tensor, never the whole.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import nn
 
 from loraplex.config import ModelConfig
 from loraplex.errors import ModelLoadError
+from loraplex.layers.linear import tensor_shape
 from loraplex.models.registry import get_model_class
 
 # Checkpoint tensors that carry no parameters of ours.
@@ -73,7 +78,7 @@ def load_model(
         try:
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
-                    _load_tensor(model, params, key, f.get_tensor(key), loaded, file)
+                    _load_tensor(model, params, key, f.get_slice(key), loaded, file)
         except ModelLoadError:
             raise
         except Exception as e:  # corrupt file: safetensors raises several error types
@@ -85,7 +90,8 @@ def load_model(
     return model
 
 
-def _load_tensor(model, params, key: str, tensor: torch.Tensor, loaded: set[str], file) -> None:
+def _load_tensor(model, params, key: str, tensor, loaded: set[str], file) -> None:
+    """``tensor``: a torch tensor or a lazy safetensors slice of checkpoint tensor ``key``."""
     if key.endswith(_IGNORED_SUFFIXES):
         return
     module_path, _, pname = key.rpartition(".")
@@ -103,11 +109,13 @@ def _load_tensor(model, params, key: str, tensor: torch.Tensor, loaded: set[str]
         )
     module = model.get_submodule(module_path)
     if leaf in getattr(model, "fused_in_checkpoint", ()):  # Phi-3: q|k|v rows in one tensor
-        sizes = [hi - lo for lo, hi in map(module.shard_range, module.shard_names)]
-        if tensor.shape[0] != sum(sizes):
-            raise ModelLoadError(f"{file}: tensor {key!r}: {tensor.shape[0]} rows != "
+        sizes = module.full_output_sizes
+        rows = tensor_shape(tensor)[0]
+        if rows != sum(sizes):
+            raise ModelLoadError(f"{file}: tensor {key!r}: {rows} rows != "
                                  f"{'+'.join(map(str, sizes))} ({'|'.join(module.shard_names)})")
-        for shard, part in zip(module.shard_names, tensor.split(sizes), strict=True):
+        for i, shard in enumerate(module.shard_names):
+            part = _Rows(tensor, sum(sizes[:i]), sizes[i])
             _load_tensor(model, params, f"{prefix}.{_unfused(model, leaf, shard)}.{pname}",
                          part, loaded, file)
         return
@@ -115,15 +123,31 @@ def _load_tensor(model, params, key: str, tensor: torch.Tensor, loaded: set[str]
         if hasattr(module, "load_shard"):
             module.load_shard(pname, shard, tensor)
         else:
-            param = params[target]
-            if param.shape != tensor.shape:
-                raise ValueError(f"shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
-            param.data.copy_(tensor)
+            param = params[target]  # replicated on every rank (norms)
+            if tuple(param.shape) != tensor_shape(tensor):
+                raise ValueError(f"shape {tensor_shape(tensor)} != expected {tuple(param.shape)}")
+            param.data.copy_(tensor[:])
     except ValueError as e:
         raise ModelLoadError(f"{file}: tensor {key!r}: {e}") from e
     loaded.add(target if shard is None else f"{target}:{shard}")
     if shard is not None and all(f"{target}:{s}" in loaded for s in module.shard_names):
         loaded.add(target)
+
+
+class _Rows:
+    """Rows ``start : start + n`` of a tensor or safetensors slice, itself indexed lazily by
+    row ranges (one projection's rows of a checkpoint tensor that fuses several)."""
+
+    def __init__(self, tensor, start: int, n: int) -> None:
+        self.tensor, self.start, self.n = tensor, start, n
+
+    def get_shape(self) -> list[int]:
+        return [self.n, *tensor_shape(self.tensor)[1:]]
+
+    def __getitem__(self, rows: slice):
+        lo, hi, step = rows.indices(self.n)
+        assert step == 1
+        return self.tensor[self.start + lo : self.start + hi]
 
 
 def _unfused(model, fused: str, shard: str) -> str:

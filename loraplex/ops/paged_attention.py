@@ -19,8 +19,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from loraplex.ops.paged_prefill_torch import ExtendPlan
 
 BACKENDS = ("torch", "triton")
 
@@ -110,6 +114,7 @@ def paged_prefill_attention(
     cu_seqlens_q_host: list[int] | None = None,
     context_lens_host: list[int] | None = None,
     out: torch.Tensor | None = None,
+    plan: ExtendPlan | None = None,
 ) -> torch.Tensor:
     """Extend attention over the paged KV cache: ``q [T, H, d]`` -> ``[T, H, d]``, with the
     semantics of ``paged_attention_ref.paged_prefill_attention_ref``::
@@ -130,7 +135,8 @@ def paged_prefill_attention(
     a long chunk's length). ``context_lens_host``: ``context_lens`` on the host, when the
     caller has them: the torch backend then gathers each group of chunks only up to that
     group's longest context (a decode in a step with a long chunk reads its own context, not
-    the chunk's). ``out``: written and returned when given.
+    the chunk's). ``out``: written and returned when given. ``plan``: the torch backend's
+    ``paged_prefill_torch.ExtendPlan`` for this step's metadata, shared across layers.
     """
     if cu_seqlens_q_host is not None:
         _check_chunks(cu_seqlens_q_host, q.shape[0], context_lens.shape[0], max_query_len)
@@ -146,7 +152,8 @@ def paged_prefill_attention(
 
     return paged_prefill_torch.paged_prefill_attention(
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
-        cu_seqlens_q_host=cu_seqlens_q_host, context_lens_host=context_lens_host, **kw)
+        cu_seqlens_q_host=cu_seqlens_q_host, context_lens_host=context_lens_host, plan=plan,
+        **kw)
 
 
 def _check_chunks(cu: list[int], tokens: int, bsz: int, max_query_len: int) -> None:

@@ -14,11 +14,15 @@ Two things keep the work near the real causal work when the host knows the chunk
   last row can see (``max_context_len - shortest chunk + block end``), so a chunk over no
   prefix costs about half a full square, like ``is_causal``.
 Without the host offsets the whole batch is one padded group (the layout is derived on the
-device). Grouped-query attention without repeating k/v: SDPA's ``enable_gqa`` (torch >= 2.5;
-older torch repeats them), and for softcap a matmul broadcast over each kv head's group.
+device). The layout and masks depend only on the step's metadata, so with an ``ExtendPlan``
+they are built by a forward's first layer and shared by the rest. Grouped-query attention
+without repeating k/v: SDPA's ``enable_gqa`` (torch >= 2.5; older torch repeats them), and for
+softcap a matmul broadcast over each kv head's group.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +30,32 @@ import torch.nn.functional as F
 ROW_BLOCK = 128  # chunk rows per SDPA call within a group
 # torch >= 2.5: scaled_dot_product_attention reads grouped kv heads itself (enable_gqa)
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+@dataclass
+class ExtendPlan:
+    """One step's layout of the extend rows for this backend, built by the first layer that
+    attends and reused by the others (every layer sees the same chunks, contexts and block
+    tables): per group of chunks its token and padded-row indices, block tables and lengths,
+    and its visibility mask per sliding window (layers may differ in window). Valid for one
+    forward only: the owner (``ExtendRows.torch_plan``) lives as long as the step's metadata.
+    """
+
+    groups: list[_Group] | None = None
+    masks: dict[tuple[int, int | None], torch.Tensor] = field(default_factory=dict)
+    num_tokens: int = -1  # the q rows it was built for (checked by every layer)
+
+
+@dataclass
+class _Group:
+    tokens: torch.Tensor | None  # the group's q rows; None: all of q, in order
+    index: torch.Tensor | None  # padded row of each of them; None: q is padded already
+    tables: torch.Tensor  # [Bg, width] block tables, cut to the group's longest context
+    lens: torch.Tensor  # [Bg] chunk lengths
+    context_lens: torch.Tensor  # [Bg]
+    rows: int  # chunks padded to this many rows
+    shortest: int  # a lower bound on the chunk lengths
+    max_context_len: int
 
 
 def paged_prefill_attention(
@@ -44,47 +74,75 @@ def paged_prefill_attention(
     cu_seqlens_q_host: list[int] | None = None,
     context_lens_host: list[int] | None = None,
     out: torch.Tensor | None = None,
+    plan: ExtendPlan | None = None,
 ) -> torch.Tensor:
-    """``q [T, H, d]`` -> ``out [T, H, d]`` (written and returned; allocated when None)."""
+    """``q [T, H, d]`` -> ``out [T, H, d]`` (written and returned; allocated when None).
+    ``plan``: the step's ``ExtendPlan``, filled by the first call and read by later ones with
+    the same metadata (None: built for this call alone)."""
     if out is None:
         out = q.new_empty(q.shape)
+    if plan is None:
+        plan = ExtendPlan()
+    if plan.groups is None:
+        plan.groups = _plan(q.shape[0], block_tables, cu_seqlens_q, context_lens,
+                            k_cache.shape[1], max_query_len, max_context_len,
+                            cu_seqlens_q_host, context_lens_host)
+        plan.num_tokens = q.shape[0]
+    assert plan.num_tokens == q.shape[0], "an ExtendPlan serves one step's metadata only"
     block_size = k_cache.shape[1]
+    for i, g in enumerate(plan.groups):
+        mask = plan.masks.get((i, sliding_window))
+        if mask is None:  # [Bg, 1, rows, L]
+            mask = plan.masks[(i, sliding_window)] = prefill_attention_mask(
+                g.lens, g.context_lens, g.rows, g.tables.shape[1] * block_size, sliding_window)
+        opts = dict(scale=scale, max_context_len=g.max_context_len, softcap=softcap)
+        if g.index is None:  # the whole batch, every chunk the longest: q in place
+            _attend(q, None, k_cache, v_cache, g.tables, mask, g.rows, g.shortest, dest=out,
+                    **opts)
+        elif g.tokens is None:  # the whole batch padded to max_query_len
+            o = _attend(q, g.index, k_cache, v_cache, g.tables, mask, g.rows, g.shortest, **opts)
+            out.copy_(o.index_select(0, g.index))
+        else:
+            o = _attend(q.index_select(0, g.tokens), g.index, k_cache, v_cache, g.tables, mask,
+                        g.rows, g.shortest, **opts)
+            out.index_copy_(0, g.tokens, o.index_select(0, g.index))
+    return out
+
+
+def _plan(num_tokens: int, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+          context_lens: torch.Tensor, block_size: int, max_query_len: int,
+          max_context_len: int, cu: list[int] | None,
+          context_lens_host: list[int] | None) -> list[_Group]:
+    """The groups of chunks one SDPA pass each (see the module docstring)."""
     width = min(block_tables.shape[1], -(-max_context_len // block_size))
     tables = block_tables[:, :width]
-    opts = dict(scale=scale, max_context_len=max_context_len, window=sliding_window,
-                softcap=softcap)
-    cu = cu_seqlens_q_host
     host_lens = None if cu is None else [hi - lo for lo, hi in zip(cu[:-1], cu[1:], strict=True)]
     groups = [None] if host_lens is None else plan_groups(host_lens)
     if len(groups) == 1:  # the whole batch padded to max_query_len, q in place
         # without host lengths, the other chunks hold at most (B - 1) * max_query_len tokens
         bsz = len(context_lens)
-        shortest = min(host_lens or [max(1, q.shape[0] - (bsz - 1) * max_query_len)])
-        if q.shape[0] == bsz * max_query_len:  # every chunk is the longest
-            _attend(q, None, k_cache, v_cache, tables, cu_seqlens_q[1:] - cu_seqlens_q[:-1],
-                    context_lens, max_query_len, shortest, dest=out, **opts)
-            return out
-        index = _padded_rows(cu_seqlens_q, q.shape[0], max_query_len)
-        o = _attend(q, index, k_cache, v_cache, tables, cu_seqlens_q[1:] - cu_seqlens_q[:-1],
-                    context_lens, max_query_len, shortest, **opts)
-        return out.copy_(o.index_select(0, index))
+        shortest = min(host_lens or [max(1, num_tokens - (bsz - 1) * max_query_len)])
+        lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+        index = None
+        if num_tokens != bsz * max_query_len:  # not every chunk is the longest
+            index = _padded_rows(cu_seqlens_q, num_tokens, max_query_len)
+        return [_Group(None, index, tables, lens, context_lens, max_query_len, shortest,
+                       max_context_len)]
+    out = []
     for group in groups:
         rows = max(host_lens[b] for b in group)
         # token t of the group's i-th sequence b goes to padded row i * rows + t - cu[b]
-        tokens = torch.cat([torch.arange(cu[b], cu[b + 1]) for b in group]).to(q.device)
-        index = torch.cat([torch.arange(host_lens[b]) + i * rows
-                           for i, b in enumerate(group)]).to(q.device)
+        tokens = torch.cat([torch.arange(cu[b], cu[b + 1]) for b in group])
+        index = torch.cat([torch.arange(host_lens[b]) + i * rows for i, b in enumerate(group)])
         sel = torch.tensor(group, device=context_lens.device)
         lens = torch.tensor([host_lens[b] for b in group], device=context_lens.device)
-        group_opts, group_tables = opts, tables.index_select(0, sel)
+        longest, group_tables = max_context_len, tables.index_select(0, sel)
         if context_lens_host is not None:  # gather only as far as this group's contexts
             longest = max(context_lens_host[b] for b in group)
-            group_opts = {**opts, "max_context_len": longest}
             group_tables = group_tables[:, : -(-longest // block_size)]
-        o = _attend(q.index_select(0, tokens), index, k_cache, v_cache, group_tables, lens,
-                    context_lens.index_select(0, sel), rows, min(host_lens[b] for b in group),
-                    **group_opts)
-        out.index_copy_(0, tokens, o.index_select(0, index))
+        out.append(_Group(tokens.to(block_tables.device), index.to(block_tables.device),
+                          group_tables, lens, context_lens.index_select(0, sel), rows,
+                          min(host_lens[b] for b in group), longest))
     return out
 
 
@@ -106,12 +164,12 @@ def plan_groups(lens: list[int]) -> list[list[int]]:
     return groups
 
 
-def _attend(q, index, k_cache, v_cache, tables, lens, context_lens, rows, shortest, *,
-            scale, max_context_len, window, softcap, dest=None) -> torch.Tensor:
+def _attend(q, index, k_cache, v_cache, tables, mask, rows, shortest, *,
+            scale, max_context_len, softcap, dest=None) -> torch.Tensor:
     """One group of ``B`` chunks over their gathered contexts -> ``[B * rows, H, d]``, the
     chunks padded to ``rows`` (written into ``dest`` when given). ``q``: the group's tokens,
-    placed at padded rows ``index`` (already ``[B * rows]`` when None); ``shortest``: a lower
-    bound on the chunk lengths."""
+    placed at padded rows ``index`` (already ``[B * rows]`` when None); ``mask``: the group's
+    ``prefill_attention_mask``; ``shortest``: a lower bound on the chunk lengths."""
     heads, d = q.shape[1], q.shape[2]
     bsz = tables.shape[0]
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -125,7 +183,6 @@ def _attend(q, index, k_cache, v_cache, tables, lens, context_lens, rows, shorte
     qs = q.view(bsz, rows, heads, d).transpose(1, 2)  # [B, H, rows, d], a view
     o = q.new_empty(bsz * rows, heads, d) if dest is None else dest
     os = o.view(bsz, rows, heads, d).transpose(1, 2)
-    mask = prefill_attention_mask(lens, context_lens, rows, length, window)  # [B, 1, rows, L]
     for r0 in range(0, rows, ROW_BLOCK):
         r1 = min(rows, r0 + ROW_BLOCK)
         # the last row of this block sits at most at max_context_len - shortest + r1 - 1

@@ -33,6 +33,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from loraplex.cli import add_tensor_parallel_arg
 from loraplex.errors import AdapterLoadError
 from loraplex.server.adapters import ServedModels
 from loraplex.server.async_engine import AsyncEngine
@@ -128,6 +129,9 @@ def create_app(engine: Any, config: ServerConfig) -> FastAPI:
     async def health() -> Response:
         if not async_engine.alive:
             return JSONResponse({"status": "engine not running"}, status_code=503)
+        failure = getattr(engine, "failure", lambda: None)()  # a tensor-parallel worker died
+        if failure is not None:
+            return JSONResponse({"status": f"engine failed: {failure}"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -254,6 +258,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV-cache blocks (default: sized from the memory budget)")
     p.add_argument("--lora-backend", default="auto", help="torch | triton | auto")
+    add_tensor_parallel_arg(p)
+    p.add_argument("--enable-lm-head-lora", action="store_true",
+                   help="serve adapters that target lm_head (allocates vocab x max-lora-rank x "
+                        "max-loras-per-batch of adapter buffers; off: such adapters are refused)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=True, help="share KV blocks of equal prefixes per adapter")
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
@@ -309,8 +317,8 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ValueError(f"--adapter name {name!r} equals the served model name")
     if args.adapter_root is not None and not os.path.isdir(args.adapter_root):
         raise ValueError(f"--adapter-root {args.adapter_root!r} is not a directory")
-    return ServerConfig(served_model_name=name, model_path=os.path.realpath(args.model),
-                        adapters={k: os.path.realpath(v) for k, v in adapters.items()},
+    return ServerConfig(served_model_name=name, model_path=_local_or_hub(args.model),
+                        adapters={k: _local_or_hub(v) for k, v in adapters.items()},
                         api_key=args.api_key or None,
                         allow_runtime_adapters=args.allow_runtime_adapters,
                         adapter_root=args.adapter_root,
@@ -319,6 +327,12 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
                         max_sequences_per_request=args.max_sequences_per_request,
                         max_stream_backlog=args.max_stream_backlog,
                         tool_call_parser=getattr(args, "tool_call_parser", None))
+
+
+def _local_or_hub(path: str) -> str:
+    """A local path made absolute; anything else as given (a hub id, ``org/name[@rev]``, which
+    made absolute would no longer read as one)."""
+    return os.path.realpath(path) if os.path.exists(path) else path
 
 
 def run_server(args: argparse.Namespace) -> None:
@@ -341,11 +355,16 @@ def run_server(args: argparse.Namespace) -> None:
         enable_chunked_prefill=getattr(args, "enable_chunked_prefill", True),
         gpu_memory_utilization=getattr(args, "gpu_memory_utilization", 0.9),
         kv_cache_memory_bytes=getattr(args, "kv_cache_memory", None),
-        max_full_module_adapters=getattr(args, "max_full_module_adapters", 0))
-    app = create_app(engine, config)
-    logger.info("serving %r with adapters %s on http://%s:%d", config.served_model_name,
-                sorted(config.adapters), args.host, args.port)
-    # timeout_graceful_shutdown: on SIGTERM, connections still open after the deadline (a
-    # stream nobody reads) are cancelled, which aborts their engine requests.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                timeout_graceful_shutdown=args.shutdown_timeout)
+        max_full_module_adapters=getattr(args, "max_full_module_adapters", 0),
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+        enable_lm_head_lora=getattr(args, "enable_lm_head_lora", False))
+    try:
+        app = create_app(engine, config)
+        logger.info("serving %r with adapters %s on http://%s:%d", config.served_model_name,
+                    sorted(config.adapters), args.host, args.port)
+        # timeout_graceful_shutdown: on SIGTERM, connections still open after the deadline
+        # (a stream nobody reads) are cancelled, which aborts their engine requests.
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                    timeout_graceful_shutdown=args.shutdown_timeout)
+    finally:
+        engine.close()  # stops tensor-parallel workers

@@ -12,6 +12,7 @@ from loraplex.errors import (
     AdapterNotFoundError,
     CapacityError,
     InvalidRequestError,
+    TensorParallelError,
 )
 from loraplex.server.async_engine import (
     EngineDeadError,
@@ -34,7 +35,7 @@ def error_from_exception(exc: BaseException) -> APIError:
         return bad_request(str(exc), code="capacity_exceeded")
     if isinstance(exc, (InvalidRequestError, ValueError)):
         return bad_request(str(exc))
-    if isinstance(exc, EngineDeadError):
+    if isinstance(exc, (EngineDeadError, TensorParallelError)):
         return APIError(503, str(exc), "ServiceUnavailableError", "engine_unavailable")
     if isinstance(exc, StreamBacklogError):
         return APIError(408, str(exc), "RequestTimeoutError", "stream_backlog_exceeded")
