@@ -404,3 +404,37 @@ def test_tensor_parallel_refuses_replaced_modules(tmp_path, monkeypatch):
                                                "trainable_token_indices are not served with "
                                                "tensor parallelism"):
         llm.load_adapter("t", str(tokens))
+
+
+def test_lm_head_copies_next_to_lm_head_lora_equal_peft(tmp_path):
+    """An lm_head LoRA adapter (enable_lm_head_lora), lm_head / embedding copies, trainable
+    tokens, a plain adapter and base rows in one batch: PEFT's logits and tokens each."""
+    from helpers_lora import make_peft_adapter
+
+    d, hf = make_tiny_model(tmp_path / "base", "qwen2", tie_word_embeddings=True)
+    dirs = {"head_lora": make_peft_adapter(hf, tmp_path / "hl", seed=1, r=4, b_scale=0.5,
+                                           target_modules=["lm_head", "q_proj"]),
+            "head_copy": make_adapter(hf, tmp_path / "hc", seed=2, target_modules=["q_proj"],
+                                      modules_to_save=["lm_head"]),
+            "both": make_adapter(hf, tmp_path / "b", seed=3, target_modules=["v_proj"],
+                                 modules_to_save=["embed_tokens", "lm_head"]),
+            "tokens": make_adapter(hf, tmp_path / "t", seed=4, target_modules=["q_proj"],
+                                   trainable_token_indices=TOKENS)}
+    llm = LLM(str(d), adapters={k: str(v) for k, v in dirs.items()}, device="cpu",
+              max_lora_rank=8, max_loras_per_batch=4, enable_lm_head_lora=True,
+              max_full_module_adapters=2, max_num_batched_tokens=7)
+    names = [*dirs, None, "head_lora", "head_copy"]
+    prompts = _prompts(len(names), seed=11)
+    scores = llm.score(prompts, adapters=names)
+    gens = llm.generate(prompts, GREEDY, adapters=names)
+    base = load_hf_model(d)
+    for ids, name, logits, gen in zip(prompts, names, scores, gens, strict=True):
+        ref = base if name is None else peft_model(base, dirs[name])
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            ref_logits = ref(input_ids=x).logits[0]
+            want = ref.generate(input_ids=x, max_new_tokens=10, do_sample=False,
+                                eos_token_id=None, min_new_tokens=10)[0, len(ids):]
+        err = (logits - ref_logits).abs().max().item()
+        assert err <= 1e-4 * ref_logits.abs().max().item(), (name, err)
+        assert gen.token_ids == want.tolist(), name
