@@ -124,6 +124,50 @@ def slot_layout(llm: LLM, names: list[str]) -> list[int]:
     return sorted({keys.index(n) for n in names})
 
 
+def full_module_overhead(args, clock) -> str:
+    """``--full-modules``: PEFT ``modules_to_save`` (full embed_tokens + lm_head copies) and
+    ``trainable_token_indices`` (64 tokens, embedding rows only) against plain LoRA with the
+    same LoRA weights: ``--batch`` prompts over 2 adapters of each kind, in turn, base too.
+    Every full-copy row still runs the base lm_head GEMM, then its own (lora/
+    full_module_layers.py), so lm_head work doubles for those rows; the embedding side is a
+    gather. Returns the table."""
+    kinds = {"plain LoRA": {}, "modules_to_save embed+lm_head": dict(
+        modules_to_save=["embed_tokens", "lm_head"]),
+        "trainable tokens (64)": dict(trainable_token_indices=list(range(100, 164)))}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        hf = make_bench_model(root / "model", num_hidden_layers=args.layers)
+        dirs, names = {}, {}
+        for k, (label, kw) in enumerate(kinds.items()):
+            made = make_variant_adapters(hf, root, 2, args.rank, f"k{k}_", **kw)
+            dirs |= made
+            names[label] = [list(made)[i % 2] for i in range(args.batch)]
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(3, 32000, (args.batch, args.prompt_len), generator=g).tolist()
+        llm = LLM(str(root / "model"), adapters=dirs, device="cpu", max_num_seqs=args.batch,
+                  max_loras_per_batch=len(dirs), max_lora_rank=args.rank,
+                  max_full_module_adapters=2, enable_prefix_caching=False)
+        cases = {"base": [None] * args.batch} | names
+        for ns in cases.values():  # warm up, and load every adapter into its slot
+            loraplex_times(llm, prompts[:2], ns[:2], 1)
+        rows: dict[str, tuple[float, float]] = {}
+        for _ in range(args.repeat):  # interleaved, so load drifts hit every case alike
+            for key, ns in cases.items():
+                p, d = loraplex_times(llm, prompts, ns, args.steps, clock)
+                old = rows.get(key, (float("inf"), float("inf")))
+                rows[key] = (min(old[0], p), min(old[1], d))
+    plain = rows["plain LoRA"]
+    table = markdown_table(
+        ["run", "prefill s", "decode ms/step", "prefill / plain LoRA", "decode / plain LoRA"],
+        [[k, f"{p:.3f}", f"{d * 1e3:.1f}", f"{p / plain[0]:.3f}", f"{d / plain[1]:.3f}"]
+         for k, (p, d) in rows.items()])
+    return (f"Random Llama (hidden 1024, vocab 32000, {args.layers} layers), {args.batch} "
+            f"prompts x {args.prompt_len} tokens, {args.steps} decode steps, 2 rank-{args.rank} "
+            f"adapters of each kind on all seven projections, CPU float32, {args.threads} "
+            f"threads, {args.clock} clock, best of {args.repeat}.\n\n"
+            f"`python benchmarks/bench_lora.py --full-modules`\n\n{table}\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -141,9 +185,14 @@ def main() -> None:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--write-docs", action="store_true",
                     help="also write the table into docs/benchmarks.md")
+    ap.add_argument("--full-modules", action="store_true",
+                    help="only the modules_to_save / trainable tokens vs plain LoRA case")
     args = ap.parse_args()
     bench_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.full_modules:
+        print(full_module_overhead(args, clock))
+        return
     n = args.adapters
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -59,6 +59,9 @@ def _memory_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=parse_size, default=None, metavar="SIZE",
                    help="KV cache budget, e.g. 2GiB or 512MiB (skips the GPU memory profile; "
                         "default on CPU: 1GiB)")
+    p.add_argument("--max-full-module-adapters", type=int, default=0, metavar="N",
+                   help="device slots for adapters with a full embedding / lm_head copy (PEFT "
+                        "modules_to_save), 2 x vocab x hidden each; 0 (default) refuses them")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -79,6 +82,7 @@ def _build_llm(args):
                max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
                gpu_memory_utilization=args.gpu_memory_utilization,
                kv_cache_memory_bytes=args.kv_cache_memory,
+               max_full_module_adapters=args.max_full_module_adapters,
                tensor_parallel_size=args.tensor_parallel_size,
                enable_lm_head_lora=args.enable_lm_head_lora)
 

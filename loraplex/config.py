@@ -232,6 +232,11 @@ class LoRAConfig:
     backend: str = "auto"  # "torch" | "triton" | "auto"
     # host LRU cache bound in bytes (serving dtype); None = min(1/8 of RAM, 32 GiB)
     max_cpu_lora_bytes: int | None = None
+    # device slots for adapters with a full embedding / lm_head copy (PEFT modules_to_save),
+    # each 2 x vocab x hidden x dtype bytes (lora/full_module_layers.py): 2.1 GB for
+    # Llama-3-8B in bf16, so none is reserved unless asked (as vLLM reserves nothing for a
+    # feature not enabled); 0 refuses such adapters at load, naming this flag
+    max_full_module_adapters: int = 0
     # serve adapters that target lm_head: allocates B [max_loras_per_batch, vocab,
     # max_lora_rank] (and A [.., max_lora_rank, hidden]) up front, e.g. 128 MiB for a 128k
     # vocabulary at rank 64, 8 slots, bf16; off, such adapters are refused when loaded
@@ -242,6 +247,7 @@ class LoRAConfig:
         check_int("max_lora_rank", self.max_lora_rank)
         check_int("max_cpu_loras", self.max_cpu_loras, optional=True)
         check_int("max_cpu_lora_bytes", self.max_cpu_lora_bytes, optional=True)
+        check_int("max_full_module_adapters", self.max_full_module_adapters, minimum=0)
         check_bool("enable_lm_head_lora", self.enable_lm_head_lora)
         if self.backend not in ("torch", "triton", "auto"):
             raise ConfigError(f"lora_backend={self.backend!r} must be 'torch', 'triton' or 'auto'")

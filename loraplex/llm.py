@@ -32,6 +32,7 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
+        max_full_module_adapters: int = 0,
         tensor_parallel_size: int = 1,
         **engine_kwargs,
     ) -> None:
@@ -40,7 +41,10 @@ class LLM:
         range or mistyped ones raise ``ConfigError`` naming the argument.
         ``enable_prefix_caching``: requests with the same adapter and prompt prefix share its
         KV blocks; ``enable_chunked_prefill``: prompt chunks and decodes share each step's
-        token budget (see engine/scheduler.py).
+        token budget (see engine/scheduler.py). ``max_full_module_adapters``: device slots for
+        adapters that carry a full embedding / lm_head copy (PEFT ``modules_to_save``), each
+        ``2 x vocab x hidden`` in the serving dtype; 0 refuses such adapters at load.
+
         ``tensor_parallel_size``: ranks the model is split over (``torch.distributed``: gloo
         on CPU, NCCL on one GPU a rank); this process is rank 0 and starts the others, which
         ``close()`` (or leaving a ``with LLM(...)`` block, or interpreter exit) stops.
@@ -61,6 +65,7 @@ class LLM:
             gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=enable_prefix_caching,
             enable_chunked_prefill=enable_chunked_prefill,
+            max_full_module_adapters=max_full_module_adapters,
             tensor_parallel_size=tensor_parallel_size,
             **engine_kwargs,
         )

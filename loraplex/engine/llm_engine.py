@@ -42,11 +42,12 @@ from loraplex.kvcache.kv_cache import allocate_kv_cache, bytes_per_block
 from loraplex.kvcache.prefix_cache import root_hash
 from loraplex.kvcache.profile import largest_step
 from loraplex.kvcache.sizing import MemorySplit, cuda_graph_reserve, measure_peak, num_kv_blocks
-from loraplex.layers.linear import can_prepack, prepack_linear_weights
+from loraplex.layers.linear import LinearBase, can_prepack, prepack_linear_weights
 from loraplex.lora.adapter import LoRAAdapter
 from loraplex.lora.base_weights import CheckpointWeights
 from loraplex.lora.batch import LoRABatchBuilder
 from loraplex.lora.buffers import LoRABuffers
+from loraplex.lora.full_module_layers import FullModuleBuffers, install_full_module_layers
 from loraplex.lora.host_cache import HostCache, default_max_cpu_lora_bytes
 from loraplex.lora.layers import install_lora_layers
 from loraplex.lora.loader import AdapterLoader
@@ -94,18 +95,24 @@ class LLMEngine:
                                          base_weight=CheckpointWeights(model_dir).get)
         buffers = LoRABuffers(model_config, lora.max_loras_per_batch, lora.max_lora_rank, dtype,
                               device, lm_head=lora.enable_lm_head_lora)
-        self.lora_pool = LoRASlotPool(buffers)
+        # full embedding / lm_head copies (modules_to_save) and trainable tokens
+        self.full_modules = FullModuleBuffers(
+            model_config, lora.max_loras_per_batch, lora.max_full_module_adapters, dtype, device,
+            prepack=any(isinstance(m, LinearBase) and m.packed is not None
+                        for m in model.modules()))
+        self.lora_pool = LoRASlotPool(buffers, self.full_modules)
         self.lora_batches = LoRABatchBuilder(max_tokens, lora.max_loras_per_batch, device)
         self.lora_backend = resolve_lora_backend(lora.backend, device)
         self.lora_layers = install_lora_layers(model, buffers, self.lora_backend, max_tokens,
                                                dtype, device)
+        install_full_module_layers(model, self.full_modules)
         self.max_tokens = max_tokens
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
         capture = cuda_graphs and self._can_capture()
         num_blocks = num_kv_blocks(
             cache, bytes_per_block(model_config, cache.block_size, dtype), sched.max_model_len,
-            device, MemorySplit(weights, buffers.nbytes),
+            device, MemorySplit(weights, buffers.nbytes, full_modules=self.full_modules.nbytes),
             profile=lambda: measure_peak(
                 largest_step(model, sched, self.lora_batches, lora.max_loras_per_batch, device),
                 device, others),
@@ -125,6 +132,7 @@ class LLMEngine:
             self.eos_ids.add(tokenizer.eos_token_id)
         self.runner = ModelRunner(model, self.kv_caches, self.blocks, device, self.lora_batches,
                                   eos_ids=sorted(self.eos_ids))
+        self.runner.full_modules = self.full_modules
         if cuda_graphs:
             self.runner.enable_decode_graphs(sched.max_num_seqs, sched.max_model_len,
                                              dummy_block=num_blocks, capture=capture)
@@ -159,6 +167,7 @@ class LLMEngine:
         revision: str | None = None,
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
+        max_full_module_adapters: int = 0,
         enable_lm_head_lora: bool = False,
         tensor_parallel_size: int = 1,
         _tp_peer=None,
@@ -173,6 +182,9 @@ class LLMEngine:
         ``model`` is a directory or a Hugging Face Hub id (``revision``: its branch, tag or
         commit), see ``models/hub.py``.
         ``enable_prefix_caching`` / ``enable_chunked_prefill``: see ``engine/scheduler.py``.
+        ``max_full_module_adapters``: device slots for adapters with a full embedding /
+        lm_head copy (PEFT ``modules_to_save``), each ``2 x vocab x hidden`` in the serving
+        dtype; 0 (the default) reserves none and refuses such adapters at load.
         ``tensor_parallel_size`` > 1: this process is rank 0 (scheduler, sampling) and
         spawns the other ranks (``distributed/executor.py``); on CPU each rank gets an equal
         share of torch's threads. ``close()`` stops them. ``_tp_peer``: set by a worker
@@ -191,7 +203,13 @@ class LLMEngine:
                                 gpu_memory_utilization=gpu_memory_utilization,
                                 enable_prefix_caching=enable_prefix_caching)
         lora_cfg = LoRAConfig(max_loras_per_batch, max_lora_rank, max_cpu_loras, lora_backend,
-                              max_cpu_lora_bytes, enable_lm_head_lora)
+                              max_cpu_lora_bytes, enable_lm_head_lora=enable_lm_head_lora,
+                              max_full_module_adapters=max_full_module_adapters)
+        if max_full_module_adapters and tensor_parallel_size > 1:
+            # each rank's lm_head gives its vocabulary shard; the copies are not sharded
+            raise ConfigError(f"max_full_module_adapters={max_full_module_adapters}: full "
+                              f"embedding / lm_head copies (modules_to_save) are not served "
+                              f"with tensor_parallel_size={tensor_parallel_size} > 1")
         # validates them now; the real one is below
         SchedulerConfig(max_num_seqs=max_num_seqs, enable_chunked_prefill=enable_chunked_prefill)
         model = resolve_model_path(model, revision)
@@ -556,7 +574,9 @@ class LLMEngine:
         entries = [None if a is None else self.check_adapter(a) for a in adapters]
         keys = [None if e is None else e.key for e in entries]
         out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
-        for idx in self.lora_pool.plan_groups(keys, [len(p) for p in prompts], self.max_tokens):
+        full = [e is not None and e.needs_full_slot for e in entries]
+        for idx in self.lora_pool.plan_groups(keys, [len(p) for p in prompts], self.max_tokens,
+                                              full):
             group = {keys[i]: entries[i] for i in idx if keys[i] is not None}
             slots: dict = {}
             try:

@@ -21,6 +21,7 @@ from loraplex.kvcache.block_manager import BlockManager
 from loraplex.layers.forward_context import ForwardBatch, forward_context
 from loraplex.layers.prefill_groups import plan_prefill
 from loraplex.lora.batch import LoRABatchBuilder
+from loraplex.lora.full_module_layers import FullModuleBuffers
 from loraplex.lora.layers import logits_read_lora
 
 
@@ -44,6 +45,8 @@ class ModelRunner:
         self.penalties = Penalties(eos_ids)
         self.graphs: DecodeGraphs | None = None
         self.guided: GuidedDecoding | None = None  # set by the engine on the first grammar
+        # replaced embedding / lm_head rows (set by the engine): their steps run eagerly
+        self.full_modules: FullModuleBuffers | None = None
         # the context of logits nobody reads a LoRA batch for (reused: no per-step object)
         self._rows_without_lora = ForwardBatch(is_prefill=False, num_tokens=0, slot_mapping=None)
 
@@ -172,7 +175,9 @@ class ModelRunner:
         )
 
     def _decode(self, seqs: list[Sequence], slots: list[int]) -> torch.Tensor:
-        if self.graphs is None:
+        # rows with a replaced embedding / lm_head are served per host segment: no graph
+        full = self.full_modules
+        if self.graphs is None or (full is not None and any(map(full.active, slots))):
             ids, positions, batch = self._prepare_decode(seqs, slots)
             with forward_context(batch):
                 return self.model.compute_logits(self.model(ids, positions))

@@ -276,7 +276,7 @@ class Scheduler:
         if self.pool.lora_slot_of(key) is not None:
             return "ready", None
         entry = self.registry.get(seq.adapter)
-        if not self.pool.can_pin(key):
+        if not self.pool.can_pin(key, entry.needs_full_slot):
             self.loader.prefetch(entry)  # read it meanwhile; no weights taken that can't be used
             return "no_slot", None
         try:

@@ -1,7 +1,8 @@
 """How many KV blocks the engine allocates.
 
 On CUDA the cache takes what is left of ``gpu_memory_utilization`` of the device once this
-engine's weights, adapter pool and the activations of its largest step are accounted for:
+engine's weights, adapter pool (full-module slots included) and the activations of its
+largest step are accounted for:
 
     kv_bytes = total * utilization - in_use_at_peak - graph_reserve
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -77,6 +78,9 @@ class MemorySplit:
     other: int = 0  # outside torch's allocator: CUDA context, workspaces, other processes
     graph_reserve: int = 0
     kv: int = 0
+    # full-module slots (embedding / lm_head copies, modules_to_save): allocated with the
+    # adapter buffers, so the profile's peak includes them like those
+    full_modules: int = 0
 
 
 class Profile(NamedTuple):
@@ -126,9 +130,10 @@ def num_kv_blocks(
         prof = profile()
         total = torch.cuda.mem_get_info(device)[1]
         budget = kv_cache_bytes(total, cache.gpu_memory_utilization, prof.in_use, graph_reserve)
-        split = MemorySplit(split.weights, split.adapters, prof.activations,
-                            prof.in_use - split.weights - split.adapters - prof.activations,
-                            graph_reserve)
+        split = replace(split, activations=prof.activations,
+                        other=(prof.in_use - split.weights - split.adapters - split.full_modules
+                               - prof.activations),
+                        graph_reserve=graph_reserve)
         source = (f"gpu_memory_utilization={cache.gpu_memory_utilization} of "
                   f"{_gib(total)} GiB")
         if budget > prof.free - graph_reserve:
@@ -148,13 +153,14 @@ def num_kv_blocks(
             f"({needed * bytes_per_block / 2**20:.0f} MiB); raise gpu_memory_utilization "
             f"(--gpu-memory-utilization), lower max_model_len (--max-model-len), or set "
             f"kv_cache_memory_bytes (--kv-cache-memory) / num_kv_blocks (--num-kv-blocks)")
-    split = MemorySplit(split.weights, split.adapters, split.activations, split.other,
-                        split.graph_reserve, (blocks + 1) * bytes_per_block)
+    split = replace(split, kv=(blocks + 1) * bytes_per_block)
     logger.info("KV cache: %d blocks x %d = %d tokens (sized from %s); memory GiB: weights %s, "
-                "adapters %s, activations peak %s, other %s, CUDA-graph reserve %s, KV %s",
+                "adapters %s, full-module slots %s, activations peak %s, other %s, CUDA-graph "
+                "reserve %s, KV %s",
                 blocks, cache.block_size, blocks * cache.block_size, source,
-                *(_gib(x) for x in (split.weights, split.adapters, split.activations,
-                                    split.other, split.graph_reserve, split.kv)))
+                *(_gib(x) for x in (split.weights, split.adapters, split.full_modules,
+                                    split.activations, split.other, split.graph_reserve,
+                                    split.kv)))
     return blocks
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.lora.full_modules import ReplacedModules
+
 # The seven projections of a Llama-family decoder layer that LoRA may target, in the order
 # the pool stacks them (q/k/v fuse into QKV, gate/up into gate_up).
 PROJ_NAMES: tuple[str, ...] = (
@@ -76,6 +78,13 @@ class LoRAAdapter:
     name: str
     path: str
     weights: dict[tuple[int, str], LoRAWeights]
+    # modules_to_save / trainable tokens of the embedding and lm_head (None: none)
+    replaced: ReplacedModules | None = None
+
+    @property
+    def needs_full_slot(self) -> bool:
+        """Whether it holds a full ``[vocab, hidden]`` copy (a full-module slot on device)."""
+        return self.replaced is not None and self.replaced.needs_full_slot
 
     @property
     def uses_dora(self) -> bool:
@@ -88,7 +97,8 @@ class LoRAAdapter:
     @property
     def nbytes(self) -> int:
         """Host bytes held by all its tensors (the cost of keeping it in the CPU cache)."""
-        return sum(w.nbytes for w in self.weights.values())
+        extra = 0 if self.replaced is None else self.replaced.nbytes
+        return sum(w.nbytes for w in self.weights.values()) + extra
 
     def target_modules(self) -> set[str]:
         """The projection names this adapter touches in at least one layer."""
@@ -96,10 +106,13 @@ class LoRAAdapter:
 
     def to(self, dtype: torch.dtype) -> LoRAAdapter:
         """The same adapter with A and B in ``dtype`` (self when they already are)."""
-        if all(w.a.dtype == dtype and w.b.dtype == dtype for w in self.weights.values()):
+        rep = self.replaced
+        if all(w.a.dtype == dtype and w.b.dtype == dtype for w in self.weights.values()) and (
+                rep is None or rep.dtype_is(dtype)):
             return self
         # DoRA's column scales stay float32: they multiply the base output, not a GEMM operand
         weights = {k: LoRAWeights(w.a.to(dtype).contiguous(), w.b.to(dtype).contiguous(),
                                   w.scaling, w.col_scale, w.col_shift)
                    for k, w in self.weights.items()}
-        return LoRAAdapter(self.name, self.path, weights)
+        return LoRAAdapter(self.name, self.path, weights,
+                           None if rep is None else rep.to(dtype))

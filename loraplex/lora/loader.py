@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from loraplex.config import LoRAConfig, ModelConfig
+from loraplex.distributed.parallel_state import tp_size
 from loraplex.errors import AdapterLoadError
 from loraplex.lora.adapter import LoRAAdapter
 from loraplex.lora.dora import BaseWeightFn
@@ -33,6 +34,7 @@ class AdapterLoader:
         """``base_weight``: the base model's weights by HF name (``CheckpointWeights.get``),
         needed by DoRA adapters only."""
         self.cfg, self.max_rank, self.dtype = cfg, lora.max_lora_rank, dtype
+        self.max_full = lora.max_full_module_adapters
         self.lm_head_lora = lora.enable_lm_head_lora
         self.base_weight = base_weight
         self.registry, self.cache = registry, cache
@@ -51,6 +53,17 @@ class AdapterLoader:
         if adapter.max_rank > self.max_rank:
             raise AdapterLoadError(f"adapter {adapter.name!r} has rank {adapter.max_rank} > "
                                    f"max_lora_rank={self.max_rank}")
+        if adapter.needs_full_slot and self.max_full == 0:
+            raise AdapterLoadError(
+                f"adapter {adapter.name!r}: modules_to_save holds a full copy of "
+                f"{_full_copies(adapter)} ({self.cfg.vocab_size} x {self.cfg.hidden_size}), "
+                f"which needs a full-module slot, but max_full_module_adapters=0; start the "
+                f"engine with max_full_module_adapters >= 1 (--max-full-module-adapters)")
+        if adapter.replaced is not None and tp_size() > 1:
+            # each rank's lm_head gives its vocabulary shard; replaced rows are not sharded
+            raise AdapterLoadError(
+                f"adapter {adapter.name!r}: modules_to_save / trainable_token_indices are not "
+                f"served with tensor parallelism (tensor_parallel_size={tp_size()})")
         adapter = adapter.to(self.dtype)
         if adapter.nbytes > self.cache.max_bytes:
             raise AdapterLoadError(
@@ -73,7 +86,7 @@ class AdapterLoader:
             path = resolve_adapter_path(path)  # a hub id: its snapshot, once per registration
         adapter = self.parse(name, path) if adapter is None else self._checked(adapter)
         entry = AdapterEntry(name, path, generation, adapter.max_rank, adapter.nbytes,
-                             frozenset(adapter.target_modules()))
+                             frozenset(adapter.target_modules()), adapter.needs_full_slot)
         self.cache.put(entry.key, adapter)
         try:
             self.registry.add(entry)
@@ -136,3 +149,10 @@ class AdapterLoader:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _full_copies(adapter: LoRAAdapter) -> str:
+    rep = adapter.replaced
+    names = [n for n, t in (("embed_tokens", rep.embed), ("lm_head", rep.lm_head))
+             if t is not None]
+    return " and ".join(names)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
@@ -24,9 +25,7 @@ CONFIG_NAME = "adapter_config.json"
 # Fields that change what the adapter computes in ways loraplex does not implement; each is
 # refused when set to anything but its neutral value, with the reason.
 _REFUSED: dict[str, str] = {
-    "modules_to_save": "fully trained modules (modules_to_save) are not supported",
     "lora_bias": "a bias on LoRA B (lora_bias) is not supported",
-    "trainable_token_indices": "trainable embedding tokens are not supported",
     "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
     "layer_replication": "layer replication is not supported",
     "alora_invocation_tokens": "activated LoRA (aLoRA) is not supported",
@@ -75,6 +74,11 @@ class PeftLoRAConfig:
     alpha_pattern: dict[str, float]
     fan_in_fan_out: bool
     use_dora: bool  # DoRA: a magnitude vector per module (lora_magnitude_vector tensors)
+    # fully trained modules (a full copy each; lora/full_modules.py), trainable tokens (a list
+    # of ids, or {module: ids}, as in the file), PEFT's tying of them to a tied lm_head
+    modules_to_save: frozenset[str]
+    trainable_token_indices: list | dict | None
+    ensure_weight_tying: bool
     # matches every regex above without letting one hang the process (see module_match)
     matcher: ModuleMatcher = dc_field(compare=False, repr=False)
 
@@ -102,6 +106,10 @@ class PeftLoRAConfig:
 
     def targets(self, key: str, *, check_layers: bool = True) -> bool:
         """Whether PEFT would put LoRA on the module named ``key``."""
+        # PEFT never puts LoRA on a module that modules_to_save wraps (tuners_utils'
+        # check_target_module_exists: an entry matching a dotted run of the name)
+        if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in self.modules_to_save):
+            return False
         ex = self.exclude_modules
         if isinstance(ex, str):
             if self.matcher.match(Pattern("exclude_modules", ex, ex, full=True), key) is not None:
@@ -254,11 +262,20 @@ def parse_peft_config(raw: dict[str, Any], file: Path) -> PeftLoRAConfig:
 
     rank_pattern = _pattern_dict(raw, "rank_pattern", file, int_values=True)
     alpha_pattern = _pattern_dict(raw, "alpha_pattern", file, int_values=False)
+    saved = raw.get("modules_to_save")
+    saved = frozenset() if saved is None else _str_set(saved, "modules_to_save", file)
+    tokens = raw.get("trainable_token_indices")
+    if tokens is not None and not isinstance(tokens, (list, dict)):
+        raise _fail(file, f"trainable_token_indices={tokens!r} must be a list of token ids or "
+                          f"an object of module name -> token ids")
     return PeftLoRAConfig(
         file=file, r=int(r), lora_alpha=float(alpha), use_rslora=use_rslora,
         target_modules=target, exclude_modules=exclude, layers_to_transform=layers,
         layers_pattern=pattern, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-        fan_in_fan_out=fan_in_fan_out, use_dora=use_dora, matcher=ModuleMatcher(str(file)),
+        fan_in_fan_out=fan_in_fan_out, use_dora=use_dora, modules_to_save=saved,
+        trainable_token_indices=tokens,
+        ensure_weight_tying=_get_bool(raw, "ensure_weight_tying", file),
+        matcher=ModuleMatcher(str(file)),
     )
 
 

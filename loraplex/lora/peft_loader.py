@@ -33,6 +33,14 @@ from loraplex.lora.adapter import (
     hf_module_name,
 )
 from loraplex.lora.dora import BaseWeightFn, fold_dora
+from loraplex.lora.full_modules import (
+    EMBED_MODULE,
+    HEAD_MODULE,
+    ReplacedModules,
+    module_names_selected,
+    pop_replaced_modules,
+    resolve_trainable_tokens,
+)
 from loraplex.lora.peft_config import (
     ALL_LINEAR,
     PeftLoRAConfig,
@@ -70,9 +78,11 @@ def load_peft_adapter(
     name. DoRA adapters (``use_dora``) need ``base_weight`` (HF parameter name -> the base
     model's float32 tensor, e.g. ``CheckpointWeights.get``) and come back folded
     (``lora/dora.py``). Raises ``AdapterLoadError`` for anything PEFT would not load into
-    this model the same way, or that loraplex cannot serve (e.g. ``modules_to_save``, rank above
-    ``max_lora_rank``, an ``lm_head`` target unless ``lm_head_lora``: the engine's
-    ``enable_lm_head_lora``). Errors start with the adapter's name, then name the file relative to
+    this model the same way, or that loraplex cannot serve (e.g. ``modules_to_save`` of a
+    module other than the embedding or lm_head, rank above ``max_lora_rank``, an ``lm_head``
+    target unless ``lm_head_lora``: the engine's ``enable_lm_head_lora``). Replaced
+    embedding / lm_head weights come back in ``adapter.replaced`` (lora/full_modules.py).
+    Errors start with the adapter's name, then name the file relative to
     ``path`` (never an absolute path); a file that resolves outside ``path`` (a symlink out
     of it) is refused.
     """
@@ -96,12 +106,39 @@ def _load(adapter_dir: Path, model_config: ModelConfig, max_lora_rank: int,
                                f"(load it through the engine, or pass base_weight)")
     expected = _expected_modules(cfg, model_config, max_lora_rank, lm_head_lora)
     file, tensors = _read_tensors(adapter_dir)
+    replaced = _replaced_modules(file, tensors, cfg, model_config)  # takes its tensors out
     weights, magnitudes = _collect(file, tensors, cfg, expected, model_config, base_weight)
     for key, m in magnitudes.items():
         weights[key] = fold_dora(file, _module_name(*key), weights[key], m, base_weight)
     weights = _unfuse(weights, model_config)
     return LoRAAdapter(name=name or adapter_dir.resolve().name, path=str(adapter_dir),
-                       weights=weights)
+                       weights=weights, replaced=replaced)
+
+
+def _replaced_modules(file: Path, tensors: dict[str, torch.Tensor], cfg: PeftLoRAConfig,
+                      mc: ModelConfig) -> ReplacedModules | None:
+    """``modules_to_save`` and ``trainable_token_indices`` (lora/full_modules.py): which
+    modules PEFT would wrap in this model, refused where loraplex cannot serve them."""
+    names = (_other_module_names(mc.num_layers) + [EMBED_MODULE]
+             + [_module_name(layer, p) for layer in range(mc.num_layers)
+                for p in mc.checkpoint_projs()])
+    saved = module_names_selected(cfg.modules_to_save, names)
+    other = sorted(saved - {EMBED_MODULE, HEAD_MODULE})
+    if other:
+        raise AdapterLoadError(
+            f"{cfg.file}: modules_to_save={sorted(cfg.modules_to_save)!r} selects {other[0]}; "
+            f"loraplex serves fully trained {EMBED} and lm_head only")
+    trainable = resolve_trainable_tokens(cfg.file, cfg.trainable_token_indices, mc)
+    for module in trainable:
+        if module in saved:  # PEFT refuses this combination too
+            raise AdapterLoadError(
+                f"{cfg.file}: {module} is in both modules_to_save and trainable_token_indices "
+                f"(fully trained, or some tokens trained: not both)")
+        if cfg.targets(module):
+            raise AdapterLoadError(
+                f"{cfg.file}: trainable_token_indices on {module}, which target_modules also "
+                f"puts LoRA on: PEFT cannot combine them either")
+    return pop_replaced_modules(file, tensors, saved, trainable, mc, cfg.ensure_weight_tying)
 
 
 def _expected_modules(

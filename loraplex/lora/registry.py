@@ -41,6 +41,7 @@ class AdapterEntry:
     max_rank: int
     nbytes: int  # host bytes of its weights in the serving dtype
     target_modules: frozenset[str]
+    needs_full_slot: bool = False  # a full embedding / lm_head copy (lora/full_modules.py)
 
     @property
     def key(self) -> AdapterKey:

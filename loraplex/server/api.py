@@ -355,6 +355,7 @@ def run_server(args: argparse.Namespace) -> None:
         enable_chunked_prefill=getattr(args, "enable_chunked_prefill", True),
         gpu_memory_utilization=getattr(args, "gpu_memory_utilization", 0.9),
         kv_cache_memory_bytes=getattr(args, "kv_cache_memory", None),
+        max_full_module_adapters=getattr(args, "max_full_module_adapters", 0),
         tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
         enable_lm_head_lora=getattr(args, "enable_lm_head_lora", False))
     try:
