@@ -365,8 +365,9 @@ def _check_lm_head_copy(file: Path, key: str, t: torch.Tensor, mc: ModelConfig,
                                f"base model's weights to be checked against")
     if not torch.equal(t.to(torch.float32), base):
         raise AdapterLoadError(
-            f"{file}: tensor {key!r} differs from the base model's {LM_HEAD} weight; a fully "
-            f"trained {LM_HEAD} (as with modules_to_save) is not supported")
+            f"{file}: tensor {key!r} differs from the base model's {LM_HEAD} weight: the adapter "
+            f"was saved against another base model, or with an {LM_HEAD} trained outside "
+            f"modules_to_save")
 
 
 def _check_embedding_copy(file: Path, key: str, t: torch.Tensor, mc: ModelConfig,
@@ -386,8 +387,9 @@ def _check_embedding_copy(file: Path, key: str, t: torch.Tensor, mc: ModelConfig
                                f"needs the base model's weights to be checked against")
     if not torch.equal(t.to(torch.float32), base):
         raise AdapterLoadError(
-            f"{file}: tensor {key!r} differs from the base model's model.embed_tokens.weight; "
-            f"a fully trained embedding (as with modules_to_save) is not supported")
+            f"{file}: tensor {key!r} differs from the base model's model.embed_tokens.weight: "
+            f"the adapter was saved against another base model, or with an embedding trained "
+            f"outside modules_to_save")
 
 
 def _check_magnitude(file: Path, key: str, t: torch.Tensor, d_out: int) -> torch.Tensor:
