@@ -113,6 +113,23 @@ def make_variant_adapters(model, out_root: Path, n: int, r: int, prefix: str,
     return dirs
 
 
+def keep_best(rows: dict[str, tuple[float, float]], key: str, run: tuple[float, float]) -> None:
+    """``rows[key]``: the smallest (prefill, decode) times seen so far."""
+    old = rows.get(key, (float("inf"), float("inf")))
+    rows[key] = (min(old[0], run[0]), min(old[1], run[1]))
+
+
+def interleaved_best(llm: LLM, prompts, cases: dict[str, list], args,
+                     clock) -> dict[str, tuple[float, float]]:
+    """Best (prefill, decode) of ``args.repeat`` rounds, each running every case once, so
+    load drifts hit every case alike."""
+    rows: dict[str, tuple[float, float]] = {}
+    for _ in range(args.repeat):
+        for key, ns in cases.items():
+            keep_best(rows, key, loraplex_times(llm, prompts, ns, args.steps, clock))
+    return rows
+
+
 def best(fn, repeat: int) -> tuple[float, float]:
     runs = [fn() for _ in range(repeat)]
     return min(r[0] for r in runs), min(r[1] for r in runs)
@@ -150,12 +167,7 @@ def full_module_overhead(args, clock) -> str:
         cases = {"base": [None] * args.batch} | names
         for ns in cases.values():  # warm up, and load every adapter into its slot
             loraplex_times(llm, prompts[:2], ns[:2], 1)
-        rows: dict[str, tuple[float, float]] = {}
-        for _ in range(args.repeat):  # interleaved, so load drifts hit every case alike
-            for key, ns in cases.items():
-                p, d = loraplex_times(llm, prompts, ns, args.steps, clock)
-                old = rows.get(key, (float("inf"), float("inf")))
-                rows[key] = (min(old[0], p), min(old[1], d))
+        rows = interleaved_best(llm, prompts, cases, args, clock)
     plain = rows["plain LoRA"]
     table = markdown_table(
         ["run", "prefill s", "decode ms/step", "prefill / plain LoRA", "decode / plain LoRA"],
@@ -232,12 +244,7 @@ def main() -> None:
             print(f"{key}: slots {slots}", flush=True)
         cases = {"base": [None] * args.batch, "in order": ordered, "scattered": scattered,
                  "DoRA": dora, "embedding": emb, "lm_head": head}
-        rows: dict[str, tuple[float, float]] = {}
-        for _ in range(args.repeat):  # interleaved, so load drifts hit every case alike
-            for key, ns in cases.items():
-                p, d = loraplex_times(llm, prompts, ns, args.steps, clock)
-                old = rows.get(key, (float("inf"), float("inf")))
-                rows[key] = (min(old[0], p), min(old[1], d))
+        rows = interleaved_best(llm, prompts, cases, args, clock)
         if not args.skip_peft:
             from peft import PeftModel
 
@@ -252,9 +259,8 @@ def main() -> None:
                 with pm.disable_adapter():
                     runs = {"peft_base": peft_times(pm, ids, None, args.steps)}
                 runs["peft_mixed"] = peft_times(pm, ids, scattered, args.steps)
-                for key, (p, d) in runs.items():
-                    old = best_p.get(key, (float("inf"), float("inf")))
-                    best_p[key] = (min(old[0], p), min(old[1], d))
+                for key, run in runs.items():
+                    keep_best(best_p, key, run)
             rows |= best_p
     bw = measure_bandwidth()
     cfg = llm.engine.model_config  # bytes of one adapter: A [r, in] + B [out, r], float32

@@ -349,46 +349,41 @@ def _check_lm_head_copy(file: Path, key: str, t: torch.Tensor, mc: ModelConfig,
                         base_weight: BaseWeightFn | None) -> None:
     """PEFT saves lm_head's own weight next to its LoRA (``save_embedding_layers``): serve
     the adapter only when it is the base model's (the embedding's, when tied)."""
-    want = (mc.vocab_size, mc.hidden_size)
-    if tuple(t.shape) != want:
-        raise AdapterLoadError(
-            f"{file}: tensor {key!r} has shape {tuple(t.shape)}, the base model's {LM_HEAD} "
-            f"{want}: the adapter's vocabulary has {t.shape[0]} tokens, the base model's "
-            f"{mc.vocab_size}; adapters that resize the vocabulary are not supported")
-    base = None
-    if base_weight is not None:
-        base = base_weight(f"{LM_HEAD}.weight")
-        if base is None and mc.tie_word_embeddings:
-            base = base_weight("model.embed_tokens.weight")
-    if base is None:
-        raise AdapterLoadError(f"{file}: tensor {key!r} (PEFT's copy of {LM_HEAD}) needs the "
-                               f"base model's weights to be checked against")
-    if not torch.equal(t.to(torch.float32), base):
-        raise AdapterLoadError(
-            f"{file}: tensor {key!r} differs from the base model's {LM_HEAD} weight: the adapter "
-            f"was saved against another base model, or with an {LM_HEAD} trained outside "
-            f"modules_to_save")
+    names = [f"{LM_HEAD}.weight"] + (["model.embed_tokens.weight"]
+                                     if mc.tie_word_embeddings else [])
+    _check_base_copy(file, key, t, mc, base_weight, names, LM_HEAD)
 
 
 def _check_embedding_copy(file: Path, key: str, t: torch.Tensor, mc: ModelConfig,
                           base_weight: BaseWeightFn | None) -> None:
     """PEFT saves the embedding matrix itself next to an embedding LoRA and loads it over the
     base model's: serve the adapter only when that copy is the base model's own matrix."""
+    _check_base_copy(file, key, t, mc, base_weight, ["model.embed_tokens.weight"],
+                     "model.embed_tokens")
+
+
+def _check_base_copy(file: Path, key: str, t: torch.Tensor, mc: ModelConfig,
+                     base_weight: BaseWeightFn | None, names: list[str], module: str) -> None:
+    """``t``, PEFT's copy of the vocabulary-sized ``module``, must be the base model's own
+    matrix (the first of ``names`` the checkpoint has)."""
     want = (mc.vocab_size, mc.hidden_size)
     if tuple(t.shape) != want:
         raise AdapterLoadError(
-            f"{file}: tensor {key!r} has shape {tuple(t.shape)}, the base model's embedding "
+            f"{file}: tensor {key!r} has shape {tuple(t.shape)}, the base model's {module} "
             f"{want}: the adapter's vocabulary has {t.shape[0]} tokens, the base model's "
-            f"{mc.vocab_size}; adapters that resize the embeddings (added tokens) are not "
+            f"{mc.vocab_size}; adapters that resize the vocabulary (added tokens) are not "
             f"supported")
-    base = None if base_weight is None else base_weight("model.embed_tokens.weight")
+    base = None
+    for name in names if base_weight is not None else []:
+        if (base := base_weight(name)) is not None:
+            break
     if base is None:
-        raise AdapterLoadError(f"{file}: tensor {key!r} (PEFT's copy of model.embed_tokens) "
-                               f"needs the base model's weights to be checked against")
+        raise AdapterLoadError(f"{file}: tensor {key!r} (PEFT's copy of {module}) needs the "
+                               f"base model's weights to be checked against")
     if not torch.equal(t.to(torch.float32), base):
         raise AdapterLoadError(
-            f"{file}: tensor {key!r} differs from the base model's model.embed_tokens.weight: "
-            f"the adapter was saved against another base model, or with an embedding trained "
+            f"{file}: tensor {key!r} differs from the base model's {module} weight: the "
+            f"adapter was saved against another base model, or with a {module} trained "
             f"outside modules_to_save")
 
 
