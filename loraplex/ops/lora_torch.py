@@ -30,6 +30,8 @@ The only per-batch input read is ``batch.host_segs`` (segments that use an adapt
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from loraplex.ops.lora_meta import ColumnScales, LoRABatch
@@ -46,26 +48,30 @@ def lora_shrink(
     big_r = a.shape[1] // n
     if ranks.device.type != "cpu":
         return _shrink_masked(x, a, ranks, batch, out)
-    host_ranks = ranks.tolist()
+    host_ranks = ranks.numpy().tolist()  # via numpy: a third of Tensor.tolist's cost
     views = _pool_views(batch, a)
-    for start, length, slot in batch.host_segs:
-        xs = x[start : start + length]  # [len, in]
-        dst = out[start : start + length]  # [len, n*R]
-        rk = host_ranks[slot]
-        if all(r == big_r for r in rk):  # every slice at full rank: one GEMM, stacked rows
-            a_t = views.get((slot, -1, 0))
-            if a_t is None:
-                a_t = views[(slot, -1, 0)] = a[slot].T  # [in, n*R]
-            dst.addmm_(xs, a_t, beta=0)
-            continue
-        for i, r in enumerate(rk):
-            if r:
-                lo = i * big_r
-                a_t = views.get((slot, i, r))
+
+    def run(segs: list[tuple[int, int, int]]) -> None:
+        for start, length, slot in segs:
+            xs = x[start : start + length]  # [len, in]
+            dst = out[start : start + length]  # [len, n*R]
+            rk = host_ranks[slot]
+            if all(r == big_r for r in rk):  # every slice at full rank: one GEMM, stacked rows
+                a_t = views.get((slot, -1, 0))
                 if a_t is None:
-                    a_t = views[(slot, i, r)] = a[slot, lo : lo + r].T  # [in, r]
-                # beta=0: the destination's old contents (maybe NaN) are not read
-                dst[:, lo : lo + r].addmm_(xs, a_t, beta=0)
+                    a_t = views[(slot, -1, 0)] = a[slot].T  # [in, n*R]
+                dst.addmm_(xs, a_t, beta=0)
+                continue
+            for i, r in enumerate(rk):
+                if r:
+                    lo = i * big_r
+                    a_t = views.get((slot, i, r))
+                    if a_t is None:
+                        a_t = views[(slot, i, r)] = a[slot, lo : lo + r].T  # [in, r]
+                    # beta=0: the destination's old contents (maybe NaN) are not read
+                    dst[:, lo : lo + r].addmm_(xs, a_t, beta=0)
+
+    _run_segments(batch, run)
 
 
 def lora_expand(
@@ -89,7 +95,7 @@ def lora_expand(
     if ranks.device.type != "cpu" or scalings.device.type != "cpu":
         return _expand_masked(h, b, ranks, scalings, offsets, batch, y, col_scales)
     big_r = b.shape[2]
-    host_ranks, host_scalings = ranks.tolist(), scalings.tolist()
+    host_ranks, host_scalings = ranks.numpy().tolist(), scalings.numpy().tolist()
     # torch 2.13's CPU bfloat16 GEMM reads past the K extent of a column-sliced left operand
     # (from 16 or so rows on), so the unused rank columns of h would leak into y: give it
     # its [len, r] slice as a contiguous copy (activations only, a few KB; weights stay views).
@@ -98,20 +104,32 @@ def lora_expand(
     # one split per segment makes all n slice views in one call (cheaper than n slicings)
     h_widths, y_widths = [big_r] * n, [offsets[i + 1] - offsets[i] for i in range(n)]
     dora = col_scales.host_flags if col_scales is not None else None
-    for start, length, slot in batch.host_segs:
-        hr, yr = h[start : start + length], y[start : start + length]  # [len, n*R], [len, out]
-        h_parts = hr.split_with_sizes(h_widths, 1) if n > 1 else (hr,)  # [len, R] each
-        y_parts = yr.split_with_sizes(y_widths, 1) if n > 1 else (yr,)  # [len, w_i] each
-        for i, r in enumerate(host_ranks[slot]):
-            if r:
-                if dora is not None and dora[slot]:  # DoRA: rescale the base output first
-                    _scale_columns(y_parts[i], col_scales, slot, offsets[i], offsets[i + 1])
-                b_t = views.get((slot, i, r))
-                if b_t is None:
-                    b_t = views[(slot, i, r)] = b[slot, offsets[i] : offsets[i + 1], :r].T
-                hs = h_parts[i] if r == big_r else h_parts[i][:, :r]  # [len, r]
-                y_parts[i].addmm_(hs.contiguous() if own_h else hs, b_t,
-                                  alpha=host_scalings[slot][i])
+
+    def run(segs: list[tuple[int, int, int]]) -> None:
+        for start, length, slot in segs:
+            hr, yr = h[start : start + length], y[start : start + length]  # [len, n*R], [len, out]
+            h_parts = hr.split_with_sizes(h_widths, 1) if n > 1 else (hr,)  # [len, R] each
+            y_parts = yr.split_with_sizes(y_widths, 1) if n > 1 else (yr,)  # [len, w_i] each
+            for i, r in enumerate(host_ranks[slot]):
+                if r:
+                    if dora is not None and dora[slot]:  # DoRA: rescale the base output first
+                        _scale_columns(y_parts[i], col_scales, slot, offsets[i], offsets[i + 1])
+                    b_t = views.get((slot, i, r))
+                    if b_t is None:
+                        b_t = views[(slot, i, r)] = b[slot, offsets[i] : offsets[i + 1], :r].T
+                    hs = h_parts[i] if r == big_r else h_parts[i][:, :r]  # [len, r]
+                    y_parts[i].addmm_(hs.contiguous() if own_h else hs, b_t,
+                                      alpha=host_scalings[slot][i])
+
+    _run_segments(batch, run)
+
+
+def _run_segments(batch: LoRABatch, run: Callable[[list[tuple[int, int, int]]], None]) -> None:
+    """``run(batch.host_segs)``, on two threads when the batch carries a ``SegmentSplit``."""
+    if batch.split is None:
+        run(batch.host_segs)
+    else:
+        batch.split.run(run, batch.host_segs)
 
 
 def _pool_views(batch: LoRABatch, pool: torch.Tensor) -> dict[tuple[int, int, int], torch.Tensor]:

@@ -1,0 +1,98 @@
+"""Two host threads for the CPU LoRA ops: a call's segments, split in two by rows.
+
+Why: the CPU ops are many small GEMMs (per segment and slice: ``[len, in] x [in, 16..48]``
+shrinks, ``[len, 16] x [16, out]`` expands). At two threads each of them is an OpenMP
+fork/join of its own, and such GEMMs gain little from a second thread, if anything (decode
+sized ones MKL runs on one thread anyway); the adapter weights a decode step reads then
+stream through one core. Splitting the *segments* instead gives each thread whole GEMMs:
+the caller runs the first half of the rows, a helper thread the second, each GEMM on one
+thread, one handoff per op call. The halves write disjoint rows of the output, so the
+result is the same as one thread's (up to GEMM summation order).
+
+Only the caller's thread count changes the plan: at one thread (``torch.get_num_threads()``)
+the op runs as before, on the caller, and no thread is ever started.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import weakref
+from collections.abc import Callable
+
+import torch
+
+Segments = list[tuple[int, int, int]]  # (start, length, lora_slot), as LoRABatch.host_segs
+
+
+class SegmentSplit:
+    """Runs ``fn(segments)`` as two halves by rows: the first on the calling thread, the
+    second on one helper thread (started on first use). Not reentrant: one op call at a
+    time, as the engine runs them (one forward at a time, layer after layer)."""
+
+    def __init__(self) -> None:
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def run(self, fn: Callable[[Segments], None], segs: Segments) -> None:
+        threads = torch.get_num_threads()
+        first, second = halves(segs)
+        if threads < 2 or not first or not second:
+            fn(segs)
+            return
+        if self._thread is None:
+            self._start(threads)
+        self._tasks.put((fn, second, torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+        torch.set_num_threads(1)  # the caller's GEMMs: one thread while the helper runs
+        try:
+            fn(first)
+        finally:
+            torch.set_num_threads(threads)
+            error = self._done.get()  # wait even when fn raised: the helper writes our rows
+        if error is not None:
+            raise error
+
+    def _start(self, threads: int) -> None:
+        ready = threading.Event()
+        self._thread = threading.Thread(target=_serve, args=(self._tasks, self._done, ready),
+                                         name="loraplex-lora-split", daemon=True)
+        self._thread.start()
+        ready.wait()
+        # set_num_threads(1) on the helper also set torch's process-wide default, which
+        # threads started later pick up: put the caller's count back
+        torch.set_num_threads(threads)
+        # the helper holds only the queues, so it ends when this object goes away
+        weakref.finalize(self, self._tasks.put, None)
+
+
+def halves(segs: Segments) -> tuple[Segments, Segments]:
+    """``segs`` cut at the middle row (a segment across it becomes two, same slot)."""
+    total = sum(length for _, length, _ in segs)
+    mid, rows = total // 2, 0
+    for j, (start, length, slot) in enumerate(segs):
+        if rows + length > mid:
+            cut = mid - rows
+            head = [*segs[:j], (start, cut, slot)] if cut else segs[:j]
+            return head, [(start + cut, length - cut, slot), *segs[j + 1 :]]
+        rows += length
+    return segs, []
+
+
+def _serve(tasks: queue.SimpleQueue, done: queue.SimpleQueue, ready: threading.Event) -> None:
+    # torch sets a thread's count lazily, from the process-wide default, on the thread's first
+    # query or parallel op: have that happen first, or it would undo the 1 set here
+    torch.get_num_threads()
+    torch.set_num_threads(1)  # this thread's OpenMP team and MKL calls: one thread
+    ready.set()
+    while (task := tasks.get()) is not None:
+        fn, segs, inference, grad = task
+        try:
+            # grad and inference mode are per thread: take the caller's (in-place writes to
+            # inference tensors are refused outside inference mode)
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                fn(segs)
+        except Exception as exc:  # handed to the caller, which raises it
+            done.put(exc)
+        else:
+            done.put(None)
