@@ -59,18 +59,23 @@ def test_split_ops_match_naive(two_threads, n: int, pattern: str, num_tokens: in
     assert (case.batch.split._thread is not None) == (rows >= 2)
 
 
-def test_split_runs_each_half_on_its_own_thread(two_threads) -> None:
-    split, seen = SegmentSplit(), []
-    segs = [(0, 4, 1), (4, 4, 3)]
+@pytest.mark.parametrize(("threads", "caller", "helper"), [(2, 1, 1), (3, 1, 2), (4, 2, 2)])
+def test_split_shares_the_threads_out(threads: int, caller: int, helper: int) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        split, seen = SegmentSplit(), []
 
-    def fn(part):
-        seen.append((threading.get_ident(), torch.get_num_threads(), part))
+        def fn(part):
+            seen.append((threading.get_ident(), torch.get_num_threads(), part))
 
-    split.run(fn, segs)
-    (t1, n1, p1), (t2, n2, p2) = sorted(seen, key=lambda s: s[2][0][0])
-    assert p1 == [(0, 4, 1)] and p2 == [(4, 4, 3)]
-    assert t1 != t2 and n1 == n2 == 1  # whole GEMMs on one thread each
-    assert torch.get_num_threads() == 2  # the caller's count is back
+        split.run(fn, [(0, 4, 1), (4, 4, 3)])
+        (t1, n1, p1), (t2, n2, p2) = sorted(seen, key=lambda s: s[2][0][0])
+        assert p1 == [(0, 4, 1)] and p2 == [(4, 4, 3)]
+        assert t1 == threading.get_ident() != t2 and (n1, n2) == (caller, helper)
+        assert torch.get_num_threads() == threads  # the caller's count is back
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_helper_error_reaches_the_caller(two_threads) -> None:

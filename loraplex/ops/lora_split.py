@@ -6,8 +6,9 @@ fork/join of its own, and such GEMMs gain little from a second thread, if anythi
 sized ones MKL runs on one thread anyway); the adapter weights a decode step reads then
 stream through one core. Splitting the *segments* instead gives each thread whole GEMMs:
 the caller runs the first half of the rows, a helper thread the second, each GEMM on one
-thread, one handoff per op call. The halves write disjoint rows of the output, so the
-result is the same as one thread's (up to GEMM summation order).
+thread (at more threads, on half of them each), one handoff per op call. The halves write
+disjoint rows of the output, so the result is the same as one thread's (up to GEMM
+summation order).
 
 Only the caller's thread count changes the plan: at one thread (``torch.get_num_threads()``)
 the op runs as before, on the caller, and no thread is ever started.
@@ -15,6 +16,7 @@ the op runs as before, on the caller, and no thread is ever started.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import weakref
@@ -34,6 +36,7 @@ class SegmentSplit:
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._pid = 0  # the process that started the helper (a forked child has none)
 
     def run(self, fn: Callable[[Segments], None], segs: Segments) -> None:
         threads = torch.get_num_threads()
@@ -41,27 +44,28 @@ class SegmentSplit:
         if threads < 2 or not first or not second:
             fn(segs)
             return
-        if self._thread is None:
-            self._start(threads)
-        self._tasks.put((fn, second, torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
-        torch.set_num_threads(1)  # the caller's GEMMs: one thread while the helper runs
+        if self._thread is None or self._pid != os.getpid():
+            self._start()
+        # the threads are shared out: at two, each half's GEMMs run on one thread
+        self._tasks.put((fn, second, threads - threads // 2, torch.is_inference_mode_enabled(),
+                         torch.is_grad_enabled()))
+        torch.set_num_threads(threads // 2)
         try:
             fn(first)
         finally:
-            torch.set_num_threads(threads)
             error = self._done.get()  # wait even when fn raised: the helper writes our rows
+            # after the helper's set_num_threads (it also sets torch's process-wide default)
+            torch.set_num_threads(threads)
         if error is not None:
             raise error
 
-    def _start(self, threads: int) -> None:
+    def _start(self) -> None:
+        self._tasks, self._done, self._pid = queue.SimpleQueue(), queue.SimpleQueue(), os.getpid()
         ready = threading.Event()
         self._thread = threading.Thread(target=_serve, args=(self._tasks, self._done, ready),
                                          name="loraplex-lora-split", daemon=True)
         self._thread.start()
         ready.wait()
-        # set_num_threads(1) on the helper also set torch's process-wide default, which
-        # threads started later pick up: put the caller's count back
-        torch.set_num_threads(threads)
         # the helper holds only the queues, so it ends when this object goes away
         weakref.finalize(self, self._tasks.put, None)
 
@@ -81,12 +85,12 @@ def halves(segs: Segments) -> tuple[Segments, Segments]:
 
 def _serve(tasks: queue.SimpleQueue, done: queue.SimpleQueue, ready: threading.Event) -> None:
     # torch sets a thread's count lazily, from the process-wide default, on the thread's first
-    # query or parallel op: have that happen first, or it would undo the 1 set here
+    # query or parallel op: have that happen now, or it would undo the first task's count
     torch.get_num_threads()
-    torch.set_num_threads(1)  # this thread's OpenMP team and MKL calls: one thread
     ready.set()
     while (task := tasks.get()) is not None:
-        fn, segs, inference, grad = task
+        fn, segs, threads, inference, grad = task
+        torch.set_num_threads(threads)
         try:
             # grad and inference mode are per thread: take the caller's (in-place writes to
             # inference tensors are refused outside inference mode)
