@@ -5,6 +5,7 @@ and an engine whose ops split gives PEFT's logits."""
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
@@ -124,3 +125,14 @@ def test_engine_with_split_ops_equals_peft(two_threads, tmp_path) -> None:
             ref = model(torch.tensor([ids])).logits[0].float()
         err = (logits - ref).abs().max().item()
         assert err <= 1e-4 * ref.abs().max().item(), (name, err)
+
+
+def test_helper_ends_with_its_split(two_threads) -> None:
+    split = SegmentSplit()
+    split.run(lambda part: None, [(0, 4, 1), (4, 4, 3)])
+    helper = split._thread
+    assert helper is not None and helper.is_alive()
+    del split
+    gc.collect()
+    helper.join(timeout=10)
+    assert not helper.is_alive()

@@ -66,8 +66,10 @@ class SegmentSplit:
                                          name="loraplex-lora-split", daemon=True)
         self._thread.start()
         ready.wait()
-        # the helper holds only the queues, so it ends when this object goes away
-        weakref.finalize(self, self._tasks.put, None)
+        # the helper holds only the queues, so it ends when this object goes away; not at
+        # interpreter exit (a daemon thread woken while the interpreter finalizes is killed
+        # in place): there it just stays blocked on its queue
+        weakref.finalize(self, self._tasks.put, None).atexit = False
 
 
 def halves(segs: Segments) -> tuple[Segments, Segments]:

@@ -24,6 +24,11 @@ Other devices (ranks on an accelerator): the ranks are never read on the host (n
 in unused rank columns never reaches the result; the sum is formed in float32 and rounded
 once.
 
+Threads: every small GEMM above, run on all of the process's threads, is an OpenMP fork/join
+of its own and gains little from a second thread. The engine's batch therefore carries a
+``SegmentSplit`` (``lora_split``): at two threads each call's segments are cut in two by rows,
+the second half runs on a helper thread, and each GEMM runs on one thread.
+
 The only per-batch input read is ``batch.host_segs`` (segments that use an adapter, as host
 ``(start, length, slot)`` tuples), which the batch builder computes once per forward.
 """
