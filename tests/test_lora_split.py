@@ -15,7 +15,7 @@ from helpers_lora import make_peft_adapter, make_tiny_model, peft_reference
 from loraplex import LLM
 from loraplex.ops import lora_torch
 from loraplex.ops.lora_split import SegmentSplit, halves
-from loraplex.ops.lora_testing import PATTERNS, build, check_expand, check_shrink
+from loraplex.ops.lora_testing import PATTERNS, build, check_expand, check_shrink, make_case
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_halves_of_one_row_or_none() -> None:
     assert halves([]) == ([], [])
 
 
-@pytest.mark.parametrize("num_tokens", [2, 7, 133])
+@pytest.mark.parametrize("num_tokens", [2, 7, 40, 133])
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("n", [1, 3])
 def test_split_ops_match_naive(two_threads, n: int, pattern: str, num_tokens: int) -> None:
@@ -57,7 +57,24 @@ def test_split_ops_match_naive(two_threads, n: int, pattern: str, num_tokens: in
     check_shrink(lora_torch.lora_shrink, case, rtol=1e-5, atol=1e-5)
     check_expand(lora_torch.lora_expand, case, rtol=1e-5, atol=1e-5)
     rows = sum(length for _, length, _ in case.batch.host_segs)
-    assert (case.batch.split._thread is not None) == (rows >= 2)
+    # decode-shaped batches (segments of <= 4 rows) run unsplit: nothing to save there
+    started = rows >= 2 and not case.batch.decode_shaped
+    assert (case.batch.split._thread is not None) == started
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_split_prefill_with_gaps_and_rank_mix(two_threads, n: int) -> None:
+    """Scattered slots, rows without an adapter between segments (and at the cut), a slot
+    with rank 0 and uneven per-slice ranks: the split ops still match the oracle."""
+    ranks = [[8] * n, [0] * n, [2, 8, 5][:n], [4] * n, [8] * n]
+    slots = [4] * 9 + [-1] * 6 + [2] * 11 + [1] * 5 + [-1] * 3 + [0] * 8 + [3] * 7
+    case = make_case(num_tokens=len(slots), in_features=40, widths=(24, 16, 8)[:n],
+                     max_rank=8, slot_ranks=ranks, pattern=slots, seed=5 + n, extra_rows=2)
+    case.batch.split = SegmentSplit()
+    assert not case.batch.decode_shaped
+    check_shrink(lora_torch.lora_shrink, case, rtol=1e-5, atol=1e-5)
+    check_expand(lora_torch.lora_expand, case, rtol=1e-5, atol=1e-5)
+    assert case.batch.split._thread is not None
 
 
 @pytest.mark.parametrize(("threads", "caller", "helper"), [(2, 1, 1), (3, 1, 2), (4, 2, 2)])

@@ -27,7 +27,8 @@ once.
 Threads: every small GEMM above, run on all of the process's threads, is an OpenMP fork/join
 of its own and gains little from a second thread. The engine's batch therefore carries a
 ``SegmentSplit`` (``lora_split``): at two threads each call's segments are cut in two by rows,
-the second half runs on a helper thread, and each GEMM runs on one thread.
+the second half runs on a helper thread, and each GEMM runs on one thread (prefill-shaped
+batches only: decode-sized GEMMs run on one thread already).
 
 The only per-batch input read is ``batch.host_segs`` (segments that use an adapter, as host
 ``(start, length, slot)`` tuples), which the batch builder computes once per forward.
@@ -130,8 +131,11 @@ def lora_expand(
 
 
 def _run_segments(batch: LoRABatch, run: Callable[[list[tuple[int, int, int]]], None]) -> None:
-    """``run(batch.host_segs)``, on two threads when the batch carries a ``SegmentSplit``."""
-    if batch.split is None:
+    """``run(batch.host_segs)``, on two threads when the batch carries a ``SegmentSplit`` and
+    is not decode-shaped. Decode-sized GEMMs (a few rows) MKL runs on one thread anyway, so
+    there is no fork/join to save, and the handoff costs more than the parallel weight reads
+    gain (engine A/B, 2 threads, load ~3-5: decode 1.24x base split, 1.13-1.15x unsplit)."""
+    if batch.split is None or batch.decode_shaped:
         run(batch.host_segs)
     else:
         batch.split.run(run, batch.host_segs)
