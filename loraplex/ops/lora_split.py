@@ -98,7 +98,7 @@ def _serve(tasks: queue.SimpleQueue, done: queue.SimpleQueue, ready: threading.E
             # inference tensors are refused outside inference mode)
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 fn(segs)
-        except Exception as exc:  # handed to the caller, which raises it
-            done.put(exc)
+        except BaseException as exc:  # handed to the caller, which raises it (and never
+            done.put(exc)  # waits forever on a helper that died without answering)
         else:
             done.put(None)
