@@ -16,11 +16,10 @@ run (interleaved, best of ``--repeat``), on the ~150M benchmark model's shapes, 
   (f) one layer's four projections with their LoRA, prefill-shaped as the LoRA benchmark's
       1024-token steps (8 adapters x 128 rows, scattered slots, prepacked base weights): the
       base GEMMs alone; the engine's path (base GEMM, then shrink and an in-place expand into
-      its output, the segments split over two threads: ``ops/lora_split.py``); the same ops
-      unsplit, every small GEMM on all threads (the code before); the delta first (shrink,
-      expand with beta=0 into a preallocated scratch) then added in the base GEMM's epilogue
-      (oneDNN's binary-add post-op); and the unsplit ops on one thread. At --threads 1 the
-      engine's path is the unsplit one.
+      its output); the delta first (shrink, expand with beta=0 into a preallocated scratch)
+      then added in the base GEMM's epilogue (oneDNN's binary-add post-op); and the engine's
+      path with the LoRA GEMMs on one thread (different from the engine's only at
+      --threads > 1).
 
     python benchmarks/bench_cpu_parts.py [--threads 2] [--clock wall] [--repeat 8] \
         [--parts abcdef] [--write-docs]
@@ -49,7 +48,6 @@ from loraplex.layers.attention import Attention
 from loraplex.layers.forward_context import ForwardBatch, forward_context
 from loraplex.layers.prefill_groups import plan_prefill
 from loraplex.ops.lora_meta import LoRABatch
-from loraplex.ops.lora_split import SegmentSplit
 from loraplex.ops.lora_torch import lora_expand, lora_shrink
 
 HEADS, KV_HEADS, D = 16, 4, 64
@@ -230,8 +228,6 @@ def lora_epilogue(repeat: int, clock) -> dict[str, float]:
              (inter, (hidden,))]  # qkv, o, gate_up, down: (in, slice widths)
     used = random.Random(0).sample(range(num_slots), rows // per)
     batch = LoRABatch.from_token_slots([used[t // per] for t in range(rows)])
-    split = LoRABatch.from_token_slots([used[t // per] for t in range(rows)])
-    split.split = SegmentSplit()  # as the engine's batch builder sets it on CPU
     linear = torch.ops.mkldnn._linear_pointwise
     g = torch.Generator().manual_seed(0)
     layer = []
@@ -252,7 +248,7 @@ def lora_epilogue(repeat: int, clock) -> dict[str, float]:
     def base():
         return [linear(p["x"], p["w"], None, "none", [], "") for p in layer]
 
-    def engine(lora_batch: LoRABatch, lora_threads: int):
+    def engine(lora_batch: LoRABatch, lora_threads: int):  # lora_threads: for its GEMMs
         def fn():
             ys = []
             for p in layer:
@@ -282,11 +278,11 @@ def lora_epilogue(repeat: int, clock) -> dict[str, float]:
             ys.append(torch.ops.mkldnn._linear_pointwise.binary(p["x"], d, p["w"], None, "add"))
         return ys
 
-    fns = {"base": base, "engine": engine(split, threads), "unsplit": engine(batch, threads),
-           "epilogue": epilogue, "one thread": engine(batch, 1)}
+    fns = {"base": base, "engine": engine(batch, threads), "epilogue": epilogue,
+           "one thread": engine(batch, 1)}
     with torch.inference_mode():
         want = fns["engine"]()
-        for name in ("unsplit", "epilogue", "one thread"):  # all compute the same outputs
+        for name in ("epilogue", "one thread"):  # every variant computes the same outputs
             for y, ref in zip(fns[name](), want, strict=True):
                 torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
         return interleaved(fns, repeat, clock)
@@ -346,14 +342,13 @@ def main() -> None:
         r = lora_epilogue(5 * args.repeat, clock)
         over = {k: (v - r["base"]) / r["base"] for k, v in r.items()}
         rows.append(["(f) one layer's base GEMMs + LoRA, prefill 1024 rows (LoRA time over "
-                     "the base GEMMs'); before / new: unsplit (epilogue; one thread)",
+                     "the base GEMMs')",
                      f"engine's path {r['engine'] * 1e3:.1f} ms (+{over['engine']:.1%})",
-                     f"unsplit {r['unsplit'] * 1e3:.1f} ms (+{over['unsplit']:.1%}); delta in "
-                     f"the GEMM epilogue {r['epilogue'] * 1e3:.1f} ms (+{over['epilogue']:.1%}); "
-                     f"unsplit on one thread {r['one thread'] * 1e3:.1f} ms "
-                     f"(+{over['one thread']:.1%}); base {r['base'] * 1e3:.1f} ms",
-                     f"{r['unsplit'] / r['engine']:.2f}x ({r['epilogue'] / r['engine']:.2f}x; "
-                     f"{r['one thread'] / r['engine']:.2f}x)"])
+                     f"delta in the GEMM epilogue {r['epilogue'] * 1e3:.1f} ms "
+                     f"(+{over['epilogue']:.1%}); LoRA GEMMs on one thread "
+                     f"{r['one thread'] * 1e3:.1f} ms (+{over['one thread']:.1%}); base "
+                     f"{r['base'] * 1e3:.1f} ms",
+                     f"{r['epilogue'] / r['engine']:.2f}x ({r['one thread'] / r['engine']:.2f}x)"])
         print(rows[-1], flush=True)
     table = markdown_table(["what", "new", "before", "before / new"], rows)
     body = (f"CPU float32, {args.threads} threads, {args.clock} clock, the benchmark model's "

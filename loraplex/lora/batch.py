@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from loraplex.ops.lora_meta import LoRABatch, segments
-from loraplex.ops.lora_split import SegmentSplit
 
 
 class LoRABatchBuilder:
@@ -27,8 +26,6 @@ class LoRABatchBuilder:
                  for i in range(3)] + [(h[3 * max_segs :], d[3 * max_segs :])]
         self._np = [v[0].numpy() for v in views]  # host views, fast to fill
         self.batch = LoRABatch(views[0][1], views[1][1], views[2][1], views[3][1], 0, 0, 0, [])
-        if device.type == "cpu":  # the torch ops split their segments over two host threads
-            self.batch.split = SegmentSplit()
 
     def prepare(self, lora_slots: list[int], lengths: list[int], is_decode: bool = False,
                 pad_to: int = 0) -> LoRABatch:

@@ -19,12 +19,8 @@ and, per output column, an optional ``ColumnScales`` (DoRA's magnitude over the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from loraplex.ops.lora_split import SegmentSplit
 
 
 @dataclass
@@ -46,9 +42,6 @@ class LoRABatch:
     # CPU backend: transposed views of adapter-pool weights, per pool, kept across steps by the
     # builder's reused batch (``lora_torch._pool_views``).
     views: dict[tuple, dict[tuple[int, int, int], torch.Tensor]] = field(default_factory=dict)
-    # CPU backend: a second host thread for the ops' segments (``lora_split``); None: the
-    # ops run on the caller's thread alone (tests, benchmarks, accelerators).
-    split: SegmentSplit | None = None
 
     @property
     def decode_shaped(self) -> bool:

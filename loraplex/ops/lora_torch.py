@@ -24,19 +24,11 @@ Other devices (ranks on an accelerator): the ranks are never read on the host (n
 in unused rank columns never reaches the result; the sum is formed in float32 and rounded
 once.
 
-Threads: every small GEMM above, run on all of the process's threads, is an OpenMP fork/join
-of its own and gains little from a second thread. The engine's batch therefore carries a
-``SegmentSplit`` (``lora_split``): at two threads each call's segments are cut in two by rows,
-the second half runs on a helper thread, and each GEMM runs on one thread (prefill-shaped
-batches only: decode-sized GEMMs run on one thread already).
-
 The only per-batch input read is ``batch.host_segs`` (segments that use an adapter, as host
 ``(start, length, slot)`` tuples), which the batch builder computes once per forward.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
@@ -56,28 +48,24 @@ def lora_shrink(
         return _shrink_masked(x, a, ranks, batch, out)
     host_ranks = ranks.numpy().tolist()  # via numpy: a third of Tensor.tolist's cost
     views = _pool_views(batch, a)
-
-    def run(segs: list[tuple[int, int, int]]) -> None:
-        for start, length, slot in segs:
-            xs = x[start : start + length]  # [len, in]
-            dst = out[start : start + length]  # [len, n*R]
-            rk = host_ranks[slot]
-            if all(r == big_r for r in rk):  # every slice at full rank: one GEMM, stacked rows
-                a_t = views.get((slot, -1, 0))
+    for start, length, slot in batch.host_segs:
+        xs = x[start : start + length]  # [len, in]
+        dst = out[start : start + length]  # [len, n*R]
+        rk = host_ranks[slot]
+        if all(r == big_r for r in rk):  # every slice at full rank: one GEMM, stacked rows
+            a_t = views.get((slot, -1, 0))
+            if a_t is None:
+                a_t = views[(slot, -1, 0)] = a[slot].T  # [in, n*R]
+            dst.addmm_(xs, a_t, beta=0)
+            continue
+        for i, r in enumerate(rk):
+            if r:
+                lo = i * big_r
+                a_t = views.get((slot, i, r))
                 if a_t is None:
-                    a_t = views[(slot, -1, 0)] = a[slot].T  # [in, n*R]
-                dst.addmm_(xs, a_t, beta=0)
-                continue
-            for i, r in enumerate(rk):
-                if r:
-                    lo = i * big_r
-                    a_t = views.get((slot, i, r))
-                    if a_t is None:
-                        a_t = views[(slot, i, r)] = a[slot, lo : lo + r].T  # [in, r]
-                    # beta=0: the destination's old contents (maybe NaN) are not read
-                    dst[:, lo : lo + r].addmm_(xs, a_t, beta=0)
-
-    _run_segments(batch, run)
+                    a_t = views[(slot, i, r)] = a[slot, lo : lo + r].T  # [in, r]
+                # beta=0: the destination's old contents (maybe NaN) are not read
+                dst[:, lo : lo + r].addmm_(xs, a_t, beta=0)
 
 
 def lora_expand(
@@ -110,35 +98,20 @@ def lora_expand(
     # one split per segment makes all n slice views in one call (cheaper than n slicings)
     h_widths, y_widths = [big_r] * n, [offsets[i + 1] - offsets[i] for i in range(n)]
     dora = col_scales.host_flags if col_scales is not None else None
-
-    def run(segs: list[tuple[int, int, int]]) -> None:
-        for start, length, slot in segs:
-            hr, yr = h[start : start + length], y[start : start + length]  # [len, n*R], [len, out]
-            h_parts = hr.split_with_sizes(h_widths, 1) if n > 1 else (hr,)  # [len, R] each
-            y_parts = yr.split_with_sizes(y_widths, 1) if n > 1 else (yr,)  # [len, w_i] each
-            for i, r in enumerate(host_ranks[slot]):
-                if r:
-                    if dora is not None and dora[slot]:  # DoRA: rescale the base output first
-                        _scale_columns(y_parts[i], col_scales, slot, offsets[i], offsets[i + 1])
-                    b_t = views.get((slot, i, r))
-                    if b_t is None:
-                        b_t = views[(slot, i, r)] = b[slot, offsets[i] : offsets[i + 1], :r].T
-                    hs = h_parts[i] if r == big_r else h_parts[i][:, :r]  # [len, r]
-                    y_parts[i].addmm_(hs.contiguous() if own_h else hs, b_t,
-                                      alpha=host_scalings[slot][i])
-
-    _run_segments(batch, run)
-
-
-def _run_segments(batch: LoRABatch, run: Callable[[list[tuple[int, int, int]]], None]) -> None:
-    """``run(batch.host_segs)``, on two threads when the batch carries a ``SegmentSplit`` and
-    is not decode-shaped. Decode-sized GEMMs (a few rows) MKL runs on one thread anyway, so
-    there is no fork/join to save, and the handoff costs more than the parallel weight reads
-    gain (engine A/B, 2 threads, load ~3-5: decode 1.24x base split, 1.13-1.15x unsplit)."""
-    if batch.split is None or batch.decode_shaped:
-        run(batch.host_segs)
-    else:
-        batch.split.run(run, batch.host_segs)
+    for start, length, slot in batch.host_segs:
+        hr, yr = h[start : start + length], y[start : start + length]  # [len, n*R], [len, out]
+        h_parts = hr.split_with_sizes(h_widths, 1) if n > 1 else (hr,)  # [len, R] each
+        y_parts = yr.split_with_sizes(y_widths, 1) if n > 1 else (yr,)  # [len, w_i] each
+        for i, r in enumerate(host_ranks[slot]):
+            if r:
+                if dora is not None and dora[slot]:  # DoRA: rescale the base output first
+                    _scale_columns(y_parts[i], col_scales, slot, offsets[i], offsets[i + 1])
+                b_t = views.get((slot, i, r))
+                if b_t is None:
+                    b_t = views[(slot, i, r)] = b[slot, offsets[i] : offsets[i + 1], :r].T
+                hs = h_parts[i] if r == big_r else h_parts[i][:, :r]  # [len, r]
+                y_parts[i].addmm_(hs.contiguous() if own_h else hs, b_t,
+                                  alpha=host_scalings[slot][i])
 
 
 def _pool_views(batch: LoRABatch, pool: torch.Tensor) -> dict[tuple[int, int, int], torch.Tensor]:
