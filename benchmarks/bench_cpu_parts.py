@@ -12,9 +12,20 @@ run (interleaved, best of ``--repeat``), on the ~150M benchmark model's shapes, 
   (e) the torch LoRA ops over the four projections of one layer of the LoRA benchmark
       (bench_lora.py: rank 16, 16 adapters in scattered slots of 32), decode-shaped (32 rows,
       2 per adapter) and prefill-shaped (1024 rows, 128 per adapter): the op vs its
-      alternative, the batch's A/B gathered into scratch and one ``bmm`` for all segments.
+      alternative, the batch's A/B gathered into scratch and one ``bmm`` for all segments;
+  (f) one layer's four projections with their LoRA, prefill-shaped as the LoRA benchmark's
+      1024-token steps (8 adapters x 128 rows, scattered slots, prepacked base weights): the
+      base GEMMs alone; the engine's path (base GEMM, then shrink and an in-place expand into
+      its output); the delta first (shrink, expand with beta=0 into a preallocated scratch)
+      then added in the base GEMM's epilogue (oneDNN's binary-add post-op); and the engine's
+      path with the LoRA GEMMs on one thread (different from the engine's only at
+      --threads > 1).
 
-    python benchmarks/bench_cpu_parts.py [--threads 2] [--repeat 8] [--parts abcde] [--write-docs]
+    python benchmarks/bench_cpu_parts.py [--threads 2] [--clock wall] [--repeat 8] \
+        [--parts abcdef] [--write-docs]
+
+``--clock cpu`` times with the process's CPU time (use it with ``--threads 1`` on a shared host:
+it does not count the time the process waited for a core).
 
 Prints the table; ``--write-docs`` also writes it into docs/benchmarks.md.
 """
@@ -42,20 +53,24 @@ from loraplex.ops.lora_torch import lora_expand, lora_shrink
 HEADS, KV_HEADS, D = 16, 4, 64
 
 
-def interleaved(fns: dict, repeat: int) -> dict[str, float]:
-    """Best wall time (s) of each callable, the callables interleaved ``repeat`` times."""
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def interleaved(fns: dict, repeat: int, clock=time.perf_counter) -> dict[str, float]:
+    """Best time (s, by ``clock``) of each callable, the callables interleaved ``repeat``
+    times."""
     for fn in fns.values():
         fn()
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeat):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            t = clock()
             fn()
-            best[name] = min(best[name], time.perf_counter() - t)
+            best[name] = min(best[name], clock() - t)
     return best
 
 
-def prefill_attention(num_seqs: int, n: int, repeat: int) -> dict[str, float]:
+def prefill_attention(num_seqs: int, n: int, repeat: int, clock) -> dict[str, float]:
     t = num_seqs * n
     qkv = torch.randn(t, (HEADS + 2 * KV_HEADS) * D)
     q = qkv[:, : HEADS * D].view(t, HEADS, D)
@@ -85,10 +100,10 @@ def prefill_attention(num_seqs: int, n: int, repeat: int) -> dict[str, float]:
             out[s : s + n] = o.permute(2, 0, 1, 3).reshape(n, HEADS, D)
 
     return interleaved({"grouped": call(1.25), "per prompt": call(0.0), "before": before},
-                       repeat)
+                       repeat, clock)
 
 
-def decode_attention(bsz: int, ctx: int, layers: int, repeat: int) -> dict[str, float]:
+def decode_attention(bsz: int, ctx: int, layers: int, repeat: int, clock) -> dict[str, float]:
     bs, num_blocks = 16, 4096
     width = -(-ctx // bs)
     caches = [(torch.randn(num_blocks, bs, KV_HEADS, D), torch.randn(num_blocks, bs, KV_HEADS, D))
@@ -113,10 +128,10 @@ def decode_attention(bsz: int, ctx: int, layers: int, repeat: int) -> dict[str, 
                                            attn_mask=mask, scale=D**-0.5)
 
     return interleaved({"mask once per step": lambda: step(True),
-                        "bool mask per layer": lambda: step(False)}, repeat)
+                        "bool mask per layer": lambda: step(False)}, repeat, clock)
 
 
-def prefill_steps(budgets: list[int], repeat: int) -> dict[str, tuple[float, int]]:
+def prefill_steps(budgets: list[int], repeat: int, clock) -> dict[str, tuple[float, int]]:
     with tempfile.TemporaryDirectory() as tmp:
         make_bench_model(Path(tmp))
         llms = {b: LLM(tmp, device="cpu", max_num_seqs=32, max_num_batched_tokens=b,
@@ -133,11 +148,11 @@ def prefill_steps(budgets: list[int], repeat: int) -> dict[str, tuple[float, int
                 faults[b] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
             return fn
 
-        best = interleaved({b: run(b) for b in budgets}, repeat)
+        best = interleaved({b: run(b) for b in budgets}, repeat, clock)
         return {f"{b}-token steps": (best[b], faults[b]) for b in budgets}
 
 
-def lora_op_overhead(adapters: int, rank: int, repeat: int) -> dict[str, float]:
+def lora_op_overhead(adapters: int, rank: int, repeat: int, clock) -> dict[str, float]:
     hidden, inter = 1024, 2816
     a = torch.randn(adapters, 2 * rank, hidden)  # pool [S, n*R, in], both slices at full rank
     b = torch.randn(adapters, 2 * inter, rank)  # [S, out, R]
@@ -159,10 +174,10 @@ def lora_op_overhead(adapters: int, rank: int, repeat: int) -> dict[str, float]:
             delta = torch.bmm(hh[:, :, i * rank : (i + 1) * rank], b[:, c0:c1].transpose(1, 2))
             y[:, c0:c1].add_(delta.view(adapters, -1), alpha=2.0)
 
-    return interleaved({"op": op, "bare": bare}, repeat)
+    return interleaved({"op": op, "bare": bare}, repeat, clock)
 
 
-def lora_op_vs_gathered(rows: int, per_adapter: int, repeat: int) -> dict[str, float]:
+def lora_op_vs_gathered(rows: int, per_adapter: int, repeat: int, clock) -> dict[str, float]:
     hidden, inter, rank, num_slots = 1024, 2816, 16, 32
     projs = {"qkv": (hidden, (1024, 256, 256)), "o": (hidden, (1024,)),
              "gate_up": (hidden, (inter, inter)), "down": (inter, (hidden,))}
@@ -203,21 +218,91 @@ def lora_op_vs_gathered(rows: int, per_adapter: int, repeat: int) -> dict[str, f
                                                       bi.transpose(1, 2))
 
     with torch.inference_mode():  # as the engine runs (cheaper views)
-        return interleaved({"op": op, "gathered": gathered}, repeat)
+        return interleaved({"op": op, "gathered": gathered}, repeat, clock)
+
+
+def lora_epilogue(repeat: int, clock) -> dict[str, float]:
+    rows, per, rank, num_slots = 1024, 128, 16, 32
+    hidden, inter = 1024, 2816
+    projs = [(hidden, (1024, 256, 256)), (hidden, (1024,)), (hidden, (inter, inter)),
+             (inter, (hidden,))]  # qkv, o, gate_up, down: (in, slice widths)
+    used = random.Random(0).sample(range(num_slots), rows // per)
+    batch = LoRABatch.from_token_slots([used[t // per] for t in range(rows)])
+    linear = torch.ops.mkldnn._linear_pointwise
+    g = torch.Generator().manual_seed(0)
+    layer = []
+    for in_f, widths in projs:
+        n, out_f = len(widths), sum(widths)
+        layer.append(dict(
+            x=torch.randn(rows, in_f, generator=g),
+            w=torch.ops.mkldnn._reorder_linear_weight(torch.randn(out_f, in_f, generator=g)),
+            a=torch.randn(num_slots, n * rank, in_f, generator=g),
+            b=torch.randn(num_slots, out_f, rank, generator=g),
+            offsets=tuple(sum(widths[:i]) for i in range(n + 1)),
+            ranks=torch.full((num_slots, n), rank, dtype=torch.int32),
+            scalings=torch.full((num_slots, n), 2.0)))
+    h = torch.empty(rows, 3 * rank)  # scratch shared by the projections, as in the engine
+    delta = torch.empty(rows, 2 * inter)
+    threads = torch.get_num_threads()
+
+    def base():
+        return [linear(p["x"], p["w"], None, "none", [], "") for p in layer]
+
+    def engine(lora_batch: LoRABatch, lora_threads: int):  # lora_threads: for its GEMMs
+        def fn():
+            ys = []
+            for p in layer:
+                y = linear(p["x"], p["w"], None, "none", [], "")
+                hp = h[:, : p["a"].shape[1]]
+                torch.set_num_threads(lora_threads)
+                lora_shrink(p["x"], p["a"], p["ranks"], lora_batch, hp)
+                lora_expand(hp, p["b"], p["ranks"], p["scalings"], p["offsets"], lora_batch, y)
+                torch.set_num_threads(threads)
+                ys.append(y)
+            return ys
+        return fn
+
+    def epilogue():  # delta first, added by the base GEMM's post-op while y is in cache
+        ys = []
+        for p in layer:
+            off, n = p["offsets"], len(p["offsets"]) - 1
+            hp = h[:, : p["a"].shape[1]]
+            d = delta[:, : off[-1]]
+            lora_shrink(p["x"], p["a"], p["ranks"], batch, hp)
+            for start, length, slot in batch.host_segs:  # beta=0: no zeroing pass first
+                rs = slice(start, start + length)
+                for i in range(n):
+                    d[rs, off[i] : off[i + 1]].addmm_(
+                        hp[rs, i * rank : (i + 1) * rank], p["b"][slot, off[i] : off[i + 1]].T,
+                        beta=0, alpha=2.0)
+            ys.append(torch.ops.mkldnn._linear_pointwise.binary(p["x"], d, p["w"], None, "add"))
+        return ys
+
+    fns = {"base": base, "engine": engine(batch, threads), "epilogue": epilogue,
+           "one thread": engine(batch, 1)}
+    with torch.inference_mode():
+        want = fns["engine"]()
+        for name in ("epilogue", "one thread"):  # every variant computes the same outputs
+            for y, ref in zip(fns[name](), want, strict=True):
+                torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
+        return interleaved(fns, repeat, clock)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=8)
-    ap.add_argument("--parts", default="abcde", help="which parts to run")
+    ap.add_argument("--clock", choices=list(CLOCK), default="wall",
+                    help="wall time, or the process's CPU time (with --threads 1)")
+    ap.add_argument("--parts", default="abcdef", help="which parts to run")
     add_write_docs_flag(ap)
     args = ap.parse_args()
     bench_threads(args.threads)
+    clock = CLOCK[args.clock]
     rows = []
     if "a" in args.parts:
         for seqs in (8, 16):
-            r = prefill_attention(seqs, 128, 3 * args.repeat)
+            r = prefill_attention(seqs, 128, 3 * args.repeat, clock)
             rows.append([f"(a) prefill attention, {seqs} x 128 tokens, one layer",
                          f"grouped {r['grouped'] * 1e3:.1f} ms",
                          f"per prompt, kv expanded {r['before'] * 1e3:.1f} ms "
@@ -226,40 +311,52 @@ def main() -> None:
                          f"({r['per prompt'] / r['grouped']:.2f}x)"])
             print(rows[-1], flush=True)
     if "b" in args.parts:
-        r = decode_attention(32, 150, 8, 3 * args.repeat)
+        r = decode_attention(32, 150, 8, 3 * args.repeat, clock)
         rows.append(["(b) decode gather + attention, batch 32, 8 layers",
                      f"mask once {r['mask once per step'] * 1e3:.2f} ms",
                      f"bool mask per layer {r['bool mask per layer'] * 1e3:.2f} ms",
                      f"{r['bool mask per layer'] / r['mask once per step']:.2f}x"])
         print(rows[-1], flush=True)
     if "c" in args.parts:
-        r = prefill_steps([1024, 2048], args.repeat)
+        r = prefill_steps([1024, 2048], args.repeat, clock)
         (t1, f1), (t2, f2) = r["1024-token steps"], r["2048-token steps"]
         rows.append(["(c) prefill 32 x 128 tokens (minor page faults, last run)",
                      f"1024-token steps {t1:.2f} s ({f1})",
                      f"2048-token steps {t2:.2f} s ({f2})", f"{t2 / t1:.2f}x"])
         print(rows[-1], flush=True)
     if "d" in args.parts:
-        r = lora_op_overhead(32, 16, 25 * args.repeat)
+        r = lora_op_overhead(32, 16, 25 * args.repeat, clock)
         rows.append(["(d) LoRA op, gate/up at decode, 32 adapters (per call)",
                      f"bare bmm/add_ {r['bare'] * 1e6:.0f} µs", f"the op {r['op'] * 1e6:.0f} µs",
                      f"{r['op'] / r['bare']:.2f}x"])
         print(rows[-1], flush=True)
     if "e" in args.parts:
         for label, rows_, per in (("decode, 32 rows", 32, 2), ("prefill, 1024 rows", 1024, 128)):
-            r = lora_op_vs_gathered(rows_, per, 5 * args.repeat)
+            r = lora_op_vs_gathered(rows_, per, 5 * args.repeat, clock)
             rows.append([f"(e) LoRA ops, one layer's 4 projections, {label}",
                          f"the op {r['op'] * 1e3:.2f} ms",
                          f"gathered A/B + bmm {r['gathered'] * 1e3:.2f} ms",
                          f"{r['gathered'] / r['op']:.2f}x"])
             print(rows[-1], flush=True)
+    if "f" in args.parts:
+        r = lora_epilogue(5 * args.repeat, clock)
+        over = {k: (v - r["base"]) / r["base"] for k, v in r.items()}
+        rows.append(["(f) one layer's base GEMMs + LoRA, prefill 1024 rows (LoRA time over "
+                     "the base GEMMs')",
+                     f"engine's path {r['engine'] * 1e3:.1f} ms (+{over['engine']:.1%})",
+                     f"delta in the GEMM epilogue {r['epilogue'] * 1e3:.1f} ms "
+                     f"(+{over['epilogue']:.1%}); LoRA GEMMs on one thread "
+                     f"{r['one thread'] * 1e3:.1f} ms (+{over['one thread']:.1%}); base "
+                     f"{r['base'] * 1e3:.1f} ms",
+                     f"{r['epilogue'] / r['engine']:.2f}x ({r['one thread'] / r['engine']:.2f}x)"])
+        print(rows[-1], flush=True)
     table = markdown_table(["what", "new", "before", "before / new"], rows)
-    body = (f"CPU float32, {args.threads} threads, the benchmark model's shapes (16 heads / 4 kv "
-            f"heads, head dim 64); each pair interleaved in one run, best of "
-            f"{3 * args.repeat} ((a), (b)), {args.repeat} ((c)), {25 * args.repeat} ((d)) or "
-            f"{5 * args.repeat} ((e)). In (d) \"new\" is the floor the op's own calls set, "
-            f"\"before\" the op; in (e) \"before\" is the alternative the op does not "
-            f"take.\n\n"
+    body = (f"CPU float32, {args.threads} threads, {args.clock} clock, the benchmark model's "
+            f"shapes (16 heads / 4 kv heads, head dim 64); each pair interleaved in one run, "
+            f"best of {3 * args.repeat} ((a), (b)), {args.repeat} ((c)), {25 * args.repeat} "
+            f"((d)) or {5 * args.repeat} ((e), (f)). In (d) \"new\" is the floor the op's own "
+            f"calls set, \"before\" the op; in (e) and (f) \"before\" is the alternative the "
+            f"engine does not take.\n\n"
             f"`python benchmarks/bench_cpu_parts.py`\n\n{table}\n")
     report(args, "CPU engine parts", body)
 

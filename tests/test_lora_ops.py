@@ -125,8 +125,9 @@ def test_cpu_path_is_one_addmm_per_segment_and_slice(dtype: torch.dtype) -> None
         lora_torch.lora_shrink(case.x, case.a, case.ranks, case.batch, out)
         lora_torch.lora_expand(out, case.b, case.ranks, case.scalings, case.offsets,
                                case.batch, y)
+    # (detach: ``ranks.numpy()``, the host copy of the ranks, outside inference mode)
     views = {"slice.Tensor", "select.int", "t.default", "permute.default", "transpose.int",
-             "_local_scalar_dense.default", "split_with_sizes.default"}
+             "_local_scalar_dense.default", "split_with_sizes.default", "detach.default"}
     # bfloat16 copies h's [len, r] slice (a torch GEMM reads past a sliced K): activations only
     compute = [op for op in log.ops if op not in views and op != "clone.default"]
     # shrink: segments 2 (full) + 0 (full) + 1 (2 slices) + 0 (full) = 5;

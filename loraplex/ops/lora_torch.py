@@ -46,7 +46,7 @@ def lora_shrink(
     big_r = a.shape[1] // n
     if ranks.device.type != "cpu":
         return _shrink_masked(x, a, ranks, batch, out)
-    host_ranks = ranks.tolist()
+    host_ranks = ranks.numpy().tolist()  # via numpy: a third of Tensor.tolist's cost
     views = _pool_views(batch, a)
     for start, length, slot in batch.host_segs:
         xs = x[start : start + length]  # [len, in]
@@ -89,7 +89,7 @@ def lora_expand(
     if ranks.device.type != "cpu" or scalings.device.type != "cpu":
         return _expand_masked(h, b, ranks, scalings, offsets, batch, y, col_scales)
     big_r = b.shape[2]
-    host_ranks, host_scalings = ranks.tolist(), scalings.tolist()
+    host_ranks, host_scalings = ranks.numpy().tolist(), scalings.numpy().tolist()
     # torch 2.13's CPU bfloat16 GEMM reads past the K extent of a column-sliced left operand
     # (from 16 or so rows on), so the unused rank columns of h would leak into y: give it
     # its [len, r] slice as a contiguous copy (activations only, a few KB; weights stay views).
