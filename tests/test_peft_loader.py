@@ -22,7 +22,15 @@ from loraplex.config import ModelConfig
 from loraplex.errors import AdapterLoadError
 from loraplex.lora import PROJ_NAMES, LoRAAdapter, load_peft_adapter
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tiny parses run at one thread; restored after, so the rest of the suite keeps
+    its thread count (a call at import time set it for every test collected after it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
