@@ -41,12 +41,14 @@ def fuzz_server(tmp_path_factory):
     proc = ServerProcess(["--model", str(model_dir), "--api-key", KEY, "--max-model-len", "64",
                           "--max-num-seqs", "8", "--num-kv-blocks", "64",
                           "--max-sequences-per-request", "4"], root / "fuzz.log")
-    torch.set_num_threads(1)
-    llm = LLM(str(model_dir), device="cpu", max_model_len=64)
-    expected = llm.generate([NORMAL["prompt"]], SamplingParams(max_tokens=6, temperature=0))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # beside the server process; restored for later files
     try:
+        llm = LLM(str(model_dir), device="cpu", max_model_len=64)
+        expected = llm.generate([NORMAL["prompt"]], SamplingParams(max_tokens=6, temperature=0))
         yield proc, expected[0].text
     finally:
+        torch.set_num_threads(before)
         proc.stop()
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -91,9 +92,11 @@ def plain_server(servers) -> ServerProcess:
 
 
 @pytest.fixture(scope="module")
-def llm(assets) -> LLM:
-    torch.set_num_threads(1)
-    return LLM(assets.model, adapters=assets.adapters, max_loras_per_batch=4, device="cpu")
+def llm(assets) -> Iterator[LLM]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the server processes run beside it; restored for later files
+    yield LLM(assets.model, adapters=assets.adapters, max_loras_per_batch=4, device="cpu")
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
