@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import bench_threads, markdown_table, save_tokenizer
+from common import bench_threads, markdown_table, save_random_model
 
 ALL_PROJS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -78,14 +78,7 @@ def build_checkpoint(shape: ModelShape, out: Path, seed: int = 0):
     cfg = AutoConfig.for_model(shape.model_type, **shape.config, bos_token_id=1,
                                eos_token_id=2)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():  # HF's init is tiny; give activations a realistic spread
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.02)
-    model.save_pretrained(str(out))
-    save_tokenizer(out, cfg.vocab_size)
-    return model
+    return save_random_model(AutoModelForCausalLM.from_config(cfg), out)
 
 
 def build_adapter(model, a: AdapterShape, out: Path, seed: int) -> str:

@@ -34,13 +34,19 @@ def make_bench_model(out_dir: Path, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(**(BENCH_SHAPE | overrides), bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # HF's init is tiny; give activations a realistic spread
+    return save_random_model(LlamaForCausalLM(cfg), out_dir)
+
+
+def save_random_model(model, out_dir: Path):
+    """Re-draw ``model``'s matrices (HF's init is tiny; this gives activations a realistic
+    spread), save it with a word-level tokenizer to ``out_dir``; return it in eval mode."""
+    model.eval()
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.02)
     model.save_pretrained(str(out_dir))
-    save_tokenizer(out_dir, cfg.vocab_size)
+    save_tokenizer(out_dir, model.config.vocab_size)
     return model
 
 

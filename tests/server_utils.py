@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -102,6 +104,24 @@ class InProcessServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(15)
+
+
+@contextlib.contextmanager
+def openai_client_on(model_dir, adapters: dict[str, str], **engine_kwargs) -> Iterator:
+    """An OpenAI client of an in-process server (served name "tiny") over a CPU
+    ``LLMEngine.from_args(model_dir, adapters=adapters, **engine_kwargs)``."""
+    import openai
+
+    from loraplex.engine.llm_engine import LLMEngine
+    from loraplex.server.api import ServerConfig, create_app
+
+    engine = LLMEngine.from_args(str(model_dir), adapters=adapters, device="cpu",
+                                 **engine_kwargs)
+    srv = InProcessServer(create_app(engine, ServerConfig("tiny", str(model_dir), adapters)))
+    try:
+        yield openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+    finally:
+        srv.stop()
 
 
 class RawHTTP:

@@ -11,7 +11,7 @@ import jsonschema
 import openai
 import pytest
 from helpers_lora import make_peft_adapter, make_tiny_model
-from server_utils import InProcessServer
+from server_utils import openai_client_on
 from test_guided import SCHEMA
 
 FORMAT = {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA,
@@ -20,19 +20,11 @@ FORMAT = {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    from loraplex.engine.llm_engine import LLMEngine
-    from loraplex.server.api import ServerConfig, create_app
-
     root = tmp_path_factory.mktemp("guided_srv")
     d, hf = make_tiny_model(root / "base", "llama")
     adapters = {"a1": str(make_peft_adapter(hf, root / "a1", seed=1, r=4))}
-    engine = LLMEngine.from_args(str(d), adapters=adapters, device="cpu", num_kv_blocks=128,
-                                 max_lora_rank=8)
-    srv = InProcessServer(create_app(engine, ServerConfig("tiny", str(d), adapters)))
-    try:
-        yield openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
-    finally:
-        srv.stop()
+    with openai_client_on(d, adapters, num_kv_blocks=128, max_lora_rank=8) as client:
+        yield client
 
 
 @pytest.mark.parametrize("model", ["tiny", "a1"])

@@ -12,7 +12,7 @@ import jsonschema
 import openai
 import pytest
 from helpers_lora import make_peft_adapter, make_tiny_model
-from server_utils import InProcessServer
+from server_utils import openai_client_on
 
 from loraplex import LLM, SamplingParams
 from loraplex.server.prompts import PromptTokenizer
@@ -223,17 +223,9 @@ def test_forced_calls_from_random_model_parse_and_validate(models, parser):
 # ---------------------------------------------------------------- through the server
 @pytest.fixture(scope="module")
 def server(models):
-    from loraplex.engine.llm_engine import LLMEngine
-    from loraplex.server.api import ServerConfig, create_app
-
     d, adapters = models
-    engine = LLMEngine.from_args(str(d), adapters=adapters, device="cpu", num_kv_blocks=128,
-                                 max_lora_rank=8)
-    srv = InProcessServer(create_app(engine, ServerConfig("tiny", str(d), adapters)))
-    try:
-        yield openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
-    finally:
-        srv.stop()
+    with openai_client_on(d, adapters, num_kv_blocks=128, max_lora_rank=8) as client:
+        yield client
 
 
 def _stream_calls(client, **kw):

@@ -161,23 +161,11 @@ def _expected_modules(
             key = _module_name(layer, proj)
             if not cfg.targets(key):
                 continue
-            r, alpha = cfg.rank_and_alpha(key)
-            if r > max_lora_rank:
-                raise AdapterLoadError(
-                    f"{file}: rank {r} of {key} exceeds max_lora_rank={max_lora_rank} "
-                    f"(raise max_lora_rank to at least {r} to serve this adapter)")
-            expected[(layer, proj)] = (r, cfg.scaling(r, alpha))
+            expected[(layer, proj)] = _rank_and_scaling(cfg, key, max_lora_rank)
     embed = hf_module_name(EMBED_LAYER, EMBED)
     if cfg.targets(embed):
-        r, alpha = cfg.rank_and_alpha(embed)
-        if r > max_lora_rank:
-            raise AdapterLoadError(
-                f"{file}: rank {r} of {embed} exceeds max_lora_rank={max_lora_rank} "
-                f"(raise max_lora_rank to at least {r} to serve this adapter)")
-        if cfg.use_dora:
-            raise AdapterLoadError(f"{file}: use_dora=True on {embed}: DoRA on the embedding "
-                                   f"is not supported (only on the seven projections)")
-        expected[(EMBED_LAYER, EMBED)] = (r, cfg.scaling(r, alpha))
+        expected[(EMBED_LAYER, EMBED)] = _rank_and_scaling(cfg, embed, max_lora_rank,
+                                                           dora="the embedding")
     if cfg.targets(LM_HEAD):
         expected[(EMBED_LAYER, LM_HEAD)] = _lm_head_target(cfg, max_lora_rank, lm_head_lora)
     if not expected:
@@ -195,13 +183,20 @@ def _lm_head_target(cfg: PeftLoRAConfig, max_lora_rank: int,
             f"{file}: target_modules={_show(cfg.target_modules)} targets {LM_HEAD}; serving "
             f"lm_head LoRA needs enable_lm_head_lora=True (--enable-lm-head-lora), which "
             f"allocates vocab x max_lora_rank x max_loras_per_batch more device memory")
-    r, alpha = cfg.rank_and_alpha(LM_HEAD)
+    return _rank_and_scaling(cfg, LM_HEAD, max_lora_rank, dora="the lm_head")
+
+
+def _rank_and_scaling(cfg: PeftLoRAConfig, module: str, max_lora_rank: int,
+                      dora: str | None = None) -> tuple[int, float]:
+    """``module``'s ``(r, scaling)``, refused when its rank exceeds ``max_lora_rank``, or when
+    ``dora`` (the module's name in the message) is given and the adapter uses DoRA."""
+    r, alpha = cfg.rank_and_alpha(module)
     if r > max_lora_rank:
         raise AdapterLoadError(
-            f"{file}: rank {r} of {LM_HEAD} exceeds max_lora_rank={max_lora_rank} "
+            f"{cfg.file}: rank {r} of {module} exceeds max_lora_rank={max_lora_rank} "
             f"(raise max_lora_rank to at least {r} to serve this adapter)")
-    if cfg.use_dora:
-        raise AdapterLoadError(f"{file}: use_dora=True on {LM_HEAD}: DoRA on the lm_head is "
+    if dora is not None and cfg.use_dora:
+        raise AdapterLoadError(f"{cfg.file}: use_dora=True on {module}: DoRA on {dora} is "
                                f"not supported (only on the seven projections)")
     return r, cfg.scaling(r, alpha)
 
