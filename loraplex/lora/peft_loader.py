@@ -386,6 +386,11 @@ def _check_magnitude(file: Path, key: str, t: torch.Tensor, d_out: int) -> torch
     if not t.is_floating_point() or tuple(t.shape) != (d_out,):
         raise AdapterLoadError(f"{file}: tensor {key!r} has shape {tuple(t.shape)} and dtype "
                                f"{t.dtype}, expected a floating ({d_out},) DoRA magnitude")
+    return _finite_f32(file, key, t)
+
+
+def _finite_f32(file: Path, key: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` as contiguous float32, refused when it holds NaN or infinite values."""
     t = t.to(torch.float32).contiguous()
     if not torch.isfinite(t).all():
         raise AdapterLoadError(f"{file}: tensor {key!r} contains NaN or infinite values")
@@ -445,10 +450,7 @@ def _check_tensor(file: Path, key: str, t: torch.Tensor, want: tuple[int, int], 
                 f"the base model's {proj} is {want[1] if ab == 'A' else want[0]} wide on this side")
         raise AdapterLoadError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, expected "
                                f"{want} ({hint})")
-    t = t.to(torch.float32).contiguous()
-    if not torch.isfinite(t).all():
-        raise AdapterLoadError(f"{file}: tensor {key!r} contains NaN or infinite values")
-    return t
+    return _finite_f32(file, key, t)
 
 
 def _show(target: frozenset[str] | str) -> str:
