@@ -229,7 +229,7 @@ class LoRAConfig:
     max_loras_per_batch: int = 8  # device slots = distinct adapters in one batch
     max_lora_rank: int = 64
     max_cpu_loras: int | None = None  # host LRU cache size; None = unbounded
-    backend: str = "auto"  # "torch" | "triton" | "auto"
+    backend: str = "auto"  # "torch" | "cpu" | "triton" | "auto" (ops/lora_ops.py)
     # host LRU cache bound in bytes (serving dtype); None = min(1/8 of RAM, 32 GiB)
     max_cpu_lora_bytes: int | None = None
     # device slots for adapters with a full embedding / lm_head copy (PEFT modules_to_save),
@@ -249,8 +249,9 @@ class LoRAConfig:
         check_int("max_cpu_lora_bytes", self.max_cpu_lora_bytes, optional=True)
         check_int("max_full_module_adapters", self.max_full_module_adapters, minimum=0)
         check_bool("enable_lm_head_lora", self.enable_lm_head_lora)
-        if self.backend not in ("torch", "triton", "auto"):
-            raise ConfigError(f"lora_backend={self.backend!r} must be 'torch', 'triton' or 'auto'")
+        if self.backend not in ("torch", "cpu", "triton", "auto"):
+            raise ConfigError(
+                f"lora_backend={self.backend!r} must be 'torch', 'cpu', 'triton' or 'auto'")
 
 
 @dataclass(frozen=True)

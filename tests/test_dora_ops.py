@@ -18,7 +18,7 @@ if not CUDA:
 
 import importlib  # noqa: E402
 
-from loraplex.ops import lora_ref, lora_torch  # noqa: E402
+from loraplex.ops import lora_cpu, lora_ref, lora_torch  # noqa: E402
 from loraplex.ops.lora_meta import ColumnScales  # noqa: E402
 from loraplex.ops.lora_testing import PATTERNS, LoRACase, build, poisoned_h  # noqa: E402
 
@@ -104,13 +104,14 @@ def _cases(dtype, device):
             yield case, column_scales(case, {0, 2, 3})
 
 
-@pytest.mark.parametrize("backend", ["ref", "torch", "torch_masked"])
+@pytest.mark.parametrize("backend", ["ref", "torch", "cpu", "torch_masked"])
 def test_torch_backends_apply_column_scales(backend):
     for case, cs in _cases(torch.float32, "cpu"):
         if backend == "ref":
             run_expand(lora_ref.lora_expand, case, cs, 1e-6)
-        elif backend == "torch":
-            run_expand(lora_torch.lora_expand, case, cs, 1e-4)
+        elif backend in ("torch", "cpu"):
+            run_expand((lora_torch if backend == "torch" else lora_cpu).lora_expand, case, cs,
+                       1e-4)
         else:  # ranks off the host take the masked, sync-free path: force it on CPU
             run_expand(lambda *a: lora_torch._expand_masked(*a[:7], a[7]), case, cs, 1e-4)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from loraplex.ops import get_lora_ops, lora_ref, lora_torch, resolve_lora_backend
+from loraplex.ops import get_lora_ops, lora_cpu, lora_ref, lora_torch, resolve_lora_backend
 from loraplex.ops.lora_meta import LoRABatch
 from loraplex.ops.lora_testing import (
     PATTERNS,
@@ -20,7 +20,7 @@ from loraplex.ops.lora_testing import (
     poisoned_h,
 )
 
-IMPLS = {"ref": lora_ref, "torch": lora_torch}
+IMPLS = {"ref": lora_ref, "torch": lora_torch, "cpu": lora_cpu}
 
 
 @pytest.mark.parametrize("max_rank", [1, 16, 128])
@@ -191,7 +191,9 @@ def test_from_token_slots_segments() -> None:
 
 
 def test_backend_resolution() -> None:
-    assert resolve_lora_backend("auto", "cpu") == "torch"
+    assert resolve_lora_backend("auto", "cpu") == (
+        "cpu" if lora_cpu.unavailable_reason() is None else "torch")
+    assert get_lora_ops("cpu") == (lora_cpu.lora_shrink, lora_cpu.lora_expand)
     assert resolve_lora_backend("torch", "cpu") == "torch"
     assert get_lora_ops("torch") == (lora_torch.lora_shrink, lora_torch.lora_expand)
     with pytest.raises(ValueError, match="lora_backend"):

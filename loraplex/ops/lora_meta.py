@@ -42,6 +42,9 @@ class LoRABatch:
     # CPU backend: transposed views of adapter-pool weights, per pool, kept across steps by the
     # builder's reused batch (``lora_torch._pool_views``).
     views: dict[tuple, dict[tuple[int, int, int], torch.Tensor]] = field(default_factory=dict)
+    # CPU backend "cpu": ``host_segs`` cut into per-thread work items, kept with the list
+    # they were cut from (the builder makes a new list every step: ``lora_cpu._work_items``).
+    work_items: tuple | None = None
 
     @property
     def decode_shaped(self) -> bool:

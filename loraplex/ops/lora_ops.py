@@ -1,20 +1,25 @@
 """LoRA op backends: name -> (lora_shrink, lora_expand) with one contract (written as PyTorch
 code in ``lora_ref``, the tests' reference).
 
-``"torch"`` is ``lora_torch`` (any device; what the engine runs on CPU); ``"triton"`` is the GPU
-kernels (``lora_triton``). ``"auto"`` picks Triton on CUDA when it is installed, else torch.
+``"torch"`` is ``lora_torch`` (any device); ``"cpu"`` is ``lora_cpu`` (float32 in C, built at
+first use; other dtypes run the torch code); ``"triton"`` is the GPU kernels (``lora_triton``).
+``"auto"`` picks Triton on CUDA when it is installed, ``"cpu"`` on CPU when its C library
+builds here (else ``"torch"``, with a log line saying why).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
-BACKENDS = ("torch", "triton")
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "cpu", "triton")
 
 
 class LoRAOps(NamedTuple):
@@ -23,11 +28,30 @@ class LoRAOps(NamedTuple):
 
 
 def resolve_lora_backend(backend: str, device: torch.device | str) -> str:
-    """``backend`` ("torch" | "triton" | "auto") -> the concrete backend for ``device``."""
+    """``backend`` ("torch" | "cpu" | "triton" | "auto") -> the concrete backend for
+    ``device``."""
     device = torch.device(device)
     has_triton = importlib.util.find_spec("triton") is not None
     if backend == "auto":
-        return "triton" if device.type == "cuda" and has_triton else "torch"
+        if device.type == "cuda" and has_triton:
+            return "triton"
+        if device.type == "cpu":
+            from loraplex.ops.lora_cpu import unavailable_reason
+
+            why = unavailable_reason()
+            if why is None:
+                return "cpu"
+            logger.info("LoRA ops: the torch backend (the C one is unavailable: %s)", why)
+        return "torch"
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"lora_backend='cpu' runs on the CPU, got device={device}")
+        from loraplex.ops.lora_cpu import unavailable_reason
+
+        why = unavailable_reason()
+        if why is not None:
+            raise ValueError(f"lora_backend='cpu' is unavailable here: {why}")
+        return backend
     if backend == "triton":
         if not has_triton:
             raise ValueError("lora_backend='triton' needs the 'triton' package (not installed)")
@@ -45,6 +69,8 @@ def get_lora_ops(backend: str) -> LoRAOps:
         from loraplex.ops import lora_triton as mod
     elif backend == "torch":
         from loraplex.ops import lora_torch as mod
+    elif backend == "cpu":
+        from loraplex.ops import lora_cpu as mod
     else:
         raise ValueError(f"lora_backend={backend!r} must be one of {BACKENDS}")
     return LoRAOps(mod.lora_shrink, mod.lora_expand)

@@ -105,7 +105,7 @@ def lora_expand(
         for i, r in enumerate(host_ranks[slot]):
             if r:
                 if dora is not None and dora[slot]:  # DoRA: rescale the base output first
-                    _scale_columns(y_parts[i], col_scales, slot, offsets[i], offsets[i + 1])
+                    scale_columns(y_parts[i], col_scales, slot, offsets[i], offsets[i + 1])
                 b_t = views.get((slot, i, r))
                 if b_t is None:
                     b_t = views[(slot, i, r)] = b[slot, offsets[i] : offsets[i + 1], :r].T
@@ -122,7 +122,7 @@ def _pool_views(batch: LoRABatch, pool: torch.Tensor) -> dict[tuple[int, int, in
     return batch.views.setdefault((pool.data_ptr(), pool.shape), {})
 
 
-def _scale_columns(ys: torch.Tensor, cs: ColumnScales, slot: int, c0: int, c1: int) -> None:
+def scale_columns(ys: torch.Tensor, cs: ColumnScales, slot: int, c0: int, c1: int) -> None:
     # ys [len, w] a view of y: shift + y * scale in place, broadcast over the rows, in one
     # pass over y (mul_ then add_ would read and write it twice)
     torch.addcmul(cs.shift[slot, c0:c1], ys, cs.scale[slot, c0:c1], out=ys)

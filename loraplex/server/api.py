@@ -257,7 +257,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV-cache blocks (default: sized from the memory budget)")
-    p.add_argument("--lora-backend", default="auto", help="torch | triton | auto")
+    p.add_argument("--lora-backend", default="auto", choices=["auto", "torch", "cpu", "triton"],
+                   help="auto: triton on CUDA, the C ops ('cpu') on CPU when they build here")
     add_tensor_parallel_arg(p)
     p.add_argument("--enable-lm-head-lora", action="store_true",
                    help="serve adapters that target lm_head (allocates vocab x max-lora-rank x "

@@ -1,0 +1,173 @@
+"""The ``"cpu"`` LoRA backend: float32 shrink/expand in C (``lora_cpu.c``), one OpenMP
+parallel region per call. Same signatures and semantics as ``lora_ref``; what ``"auto"``
+picks on CPU when the C library builds (``native_build``), else the engine runs ``lora_torch``.
+
+Why a C loop rather than ``lora_torch``'s loop of ``addmm_`` calls: at two threads each of
+those small GEMMs forks and joins the whole thread team, and a call costs a few microseconds
+of dispatch, as much as a decode-sized GEMM. Here one call forks once; each thread runs
+whole single-threaded GEMMs (torch's own BLAS ``sgemm_``) on its share of the batch's rows.
+The rows are cut into work items: each segment (one adapter's rows) in chunks of at most
+``chunk`` rows, so one long segment still feeds every thread. The items are cut once per
+forward, vectorised with numpy, and reused by every projection.
+
+Anything the C code does not cover runs ``lora_torch`` instead, with the same results:
+other dtypes (bfloat16, float16), ranks held on an accelerator, a layout without unit
+column stride. DoRA's column scaling (``col_scales``) is applied per flagged segment first,
+as in ``lora_torch``; the delta is then added by the C expand.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loraplex.ops import lora_torch
+from loraplex.ops.lora_meta import ColumnScales, LoRABatch
+from loraplex.ops.native_build import NativeBuildError, load_library
+
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_SHRINK_ARGS = [_PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _I64]
+_EXPAND_ARGS = [_PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR,
+                _I64]
+MIN_CHUNK = 32  # rows: below this a GEMM's packing of its weights costs more than it splits
+
+
+class _Native:
+    def __init__(self) -> None:
+        lib = load_library(Path(__file__).with_name("lora_cpu.c"))
+        blas = _torch_blas()
+        if not hasattr(blas, "sgemm_"):
+            raise NativeBuildError("torch's CPU library exports no BLAS sgemm_")
+        self.sgemm = ctypes.cast(blas.sgemm_, ctypes.c_void_p)
+        self.shrink, self.expand = lib.lp_shrink_f32, lib.lp_expand_f32
+        self.shrink.argtypes, self.shrink.restype = _SHRINK_ARGS, None
+        self.expand.argtypes, self.expand.restype = _EXPAND_ARGS, None
+
+
+def _torch_blas() -> ctypes.CDLL:
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        if (lib_dir / name).exists():
+            return ctypes.CDLL(str(lib_dir / name))
+    raise NativeBuildError(f"torch's CPU library is not in {lib_dir}")
+
+
+@functools.cache
+def _native() -> _Native | str:
+    """The loaded library, or why it is unavailable (built once per process)."""
+    try:
+        return _Native()
+    except NativeBuildError as e:
+        return str(e)
+
+
+def unavailable_reason() -> str | None:
+    """None when the ``"cpu"`` backend can run here, else why not (compiler output...)."""
+    lib = _native()
+    return lib if isinstance(lib, str) else None
+
+
+def lora_shrink(
+    x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, batch: LoRABatch, out: torch.Tensor
+) -> None:
+    """``out[seg, i*R : i*R + r] = x[seg] @ a[slot, i*R : i*R + r].T`` per segment and slice
+    (contract: ``lora_ref.lora_shrink``)."""
+    lib = _native()
+    if isinstance(lib, str) or not _fits((x, out), (a,), ranks):
+        return lora_torch.lora_shrink(x, a, ranks, batch, out)
+    items = _work_items(batch)
+    if not len(items):
+        return
+    n = ranks.shape[1]
+    lib.shrink(lib.sgemm, x.data_ptr(), x.stride(0), a.data_ptr(), a.shape[1], a.shape[2],
+               ranks.data_ptr(), n, a.shape[1] // n, items.ctypes.data, len(items),
+               out.data_ptr(), out.stride(0))
+
+
+def lora_expand(
+    h: torch.Tensor,
+    b: torch.Tensor,
+    ranks: torch.Tensor,
+    scalings: torch.Tensor,
+    offsets: tuple[int, ...],
+    batch: LoRABatch,
+    y: torch.Tensor,
+    col_scales: ColumnScales | None = None,
+) -> None:
+    """``y[seg, cols_i] += scalings[slot, i] * h[seg, i*R : i*R + r] @ b[slot, cols_i, :r].T``
+    per segment and slice, in place (contract: ``lora_ref.lora_expand``)."""
+    lib = _native()
+    if isinstance(lib, str) or not _fits((h, y), (b, scalings), ranks):
+        return lora_torch.lora_expand(h, b, ranks, scalings, offsets, batch, y, col_scales)
+    items = _work_items(batch)
+    if not len(items):
+        return
+    n = ranks.shape[1]
+    assert len(offsets) == n + 1 and offsets[-1] == y.shape[1], (offsets, y.shape)
+    if col_scales is not None and any(col_scales.host_flags):
+        _scale_flagged(col_scales, ranks, offsets, batch, y)
+    offs = _offsets_array(tuple(offsets))
+    lib.expand(lib.sgemm, h.data_ptr(), h.stride(0), b.data_ptr(), b.shape[1], b.shape[2],
+               ranks.data_ptr(), scalings.data_ptr(), n, offs.ctypes.data, items.ctypes.data,
+               len(items), y.data_ptr(), y.stride(0))
+
+
+def _fits(rows: tuple[torch.Tensor, ...], pools: tuple[torch.Tensor, ...],
+          ranks: torch.Tensor) -> bool:
+    """The C code's layouts: float32 on the host, unit column stride for the activations
+    (any row stride), contiguous weight pools and scalings, host int32 ranks."""
+    def f32_host(t: torch.Tensor) -> bool:
+        return t.dtype == torch.float32 and t.device.type == "cpu"
+
+    return (all(f32_host(t) and t.stride(-1) == 1 for t in rows)
+            and all(f32_host(t) and t.is_contiguous() for t in pools)
+            and ranks.device.type == "cpu" and ranks.dtype == torch.int32
+            and ranks.is_contiguous())
+
+
+def _work_items(batch: LoRABatch) -> np.ndarray:
+    """``[k, 3]`` int64 ``(first row, rows, slot)``: the batch's adapter segments, each cut
+    into chunks of at most ``max(MIN_CHUNK, rows / (4 * threads))`` rows, so there are about
+    four items per thread (dynamic scheduling evens out unequal segments). Cached on the
+    batch with the ``host_segs`` list it was cut from."""
+    cached = batch.work_items
+    if cached is not None and cached[0] is batch.host_segs:
+        return cached[1]
+    segs = np.asarray(batch.host_segs, dtype=np.int64).reshape(-1, 3)
+    threads = torch.get_num_threads()
+    total = int(segs[:, 1].sum())
+    chunk = max(MIN_CHUNK, math.ceil(total / (4 * threads))) if threads > 1 else max(total, 1)
+    pieces = (segs[:, 1] + chunk - 1) // chunk  # chunks per segment
+    seg_of = np.repeat(np.arange(len(segs)), pieces)
+    first = np.arange(len(seg_of)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    starts = segs[seg_of, 0] + first * chunk
+    lens = np.minimum(chunk, segs[seg_of, 1] - first * chunk)
+    items = np.ascontiguousarray(np.stack([starts, lens, segs[seg_of, 2]], axis=1))
+    batch.work_items = (batch.host_segs, items)
+    return items
+
+
+@functools.lru_cache(maxsize=64)
+def _offsets_array(offsets: tuple[int, ...]) -> np.ndarray:
+    return np.asarray(offsets, dtype=np.int64)
+
+
+def _scale_flagged(cs: ColumnScales, ranks: torch.Tensor, offsets: tuple[int, ...],
+                   batch: LoRABatch, y: torch.Tensor) -> None:
+    """DoRA: a flagged slot's rows first map their base output ``y * scale + shift`` on the
+    slices it adapts (rank > 0), as ``lora_torch.lora_expand`` does before its GEMM."""
+    host_ranks = ranks.numpy()
+    for start, length, slot in batch.host_segs:
+        if not cs.host_flags[slot]:
+            continue
+        rows = y[start : start + length]
+        for i, r in enumerate(host_ranks[slot].tolist()):
+            if r:
+                lora_torch.scale_columns(rows[:, offsets[i] : offsets[i + 1]], cs, slot,
+                                         offsets[i], offsets[i + 1])
+

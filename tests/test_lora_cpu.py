@@ -1,0 +1,126 @@
+"""The ``"cpu"`` LoRA backend (``ops/lora_cpu.py`` over ``ops/lora_cpu.c``) beyond the op sweeps
+of test_lora_ops.py / test_dora_ops.py (which run it against the naive oracle): it really
+runs the C code for float32 and the torch code otherwise, its work items cover the segments
+exactly and feed every thread, the library builds once and is cached, and a machine where it
+cannot build falls back to the torch backend with the reason."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from loraplex.ops import lora_cpu, lora_torch, native_build, resolve_lora_backend
+from loraplex.ops.lora_meta import LoRABatch
+from loraplex.ops.lora_testing import build, check_expand, check_shrink
+
+CAN_BUILD = sys.platform.startswith("linux") and shutil.which("cc") is not None
+needs_build = pytest.mark.skipif(not CAN_BUILD, reason="needs Linux and a C compiler")
+
+
+@needs_build
+def test_builds_on_linux_with_a_compiler() -> None:
+    assert lora_cpu.unavailable_reason() is None
+    assert resolve_lora_backend("auto", "cpu") == "cpu"
+
+
+@needs_build
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float32_runs_the_c_code(monkeypatch, threads: int) -> None:
+    """No float32 call reaches the torch code; the results match the oracle."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("float32 fell back to the torch backend")
+
+    monkeypatch.setattr(lora_torch, "lora_shrink", refuse)
+    monkeypatch.setattr(lora_torch, "lora_expand", refuse)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for pattern in ("distinct", "zipf", "some_none"):
+            case = build(3, 300, pattern, 16, seed=len(pattern))  # per-slice ranks incl. 0
+            check_shrink(lora_cpu.lora_shrink, case, rtol=1e-5, atol=1e-5)
+            check_expand(lora_cpu.lora_expand, case, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_takes_the_torch_code(monkeypatch, dtype: torch.dtype) -> None:
+    calls = []
+    real = lora_torch.lora_shrink
+    monkeypatch.setattr(lora_torch, "lora_shrink", lambda *a: calls.append(1) or real(*a))
+    case = build(2, 20, "zipf", 8, seed=3, dtype=dtype)
+    check_shrink(lora_cpu.lora_shrink, case, rtol=2e-2, atol=2e-2)
+    assert calls
+
+
+def test_work_items_cover_the_segments_and_split_long_ones(monkeypatch) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    slots = [3] * 1000 + [-1] * 5 + [7] * 2 + [1] * 40
+    batch = LoRABatch.from_token_slots(slots)
+    items = lora_cpu._work_items(batch)
+    chunk = max(lora_cpu.MIN_CHUNK, -(-1042 // 8))  # ~4 items per thread
+    assert items[:, 1].max() <= chunk and len(items) >= 8
+    rows = np.full(len(slots), -1)
+    for start, n, slot in items.tolist():
+        assert (rows[start : start + n] == -1).all()  # no row in two items
+        rows[start : start + n] = slot
+    assert rows.tolist() == slots  # every adapter row once, with its slot
+    assert lora_cpu._work_items(batch) is items  # cached for the batch's other projections
+    batch.host_segs = [(0, 4, 2)]  # the builder makes a new list each step: cut again
+    assert lora_cpu._work_items(batch).tolist() == [[0, 4, 2]]
+
+
+def test_one_thread_keeps_segments_whole(monkeypatch) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    batch = LoRABatch.from_token_slots([0] * 700 + [2] * 3)
+    assert lora_cpu._work_items(batch).tolist() == [[0, 700, 0], [700, 3, 2]]
+
+
+@needs_build
+def test_library_is_built_once_and_cached(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LORAPLEX_CACHE_DIR", str(tmp_path))
+    src = tmp_path / "k.c"
+    src.write_text("int lp_answer(void) { return 42; }\n")
+    lib = native_build.build_library(src)
+    stamp = lib.stat().st_mtime_ns
+    assert native_build.load_library(src).lp_answer() == 42
+    assert native_build.build_library(src) == lib and lib.stat().st_mtime_ns == stamp
+    src.write_text("int lp_answer(void) { return 7; }\n")  # a new source: a new library
+    assert native_build.build_library(src) != lib
+    assert native_build.load_library(src).lp_answer() == 7
+    assert not list(tmp_path.glob("tmp*"))  # no temporary file left behind
+
+
+def test_build_failures_are_typed(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LORAPLEX_CACHE_DIR", str(tmp_path))
+    src = tmp_path / "bad.c"
+    src.write_text("this is not C\n")
+    if CAN_BUILD:
+        with pytest.raises(native_build.NativeBuildError, match="bad.c"):
+            native_build.build_library(src)
+    monkeypatch.setenv("CC", "")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler reachable
+    monkeypatch.setattr(native_build.sysconfig, "get_config_var", lambda name: None)
+    with pytest.raises(native_build.NativeBuildError, match="no C compiler"):
+        native_build.build_library(src)
+
+
+def test_unavailable_library_falls_back(monkeypatch) -> None:
+    """"auto" picks the torch backend and says why; asking for "cpu" is an error naming it;
+    the ops themselves still compute (through the torch code)."""
+    monkeypatch.setattr(lora_cpu, "_native", lambda: "no C compiler found")
+    assert resolve_lora_backend("auto", "cpu") == "torch"
+    with pytest.raises(ValueError, match="no C compiler found"):
+        resolve_lora_backend("cpu", "cpu")
+    case = build(2, 30, "distinct", 8, seed=1)
+    check_shrink(lora_cpu.lora_shrink, case, rtol=1e-5, atol=1e-5)
+    check_expand(lora_cpu.lora_expand, case, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_backend_refuses_other_devices() -> None:
+    with pytest.raises(ValueError, match="lora_backend='cpu'"):
+        resolve_lora_backend("cpu", "cuda")
