@@ -7,7 +7,8 @@ adapters on all seven projections, float32, 2 threads. In one run:
   (``adapter_names=``) and PEFT's own base; (d) 16 DoRA adapters (``use_dora``, same ranks
   and targets), (e) 16 adapters that also target ``embed_tokens`` and (f) 16 that also target
   ``lm_head`` (``enable_lm_head_lora``), each in consecutive slots, against (a)/(b)'s plain
-  LoRA in consecutive slots.
+  LoRA in consecutive slots; (g) the scattered mix again with the torch backend's LoRA ops
+  swapped into the same engine (the engine's own are the C ones, "cpu", where they build).
 
     python benchmarks/bench_lora.py [--adapters 16] [--layers 4] [--repeat 5] [--write-docs]
 
@@ -38,6 +39,8 @@ from common import (
 )
 
 from loraplex import LLM, SamplingParams
+from loraplex.lora.layers import LoRAEmbedding, LoRALinear
+from loraplex.ops import get_lora_ops
 
 
 def measure_bandwidth() -> float:
@@ -119,14 +122,30 @@ def keep_best(rows: dict[str, tuple[float, float]], key: str, run: tuple[float, 
     rows[key] = (min(old[0], run[0]), min(old[1], run[1]))
 
 
+TORCH_OPS = "scattered, torch ops"  # the case run with the torch backend's LoRA ops
+
+
+def use_lora_ops(llm: LLM, backend: str) -> None:
+    """Give every LoRA wrapper of the engine ``backend``'s ops (side-by-side cases of one
+    engine: same weights, same slots)."""
+    ops = get_lora_ops(backend)
+    for m in llm.engine.runner.model.modules():
+        if isinstance(m, LoRALinear):
+            m.shrink, m.expand = ops
+        elif isinstance(m, LoRAEmbedding):
+            m.expand = ops.expand
+
+
 def interleaved_best(llm: LLM, prompts, cases: dict[str, list], args,
                      clock) -> dict[str, tuple[float, float]]:
     """Best (prefill, decode) of ``args.repeat`` rounds, each running every case once, so
-    load drifts hit every case alike."""
+    load drifts hit every case alike. The ``TORCH_OPS`` case runs the torch backend's ops."""
     rows: dict[str, tuple[float, float]] = {}
     for _ in range(args.repeat):
         for key, ns in cases.items():
+            use_lora_ops(llm, "torch" if key == TORCH_OPS else llm.engine.lora_backend)
             keep_best(rows, key, loraplex_times(llm, prompts, ns, args.steps, clock))
+    use_lora_ops(llm, llm.engine.lora_backend)
     return rows
 
 
@@ -243,6 +262,7 @@ def main() -> None:
         for key, slots in layouts.items():
             print(f"{key}: slots {slots}", flush=True)
         cases = {"base": [None] * args.batch, "in order": ordered, "scattered": scattered,
+                 TORCH_OPS: scattered,
                  "DoRA": dora, "embedding": emb, "lm_head": head}
         rows = interleaved_best(llm, prompts, cases, args, clock)
         if not args.skip_peft:
@@ -280,6 +300,7 @@ def main() -> None:
         row("loraplex base", base, base),
         row(f"loraplex {n} adapters, slots in order", rows["in order"], base),
         row(f"loraplex {n} adapters, slots scattered", rows["scattered"], base),
+        row(f"loraplex {n} adapters, slots scattered, torch ops", rows[TORCH_OPS], base),
         row(f"loraplex {n} DoRA adapters, slots in order", rows["DoRA"], base),
         row(f"loraplex {n} adapters + embed_tokens LoRA, slots in order", rows["embedding"],
             base),
@@ -306,7 +327,9 @@ def main() -> None:
     body = (f"Random Llama (hidden 1024, {args.layers} layers), {args.batch} prompts x "
             f"{args.prompt_len} tokens, {args.steps} decode steps, {n} distinct rank-{args.rank} "
             f"adapters on all seven projections, out of {2 * n} held in {2 * n} slots; CPU "
-            f"float32, {args.threads} threads, {args.clock} clock; best of {args.repeat}, base "
+            f"float32, {args.threads} threads, {args.clock} clock, LoRA ops "
+            f"\"{llm.engine.lora_backend}\" (\"torch ops\": the torch backend's, on the same "
+            f"engine); best of {args.repeat}, base "
             f"and mixed runs interleaved in one run. Scattered slots: {layouts['scattered']}; "
             f"{n} DoRA adapters (same rank and targets) in slots {layouts['DoRA']}; {n} adapters "
             f"also on embed_tokens in slots {layouts['embedding']}; {n} also on lm_head "
