@@ -1,5 +1,6 @@
-"""The torch backend of the batched LoRA ops: what the engine runs on CPU (and on any device
-without Triton). Same signatures and semantics as ``lora_ref`` (the semantics are written out
+"""The torch backend of the batched LoRA ops: on CPU the fallback of the C backend
+(``lora_cpu``: when it cannot be built, and for half precision), and on any device without
+Triton. Same signatures and semantics as ``lora_ref`` (the semantics are written out
 as PyTorch code there); this file is about doing it fast.
 
 CPU (ranks on the host): one GEMM per (segment, slice), written straight into the
