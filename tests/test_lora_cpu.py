@@ -27,10 +27,24 @@ def test_builds_on_linux_with_a_compiler() -> None:
     assert resolve_lora_backend("auto", "cpu") == "cpu"
 
 
-@needs_build
+@pytest.fixture(params=["simd", "blas"])
+def kernels(request, monkeypatch):
+    """Both code paths of the C library: its AVX-512 shrink (where this CPU has it) and
+    torch's BLAS GEMM (what CPUs without AVX-512 run)."""
+    if not CAN_BUILD:
+        pytest.skip("needs Linux and a C compiler")
+    lib = lora_cpu._native()
+    if request.param == "simd" and not lib.simd:
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setattr(lib, "simd", int(request.param == "simd"))
+    return request.param
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-def test_float32_runs_the_c_code(monkeypatch, threads: int) -> None:
-    """No float32 call reaches the torch code; the results match the oracle."""
+def test_float32_runs_the_c_code(monkeypatch, kernels: str, threads: int) -> None:
+    """No float32 call reaches the torch code; the results match the oracle (sweeps: rows
+    past 4-row blocks, ranks past 4-column blocks and 16-wide vectors, inputs past 16-wide
+    vectors, per-slice ranks incl. 0, one and three slices)."""
     def refuse(*args, **kwargs):
         raise AssertionError("float32 fell back to the torch backend")
 
@@ -39,12 +53,34 @@ def test_float32_runs_the_c_code(monkeypatch, threads: int) -> None:
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for pattern in ("distinct", "zipf", "some_none"):
-            case = build(3, 300, pattern, 16, seed=len(pattern))  # per-slice ranks incl. 0
+        for n, num_tokens, max_rank, pattern in [(3, 300, 16, "distinct"), (3, 300, 16, "zipf"),
+                                                 (1, 7, 5, "some_none"), (2, 1, 64, "same"),
+                                                 (3, 2, 3, "distinct"), (2, 133, 40, "zipf")]:
+            case = build(n, num_tokens, pattern, max_rank, seed=num_tokens + max_rank)
             check_shrink(lora_cpu.lora_shrink, case, rtol=1e-5, atol=1e-5)
             check_expand(lora_cpu.lora_expand, case, rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(saved)
+
+
+def test_kernels_at_engine_shapes(kernels: str) -> None:
+    """Shapes the kernels' blocking meets in a model (hidden 1024, uneven widths, 128-row
+    segments, ranks 16 and 300), against float64 matmuls."""
+    g = torch.Generator().manual_seed(0)
+    for rows, in_f, out_f, rank in [(128, 1024, 2816, 16), (37, 1000, 77, 16), (2, 96, 33, 300)]:
+        x, y = torch.randn(rows, in_f, generator=g), torch.randn(rows, out_f, generator=g)
+        a = torch.randn(3, rank, in_f, generator=g) / in_f ** 0.5
+        b = torch.randn(3, out_f, rank, generator=g)
+        ranks, scalings = torch.full((3, 1), rank, dtype=torch.int32), torch.full((3, 1), 0.5)
+        batch = LoRABatch.from_token_slots([1] * rows)
+        h = torch.empty(rows, rank)
+        lora_cpu.lora_shrink(x, a, ranks, batch, h)
+        want_h = x.double() @ a[1].double().T
+        torch.testing.assert_close(h.double(), want_h, rtol=1e-4, atol=1e-4)
+        y0 = y.clone()
+        lora_cpu.lora_expand(h, b, ranks, scalings, (0, out_f), batch, y)
+        torch.testing.assert_close(y.double(), y0.double() + 0.5 * h.double() @ b[1].double().T,
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

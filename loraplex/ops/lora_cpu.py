@@ -1,11 +1,14 @@
 """The ``"cpu"`` LoRA backend: float32 shrink/expand in C (``lora_cpu.c``), one OpenMP
-parallel region per call. Same signatures and semantics as ``lora_ref``; what ``"auto"``
-picks on CPU when the C library builds (``native_build``), else the engine runs ``lora_torch``.
+parallel region per call; an AVX-512 shrink kernel where the CPU has it, BLAS GEMMs
+otherwise. Same signatures and semantics as ``lora_ref``; what ``"auto"`` picks on CPU when
+the C library builds (``native_build``), else the engine runs ``lora_torch``.
 
 Why a C loop rather than ``lora_torch``'s loop of ``addmm_`` calls: at two threads each of
 those small GEMMs forks and joins the whole thread team, and a call costs a few microseconds
 of dispatch, as much as a decode-sized GEMM. Here one call forks once; each thread runs
-whole single-threaded GEMMs (torch's own BLAS ``sgemm_``) on its share of the batch's rows.
+whole single-threaded GEMMs on its share of the batch's rows: torch's own BLAS ``sgemm_``,
+and for the shrink on CPUs with AVX-512 the library's kernel (6 x 4 blocks of dot products:
+the BLAS GEMM is slow at 16-48 output columns).
 The rows are cut into work items: each segment (one adapter's rows) in chunks of at most
 ``chunk`` rows, so one long segment still feeds every thread. The items are cut once per
 forward, vectorised with numpy, and reused by every projection.
@@ -31,7 +34,9 @@ from loraplex.ops.lora_meta import ColumnScales, LoRABatch
 from loraplex.ops.native_build import NativeBuildError, load_library
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_SHRINK_ARGS = [_PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _I64]
+_INT = ctypes.c_int
+_SHRINK_ARGS = [_PTR, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR,
+                _I64]
 _EXPAND_ARGS = [_PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR,
                 _I64]
 MIN_CHUNK = 32  # rows: below this a GEMM's packing of its weights costs more than it splits
@@ -45,6 +50,9 @@ class _Native:
             raise NativeBuildError("torch's CPU library exports no BLAS sgemm_")
         self.sgemm = ctypes.cast(blas.sgemm_, ctypes.c_void_p)
         self.shrink, self.expand = lib.lp_shrink_f32, lib.lp_expand_f32
+        # 1: the AVX-512 shrink where the CPU has it (``lp_simd_level``), 0: BLAS GEMMs only
+        # (tests run both)
+        self.simd = lib.lp_simd_level()
         self.shrink.argtypes, self.shrink.restype = _SHRINK_ARGS, None
         self.expand.argtypes, self.expand.restype = _EXPAND_ARGS, None
 
@@ -84,8 +92,8 @@ def lora_shrink(
     if not len(items):
         return
     n = ranks.shape[1]
-    lib.shrink(lib.sgemm, x.data_ptr(), x.stride(0), a.data_ptr(), a.shape[1], a.shape[2],
-               ranks.data_ptr(), n, a.shape[1] // n, items.ctypes.data, len(items),
+    lib.shrink(lib.sgemm, lib.simd, x.data_ptr(), x.stride(0), a.data_ptr(), a.shape[1],
+               a.shape[2], ranks.data_ptr(), n, a.shape[1] // n, items.ctypes.data, len(items),
                out.data_ptr(), out.stride(0))
 
 
@@ -112,9 +120,9 @@ def lora_expand(
     if col_scales is not None and any(col_scales.host_flags):
         _scale_flagged(col_scales, ranks, offsets, batch, y)
     offs = _offsets_array(tuple(offsets))
-    lib.expand(lib.sgemm, h.data_ptr(), h.stride(0), b.data_ptr(), b.shape[1], b.shape[2],
-               ranks.data_ptr(), scalings.data_ptr(), n, offs.ctypes.data, items.ctypes.data,
-               len(items), y.data_ptr(), y.stride(0))
+    lib.expand(lib.sgemm, h.data_ptr(), h.stride(0), b.data_ptr(), b.shape[1],
+               b.shape[2], ranks.data_ptr(), scalings.data_ptr(), n, offs.ctypes.data,
+               items.ctypes.data, len(items), y.data_ptr(), y.stride(0))
 
 
 def _fits(rows: tuple[torch.Tensor, ...], pools: tuple[torch.Tensor, ...],

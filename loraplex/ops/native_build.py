@@ -25,7 +25,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-FLAGS = ("-O2", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 
 
 class NativeBuildError(RuntimeError):
