@@ -6,6 +6,7 @@ cannot build falls back to the torch backend with the reason."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 
@@ -129,6 +130,20 @@ def test_library_is_built_once_and_cached(tmp_path, monkeypatch) -> None:
     assert native_build.build_library(src) != lib
     assert native_build.load_library(src).lp_answer() == 7
     assert not list(tmp_path.glob("tmp*"))  # no temporary file left behind
+
+
+@needs_build
+def test_unusable_cache_dir_falls_back_to_a_private_temp_dir(tmp_path, monkeypatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")  # mkdir below it fails, even for root
+    monkeypatch.setenv("LORAPLEX_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(tmp_path))
+    src = tmp_path / "k.c"
+    src.write_text("int lp_answer(void) { return 42; }\n")
+    lib = native_build.build_library(src)
+    assert lib.parent == tmp_path / f"loraplex-{os.getuid()}"
+    assert lib.parent.stat().st_mode & 0o777 == 0o700
+    assert native_build.load_library(src).lp_answer() == 42
 
 
 def test_build_failures_are_typed(tmp_path, monkeypatch) -> None:

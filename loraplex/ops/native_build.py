@@ -2,7 +2,8 @@
 
 A source is compiled once per machine with the system C compiler (``$CC``, else the one
 Python was built with, else ``cc``/``gcc``) and OpenMP, into a cache directory
-(``$LORAPLEX_CACHE_DIR``, else ``$XDG_CACHE_HOME/loraplex``, else ``~/.cache/loraplex``),
+(``$LORAPLEX_CACHE_DIR``, else ``$XDG_CACHE_HOME/loraplex``, else ``~/.cache/loraplex``;
+a private directory under the system temp dir when that one is not writable),
 under a name that hashes the source, the flags and the compiler: a changed source or compiler
 builds anew, an unchanged one loads in milliseconds. The build writes a temporary file and
 renames it into place, so processes that build at once (tensor-parallel workers) never load
@@ -39,6 +40,22 @@ def cache_dir() -> Path:
     return Path(base) / "loraplex"
 
 
+def _writable_dir() -> Path:
+    """``cache_dir()``, or where it cannot be created (a read-only home), a directory of this
+    user's own under the system temp dir (mode 0700: no other user can plant a library)."""
+    try:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        if os.access(cache_dir(), os.W_OK):
+            return cache_dir()
+    except OSError:
+        pass
+    tmp = Path(tempfile.gettempdir()) / f"loraplex-{os.getuid()}"
+    tmp.mkdir(mode=0o700, exist_ok=True)
+    if tmp.stat().st_uid != os.getuid() or tmp.stat().st_mode & 0o022:
+        raise NativeBuildError(f"{cache_dir()} is not writable and {tmp} is not this user's own")
+    return tmp
+
+
 def find_compiler() -> str:
     for cand in (os.environ.get("CC"), (sysconfig.get_config_var("CC") or "").split(" ")[0],
                  "cc", "gcc"):
@@ -52,11 +69,10 @@ def build_library(source: Path) -> Path:
     cc = find_compiler()
     text = source.read_bytes()
     key = hashlib.sha256(text + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
-    out_dir = cache_dir()
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = _writable_dir()
     except OSError as e:
-        raise NativeBuildError(f"cache directory {out_dir} is not writable: {e}") from e
+        raise NativeBuildError(f"no writable cache directory for {source.name}: {e}") from e
     lib = out_dir / f"{source.stem}-{key}.so"
     if lib.exists():
         return lib
