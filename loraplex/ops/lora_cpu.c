@@ -16,7 +16,9 @@
  *   out/h  [T, n*R], row stride ldo / ldh       b  [S, out_f, R] contiguous
  *   y      [T, out_f], row stride ldy           ranks [S, n] int32, scalings [S, n] float32
  *   offsets [n + 1] int64: slice i is columns offsets[i] .. offsets[i+1] of y
- * Items never share rows, so the threads write disjoint rows of out / y.
+ * Items never share rows, so the threads write disjoint rows of out / y. `threads` is torch's
+ * intra-op thread count, passed in: OpenMP's default is per calling thread (the machine's
+ * core count in a thread torch.set_num_threads never ran in).
  */
 #include <stdint.h>
 
@@ -102,11 +104,11 @@ static int has_avx512(void) { return 0; }
 int lp_simd_level(void) { return has_avx512(); }
 
 /* out[rows, i*R : i*R + r] = x[rows] @ a[slot, i*R : i*R + r].T  (beta 0: out is not read) */
-void lp_shrink_f32(sgemm_fn gemm, int simd, const float *x, int64_t ldx, const float *a,
+void lp_shrink_f32(sgemm_fn gemm, int simd, int threads, const float *x, int64_t ldx, const float *a,
                    int64_t n_r, int64_t in_f, const int32_t *ranks, int64_t n, int64_t big_r,
                    const int64_t *items, int64_t n_items, float *out, int64_t ldo) {
   simd = simd && has_avx512();
-#pragma omp parallel for schedule(dynamic, 1) if (n_items > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (n_items > 1)
   for (int64_t it = 0; it < n_items; it++) {
     const int64_t start = items[3 * it], slot = items[3 * it + 2];
     const int rows = (int)items[3 * it + 1], k = (int)in_f, lda = (int)in_f;
@@ -145,11 +147,11 @@ void lp_shrink_f32(sgemm_fn gemm, int simd, const float *x, int64_t ldx, const f
 }
 
 /* y[rows, cols_i] += scalings[slot, i] * h[rows, i*R : i*R + r] @ b[slot, cols_i, :r].T */
-void lp_expand_f32(sgemm_fn gemm, const float *h, int64_t ldh, const float *b,
+void lp_expand_f32(sgemm_fn gemm, int threads, const float *h, int64_t ldh, const float *b,
                    int64_t out_f, int64_t big_r, const int32_t *ranks, const float *scalings,
                    int64_t n, const int64_t *offsets, const int64_t *items, int64_t n_items,
                    float *y, int64_t ldy) {
-#pragma omp parallel for schedule(dynamic, 1) if (n_items > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (n_items > 1)
   for (int64_t it = 0; it < n_items; it++) {
     const int64_t start = items[3 * it], slot = items[3 * it + 2];
     const int rows = (int)items[3 * it + 1], lda = (int)big_r, ldb = (int)ldh, ldc = (int)ldy;

@@ -35,9 +35,9 @@ from loraplex.ops.native_build import NativeBuildError, load_library
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _INT = ctypes.c_int
-_SHRINK_ARGS = [_PTR, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR,
+_SHRINK_ARGS = [_PTR, _INT, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR,
                 _I64]
-_EXPAND_ARGS = [_PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR,
+_EXPAND_ARGS = [_PTR, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR,
                 _I64]
 MIN_CHUNK = 32  # rows: below this a GEMM's packing of its weights costs more than it splits
 
@@ -92,9 +92,9 @@ def lora_shrink(
     if not len(items):
         return
     n = ranks.shape[1]
-    lib.shrink(lib.sgemm, lib.simd, x.data_ptr(), x.stride(0), a.data_ptr(), a.shape[1],
-               a.shape[2], ranks.data_ptr(), n, a.shape[1] // n, items.ctypes.data, len(items),
-               out.data_ptr(), out.stride(0))
+    lib.shrink(lib.sgemm, lib.simd, torch.get_num_threads(), x.data_ptr(), x.stride(0),
+               a.data_ptr(), a.shape[1], a.shape[2], ranks.data_ptr(), n, a.shape[1] // n,
+               items.ctypes.data, len(items), out.data_ptr(), out.stride(0))
 
 
 def lora_expand(
@@ -120,9 +120,9 @@ def lora_expand(
     if col_scales is not None and any(col_scales.host_flags):
         _scale_flagged(col_scales, ranks, offsets, batch, y)
     offs = _offsets_array(tuple(offsets))
-    lib.expand(lib.sgemm, h.data_ptr(), h.stride(0), b.data_ptr(), b.shape[1],
-               b.shape[2], ranks.data_ptr(), scalings.data_ptr(), n, offs.ctypes.data,
-               items.ctypes.data, len(items), y.data_ptr(), y.stride(0))
+    lib.expand(lib.sgemm, torch.get_num_threads(), h.data_ptr(), h.stride(0), b.data_ptr(),
+               b.shape[1], b.shape[2], ranks.data_ptr(), scalings.data_ptr(), n,
+               offs.ctypes.data, items.ctypes.data, len(items), y.data_ptr(), y.stride(0))
 
 
 def _fits(rows: tuple[torch.Tensor, ...], pools: tuple[torch.Tensor, ...],
