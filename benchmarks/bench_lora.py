@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -136,17 +137,40 @@ def use_lora_ops(llm: LLM, backend: str) -> None:
             m.expand = ops.expand
 
 
-def interleaved_best(llm: LLM, prompts, cases: dict[str, list], args,
-                     clock) -> dict[str, tuple[float, float]]:
-    """Best (prefill, decode) of ``args.repeat`` rounds, each running every case once, so
-    load drifts hit every case alike. The ``TORCH_OPS`` case runs the torch backend's ops."""
-    rows: dict[str, tuple[float, float]] = {}
+def interleaved_runs(llm: LLM, prompts, cases: dict[str, list], args,
+                     clock) -> dict[str, list[tuple[float, float]]]:
+    """(prefill, decode) of every case in each of ``args.repeat`` rounds, each round running
+    every case once, so load drifts hit every case alike. The ``TORCH_OPS`` case runs the
+    torch backend's ops."""
+    runs: dict[str, list[tuple[float, float]]] = {key: [] for key in cases}
     for _ in range(args.repeat):
         for key, ns in cases.items():
             use_lora_ops(llm, "torch" if key == TORCH_OPS else llm.engine.lora_backend)
-            keep_best(rows, key, loraplex_times(llm, prompts, ns, args.steps, clock))
+            runs[key].append(loraplex_times(llm, prompts, ns, args.steps, clock))
     use_lora_ops(llm, llm.engine.lora_backend)
+    return runs
+
+
+def best_of(runs: dict[str, list[tuple[float, float]]]) -> dict[str, tuple[float, float]]:
+    rows: dict[str, tuple[float, float]] = {}
+    for key, rs in runs.items():
+        for run in rs:
+            keep_best(rows, key, run)
     return rows
+
+
+def median_ratios(runs: dict[str, list[tuple[float, float]]], key: str) -> tuple[float, float]:
+    """Median over rounds of (prefill, decode) of ``key`` / base in the same round: a paired
+    statistic, steadier than best-of ratios on a shared host (a slow spell hits both)."""
+    pairs = list(zip(runs[key], runs["base"], strict=True))
+    return (statistics.median(k[0] / b[0] for k, b in pairs),
+            statistics.median(k[1] / b[1] if b[1] > 0 else 0.0 for k, b in pairs))
+
+
+def interleaved_best(llm: LLM, prompts, cases: dict[str, list], args,
+                     clock) -> dict[str, tuple[float, float]]:
+    """Best (prefill, decode) of ``interleaved_runs``."""
+    return best_of(interleaved_runs(llm, prompts, cases, args, clock))
 
 
 def best(fn, repeat: int) -> tuple[float, float]:
@@ -264,7 +288,8 @@ def main() -> None:
         cases = {"base": [None] * args.batch, "in order": ordered, "scattered": scattered,
                  TORCH_OPS: scattered,
                  "DoRA": dora, "embedding": emb, "lm_head": head}
-        rows = interleaved_best(llm, prompts, cases, args, clock)
+        runs = interleaved_runs(llm, prompts, cases, args, clock)
+        rows = best_of(runs)
         if not args.skip_peft:
             from peft import PeftModel
 
@@ -290,23 +315,28 @@ def main() -> None:
     ntok = args.batch
     base = rows["base"]
 
-    def row(label: str, t: tuple[float, float], ref: tuple[float, float]) -> list[str]:
+    def row(label: str, t: tuple[float, float], ref: tuple[float, float],
+            key: str | None = None) -> list[str]:
         ok = t[1] > 0 and ref[1] > 0
+        med = median_ratios(runs, key) if key in runs else None
         return [label, f"{t[0]:.3f}", f"{t[1] * 1e3:.1f}" if ok else "n/a",
                 f"{ntok / t[1]:.0f}" if ok else "n/a", f"{t[0] / ref[0]:.3f}",
-                f"{t[1] / ref[1]:.3f}" if ok else "n/a"]
+                f"{t[1] / ref[1]:.3f}" if ok else "n/a",
+                f"{med[0]:.3f} / {med[1]:.3f}" if med else ""]
 
     table_rows = [
         row("loraplex base", base, base),
-        row(f"loraplex {n} adapters, slots in order", rows["in order"], base),
-        row(f"loraplex {n} adapters, slots scattered", rows["scattered"], base),
-        row(f"loraplex {n} adapters, slots scattered, torch ops", rows[TORCH_OPS], base),
-        row(f"loraplex {n} DoRA adapters, slots in order", rows["DoRA"], base),
+        row(f"loraplex {n} adapters, slots in order", rows["in order"], base, "in order"),
+        row(f"loraplex {n} adapters, slots scattered", rows["scattered"], base, "scattered"),
+        row(f"loraplex {n} adapters, slots scattered, torch ops", rows[TORCH_OPS], base,
+            TORCH_OPS),
+        row(f"loraplex {n} DoRA adapters, slots in order", rows["DoRA"], base, "DoRA"),
         row(f"loraplex {n} adapters + embed_tokens LoRA, slots in order", rows["embedding"],
-            base),
-        row(f"loraplex {n} adapters + lm_head LoRA, slots in order", rows["lm_head"], base),
+            base, "embedding"),
+        row(f"loraplex {n} adapters + lm_head LoRA, slots in order", rows["lm_head"], base,
+            "lm_head"),
         ["decode floor (base + adapter bytes / bandwidth)", "", f"{floor * 1e3:.1f}", "", "",
-         f"{floor / base[1]:.3f}"],
+         f"{floor / base[1]:.3f}", ""],
     ]
     plain, dr, em, hd = rows["in order"], rows["DoRA"], rows["embedding"], rows["lm_head"]
     summary = (f"\nAgainst plain LoRA in consecutive slots (time ratio): DoRA prefill "
@@ -323,14 +353,16 @@ def main() -> None:
             summary += (f"- slots {key}: prefill {pmx[0] / rows[key][0]:.2f}x, decode "
                         f"{decode} PEFT's speed\n")
     table = markdown_table(["run", "prefill s", "decode ms/step", "decode tok/s",
-                            "prefill / base", "decode / base"], table_rows)
+                            "prefill / base", "decode / base",
+                            "median of rounds: prefill / decode vs base"], table_rows)
     body = (f"Random Llama (hidden 1024, {args.layers} layers), {args.batch} prompts x "
             f"{args.prompt_len} tokens, {args.steps} decode steps, {n} distinct rank-{args.rank} "
             f"adapters on all seven projections, out of {2 * n} held in {2 * n} slots; CPU "
             f"float32, {args.threads} threads, {args.clock} clock, LoRA ops "
             f"\"{llm.engine.lora_backend}\" (\"torch ops\": the torch backend's, on the same "
-            f"engine); best of {args.repeat}, base "
-            f"and mixed runs interleaved in one run. Scattered slots: {layouts['scattered']}; "
+            f"engine); best of {args.repeat} rounds, each running every case once (base and "
+            f"mixed runs interleaved in one run); the last column is the median over the rounds "
+            f"of each round's ratio to that round's base. Scattered slots: {layouts['scattered']}; "
             f"{n} DoRA adapters (same rank and targets) in slots {layouts['DoRA']}; {n} adapters "
             f"also on embed_tokens in slots {layouts['embedding']}; {n} also on lm_head "
             f"(vocabulary {cfg.vocab_size}) in slots {layouts['lm_head']}. Measured copy "
