@@ -15,10 +15,11 @@ run (interleaved, best of ``--repeat``), on the ~150M benchmark model's shapes, 
       alternative, the batch's A/B gathered into scratch and one ``bmm`` for all segments;
   (f) one layer's four projections with their LoRA, prefill-shaped as the LoRA benchmark's
       1024-token steps (8 adapters x 128 rows, scattered slots, prepacked base weights): the
-      base GEMMs alone; the engine's path (base GEMM, then shrink and an in-place expand into
-      its output); the delta first (shrink, expand with beta=0 into a preallocated scratch)
-      then added in the base GEMM's epilogue (oneDNN's binary-add post-op); and the engine's
-      path with the LoRA GEMMs on one thread (different from the engine's only at
+      base GEMMs alone; the LoRA layer's order (shrink while x is in cache, base GEMM, then
+      an in-place expand into its output) with the torch backend's ops and with the C ones
+      (``lora_cpu``, what the engine runs); the delta first (shrink, expand with beta=0 into a
+      preallocated scratch) then added in the base GEMM's epilogue (oneDNN's binary-add
+      post-op); and the torch ops with their GEMMs on one thread (different only at
       --threads > 1).
 
     python benchmarks/bench_cpu_parts.py [--threads 2] [--clock wall] [--repeat 8] \
@@ -47,6 +48,7 @@ from loraplex import LLM, SamplingParams
 from loraplex.layers.attention import Attention
 from loraplex.layers.forward_context import ForwardBatch, forward_context
 from loraplex.layers.prefill_groups import plan_prefill
+from loraplex.ops import lora_cpu, lora_torch
 from loraplex.ops.lora_meta import LoRABatch
 from loraplex.ops.lora_torch import lora_expand, lora_shrink
 
@@ -248,15 +250,18 @@ def lora_epilogue(repeat: int, clock) -> dict[str, float]:
     def base():
         return [linear(p["x"], p["w"], None, "none", [], "") for p in layer]
 
-    def engine(lora_batch: LoRABatch, lora_threads: int):  # lora_threads: for its GEMMs
-        def fn():
+    def engine(lora_batch: LoRABatch, lora_threads: int, ops=lora_torch):
+        def fn():  # lora_threads: for the LoRA GEMMs; ops: the backend module
             ys = []
             for p in layer:
-                y = linear(p["x"], p["w"], None, "none", [], "")
                 hp = h[:, : p["a"].shape[1]]
                 torch.set_num_threads(lora_threads)
-                lora_shrink(p["x"], p["a"], p["ranks"], lora_batch, hp)
-                lora_expand(hp, p["b"], p["ranks"], p["scalings"], p["offsets"], lora_batch, y)
+                ops.lora_shrink(p["x"], p["a"], p["ranks"], lora_batch, hp)  # x still in cache
+                torch.set_num_threads(threads)
+                y = linear(p["x"], p["w"], None, "none", [], "")
+                torch.set_num_threads(lora_threads)
+                ops.lora_expand(hp, p["b"], p["ranks"], p["scalings"], p["offsets"], lora_batch,
+                                y)
                 torch.set_num_threads(threads)
                 ys.append(y)
             return ys
@@ -279,10 +284,10 @@ def lora_epilogue(repeat: int, clock) -> dict[str, float]:
         return ys
 
     fns = {"base": base, "engine": engine(batch, threads), "epilogue": epilogue,
-           "one thread": engine(batch, 1)}
+           "one thread": engine(batch, 1), "C ops": engine(batch, threads, lora_cpu)}
     with torch.inference_mode():
         want = fns["engine"]()
-        for name in ("epilogue", "one thread"):  # every variant computes the same outputs
+        for name in ("epilogue", "one thread", "C ops"):  # every variant computes the same
             for y, ref in zip(fns[name](), want, strict=True):
                 torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
         return interleaved(fns, repeat, clock)
@@ -343,12 +348,15 @@ def main() -> None:
         over = {k: (v - r["base"]) / r["base"] for k, v in r.items()}
         rows.append(["(f) one layer's base GEMMs + LoRA, prefill 1024 rows (LoRA time over "
                      "the base GEMMs')",
-                     f"engine's path {r['engine'] * 1e3:.1f} ms (+{over['engine']:.1%})",
+                     f"torch ops {r['engine'] * 1e3:.1f} ms (+{over['engine']:.1%}); "
+                     f"C ops (\"cpu\", the engine's) {r['C ops'] * 1e3:.1f} ms "
+                     f"(+{over['C ops']:.1%})",
                      f"delta in the GEMM epilogue {r['epilogue'] * 1e3:.1f} ms "
                      f"(+{over['epilogue']:.1%}); LoRA GEMMs on one thread "
                      f"{r['one thread'] * 1e3:.1f} ms (+{over['one thread']:.1%}); base "
                      f"{r['base'] * 1e3:.1f} ms",
-                     f"{r['epilogue'] / r['engine']:.2f}x ({r['one thread'] / r['engine']:.2f}x)"])
+                     f"{r['epilogue'] / r['engine']:.2f}x ({r['one thread'] / r['engine']:.2f}x); "
+                     f"C ops / torch ops {r['C ops'] / r['engine']:.2f}x"])
         print(rows[-1], flush=True)
     table = markdown_table(["what", "new", "before", "before / new"], rows)
     body = (f"CPU float32, {args.threads} threads, {args.clock} clock, the benchmark model's "
