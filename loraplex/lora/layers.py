@@ -1,8 +1,9 @@
 """LoRA wrappers for the fused projections, put in by module swap.
 
 ``install_lora_layers`` replaces each layer's qkv_proj, o_proj, gate_up_proj and down_proj with a
-``LoRALinear`` that computes ``y = base(x)`` and then, when the step's ForwardBatch carries LoRA
-metadata, adds ``scaling * (x @ A^T) @ B^T`` per segment in place (a DoRA slot first rescales
+``LoRALinear`` that computes ``y = base(x)`` and, when the step's ForwardBatch carries LoRA
+metadata, adds ``scaling * (x @ A^T) @ B^T`` per segment in place (the shrink ``x @ A^T`` runs
+before the base GEMM, the expand after it; a DoRA slot first rescales
 its rows' base output by its column scales, inside the expand). The model classes never
 mention LoRA. All wrappers share one scratch buffer for the shrink output (layers run one at a
 time), allocated once. The input embedding gets ``LoRAEmbedding`` (PEFT's embedding LoRA:
