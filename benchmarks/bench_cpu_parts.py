@@ -20,10 +20,12 @@ run (interleaved, best of ``--repeat``), on the ~150M benchmark model's shapes, 
       (``lora_cpu``, what the engine runs); the delta first (shrink, expand with beta=0 into a
       preallocated scratch) then added in the base GEMM's epilogue (oneDNN's binary-add
       post-op); and the torch ops with their GEMMs on one thread (different only at
-      --threads > 1).
+      --threads > 1);
+  (g) the C backend's shrink over one layer's four projections (16 or 8 scattered adapters,
+      decode- and prefill-shaped): its AVX-512 kernel vs torch's BLAS GEMM.
 
     python benchmarks/bench_cpu_parts.py [--threads 2] [--clock wall] [--repeat 8] \
-        [--parts abcdef] [--write-docs]
+        [--parts abcdefg] [--write-docs]
 
 ``--clock cpu`` times with the process's CPU time (use it with ``--threads 1`` on a shared host:
 it does not count the time the process waited for a core).
@@ -223,6 +225,31 @@ def lora_op_vs_gathered(rows: int, per_adapter: int, repeat: int, clock) -> dict
         return interleaved({"op": op, "gathered": gathered}, repeat, clock)
 
 
+def c_shrink_kernels(rows: int, per_adapter: int, repeat: int, clock) -> dict[str, float]:
+    """(g): the C backend's shrink over one layer's four projections, its AVX-512 kernel
+    against torch's BLAS GEMM (the same calls, ``simd`` switched)."""
+    hidden, inter, rank, num_slots = 1024, 2816, 16, 32
+    used = random.Random(0).sample(range(num_slots), rows // per_adapter)
+    batch = LoRABatch.from_token_slots([used[t // per_adapter] for t in range(rows)])
+    layer = [(torch.randn(rows, in_f), torch.randn(num_slots, n * rank, in_f),
+              torch.full((num_slots, n), rank, dtype=torch.int32), torch.empty(rows, n * rank))
+             for in_f, n in ((hidden, 3), (hidden, 1), (hidden, 2), (inter, 1))]
+    lib = lora_cpu._native()
+
+    def run(simd: int):
+        def fn():
+            lib.simd = simd
+            for x, a, ranks, h in layer:
+                lora_cpu.lora_shrink(x, a, ranks, batch, h)
+        return fn
+
+    saved = lib.simd
+    try:
+        return interleaved({"avx512": run(1), "blas": run(0)}, repeat, clock)
+    finally:
+        lib.simd = saved
+
+
 def lora_epilogue(repeat: int, clock) -> dict[str, float]:
     rows, per, rank, num_slots = 1024, 128, 16, 32
     hidden, inter = 1024, 2816
@@ -299,7 +326,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=8)
     ap.add_argument("--clock", choices=list(CLOCK), default="wall",
                     help="wall time, or the process's CPU time (with --threads 1)")
-    ap.add_argument("--parts", default="abcdef", help="which parts to run")
+    ap.add_argument("--parts", default="abcdefg", help="which parts to run")
     add_write_docs_flag(ap)
     args = ap.parse_args()
     bench_threads(args.threads)
@@ -358,11 +385,23 @@ def main() -> None:
                      f"{r['epilogue'] / r['engine']:.2f}x ({r['one thread'] / r['engine']:.2f}x); "
                      f"C ops / torch ops {r['C ops'] / r['engine']:.2f}x"])
         print(rows[-1], flush=True)
+    if "g" in args.parts:
+        if lora_cpu.unavailable_reason() or not lora_cpu._native().simd:
+            print("(g) skipped: the C library or AVX-512 is unavailable here", flush=True)
+        else:
+            for label, rows_, per in (("decode, 32 rows", 32, 2),
+                                      ("prefill, 1024 rows", 1024, 128)):
+                r = c_shrink_kernels(rows_, per, 5 * args.repeat, clock)
+                rows.append([f"(g) C shrink, one layer's 4 projections, {label}",
+                             f"AVX-512 kernel {r['avx512'] * 1e3:.2f} ms",
+                             f"BLAS sgemm_ {r['blas'] * 1e3:.2f} ms",
+                             f"{r['blas'] / r['avx512']:.2f}x"])
+                print(rows[-1], flush=True)
     table = markdown_table(["what", "new", "before", "before / new"], rows)
     body = (f"CPU float32, {args.threads} threads, {args.clock} clock, the benchmark model's "
             f"shapes (16 heads / 4 kv heads, head dim 64); each pair interleaved in one run, "
             f"best of {3 * args.repeat} ((a), (b)), {args.repeat} ((c)), {25 * args.repeat} "
-            f"((d)) or {5 * args.repeat} ((e), (f)). In (d) \"new\" is the floor the op's own "
+            f"((d)) or {5 * args.repeat} ((e), (f), (g)). In (d) \"new\" is the floor the op's own "
             f"calls set, \"before\" the op; in (e) and (f) \"before\" is the alternative the "
             f"engine does not take.\n\n"
             f"`python benchmarks/bench_cpu_parts.py`\n\n{table}\n")

@@ -30,9 +30,10 @@ typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, c
 /* An AVX-512 shrink kernel, used when the CPU has AVX-512 and the caller allows it
  * (simd != 0), else the BLAS GEMM. Why: with 16-48 output columns the BLAS GEMM runs well
  * below its square-GEMM rate; blocks of 6 x 4 dot products keep 24 accumulators in registers
- * for 10 loads per 24 FMAs (measured: one layer's shrinks 10-20% faster at 2 threads). The expand stays
- * the BLAS GEMM: a kernel that transposed B's 32-column tiles into L1 and walked y's rows per
- * tile ran at half its speed (y read column tile by column tile defeats the prefetchers). */
+ * for 10 loads per 24 FMAs (benchmarks/bench_cpu_parts.py part (g) times both). The expand
+ * stays the BLAS GEMM: a kernel that transposed B's 32-column tiles into L1 and walked y's
+ * rows per tile was slower in an unscripted probe (y read column tile by column tile defeats
+ * the prefetchers). */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define LP_X86 1
@@ -41,7 +42,7 @@ typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, c
 
 static int has_avx512(void) { return __builtin_cpu_supports("avx512f"); }
 /* shrink blocks: BI rows of x by BJ rows of a, BI * BJ accumulators (24 of the 32 zmm
- * registers; measured at 1 and 2 threads against 4 x 4, 8 x 2, 8 x 3 and 4 x 6) */
+ * registers; picked over 4 x 4, 8 x 2, 8 x 3 and 4 x 6 in an unscripted probe) */
 #define BI 6
 #define BJ 4
 
@@ -103,46 +104,44 @@ static int has_avx512(void) { return 0; }
 /* The kernel this library was built with and this CPU runs: 1 = AVX-512 shrink, 0 = BLAS. */
 int lp_simd_level(void) { return has_avx512(); }
 
+/* out[rows, :m] = x[rows] @ a[:m].T (out's old values are not read): the AVX-512 kernel
+ * where allowed, else the BLAS GEMM (column-major: out.T = a . x.T) */
+static void shrink_gemm(sgemm_fn gemm, int simd, const float *x, int64_t ldx, const float *a,
+                        int64_t k_len, int m, int rows, float *out, int64_t ldo) {
+#ifdef LP_X86
+  if (simd) {
+    shrink_avx512(x, ldx, a, k_len, m, (int)k_len, rows, out, ldo);
+    return;
+  }
+#else
+  (void)simd;
+#endif
+  const int k = (int)k_len, lda = (int)k_len, ldb = (int)ldx, ldc = (int)ldo;
+  const float one = 1.0f, zero = 0.0f;
+  gemm("T", "N", &m, &rows, &k, &one, a, &lda, x, &ldb, &zero, out, &ldc);
+}
+
 /* out[rows, i*R : i*R + r] = x[rows] @ a[slot, i*R : i*R + r].T  (beta 0: out is not read) */
-void lp_shrink_f32(sgemm_fn gemm, int simd, int threads, const float *x, int64_t ldx, const float *a,
-                   int64_t n_r, int64_t in_f, const int32_t *ranks, int64_t n, int64_t big_r,
-                   const int64_t *items, int64_t n_items, float *out, int64_t ldo) {
+void lp_shrink_f32(sgemm_fn gemm, int simd, int threads, const float *x, int64_t ldx,
+                   const float *a, int64_t n_r, int64_t in_f, const int32_t *ranks, int64_t n,
+                   int64_t big_r, const int64_t *items, int64_t n_items, float *out, int64_t ldo) {
   simd = simd && has_avx512();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (n_items > 1)
   for (int64_t it = 0; it < n_items; it++) {
     const int64_t start = items[3 * it], slot = items[3 * it + 2];
-    const int rows = (int)items[3 * it + 1], k = (int)in_f, lda = (int)in_f;
-    const int ldb = (int)ldx, ldc = (int)ldo;
-    const float one = 1.0f, zero = 0.0f;
+    const int rows = (int)items[3 * it + 1];
     const int32_t *rk = ranks + slot * n;
     int full = 1;
     for (int64_t i = 0; i < n; i++) full &= rk[i] == big_r;
     if (full) { /* every slice at full rank: one GEMM over the stacked rows of A */
-      const int m = (int)n_r;
-#ifdef LP_X86
-      if (simd) {
-        shrink_avx512(x + start * ldx, ldx, a + slot * n_r * in_f, in_f, m, k, rows,
-                      out + start * ldo, ldo);
-        continue;
-      }
-#endif
-      gemm("T", "N", &m, &rows, &k, &one, a + slot * n_r * in_f, &lda, x + start * ldx, &ldb,
-           &zero, out + start * ldo, &ldc);
+      shrink_gemm(gemm, simd, x + start * ldx, ldx, a + slot * n_r * in_f, in_f, (int)n_r, rows,
+                  out + start * ldo, ldo);
       continue;
     }
-    for (int64_t i = 0; i < n; i++) {
-      const int m = rk[i];
-      if (m <= 0) continue;
-#ifdef LP_X86
-      if (simd) {
-        shrink_avx512(x + start * ldx, ldx, a + (slot * n_r + i * big_r) * in_f, in_f, m, k,
-                      rows, out + start * ldo + i * big_r, ldo);
-        continue;
-      }
-#endif
-      gemm("T", "N", &m, &rows, &k, &one, a + (slot * n_r + i * big_r) * in_f, &lda,
-           x + start * ldx, &ldb, &zero, out + start * ldo + i * big_r, &ldc);
-    }
+    for (int64_t i = 0; i < n; i++)
+      if (rk[i] > 0)
+        shrink_gemm(gemm, simd, x + start * ldx, ldx, a + (slot * n_r + i * big_r) * in_f, in_f,
+                    rk[i], rows, out + start * ldo + i * big_r, ldo);
   }
 }
 
