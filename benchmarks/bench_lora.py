@@ -132,7 +132,7 @@ def use_lora_ops(llm: LLM, backend: str) -> None:
     ops = get_lora_ops(backend)
     for m in llm.engine.runner.model.modules():
         if isinstance(m, LoRALinear):
-            m.shrink, m.expand = ops
+            m.shrink, m.expand, m.expand_silu_mul = ops
         elif isinstance(m, LoRAEmbedding):
             m.expand = ops.expand
 

@@ -193,9 +193,10 @@ def test_from_token_slots_segments() -> None:
 def test_backend_resolution() -> None:
     assert resolve_lora_backend("auto", "cpu") == (
         "cpu" if lora_cpu.unavailable_reason() is None else "torch")
-    assert get_lora_ops("cpu") == (lora_cpu.lora_shrink, lora_cpu.lora_expand)
+    assert get_lora_ops("cpu") == (lora_cpu.lora_shrink, lora_cpu.lora_expand,
+                                   lora_cpu.lora_expand_silu_mul)
     assert resolve_lora_backend("torch", "cpu") == "torch"
-    assert get_lora_ops("torch") == (lora_torch.lora_shrink, lora_torch.lora_expand)
+    assert get_lora_ops("torch") == (lora_torch.lora_shrink, lora_torch.lora_expand, None)
     with pytest.raises(ValueError, match="lora_backend"):
         resolve_lora_backend("cutlass", "cpu")
     with pytest.raises(ValueError, match="lora_backend"):

@@ -25,12 +25,13 @@ import torch
 from torch import nn
 
 from loraplex.distributed.parallel_state import all_reduce_
+from loraplex.layers.activation import silu_and_mul
 from loraplex.layers.embedding import VocabParallelEmbedding
 from loraplex.layers.forward_context import get_forward_batch
 from loraplex.layers.linear import LinearBase, RowLinear
 from loraplex.lora.buffers import FUSED_PROJECTIONS, LoRABuffers, SlotBuffers
 from loraplex.ops.lora_embedding import lora_embedding_shrink
-from loraplex.ops.lora_ops import get_lora_ops
+from loraplex.ops.lora_ops import LoRAOps, get_lora_ops
 
 
 def logits_read_lora(model: nn.Module) -> bool:
@@ -47,13 +48,14 @@ class LoRALinear(nn.Module):
         base: LinearBase,
         buffers: SlotBuffers,
         scratch: torch.Tensor,
-        ops: tuple[Callable, Callable],
+        ops: LoRAOps,
     ) -> None:
         super().__init__()
         self.base = base
         self.buffers = buffers
         self.scratch = scratch  # [max_tokens, >= n * R], shared by all wrappers
-        self.shrink, self.expand = ops
+        self.shrink, self.expand = ops.shrink, ops.expand
+        self.expand_silu_mul = ops.expand_silu_mul  # None: the backend has no fused form
         self.output_sizes = base.output_sizes
         self.width = buffers.a.shape[1]  # n * R
         # row-parallel under TP: the shrink output is a partial sum over the input shards
@@ -63,6 +65,30 @@ class LoRALinear(nn.Module):
         lora = get_forward_batch().lora
         if lora is None:
             return self.base(x)
+        h, y = self._shrink_and_base(x, lora)
+        buf = self.buffers
+        self.expand(h, buf.b, buf.ranks, buf.scalings, buf.offsets, lora, y, buf.col_scales)
+        return y
+
+    def silu_mul_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` of this gate/up projection's output (``layers/activation``'s
+        hook). With a fused backend op the delta is added inside the activation's pass over
+        the output (``LoRAOps.expand_silu_mul``), which then is read once instead of being
+        rewritten by the expand first; else the plain forward, then the activation."""
+        lora = get_forward_batch().lora
+        if lora is None or self.expand_silu_mul is None:
+            return silu_and_mul(self.forward(x))
+        h, y = self._shrink_and_base(x, lora)
+        buf = self.buffers
+        out = self.expand_silu_mul(h, buf.b, buf.ranks, buf.scalings, buf.offsets, lora, y,
+                                   buf.col_scales)
+        if out is None:  # not covered here (dtype, layout, CPU): unfused
+            self.expand(h, buf.b, buf.ranks, buf.scalings, buf.offsets, lora, y, buf.col_scales)
+            return silu_and_mul(y)
+        return out
+
+    def _shrink_and_base(self, x: torch.Tensor, lora) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the shrink output ``h`` [T, n*R], the base output ``y``)."""
         buf = self.buffers
         t = x.shape[0]
         # The shrink runs before the base GEMM: x was just written by the layer before, so it
@@ -77,9 +103,7 @@ class LoRALinear(nn.Module):
         else:
             h = self.scratch[:t, : self.width]  # [T, n*R]
             self.shrink(x, buf.a, buf.ranks, lora, h)
-        y = self.base(x)
-        self.expand(h, buf.b, buf.ranks, buf.scalings, buf.offsets, lora, y, buf.col_scales)
-        return y
+        return h, self.base(x)
 
 
 class LoRALMHead(LoRALinear):
@@ -89,7 +113,7 @@ class LoRALMHead(LoRALinear):
     segmented by the LoRA batch the runner installs for them."""
 
     def __init__(self, base: LinearBase, buffers: SlotBuffers, scratch: torch.Tensor,
-                 ops: tuple[Callable, Callable], live_slots: set[int]) -> None:
+                 ops: LoRAOps, live_slots: set[int]) -> None:
         super().__init__(base, buffers, scratch, ops)
         self.live_slots = live_slots  # LoRABuffers.lm_head_slots: slots with an lm_head LoRA
 

@@ -12,19 +12,18 @@ embedding and lm_head; ``compute_logits`` gathers the full vocabulary on every r
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loraplex.config import ModelConfig
 from loraplex.distributed.parallel_state import all_gather_last, tp_size
 from loraplex.distributed.sharding import RankShape
 from loraplex.errors import ModelLoadError
+from loraplex.layers.activation import gate_up_silu_mul
 from loraplex.layers.attention import Attention
 from loraplex.layers.embedding import VocabParallelEmbedding
 from loraplex.layers.linear import ColumnLinear, MergedColumnLinear, QKVLinear, RowLinear
 from loraplex.layers.norm import RMSNorm
 from loraplex.layers.rotary import RotaryEmbedding
-from loraplex.ops.elementwise import fused_ops
 
 
 class LlamaAttention(nn.Module):
@@ -64,12 +63,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowLinear(i, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [T, 2I]
-        ops = fused_ops(gate_up)
-        if ops is not None and gate_up.stride(1) == 1:
-            return self.down_proj(ops.silu_mul(gate_up))  # one kernel on CUDA
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate).mul_(up))  # in place: one [T, I] buffer less
+        return self.down_proj(gate_up_silu_mul(self.gate_up_proj, x))  # [T, 2I] -> [T, I]
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -21,6 +21,7 @@
  * core count in a thread torch.set_num_threads never ran in).
  */
 #include <stdint.h>
+#include <stdlib.h>
 
 typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, const int *n,
                          const int *k, const float *alpha, const float *a, const int *lda,
@@ -97,6 +98,118 @@ LP_TARGET static void shrink_avx512(const float *x, int64_t ldx, const float *a,
   }
 }
 
+
+/* exp(x) in float32 to about 1 ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so r
+ * is exact), exp(r) by a degree-6 polynomial (Cephes' expf coefficients), times 2^n by
+ * scalef. x is clamped to [-104, 104], past which the float result is 0 or inf anyway
+ * (scalef gives them, denormals included); a NaN stays NaN in the callers (x / (1 + e)). */
+LP_TARGET LP_INLINE __m512 exp_avx512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+/* silu(g) * u, SiLU as torch writes it: g / (1 + exp(-g)) */
+LP_TARGET LP_INLINE __m512 silu_mul_vec(__m512 g, __m512 u) {
+  const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+}
+
+LP_TARGET LP_INLINE __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
+/* out[q, :] = silu(y[q, :I] + dg[q]) * (y[q, I:] + du[q]) for `rows` rows, the deltas read
+ * from memory (row stride ldd; NULL: no delta on that half) */
+LP_TARGET static void silu_mul_rows(const float *y, int64_t ldy, const float *dg,
+                                    const float *du, int64_t ldd, int64_t inter, int64_t rows,
+                                    float *out, int64_t ldo) {
+  for (int64_t q = 0; q < rows; q++) {
+    const float *g = y + q * ldy;
+    for (int64_t j = 0; j < inter; j += 16) {
+      const __mmask16 m = tail_mask(inter - j);
+      __m512 gv = _mm512_maskz_loadu_ps(m, g + j), uv = _mm512_maskz_loadu_ps(m, g + inter + j);
+      if (dg) gv = _mm512_add_ps(gv, _mm512_maskz_loadu_ps(m, dg + q * ldd + j));
+      if (du) uv = _mm512_add_ps(uv, _mm512_maskz_loadu_ps(m, du + q * ldd + j));
+      _mm512_mask_storeu_ps(out + q * ldo + j, m, silu_mul_vec(gv, uv));
+    }
+  }
+}
+
+/* For NQ rows of an item (pointers clamped past `rows`, nothing stored there):
+ *   out[q, j] = silu(y[q, j] + h[q, :rg] . btg[:, j]) * (y[q, I + j] + h[q, R : R + ru] . btu[:, j])
+ * btg / btu: the slot's B slices transposed and scaled, [rg, I] and [ru, I]. Each 16-column
+ * strip's deltas stay in registers (2 x NQ accumulators) until the activation reads them. */
+LP_TARGET LP_INLINE void silu_mul_block(const float *h, int64_t ldh, int64_t big_r, int rg,
+                                        int ru, const float *btg, const float *btu,
+                                        int64_t inter, const float *y, int64_t ldy, float *out,
+                                        int64_t ldo, int rows, const int NQ) {
+  const float *hr[8];
+  for (int q = 0; q < NQ; q++) hr[q] = h + (q < rows ? q : rows - 1) * ldh;
+  for (int64_t j = 0; j < inter; j += 16) {
+    const __mmask16 m = tail_mask(inter - j);
+    __m512 ag[8], au[8];
+    for (int q = 0; q < NQ; q++) ag[q] = au[q] = _mm512_setzero_ps();
+    for (int k = 0; k < rg; k++) {
+      const __m512 bv = _mm512_maskz_loadu_ps(m, btg + k * inter + j);
+      for (int q = 0; q < NQ; q++) ag[q] = _mm512_fmadd_ps(_mm512_set1_ps(hr[q][k]), bv, ag[q]);
+    }
+    for (int k = 0; k < ru; k++) {
+      const __m512 bv = _mm512_maskz_loadu_ps(m, btu + k * inter + j);
+      for (int q = 0; q < NQ; q++)
+        au[q] = _mm512_fmadd_ps(_mm512_set1_ps(hr[q][big_r + k]), bv, au[q]);
+    }
+    for (int q = 0; q < NQ && q < rows; q++) {
+      const float *g = y + q * ldy + j;
+      const __m512 gv = _mm512_add_ps(_mm512_maskz_loadu_ps(m, g), ag[q]);
+      const __m512 uv = _mm512_add_ps(_mm512_maskz_loadu_ps(m, g + inter), au[q]);
+      _mm512_mask_storeu_ps(out + q * ldo + j, m, silu_mul_vec(gv, uv));
+    }
+  }
+}
+
+/* bt[k, j] = alpha * b[j, k] for k < r, j < inter (b's rows have stride big_r) */
+static void transpose_scaled(const float *b, int64_t big_r, int r, int64_t inter, float alpha,
+                             float *bt) {
+  for (int64_t j0 = 0; j0 < inter; j0 += 64) {
+    const int64_t j1 = j0 + 64 < inter ? j0 + 64 : inter;
+    for (int k = 0; k < r; k++)
+      for (int64_t j = j0; j < j1; j++) bt[k * inter + j] = alpha * b[j * big_r + k];
+  }
+}
+
+/* One item's rows through silu_mul_block, 8 at a time (then 4, then 2). */
+LP_TARGET static void silu_mul_item(const float *h, int64_t ldh, int64_t big_r, int rg, int ru,
+                                    const float *btg, const float *btu, int64_t inter,
+                                    const float *y, int64_t ldy, float *out, int64_t ldo,
+                                    int64_t rows) {
+  for (int64_t q0 = 0; q0 < rows;) {
+    const int64_t left = rows - q0;
+    const float *hq = h + q0 * ldh, *yq = y + q0 * ldy;
+    float *oq = out + q0 * ldo;
+    if (left >= 8) {
+      silu_mul_block(hq, ldh, big_r, rg, ru, btg, btu, inter, yq, ldy, oq, ldo, 8, 8);
+      q0 += 8;
+    } else if (left >= 4) {
+      silu_mul_block(hq, ldh, big_r, rg, ru, btg, btu, inter, yq, ldy, oq, ldo, (int)left, 4);
+      q0 += 4;
+    } else {
+      silu_mul_block(hq, ldh, big_r, rg, ru, btg, btu, inter, yq, ldy, oq, ldo, (int)left, 2);
+      q0 += 2;
+    }
+  }
+}
+
 #else
 static int has_avx512(void) { return 0; }
 #endif
@@ -163,4 +276,101 @@ void lp_expand_f32(sgemm_fn gemm, int threads, const float *h, int64_t ldh, cons
            h + start * ldh + i * big_r, &ldb, &one, y + start * ldy + offsets[i], &ldc);
     }
   }
+}
+
+
+/* The gated MLP's activation, out[rows] = silu(y[rows, :I]) * y[rows, I:] (the base model's
+ * on CPU float32; loraplex/ops/activation_cpu.py). Returns -1 without writing when this CPU
+ * lacks AVX-512 (its exp is vectorised here). */
+int lp_silu_mul_f32(int threads, const float *y, int64_t ldy, int64_t inter, int64_t rows,
+                    float *out, int64_t ldo) {
+#ifdef LP_X86
+  if (!has_avx512()) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows > 16)
+  for (int64_t q0 = 0; q0 < rows; q0 += 16)
+    silu_mul_rows(y + q0 * ldy, ldy, NULL, NULL, 0, inter, rows - q0 < 16 ? rows - q0 : 16,
+                  out + q0 * ldo, ldo);
+  return 0;
+#else
+  (void)threads; (void)y; (void)ldy; (void)inter; (void)rows; (void)out; (void)ldo;
+  return -1;
+#endif
+}
+
+/* The gate/up projection's LoRA expand fused into that activation:
+ *   out[rows, :] = silu(y[rows, :I] + dg) * (y[rows, I:] + du)
+ *   dg = scalings[slot, 0] * h[rows, :r0] @ b[slot, :I, :r0].T   (du: slice 1, rows I..2I of b)
+ * for the items' rows; items of slot -1 get the activation alone. Why: the unfused expand reads and
+ * rewrites all of y ([T, 2I], the largest activation of a layer) only for the activation to
+ * read it once more. Here an item of LP_FUSED_ROWS rows or more first transposes (and
+ * scales) its slot's B into a per-thread scratch, [r, I] per half, so that a 16-column strip
+ * of the delta is r FMAs of a broadcast h value by one row of it, for 8 rows at once, in
+ * registers, and the activation then reads y once. A shorter item (decode: one or two rows
+ * per sequence) would spend more on that transpose than on its rows: it gets its delta from
+ * the BLAS GEMM into a small scratch instead. Returns -1 without writing when this CPU lacks
+ * AVX-512, -2 when the scratch could not be allocated; the caller then runs the unfused
+ * expand and the activation. */
+#define LP_FUSED_ROWS 8
+int lp_expand_silu_mul_f32(sgemm_fn gemm, int threads, const float *h, int64_t ldh,
+                           const float *b, int64_t inter, int64_t big_r, const int32_t *ranks,
+                           const float *scalings, const int64_t *items, int64_t n_items,
+                           const float *y, int64_t ldy, float *out, int64_t ldo) {
+#ifdef LP_X86
+  if (!has_avx512()) return -1;
+  int failed = 0;
+#pragma omp parallel num_threads(threads) if (n_items > 1)
+  {
+    /* bt: [2][R][I], the transposed halves of B; d: [LP_FUSED_ROWS][2I], a short item's delta */
+    float *bt = (float *)malloc(sizeof(float) * 2 * inter * (big_r + LP_FUSED_ROWS));
+    float *d = bt ? bt + 2 * big_r * inter : NULL;
+    if (!bt) {
+#pragma omp atomic write
+      failed = 1;
+    }
+    int64_t have = -1; /* the slot whose B is in bt */
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n_items; it++) {
+      if (!bt) continue;
+      const int64_t start = items[3 * it], slot = items[3 * it + 2], len = items[3 * it + 1];
+      if (slot < 0) { /* rows without an adapter: the activation alone, as lp_silu_mul_f32 */
+        silu_mul_rows(y + start * ldy, ldy, NULL, NULL, 0, inter, len, out + start * ldo, ldo);
+        continue;
+      }
+      const int r[2] = {ranks[slot * 2] > 0 ? ranks[slot * 2] : 0,
+                        ranks[slot * 2 + 1] > 0 ? ranks[slot * 2 + 1] : 0};
+      const float *bs = b + slot * 2 * inter * big_r; /* [2I, R] */
+      if (len < LP_FUSED_ROWS) {
+        const float *half[2] = {NULL, NULL};
+        for (int i = 0; i < 2; i++) {
+          if (!r[i]) continue;
+          const int m = (int)inter, n = (int)len, lda = (int)big_r, ldb = (int)ldh,
+                    ldc = (int)(2 * inter);
+          const float zero = 0.0f;
+          gemm("T", "N", &m, &n, &r[i], &scalings[slot * 2 + i], bs + i * inter * big_r, &lda,
+               h + start * ldh + i * big_r, &ldb, &zero, d + i * inter, &ldc);
+          half[i] = d + i * inter;
+        }
+        silu_mul_rows(y + start * ldy, ldy, half[0], half[1], 2 * inter, inter, len,
+                      out + start * ldo, ldo);
+        continue;
+      }
+      if (slot != have) {
+        for (int i = 0; i < 2; i++)
+          if (r[i])
+            transpose_scaled(bs + i * inter * big_r, big_r, r[i], inter, scalings[slot * 2 + i],
+                             bt + i * big_r * inter);
+        have = slot;
+      }
+      silu_mul_item(h + start * ldh, ldh, big_r, r[0], r[1], bt, bt + big_r * inter, inter,
+                    y + start * ldy, ldy, out + start * ldo, ldo, len);
+    }
+    free(bt);
+  }
+  return failed ? -2 : 0;
+#else
+  (void)gemm; (void)threads; (void)h; (void)ldh; (void)b; (void)inter; (void)big_r;
+  (void)ranks; (void)scalings; (void)items; (void)n_items; (void)y; (void)ldy; (void)out;
+  (void)ldo;
+  return -1;
+#endif
 }

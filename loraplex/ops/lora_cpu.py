@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loraplex.ops import lora_torch
+from loraplex.ops import elementwise, lora_torch
 from loraplex.ops.lora_meta import ColumnScales, LoRABatch
 from loraplex.ops.native_build import NativeBuildError, load_library
 
@@ -39,6 +39,9 @@ _SHRINK_ARGS = [_PTR, _INT, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64
                 _I64]
 _EXPAND_ARGS = [_PTR, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR,
                 _I64]
+_FUSED_ARGS = [_PTR, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR,
+               _I64]
+_SILU_MUL_ARGS = [_INT, _PTR, _I64, _I64, _I64, _PTR, _I64]
 MIN_CHUNK = 32  # rows: below this a GEMM's packing of its weights costs more than it splits
 
 
@@ -55,6 +58,10 @@ class _Native:
         self.simd = lib.lp_simd_level()
         self.shrink.argtypes, self.shrink.restype = _SHRINK_ARGS, None
         self.expand.argtypes, self.expand.restype = _EXPAND_ARGS, None
+        self.expand_silu_mul = lib.lp_expand_silu_mul_f32
+        self.expand_silu_mul.argtypes, self.expand_silu_mul.restype = _FUSED_ARGS, ctypes.c_int
+        self.silu_mul = lib.lp_silu_mul_f32
+        self.silu_mul.argtypes, self.silu_mul.restype = _SILU_MUL_ARGS, ctypes.c_int
 
 
 def _torch_blas() -> ctypes.CDLL:
@@ -125,6 +132,43 @@ def lora_expand(
                offs.ctypes.data, items.ctypes.data, len(items), y.data_ptr(), y.stride(0))
 
 
+def lora_expand_silu_mul(
+    h: torch.Tensor,
+    b: torch.Tensor,
+    ranks: torch.Tensor,
+    scalings: torch.Tensor,
+    offsets: tuple[int, ...],
+    batch: LoRABatch,
+    y: torch.Tensor,
+    col_scales: ColumnScales | None = None,
+) -> torch.Tensor | None:
+    """``silu(gate) * up`` of a gate/up projection's base output ``y`` ``[T, 2I]`` (gate
+    columns first) with its LoRA delta added on the way: ``lora_expand`` into ``y`` followed by
+    ``elementwise.cpu_silu_mul``, without writing ``y`` (the expand's read and rewrite of the
+    layer's largest activation is gone: the delta is made a block of rows at a time, in
+    registers or a small scratch, and the activation reads ``y`` once). Returns the new
+    ``[T, I]`` tensor, or None where this does not run (the caller then runs ``lora_expand``
+    and its activation): where ``cpu_silu_mul`` does not (no C library, no AVX-512, not
+    float32, disabled), or for slices other than two equal halves. Rows without an adapter get
+    exactly ``cpu_silu_mul``'s values."""
+    lib = _native()
+    if (isinstance(lib, str) or not lib.simd or len(offsets) != 3 or not elementwise.enabled()
+            or offsets[2] != 2 * offsets[1] or not _fits((h, y), (b, scalings), ranks)):
+        return None
+    inter, t = offsets[1], y.shape[0]
+    out = torch.empty(t, inter, dtype=y.dtype)
+    items = _activation_items(batch, t)
+    if col_scales is not None and any(col_scales.host_flags):
+        _scale_flagged(col_scales, ranks, offsets, batch, y)  # DoRA: y's own rows, first
+    if len(items) and lib.expand_silu_mul(
+            lib.sgemm, torch.get_num_threads(), h.data_ptr(), h.stride(0), b.data_ptr(), inter,
+            b.shape[2], ranks.data_ptr(), scalings.data_ptr(), items.ctypes.data, len(items),
+            y.data_ptr(), y.stride(0), out.data_ptr(), out.stride(0)) != 0:
+        lora_expand(h, b, ranks, scalings, offsets, batch, y)  # no scratch memory: unfused
+        return elementwise.cpu_silu_mul(y)
+    return out
+
+
 def _fits(rows: tuple[torch.Tensor, ...], pools: tuple[torch.Tensor, ...],
           ranks: torch.Tensor) -> bool:
     """The C code's layouts: float32 on the host, unit column stride for the activations
@@ -146,7 +190,34 @@ def _work_items(batch: LoRABatch) -> np.ndarray:
     cached = batch.work_items
     if cached is not None and cached[0] is batch.host_segs:
         return cached[1]
-    segs = np.asarray(batch.host_segs, dtype=np.int64).reshape(-1, 3)
+    items = _cut(np.asarray(batch.host_segs, dtype=np.int64).reshape(-1, 3))
+    batch.work_items = (batch.host_segs, items)
+    return items
+
+
+def _activation_items(batch: LoRABatch, t: int) -> np.ndarray:
+    """``_work_items`` plus the runs of the first ``t`` rows that no segment covers, as
+    ``(first row, rows, -1)`` items cut the same way: every row of the activation once.
+    Cached on the batch with the ``host_segs`` list and ``t`` it was made for."""
+    cached = batch.activation_items
+    if cached is not None and cached[0] is batch.host_segs and cached[1] == t:
+        return cached[2]
+    gaps, pos = [], 0
+    for start, length, _ in batch.host_segs:
+        if start > pos:
+            gaps.append((pos, start - pos, -1))
+        pos = start + length
+    if pos < t:
+        gaps.append((pos, t - pos, -1))
+    items = _work_items(batch)
+    if gaps:
+        items = np.concatenate([items, _cut(np.asarray(gaps, dtype=np.int64))])
+    batch.activation_items = (batch.host_segs, t, items)
+    return items
+
+
+def _cut(segs: np.ndarray) -> np.ndarray:
+    """``segs [k, 3]`` (start, rows, slot) cut into chunks (see ``_work_items``), vectorised."""
     threads = torch.get_num_threads()
     total = int(segs[:, 1].sum())
     chunk = max(MIN_CHUNK, math.ceil(total / (4 * threads))) if threads > 1 else max(total, 1)
@@ -155,9 +226,7 @@ def _work_items(batch: LoRABatch) -> np.ndarray:
     first = np.arange(len(seg_of)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
     starts = segs[seg_of, 0] + first * chunk
     lens = np.minimum(chunk, segs[seg_of, 1] - first * chunk)
-    items = np.ascontiguousarray(np.stack([starts, lens, segs[seg_of, 2]], axis=1))
-    batch.work_items = (batch.host_segs, items)
-    return items
+    return np.ascontiguousarray(np.stack([starts, lens, segs[seg_of, 2]], axis=1))
 
 
 @functools.lru_cache(maxsize=64)

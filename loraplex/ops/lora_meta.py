@@ -45,6 +45,8 @@ class LoRABatch:
     # CPU backend "cpu": ``host_segs`` cut into per-thread work items, kept with the list
     # they were cut from (the builder makes a new list every step: ``lora_cpu._work_items``).
     work_items: tuple | None = None
+    # and with the rows without an adapter added (``lora_cpu._activation_items``)
+    activation_items: tuple | None = None
 
     @property
     def decode_shaped(self) -> bool:

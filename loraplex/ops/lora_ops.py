@@ -1,5 +1,6 @@
 """LoRA op backends: name -> (lora_shrink, lora_expand) with one contract (written as PyTorch
-code in ``lora_ref``, the tests' reference).
+code in ``lora_ref``, the tests' reference), plus optionally the gate/up expand fused into the
+activation (``LoRAOps.expand_silu_mul``: the same math as expand, then SiLU-and-multiply).
 
 ``"torch"`` is ``lora_torch`` (any device); ``"cpu"`` is ``lora_cpu`` (float32 in C, built at
 first use; other dtypes run the torch code); ``"triton"`` is the GPU kernels (``lora_triton``).
@@ -25,6 +26,10 @@ BACKENDS = ("torch", "cpu", "triton")
 class LoRAOps(NamedTuple):
     shrink: Callable[..., None]  # (x, a, ranks, batch, out)
     expand: Callable[..., None]  # (h, b, ranks, scalings, offsets, batch, y)
+    # Optional: the gate/up expand fused into the SiLU-and-multiply that reads its output,
+    # (h, b, ranks, scalings, offsets, batch, y, col_scales) -> [T, I] or None where it does
+    # not apply (``lora_cpu.lora_expand_silu_mul``); None for backends without one.
+    expand_silu_mul: Callable[..., torch.Tensor | None] | None = None
 
 
 def resolve_lora_backend(backend: str, device: torch.device | str) -> str:
@@ -73,4 +78,4 @@ def get_lora_ops(backend: str) -> LoRAOps:
         from loraplex.ops import lora_cpu as mod
     else:
         raise ValueError(f"lora_backend={backend!r} must be one of {BACKENDS}")
-    return LoRAOps(mod.lora_shrink, mod.lora_expand)
+    return LoRAOps(mod.lora_shrink, mod.lora_expand, getattr(mod, "lora_expand_silu_mul", None))
