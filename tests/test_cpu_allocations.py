@@ -6,6 +6,8 @@ allocation, with its size), not inferred from buffer addresses.
 - The float32 ops allocate only their products, never a copy of adapter weights: per call,
   at most ``tokens x width x 4`` bytes (``width`` = the stacked rank columns for shrink,
   the output columns for expand).
+- The gate/up expand fused into the activation allocates the activation's output, as the
+  activation does without LoRA, and nothing else (its scratch is made once and kept).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from helpers_lora import make_peft_adapter, make_tiny_model
 from torch.profiler import ProfilerActivity, profile
 
 from loraplex import LLM, SamplingParams
+from loraplex.ops import lora_cpu
 
 
 def allocated(fn, *args, **kwargs):
@@ -58,6 +61,15 @@ def test_lora_step_metadata_and_ops_allocate_no_weight_copies(tmp_path):
             op_calls.append(("expand", batch.num_tokens, b.shape[1], sizes))
 
         w.shrink, w.expand = spy_shrink, spy_expand
+        if w.expand_silu_mul is not None:  # gate/up: the expand fused into the activation
+            def spy_fused(h, b, ranks, scalings, offsets, batch, y, col_scales=None,
+                          _op=w.expand_silu_mul):
+                out, sizes = allocated(_op, h, b, ranks, scalings, offsets, batch, y, col_scales)
+                op_calls.append(("expand+act", batch.num_tokens, b.shape[1], sizes))
+                assert out is not None  # float32 on this CPU: the fused path ran
+                return out
+
+            w.expand_silu_mul = spy_fused
 
     prompts = [[1, 4, 5, 6, 7, 8], [1, 9], [1, 3, 3, 3], [1, 7, 7]]
     outs = llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True),
@@ -65,6 +77,14 @@ def test_lora_step_metadata_and_ops_allocate_no_weight_copies(tmp_path):
     assert all(len(o.token_ids) == 4 for o in outs)
     assert len(prepared) == 4 and all(sizes == [] for sizes in prepared), prepared
     assert len(op_calls) == 2 * 4 * len(llm.engine.lora_layers)
-    # the CPU backend writes every product in place (addmm_ into the destination views):
-    # no op allocates at all (test_probe_sees_allocations shows the probe would see it)
-    assert all(sizes == [] for *_, sizes in op_calls), op_calls
+    # the CPU backend writes every product in place (into the destination views): no op
+    # allocates at all (test_probe_sees_allocations shows the probe would see it), but for
+    # the fused gate/up expand + activation, which allocates exactly the activation's output
+    # [tokens, I] (what the activation allocates without LoRA); its scratch is kept
+    assert all(sizes == [] for op, *_, sizes in op_calls if op != "expand+act"), op_calls
+    fused = [(t, w, sizes) for op, t, w, sizes in op_calls if op == "expand+act"]
+    assert fused and all(sizes[0] == t * (w // 2) * 4 for t, w, sizes in fused), fused
+    # the scratch: made on this thread's first fused call (if no earlier test made it), kept
+    threads, rank = torch.get_num_threads(), llm.engine.lora_layers[0].buffers.b.shape[2]
+    scratch = threads * lora_cpu._native().scratch_floats(fused[0][1] // 2, rank) * 4
+    assert fused[0][2][1:] in ([], [scratch]) and all(len(s) == 1 for *_, s in fused[1:]), fused

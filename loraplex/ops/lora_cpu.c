@@ -20,8 +20,8 @@
  * intra-op thread count, passed in: OpenMP's default is per calling thread (the machine's
  * core count in a thread torch.set_num_threads never ran in).
  */
+#include <omp.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, const int *n,
                          const int *k, const float *alpha, const float *a, const int *lda,
@@ -307,30 +307,32 @@ int lp_silu_mul_f32(int threads, const float *y, int64_t ldy, int64_t inter, int
  * of the delta is r FMAs of a broadcast h value by one row of it, for 8 rows at once, in
  * registers, and the activation then reads y once. A shorter item (decode: one or two rows
  * per sequence) would spend more on that transpose than on its rows: it gets its delta from
- * the BLAS GEMM into a small scratch instead. Returns -1 without writing when this CPU lacks
- * AVX-512, -2 when the scratch could not be allocated; the caller then runs the unfused
- * expand and the activation. */
+ * the BLAS GEMM into a small scratch instead. `scratch`: lp_fused_scratch_floats(inter,
+ * big_r) floats per thread. Returns -1 without writing when this CPU lacks AVX-512 (the caller
+ * then runs the unfused expand and the activation). */
 #define LP_FUSED_ROWS 8
+/* floats of scratch each thread of lp_expand_silu_mul_f32 needs (the caller allocates them
+ * once: no allocation per call) */
+int64_t lp_fused_scratch_floats(int64_t inter, int64_t big_r) {
+  return 2 * inter * (big_r + LP_FUSED_ROWS);
+}
+
 int lp_expand_silu_mul_f32(sgemm_fn gemm, int threads, const float *h, int64_t ldh,
                            const float *b, int64_t inter, int64_t big_r, const int32_t *ranks,
                            const float *scalings, const int64_t *items, int64_t n_items,
-                           const float *y, int64_t ldy, float *out, int64_t ldo) {
+                           const float *y, int64_t ldy, float *out, int64_t ldo,
+                           float *scratch) {
 #ifdef LP_X86
   if (!has_avx512()) return -1;
-  int failed = 0;
 #pragma omp parallel num_threads(threads) if (n_items > 1)
   {
-    /* bt: [2][R][I], the transposed halves of B; d: [LP_FUSED_ROWS][2I], a short item's delta */
-    float *bt = (float *)malloc(sizeof(float) * 2 * inter * (big_r + LP_FUSED_ROWS));
-    float *d = bt ? bt + 2 * big_r * inter : NULL;
-    if (!bt) {
-#pragma omp atomic write
-      failed = 1;
-    }
+    /* this thread's scratch: bt [2][R][I], the transposed halves of B; d [LP_FUSED_ROWS][2I],
+     * a short item's delta */
+    float *bt = scratch + omp_get_thread_num() * lp_fused_scratch_floats(inter, big_r);
+    float *d = bt + 2 * big_r * inter;
     int64_t have = -1; /* the slot whose B is in bt */
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; it++) {
-      if (!bt) continue;
       const int64_t start = items[3 * it], slot = items[3 * it + 2], len = items[3 * it + 1];
       if (slot < 0) { /* rows without an adapter: the activation alone, as lp_silu_mul_f32 */
         silu_mul_rows(y + start * ldy, ldy, NULL, NULL, 0, inter, len, out + start * ldo, ldo);
@@ -364,13 +366,12 @@ int lp_expand_silu_mul_f32(sgemm_fn gemm, int threads, const float *h, int64_t l
       silu_mul_item(h + start * ldh, ldh, big_r, r[0], r[1], bt, bt + big_r * inter, inter,
                     y + start * ldy, ldy, out + start * ldo, ldo, len);
     }
-    free(bt);
   }
-  return failed ? -2 : 0;
+  return 0;
 #else
   (void)gemm; (void)threads; (void)h; (void)ldh; (void)b; (void)inter; (void)big_r;
   (void)ranks; (void)scalings; (void)items; (void)n_items; (void)y; (void)ldy; (void)out;
-  (void)ldo;
+  (void)ldo; (void)scratch;
   return -1;
 #endif
 }

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ _SHRINK_ARGS = [_PTR, _INT, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64
 _EXPAND_ARGS = [_PTR, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR,
                 _I64]
 _FUSED_ARGS = [_PTR, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR,
-               _I64]
+               _I64, _PTR]
 _SILU_MUL_ARGS = [_INT, _PTR, _I64, _I64, _I64, _PTR, _I64]
 MIN_CHUNK = 32  # rows: below this a GEMM's packing of its weights costs more than it splits
 
@@ -60,6 +61,9 @@ class _Native:
         self.expand.argtypes, self.expand.restype = _EXPAND_ARGS, None
         self.expand_silu_mul = lib.lp_expand_silu_mul_f32
         self.expand_silu_mul.argtypes, self.expand_silu_mul.restype = _FUSED_ARGS, ctypes.c_int
+        self.scratch_floats = lib.lp_fused_scratch_floats
+        self.scratch_floats.argtypes, self.scratch_floats.restype = [_I64, _I64], _I64
+        self.local = threading.local()  # .scratch: lp_expand_silu_mul_f32's, per caller thread
         self.silu_mul = lib.lp_silu_mul_f32
         self.silu_mul.argtypes, self.silu_mul.restype = _SILU_MUL_ARGS, ctypes.c_int
 
@@ -160,13 +164,23 @@ def lora_expand_silu_mul(
     items = _activation_items(batch, t)
     if col_scales is not None and any(col_scales.host_flags):
         _scale_flagged(col_scales, ranks, offsets, batch, y)  # DoRA: y's own rows, first
+    threads = torch.get_num_threads()
+    scratch = _scratch(lib, threads * lib.scratch_floats(inter, b.shape[2]))
     if len(items) and lib.expand_silu_mul(
-            lib.sgemm, torch.get_num_threads(), h.data_ptr(), h.stride(0), b.data_ptr(), inter,
-            b.shape[2], ranks.data_ptr(), scalings.data_ptr(), items.ctypes.data, len(items),
-            y.data_ptr(), y.stride(0), out.data_ptr(), out.stride(0)) != 0:
-        lora_expand(h, b, ranks, scalings, offsets, batch, y)  # no scratch memory: unfused
-        return elementwise.cpu_silu_mul(y)
+            lib.sgemm, threads, h.data_ptr(), h.stride(0), b.data_ptr(), inter, b.shape[2],
+            ranks.data_ptr(), scalings.data_ptr(), items.ctypes.data, len(items), y.data_ptr(),
+            y.stride(0), out.data_ptr(), out.stride(0), scratch.data_ptr()) != 0:
+        raise RuntimeError("lp_expand_silu_mul_f32 found no AVX-512 (lp_simd_level said so)")
     return out
+
+
+def _scratch(lib: _Native, numel: int) -> torch.Tensor:
+    """The fused op's scratch for this calling thread (engines in two threads of one process
+    never share it), allocated once and grown when a call needs more: no allocation per call."""
+    buf = getattr(lib.local, "scratch", None)
+    if buf is None or buf.numel() < numel:
+        buf = lib.local.scratch = torch.empty(numel)
+    return buf
 
 
 def _fits(rows: tuple[torch.Tensor, ...], pools: tuple[torch.Tensor, ...],
