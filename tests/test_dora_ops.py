@@ -116,6 +116,25 @@ def test_torch_backends_apply_column_scales(backend):
             run_expand(lambda *a: lora_torch._expand_masked(*a[:7], a[7]), case, cs, 1e-4)
 
 
+def test_cpu_fused_activation_applies_column_scales():
+    """The C backend's gate/up expand fused into the activation (``lora_expand_silu_mul``):
+    DoRA slots map their base output first, as the unfused expand does."""
+    lib = lora_cpu._native()
+    if isinstance(lib, str) or not lib.simd:
+        pytest.skip("needs the C library and AVX-512")
+    for pattern in PATTERNS:
+        case = build(2, 16, pattern, 16, seed=len(pattern), widths=(40, 40))
+        cs = column_scales(case, {0, 2, 3})
+        t = len(case.token_lora_slots)
+        y0 = torch.randn(t, 80, generator=torch.Generator().manual_seed(4))
+        y, h = y0.clone(), poisoned_h(case)
+        out = lora_cpu.lora_expand_silu_mul(h, case.b, case.ranks, case.scalings,
+                                            case.offsets, case.batch, y, cs)
+        g, u = oracle(case, h, y0, cs).chunk(2, dim=-1)
+        torch.testing.assert_close(out.double(), g / (1 + torch.exp(-g)) * u, rtol=1e-4,
+                                   atol=1e-4)
+
+
 def test_torch_without_dora_slots_is_plain_lora():
     """Column scales installed but no slot flagged: bit-identical to passing none."""
     for case, cs in _cases(torch.float32, "cpu"):

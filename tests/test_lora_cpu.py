@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from loraplex.ops import lora_cpu, lora_torch, native_build, resolve_lora_backend
+from loraplex.ops.elementwise import cpu_silu_mul
 from loraplex.ops.lora_meta import LoRABatch
-from loraplex.ops.lora_testing import build, check_expand, check_shrink
+from loraplex.ops.lora_testing import build, check_expand, check_shrink, naive_expand, poisoned_h
 
 CAN_BUILD = sys.platform.startswith("linux") and shutil.which("cc") is not None
 needs_build = pytest.mark.skipif(not CAN_BUILD, reason="needs Linux and a C compiler")
@@ -175,3 +176,156 @@ def test_unavailable_library_falls_back(monkeypatch) -> None:
 def test_cpu_backend_refuses_other_devices() -> None:
     with pytest.raises(ValueError, match="lora_backend='cpu'"):
         resolve_lora_backend("cpu", "cuda")
+
+
+# --- the gated MLP's activation in C, and the gate/up expand fused into it ---
+
+needs_simd = pytest.mark.skipif(
+    not CAN_BUILD or isinstance(lora_cpu._native(), str) or not lora_cpu._native().simd,
+    reason="needs the C library and AVX-512")
+ULP = torch.finfo(torch.float32).eps
+
+
+def silu_mul64(y: torch.Tensor) -> torch.Tensor:
+    g, u = y.double().chunk(2, dim=-1)
+    return g / (1 + torch.exp(-g)) * u
+
+
+@needs_simd
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_silu_mul_within_a_few_ulp(threads: int) -> None:
+    """Against float64 over widths past 16-wide vectors and row counts past 16-row chunks,
+    a column-strided input, and the values where exp under/overflows: NaN stays NaN, -inf
+    gives NaN and +inf gives inf as torch's silu does."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for rows, inter in [(1, 1), (3, 15), (17, 16), (40, 77), (5, 2816)]:
+            y = torch.randn(rows, 2 * inter, generator=g) * 6
+            got = cpu_silu_mul(y)
+            want = silu_mul64(y)
+            # the product's two roundings plus exp's error: a few ulp of each factor
+            tol = 6 * ULP * want.abs() + 1e-30
+            assert ((got.double() - want).abs() <= tol).all(), (rows, inter)
+        wide = torch.randn(4, 64, generator=g)[:, :40]  # row stride 64: not contiguous
+        torch.testing.assert_close(cpu_silu_mul(wide).double(), silu_mul64(wide), rtol=1e-6,
+                                   atol=0)
+        gate = torch.tensor([float("nan"), float("-inf"), float("inf"), -100.0, -88.0, 90.0,
+                             0.0, -0.0, 1e-30, -103.9, 103.9, -1e30, 1e30, 3.0, -3.0, 20.0])
+        up = torch.ones(16)
+        got = cpu_silu_mul(torch.cat([gate, up]).view(1, 32))[0]
+        want = torch.nn.functional.silu(gate)
+        assert torch.equal(got.isnan(), want.isnan()), (got, want)
+        ok = ~want.isnan()
+        torch.testing.assert_close(got[ok], want[ok], rtol=4 * ULP, atol=1e-37)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_cpu_silu_mul_declines_what_it_does_not_cover(monkeypatch) -> None:
+    """None (the caller runs torch's ops) off float32, for an odd width, without AVX-512 and
+    with LORAPLEX_FUSED_ELEMENTWISE=0."""
+    assert cpu_silu_mul(torch.randn(2, 8, dtype=torch.bfloat16)) is None
+    assert cpu_silu_mul(torch.randn(2, 7)) is None
+    assert cpu_silu_mul(torch.randn(8, 2).t()) is None
+    monkeypatch.setenv("LORAPLEX_FUSED_ELEMENTWISE", "0")
+    assert cpu_silu_mul(torch.randn(2, 8)) is None
+    monkeypatch.delenv("LORAPLEX_FUSED_ELEMENTWISE")
+    if CAN_BUILD and not isinstance(lora_cpu._native(), str):
+        monkeypatch.setattr(lora_cpu._native(), "simd", 0)
+        assert cpu_silu_mul(torch.randn(2, 8)) is None
+
+
+def fused_case(pattern, num_tokens: int, inter: int, max_rank: int, seed: int):
+    """A gate/up case: two slices of ``inter`` columns, random per-slot ranks incl. 0."""
+    return build(2, num_tokens, pattern, max_rank, seed=seed, widths=(inter, inter))
+
+
+def run_fused(case, cs=None):
+    """(the fused op's output, y0, y after the call, poisoned h) on a random y."""
+    t = len(case.token_lora_slots)
+    y0 = torch.randn(t, case.b.shape[1], generator=torch.Generator().manual_seed(4)) * 3
+    y, h = y0.clone(), poisoned_h(case)
+    out = lora_cpu.lora_expand_silu_mul(h, case.b, case.ranks, case.scalings, case.offsets,
+                                        case.batch, y, cs)
+    return out, y0, y, h
+
+
+@needs_simd
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_expand_silu_mul_equals_expand_then_activation(threads: int) -> None:
+    """silu(gate + dg) * (up + du) against float64, over the mixes of test_lora_ops (base rows,
+    ranks 0 on one half, partial ranks), long items (transposed-B kernel, 8/4/2-row blocks)
+    and one- and two-row items (decode: BLAS delta), widths past 16-wide vectors; NaN-poisoned
+    unused ranks never leak; y is not written; rows without an adapter are bit-identical to
+    ``cpu_silu_mul``."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k, (pattern, tokens, inter, rank) in enumerate([
+                ("distinct", 7, 33, 16), ("some_none", 40, 77, 8), ("zipf", 300, 160, 16),
+                ("same", 133, 16, 64), ([0, 0, 1, -1, 2, 2, 2, 3] * 5, 40, 48, 5),
+                ([3] * 61 + [-1] * 3 + [0] * 9, 73, 2816 // 8, 16)]):
+            case = fused_case(pattern, tokens, inter, rank, seed=k)
+            out, y0, y, h = run_fused(case)
+            assert torch.equal(y, y0), "the fused op wrote y"
+            want = silu_mul64(naive_expand(case, h, y0))
+            base = torch.tensor([s < 0 for s in case.token_lora_slots])
+            assert not out.isnan().any(), "a poisoned (unused) entry leaked in"
+            assert torch.equal(out[base], cpu_silu_mul(y0)[base])
+            torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=2e-5)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_fused_declines_where_it_does_not_apply(monkeypatch) -> None:
+    """None, with y untouched, for slices other than two equal halves, half precision, no
+    AVX-512 or LORAPLEX_FUSED_ELEMENTWISE=0: the LoRA layer then expands and activates apart."""
+    three = build(3, 9, "distinct", 4, seed=1)
+    y = torch.randn(9, three.b.shape[1])
+    h = poisoned_h(three)
+    assert lora_cpu.lora_expand_silu_mul(h, three.b, three.ranks, three.scalings,
+                                         three.offsets, three.batch, y) is None
+    uneven = build(2, 9, "distinct", 4, seed=1, widths=(16, 32))
+    assert run_fused(uneven)[0] is None
+    half = build(2, 9, "distinct", 4, seed=1, widths=(16, 16), dtype=torch.bfloat16)
+    y = torch.randn(9, 32, dtype=torch.bfloat16)
+    assert lora_cpu.lora_expand_silu_mul(poisoned_h(half), half.b, half.ranks, half.scalings,
+                                         half.offsets, half.batch, y) is None
+    case = fused_case("distinct", 9, 16, 4, seed=2)
+    monkeypatch.setenv("LORAPLEX_FUSED_ELEMENTWISE", "0")
+    out, y0, y, _ = run_fused(case)
+    assert out is None and torch.equal(y, y0)
+    monkeypatch.delenv("LORAPLEX_FUSED_ELEMENTWISE")
+    if CAN_BUILD and not isinstance(lora_cpu._native(), str):
+        monkeypatch.setattr(lora_cpu._native(), "simd", 0)
+        assert run_fused(case)[0] is None
+
+
+@needs_simd
+def test_lora_layer_fused_and_unfused_paths_agree() -> None:
+    """``LoRALinear.silu_mul_forward`` with the fused op and without it (expand, then the
+    activation), on one gate/up wrapper and batch: the same values within rounding."""
+    from loraplex.layers.forward_context import ForwardBatch, forward_context
+    from loraplex.layers.linear import MergedColumnLinear
+    from loraplex.lora.buffers import SlotBuffers
+    from loraplex.lora.layers import LoRALinear
+    from loraplex.ops import get_lora_ops
+
+    hidden, inter, rank = 64, 96, 8
+    case = fused_case([0] * 6 + [-1] * 4 + [3] * 9 + [1], 20, inter, rank, seed=5)
+    case.a.nan_to_num_(0.0)  # the layer's shrink writes every rank column it has
+    base = MergedColumnLinear(hidden, [inter, inter], ["gate", "up"])
+    g = torch.Generator().manual_seed(0)
+    base.weight.data = torch.randn(2 * inter, hidden, generator=g) * 0.1
+    a = torch.randn(case.a.shape[0], 2 * rank, hidden, generator=g) * 0.1
+    bufs = SlotBuffers(a, case.b.nan_to_num(0.0), case.ranks, case.scalings, case.offsets, None)
+    layer = LoRALinear(base, bufs, torch.zeros(20, 2 * rank), get_lora_ops("cpu"))
+    x = torch.randn(20, hidden, generator=g)
+    with forward_context(ForwardBatch(is_prefill=True, num_tokens=20, slot_mapping=None,
+                                      lora=case.batch)):
+        fused = layer.silu_mul_forward(x)
+        layer.expand_silu_mul = None
+        unfused = layer.silu_mul_forward(x)
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-6)
