@@ -22,10 +22,15 @@ run (interleaved, best of ``--repeat``), on the ~150M benchmark model's shapes, 
       post-op); and the torch ops with their GEMMs on one thread (different only at
       --threads > 1);
   (g) the C backend's shrink over one layer's four projections (16 or 8 scattered adapters,
-      decode- and prefill-shaped): its AVX-512 kernel vs torch's BLAS GEMM.
+      decode- and prefill-shaped): its AVX-512 kernel vs torch's BLAS GEMM;
+  (h) the gated MLP's activation on a prefill-shaped gate/up output (1024 x 2 x 2816, evicted
+      from the caches first, as after the GEMM that wrote it): the C ``silu(gate) * up`` vs
+      torch's two ops; then with the LoRA delta (8 adapters x 128 rows, rank 16): the expand
+      fused into the C activation (the engine's path) vs the expand into the output, then
+      the C activation.
 
     python benchmarks/bench_cpu_parts.py [--threads 2] [--clock wall] [--repeat 8] \
-        [--parts abcdefg] [--write-docs]
+        [--parts abcdefgh] [--write-docs]
 
 ``--clock cpu`` times with the process's CPU time (use it with ``--threads 1`` on a shared host:
 it does not count the time the process waited for a core).
@@ -51,6 +56,7 @@ from loraplex.layers.attention import Attention
 from loraplex.layers.forward_context import ForwardBatch, forward_context
 from loraplex.layers.prefill_groups import plan_prefill
 from loraplex.ops import lora_cpu, lora_torch
+from loraplex.ops.elementwise import cpu_silu_mul
 from loraplex.ops.lora_meta import LoRABatch
 from loraplex.ops.lora_torch import lora_expand, lora_shrink
 
@@ -320,13 +326,51 @@ def lora_epilogue(repeat: int, clock) -> dict[str, float]:
         return interleaved(fns, repeat, clock)
 
 
+def gate_up_activation(repeat: int, clock) -> dict[str, float]:
+    """(h): best time of each way to get the MLP activation of a gate/up output, ``y``
+    restored and the caches flushed (a 64 MB pass) before every call, outside the timing."""
+    rows, per, rank, num_slots, inter = 1024, 128, 16, 32, 2816
+    used = random.Random(0).sample(range(num_slots), rows // per)
+    batch = LoRABatch.from_token_slots([used[t // per] for t in range(rows)])
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(num_slots, 2 * inter, rank, generator=g) * 0.1
+    ranks = torch.full((num_slots, 2), rank, dtype=torch.int32)
+    scalings, offsets = torch.full((num_slots, 2), 2.0), (0, inter, 2 * inter)
+    h = torch.randn(rows, 2 * rank, generator=g)
+    y0 = torch.randn(rows, 2 * inter, generator=g)
+    y, flush = y0.clone(), torch.empty(16 << 20)
+
+    def torch_act():
+        gate, up = y.chunk(2, dim=-1)
+        return F.silu(gate).mul_(up)
+
+    def unfused():
+        lora_cpu.lora_expand(h, b, ranks, scalings, offsets, batch, y)
+        return cpu_silu_mul(y)
+
+    fns = {"torch act": torch_act, "C act": lambda: cpu_silu_mul(y), "unfused": unfused,
+           "fused": lambda: lora_cpu.lora_expand_silu_mul(h, b, ranks, scalings, offsets,
+                                                          batch, y)}
+    y.copy_(y0)
+    torch.testing.assert_close(fns["fused"](), unfused(), rtol=1e-5, atol=1e-5)
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            y.copy_(y0)
+            flush.add_(1.0)
+            t = clock()
+            fn()
+            best[name] = min(best[name], clock() - t)
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=8)
     ap.add_argument("--clock", choices=list(CLOCK), default="wall",
                     help="wall time, or the process's CPU time (with --threads 1)")
-    ap.add_argument("--parts", default="abcdefg", help="which parts to run")
+    ap.add_argument("--parts", default="abcdefgh", help="which parts to run")
     add_write_docs_flag(ap)
     args = ap.parse_args()
     bench_threads(args.threads)
@@ -397,11 +441,27 @@ def main() -> None:
                              f"BLAS sgemm_ {r['blas'] * 1e3:.2f} ms",
                              f"{r['blas'] / r['avx512']:.2f}x"])
                 print(rows[-1], flush=True)
+    if "h" in args.parts:
+        if lora_cpu.unavailable_reason() or not lora_cpu._native().simd:
+            print("(h) skipped: the C library or AVX-512 is unavailable here", flush=True)
+        else:
+            r = gate_up_activation(5 * args.repeat, clock)
+            rows.append(["(h) MLP activation, 1024 x 2816 (gate/up output from memory)",
+                         f"C {r['C act'] * 1e3:.2f} ms", f"torch {r['torch act'] * 1e3:.2f} ms",
+                         f"{r['torch act'] / r['C act']:.2f}x"])
+            rows.append(["(h) gate/up LoRA expand + activation, 8 adapters x 128 rows "
+                         "(LoRA time: minus the C activation alone)",
+                         f"fused {r['fused'] * 1e3:.2f} ms "
+                         f"(+{(r['fused'] - r['C act']) * 1e3:.2f})",
+                         f"expand, then activation {r['unfused'] * 1e3:.2f} ms "
+                         f"(+{(r['unfused'] - r['C act']) * 1e3:.2f})",
+                         f"{(r['unfused'] - r['C act']) / (r['fused'] - r['C act']):.2f}x"])
+            print(rows[-2:], flush=True)
     table = markdown_table(["what", "new", "before", "before / new"], rows)
     body = (f"CPU float32, {args.threads} threads, {args.clock} clock, the benchmark model's "
             f"shapes (16 heads / 4 kv heads, head dim 64); each pair interleaved in one run, "
             f"best of {3 * args.repeat} ((a), (b)), {args.repeat} ((c)), {25 * args.repeat} "
-            f"((d)) or {5 * args.repeat} ((e), (f), (g)). In (d) \"new\" is the floor the op's own "
+            f"((d)) or {5 * args.repeat} ((e) to (h)). In (d) \"new\" is the floor the op's own "
             f"calls set, \"before\" the op; in (e) and (f) \"before\" is the alternative the "
             f"engine does not take.\n\n"
             f"`python benchmarks/bench_cpu_parts.py`\n\n{table}\n")

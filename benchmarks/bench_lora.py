@@ -8,7 +8,9 @@ adapters on all seven projections, float32, 2 threads. In one run:
   and targets), (e) 16 adapters that also target ``embed_tokens`` and (f) 16 that also target
   ``lm_head`` (``enable_lm_head_lora``), each in consecutive slots, against (a)/(b)'s plain
   LoRA in consecutive slots; (g) the scattered mix again with the torch backend's LoRA ops
-  swapped into the same engine (the engine's own are the C ones, "cpu", where they build).
+  swapped into the same engine (the engine's own are the C ones, "cpu", where they build),
+  and (h) with the engine's ops but the gate/up expand run apart from the MLP's activation
+  (the engine fuses them on CPUs with AVX-512: ``lora_cpu.lora_expand_silu_mul``).
 
     python benchmarks/bench_lora.py [--adapters 16] [--layers 4] [--repeat 5] [--write-docs]
 
@@ -124,15 +126,19 @@ def keep_best(rows: dict[str, tuple[float, float]], key: str, run: tuple[float, 
 
 
 TORCH_OPS = "scattered, torch ops"  # the case run with the torch backend's LoRA ops
+UNFUSED = "scattered, unfused"  # the engine's ops, gate/up expand apart from the activation
 
 
-def use_lora_ops(llm: LLM, backend: str) -> None:
+def use_lora_ops(llm: LLM, backend: str, fused: bool = True) -> None:
     """Give every LoRA wrapper of the engine ``backend``'s ops (side-by-side cases of one
-    engine: same weights, same slots)."""
+    engine: same weights, same slots); ``fused=False`` drops the gate/up expand fused into
+    the activation (the wrapper then expands, then activates)."""
     ops = get_lora_ops(backend)
     for m in llm.engine.runner.model.modules():
         if isinstance(m, LoRALinear):
             m.shrink, m.expand, m.expand_silu_mul = ops
+            if not fused:
+                m.expand_silu_mul = None
         elif isinstance(m, LoRAEmbedding):
             m.expand = ops.expand
 
@@ -141,11 +147,12 @@ def interleaved_runs(llm: LLM, prompts, cases: dict[str, list], args,
                      clock) -> dict[str, list[tuple[float, float]]]:
     """(prefill, decode) of every case in each of ``args.repeat`` rounds, each round running
     every case once, so load drifts hit every case alike. The ``TORCH_OPS`` case runs the
-    torch backend's ops."""
+    torch backend's ops, the ``UNFUSED`` one the engine's without the fused gate/up op."""
     runs: dict[str, list[tuple[float, float]]] = {key: [] for key in cases}
     for _ in range(args.repeat):
         for key, ns in cases.items():
-            use_lora_ops(llm, "torch" if key == TORCH_OPS else llm.engine.lora_backend)
+            use_lora_ops(llm, "torch" if key == TORCH_OPS else llm.engine.lora_backend,
+                         fused=key != UNFUSED)
             runs[key].append(loraplex_times(llm, prompts, ns, args.steps, clock))
     use_lora_ops(llm, llm.engine.lora_backend)
     return runs
@@ -286,7 +293,7 @@ def main() -> None:
         for key, slots in layouts.items():
             print(f"{key}: slots {slots}", flush=True)
         cases = {"base": [None] * args.batch, "in order": ordered, "scattered": scattered,
-                 TORCH_OPS: scattered,
+                 TORCH_OPS: scattered, UNFUSED: scattered,
                  "DoRA": dora, "embedding": emb, "lm_head": head}
         runs = interleaved_runs(llm, prompts, cases, args, clock)
         rows = best_of(runs)
@@ -330,6 +337,8 @@ def main() -> None:
         row(f"loraplex {n} adapters, slots scattered", rows["scattered"], base, "scattered"),
         row(f"loraplex {n} adapters, slots scattered, torch ops", rows[TORCH_OPS], base,
             TORCH_OPS),
+        row(f"loraplex {n} adapters, slots scattered, gate/up expand not fused", rows[UNFUSED],
+            base, UNFUSED),
         row(f"loraplex {n} DoRA adapters, slots in order", rows["DoRA"], base, "DoRA"),
         row(f"loraplex {n} adapters + embed_tokens LoRA, slots in order", rows["embedding"],
             base, "embedding"),
@@ -360,8 +369,9 @@ def main() -> None:
             f"adapters on all seven projections, out of {2 * n} held in {2 * n} slots; CPU "
             f"float32, {args.threads} threads, {args.clock} clock, LoRA ops "
             f"\"{llm.engine.lora_backend}\" (\"torch ops\": the torch backend's, on the same "
-            f"engine); best of {args.repeat} rounds, each running every case once (base and "
-            f"mixed runs interleaved in one run); the last column is the median over the rounds "
+            f"engine; \"not fused\": the gate/up expand apart from the MLP activation); best "
+            f"of {args.repeat} rounds, each running every case once (base and mixed runs "
+            f"interleaved in one run); the last column is the median over the rounds "
             f"of each round's ratio to that round's base. Scattered slots: {layouts['scattered']}; "
             f"{n} DoRA adapters (same rank and targets) in slots {layouts['DoRA']}; {n} adapters "
             f"also on embed_tokens in slots {layouts['embedding']}; {n} also on lm_head "
