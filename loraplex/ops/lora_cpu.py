@@ -148,9 +148,10 @@ def lora_expand_silu_mul(
 ) -> torch.Tensor | None:
     """``silu(gate) * up`` of a gate/up projection's base output ``y`` ``[T, 2I]`` (gate
     columns first) with its LoRA delta added on the way: ``lora_expand`` into ``y`` followed by
-    ``elementwise.cpu_silu_mul``, without writing ``y`` (the expand's read and rewrite of the
-    layer's largest activation is gone: the delta is made a block of rows at a time, in
-    registers or a small scratch, and the activation reads ``y`` once). Returns the new
+    ``elementwise.cpu_silu_mul``, without adding the delta to ``y`` (the expand's read and
+    rewrite of the layer's largest activation is gone: the delta is made a block of rows at a
+    time, in registers or a small scratch, and the activation reads ``y`` once; only DoRA
+    slots still rescale their own rows of ``y`` first, as ``lora_expand`` does). Returns the new
     ``[T, I]`` tensor, or None where this does not run (the caller then runs ``lora_expand``
     and its activation): where ``cpu_silu_mul`` does not (no C library, no AVX-512, not
     float32, disabled), or for slices other than two equal halves. Rows without an adapter get
