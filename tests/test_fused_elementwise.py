@@ -186,7 +186,8 @@ def test_kernels_compile_for_sm90() -> None:
 
 
 def test_cpu_tensors_keep_the_torch_path() -> None:
-    """CPU parity with transformers relies on the torch code: no kernel for CPU tensors."""
+    """No Triton kernel for CPU tensors (on CPU float32 only SiLU*up has one, in C:
+    ``elementwise.cpu_silu_mul``, tested in test_lora_cpu.py)."""
     assert elementwise.fused_ops(torch.zeros(2)) is None
 
 
@@ -198,13 +199,12 @@ def test_model_wiring_matches_torch_path(tmp_path, monkeypatch) -> None:
     from helpers_lora import make_tiny_model
 
     from loraplex import LLM
-    from loraplex.layers import norm, rotary
-    from loraplex.models import llama
+    from loraplex.layers import activation, norm, rotary
 
     d, hf = make_tiny_model(tmp_path / "llama", "llama")
     prompts = [[3, 17, 99, 4, 5, 6, 7], [42], [1, 2, 3]]
     torch_path = LLM(str(d), device="cpu").score(prompts)
-    for module in (norm, rotary, llama):
+    for module in (norm, rotary, activation):
         monkeypatch.setattr(module, "fused_ops", lambda x: elementwise_triton)
     fused = LLM(str(d), device=DEVICE, dtype="float32").score(prompts)
     for ids, ours, ref in zip(prompts, fused, torch_path, strict=True):
