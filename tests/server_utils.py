@@ -13,6 +13,11 @@ from pathlib import Path
 
 import httpx
 
+# For OpenAI clients of the test servers: openai's default connect timeout (5 s) failed once
+# on a loaded 2-core CI host (httpcore.ConnectTimeout with the server healthy), so a wider
+# one; a hung request still fails, after two minutes.
+CLIENT_TIMEOUT = httpx.Timeout(120.0, connect=60.0)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -119,7 +124,8 @@ def openai_client_on(model_dir, adapters: dict[str, str], **engine_kwargs) -> It
                                  **engine_kwargs)
     srv = InProcessServer(create_app(engine, ServerConfig("tiny", str(model_dir), adapters)))
     try:
-        yield openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        yield openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0,
+                            timeout=CLIENT_TIMEOUT)
     finally:
         srv.stop()
 

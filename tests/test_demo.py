@@ -56,7 +56,7 @@ def test_one_mixed_batch_is_right_for_every_adapter(llm):
 
 def test_same_through_the_http_server(tmp_path):
     import openai
-    from server_utils import ServerProcess
+    from server_utils import CLIENT_TIMEOUT, ServerProcess
 
     model_dir, adapters = demo.paths()
     args = ["--model", model_dir, "--served-model-name", "demo", "--max-num-seqs", "128"]
@@ -67,7 +67,8 @@ def test_same_through_the_http_server(tmp_path):
     prompts = [demo.prompt(p) for p in phrases]
 
     async def run() -> dict[str | None, list[str]]:
-        client = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="x")
+        client = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="x",
+                                     timeout=CLIENT_TIMEOUT)
 
         async def one(mode):  # one request per adapter, 100 prompts each: all in flight at once
             r = await client.completions.create(model=mode or "demo", prompt=prompts,

@@ -13,7 +13,7 @@ import openai
 import pytest
 import torch
 from helpers_lora import ALL_PROJS, edit_adapter_config, load_hf_model, make_tiny_model
-from server_utils import InProcessServer
+from server_utils import CLIENT_TIMEOUT, InProcessServer
 
 from loraplex import LLM, AdapterLoadError, SamplingParams
 from loraplex.lora.base_weights import CheckpointWeights
@@ -159,7 +159,8 @@ def test_server_completion_per_adapter(setup):
     llm = LLM(str(d), adapters=adapters, **kw)
     prompt = "the tin hat"
     try:
-        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0,
+                               timeout=CLIENT_TIMEOUT)
         want = llm.generate([prompt] * (len(dirs) + 1), GREEDY, adapters=[*dirs, None])
         for name, out in zip([*dirs, "tiny"], want, strict=True):
             r = client.completions.create(model=name, prompt=prompt, max_tokens=10,

@@ -226,7 +226,7 @@ def test_lm_head_refused_without_the_flag(tmp_path):
 def test_server_completions_on_lm_head_adapter_and_base_equal_peft(tmp_path):
     import openai
     from helpers_lora import load_hf_model, peft_reference
-    from server_utils import InProcessServer
+    from server_utils import CLIENT_TIMEOUT, InProcessServer
 
     from loraplex.engine.llm_engine import LLMEngine
     from loraplex.server.api import ServerConfig, create_app
@@ -243,7 +243,8 @@ def test_server_completions_on_lm_head_adapter_and_base_equal_peft(tmp_path):
     prompt = [1, 40, 41, 72, 73, 74, 80, 81, 90]
     new = 10
     try:
-        c = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="x", max_retries=0)
+        c = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="x", max_retries=0,
+                          timeout=CLIENT_TIMEOUT)
         texts = {}
         for model, ref in (("head", peft_reference(d, dirs["head"])),
                            ("tiny", load_hf_model(d))):

@@ -11,7 +11,7 @@ import openai
 import pytest
 import torch
 from helpers_lora import load_hf_model, make_peft_adapter, make_tiny_model, peft_reference
-from server_utils import InProcessServer
+from server_utils import CLIENT_TIMEOUT, InProcessServer
 from test_dora import perturb_magnitudes
 
 STEPS = 10
@@ -64,7 +64,8 @@ def _peft_tokens(model_dir: str, dirs: dict[str, str]) -> dict[tuple[str, int], 
 @pytest.mark.parametrize("stream", [False, True])
 def test_dora_and_embedding_adapters_through_the_server_equal_peft(served, stream):
     server, model_dir, dirs, tokenizer = served
-    client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0,
+                                timeout=CLIENT_TIMEOUT)
 
     async def complete(model: str, prompt: list[int]) -> tuple[str, list[str], int]:
         kw = dict(model=model, prompt=prompt, max_tokens=STEPS, temperature=0, logprobs=0,
