@@ -19,6 +19,10 @@
  * Items never share rows, so the threads write disjoint rows of out / y. `threads` is torch's
  * intra-op thread count, passed in: OpenMP's default is per calling thread (the machine's
  * core count in a thread torch.set_num_threads never ran in).
+ *
+ * Also here (AVX-512 only; docs/kernels.md, "On CPU: SiLU*up in C"): the gated MLP's
+ * activation silu(gate) * up, which the base model runs too, and the gate/up expand fused
+ * into it (lp_silu_mul_f32, lp_expand_silu_mul_f32, at the end of this file).
  */
 #include <omp.h>
 #include <stdint.h>
@@ -147,7 +151,8 @@ LP_TARGET static void silu_mul_rows(const float *y, int64_t ldy, const float *dg
 }
 
 /* For NQ rows of an item (pointers clamped past `rows`, nothing stored there):
- *   out[q, j] = silu(y[q, j] + h[q, :rg] . btg[:, j]) * (y[q, I + j] + h[q, R : R + ru] . btu[:, j])
+ *   out[q, j] = silu(y[q, j] + h[q, :rg] . btg[:, j])
+ *             * (y[q, I + j] + h[q, R : R + ru] . btu[:, j])
  * btg / btu: the slot's B slices transposed and scaled, [rg, I] and [ru, I]. Each 16-column
  * strip's deltas stay in registers (2 x NQ accumulators) until the activation reads them. */
 LP_TARGET LP_INLINE void silu_mul_block(const float *h, int64_t ldh, int64_t big_r, int rg,
@@ -280,7 +285,7 @@ void lp_expand_f32(sgemm_fn gemm, int threads, const float *h, int64_t ldh, cons
 
 
 /* The gated MLP's activation, out[rows] = silu(y[rows, :I]) * y[rows, I:] (the base model's
- * on CPU float32; loraplex/ops/activation_cpu.py). Returns -1 without writing when this CPU
+ * on CPU float32: elementwise.cpu_silu_mul). Returns -1 without writing when this CPU
  * lacks AVX-512 (its exp is vectorised here). */
 int lp_silu_mul_f32(int threads, const float *y, int64_t ldy, int64_t inter, int64_t rows,
                     float *out, int64_t ldo) {
@@ -300,9 +305,9 @@ int lp_silu_mul_f32(int threads, const float *y, int64_t ldy, int64_t inter, int
 /* The gate/up projection's LoRA expand fused into that activation:
  *   out[rows, :] = silu(y[rows, :I] + dg) * (y[rows, I:] + du)
  *   dg = scalings[slot, 0] * h[rows, :r0] @ b[slot, :I, :r0].T   (du: slice 1, rows I..2I of b)
- * for the items' rows; items of slot -1 get the activation alone. Why: the unfused expand reads and
- * rewrites all of y ([T, 2I], the largest activation of a layer) only for the activation to
- * read it once more. Here an item of LP_FUSED_ROWS rows or more first transposes (and
+ * for the items' rows; items of slot -1 get the activation alone. Why: the unfused expand
+ * reads and rewrites all of y ([T, 2I], the largest activation of a layer) only for the
+ * activation to read it once more. Here an item of LP_FUSED_ROWS rows or more first transposes (and
  * scales) its slot's B into a per-thread scratch, [r, I] per half, so that a 16-column strip
  * of the delta is r FMAs of a broadcast h value by one row of it, for 8 rows at once, in
  * registers, and the activation then reads y once. A shorter item (decode: one or two rows
