@@ -62,11 +62,13 @@ def test_lora_step_metadata_and_ops_allocate_no_weight_copies(tmp_path):
 
         w.shrink, w.expand = spy_shrink, spy_expand
         if w.expand_silu_mul is not None:  # gate/up: the expand fused into the activation
-            def spy_fused(h, b, ranks, scalings, offsets, batch, y, col_scales=None,
+            def spy_fused(h, b, ranks, scalings, offsets, batch, y, col_scales=None, then=None,
                           _op=w.expand_silu_mul):
-                out, sizes = allocated(_op, h, b, ranks, scalings, offsets, batch, y, col_scales)
+                out, sizes = allocated(_op, h, b, ranks, scalings, offsets, batch, y, col_scales,
+                                       then)
                 op_calls.append(("expand+act", batch.num_tokens, b.shape[1], sizes))
                 assert out is not None  # float32 on this CPU: the fused path ran
+                assert then is not None  # ... with the down projection's shrink inside
                 return out
 
             w.expand_silu_mul = spy_fused
@@ -76,7 +78,10 @@ def test_lora_step_metadata_and_ops_allocate_no_weight_copies(tmp_path):
                         adapters=["a", "b", None, "c"])
     assert all(len(o.token_ids) == 4 for o in outs)
     assert len(prepared) == 4 and all(sizes == [] for sizes in prepared), prepared
-    assert len(op_calls) == 2 * 4 * len(llm.engine.lora_layers)
+    # per layer and step: a shrink and an expand for each of the four projections, but for
+    # the down projection's shrink, which runs inside the gate/up expand + activation
+    layers = len(llm.engine.lora_layers) // 4
+    assert len(op_calls) == 4 * 7 * layers
     # the CPU backend writes every product in place (into the destination views): no op
     # allocates at all (test_probe_sees_allocations shows the probe would see it), but for
     # the fused gate/up expand + activation, which allocates exactly the activation's output

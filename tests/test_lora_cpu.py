@@ -7,6 +7,7 @@ cannot build falls back to the torch backend with the reason."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import sys
 
@@ -99,7 +100,7 @@ def test_work_items_cover_the_segments_and_split_long_ones(monkeypatch) -> None:
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     slots = [3] * 1000 + [-1] * 5 + [7] * 2 + [1] * 40
     batch = LoRABatch.from_token_slots(slots)
-    items = lora_cpu._work_items(batch)
+    items = lora_cpu._work_items(batch).array
     chunk = max(lora_cpu.MIN_CHUNK, -(-1042 // 8))  # ~4 items per thread
     assert items[:, 1].max() <= chunk and len(items) >= 8
     rows = np.full(len(slots), -1)
@@ -107,15 +108,15 @@ def test_work_items_cover_the_segments_and_split_long_ones(monkeypatch) -> None:
         assert (rows[start : start + n] == -1).all()  # no row in two items
         rows[start : start + n] = slot
     assert rows.tolist() == slots  # every adapter row once, with its slot
-    assert lora_cpu._work_items(batch) is items  # cached for the batch's other projections
+    assert lora_cpu._work_items(batch).array is items  # cached for the batch's other projections
     batch.host_segs = [(0, 4, 2)]  # the builder makes a new list each step: cut again
-    assert lora_cpu._work_items(batch).tolist() == [[0, 4, 2]]
+    assert lora_cpu._work_items(batch).array.tolist() == [[0, 4, 2]]
 
 
 def test_one_thread_keeps_segments_whole(monkeypatch) -> None:
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     batch = LoRABatch.from_token_slots([0] * 700 + [2] * 3)
-    assert lora_cpu._work_items(batch).tolist() == [[0, 700, 0], [700, 3, 2]]
+    assert lora_cpu._work_items(batch).array.tolist() == [[0, 700, 0], [700, 3, 2]]
 
 
 @needs_build
@@ -279,6 +280,42 @@ def test_fused_expand_silu_mul_equals_expand_then_activation(threads: int) -> No
         torch.set_num_threads(saved)
 
 
+@needs_simd
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_op_runs_the_next_shrink_on_its_output(threads: int) -> None:
+    """``then``: the down projection's shrink of the activation output, inside the fused op,
+    equals ``lora_shrink`` of that output against float64, over per-slot ranks incl. 0 and
+    partial (NaN poison past them never read), long and one-row items, base rows; writes
+    only the entries the shrink writes (the rest of the strided h2 keeps its NaN)."""
+    from dataclasses import replace
+
+    from loraplex.ops.lora_testing import make_case, naive_shrink, random_ranks, written_mask
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k, (pattern, tokens, inter, rank) in enumerate([
+                ("some_none", 40, 77, 8), ("zipf", 300, 160, 16), ("distinct", 7, 33, 16),
+                ([3] * 61 + [-1] * 3 + [0] * 9, 73, 2816 // 8, 16)]):
+            case = fused_case(pattern, tokens, inter, rank, seed=k)
+            rng = random.Random(k)
+            down = make_case(num_tokens=tokens, in_features=inter, widths=(24,), max_rank=rank,
+                             slot_ranks=random_ranks(case.ranks.shape[0], 1, rank, rng),
+                             pattern=case.token_lora_slots, seed=10 + k)
+            y = torch.randn(tokens, 2 * inter, generator=torch.Generator().manual_seed(k))
+            h2 = torch.full((tokens, rank + 5), float("nan"))[:, 2 : 2 + rank]  # row stride
+            out = lora_cpu.lora_expand_silu_mul(
+                poisoned_h(case), case.b, case.ranks, case.scalings, case.offsets, case.batch,
+                y, None, (down.a, down.ranks, h2))
+            want = naive_shrink(replace(down, x=out), h2)
+            mask = written_mask(down)
+            assert h2[~mask].isnan().all(), "wrote an entry the shrink does not write"
+            assert not h2[mask].isnan().any()
+            torch.testing.assert_close(h2[mask].double(), want[mask], rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_fused_declines_where_it_does_not_apply(monkeypatch) -> None:
     """None, with y untouched, for slices other than two equal halves, half precision, no
     AVX-512 or LORAPLEX_FUSED_ELEMENTWISE=0: the LoRA layer then expands and activates apart."""
@@ -329,3 +366,49 @@ def test_lora_layer_fused_and_unfused_paths_agree() -> None:
         layer.expand_silu_mul = None
         unfused = layer.silu_mul_forward(x)
     torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-6)
+
+
+@needs_simd
+def test_gated_mlp_with_the_down_shrink_fused_equals_the_plain_path() -> None:
+    """``layers.activation.gated_mlp`` over a gate/up and a down ``LoRALinear``: with the fused
+    op (the down shrink inside the activation's pass, ``forward_shrunk``) and with the plain
+    path (each projection's own forward), the same values within rounding; base rows, an
+    adapter without a down LoRA (rank 0) and partial ranks included."""
+    from loraplex.layers.activation import gated_mlp, silu_and_mul
+    from loraplex.layers.forward_context import ForwardBatch, forward_context
+    from loraplex.layers.linear import MergedColumnLinear, RowLinear
+    from loraplex.lora.buffers import SlotBuffers
+    from loraplex.lora.layers import LoRALinear
+    from loraplex.ops import get_lora_ops
+
+    hidden, inter, rank, t = 64, 96, 8, 40
+    slots = [0] * 6 + [-1] * 4 + [3] * 20 + [1] * 9 + [2]
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    ranks_gu = torch.tensor([[8, 8], [3, 0], [8, 5], [8, 8]], dtype=torch.int32)
+    ranks_d = torch.tensor([[8], [0], [2], [8]], dtype=torch.int32)
+    gu = MergedColumnLinear(hidden, [inter, inter], ["gate", "up"])
+    gu.weight.data = rand(2 * inter, hidden)
+    down = RowLinear(inter, hidden)
+    down.weight.data = rand(hidden, inter)
+    ops = get_lora_ops("cpu")
+    scratch = torch.zeros(t, 3 * rank)
+    wgu = LoRALinear(gu, SlotBuffers(rand(4, 2 * rank, hidden), rand(4, 2 * inter, rank),
+                                     ranks_gu, torch.rand(4, 2, generator=g) + 0.5,
+                                     (0, inter, 2 * inter), None), scratch, ops)
+    wd = LoRALinear(down, SlotBuffers(rand(4, rank, inter), rand(4, hidden, rank), ranks_d,
+                                      torch.rand(4, 1, generator=g) + 0.5, (0, hidden), None),
+                    scratch, ops)
+    x = torch.randn(t, hidden, generator=g)
+    with forward_context(ForwardBatch(is_prefill=True, num_tokens=t, slot_mapping=None,
+                                      lora=LoRABatch.from_token_slots(slots))):
+        calls = []
+        wd.shrink = lambda *args: calls.append(1) or ops.shrink(*args)
+        fused = gated_mlp(wgu, wd, x)
+        assert not calls  # the down shrink ran inside the fused op
+        plain = wd(silu_and_mul(wgu(x)))
+        assert calls
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)

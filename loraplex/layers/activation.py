@@ -1,9 +1,10 @@
 """The gated MLP's activation, ``silu(gate) * up`` of a fused ``[T, 2I]`` gate|up output.
 
-``gate_up_silu_mul(proj, x)`` is what a model's MLP calls: a projection module with its own
-fused form of "project, then activate" (``silu_mul_forward``) runs that. The LoRA wrapper has
-one (``lora/layers.py``): on CPU it adds the gate/up LoRA delta inside the activation's pass
-instead of rewriting the projection output first. Models stay unaware of LoRA.
+``gated_mlp(gate_up, down, x)`` is what a model's MLP calls: a gate/up projection module with
+its own fused form of "project, activate, project down" (``gated_mlp_forward``) runs that. The
+LoRA wrapper has one (``lora/layers.py``): on CPU it adds the gate/up LoRA delta inside the
+activation's pass instead of rewriting the projection output first, and runs the down
+projection's LoRA shrink in that pass too. Models stay unaware of LoRA.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate).mul_(up)
 
 
-def gate_up_silu_mul(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``silu_and_mul(proj(x))``, through ``proj.silu_mul_forward(x)`` where ``proj`` has one."""
-    fused = getattr(proj, "silu_mul_forward", None)
-    return fused(x) if fused is not None else silu_and_mul(proj(x))
+def gated_mlp(gate_up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``down(silu_and_mul(gate_up(x)))``, through ``gate_up.gated_mlp_forward(down, x)`` where
+    ``gate_up`` has one."""
+    fused = getattr(gate_up, "gated_mlp_forward", None)
+    return fused(down, x) if fused is not None else down(silu_and_mul(gate_up(x)))

@@ -71,21 +71,48 @@ class LoRALinear(nn.Module):
         return y
 
     def silu_mul_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``silu(gate) * up`` of this gate/up projection's output (``layers/activation``'s
-        hook). With a fused backend op the delta is added inside the activation's pass over
-        the output (``LoRAOps.expand_silu_mul``), which then is read once instead of being
-        rewritten by the expand first; else the plain forward, then the activation."""
+        """``silu(gate) * up`` of this gate/up projection's output. With a fused backend op the
+        delta is added inside the activation's pass over the output
+        (``LoRAOps.expand_silu_mul``), which then is read once instead of being rewritten by
+        the expand first; else the plain forward, then the activation."""
+        return self._silu_mul(x, None)[0]
+
+    def gated_mlp_forward(self, down: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``down(silu(gate) * up)`` for this gate/up projection (``layers/activation``'s
+        ``gated_mlp`` hook). Where ``down`` is a ``LoRALinear`` too and the fused op runs, its
+        shrink runs inside the activation's pass as well, on each block of rows the
+        activation just wrote, still in cache (``expand_silu_mul``'s ``then``), and ``down``
+        gets that shrink output (``forward_shrunk``)."""
+        width = self.width + getattr(down, "width", 0)
+        if (not isinstance(down, LoRALinear) or down.reduce_shrink
+                or self.scratch.shape[1] < width):
+            return down(self.silu_mul_forward(x))
+        h2 = self.scratch[: x.shape[0], self.width : width]  # past this projection's own h
+        out, shrunk = self._silu_mul(x, (down.buffers.a, down.buffers.ranks, h2))
+        return down.forward_shrunk(out, h2) if shrunk else down(out)
+
+    def forward_shrunk(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``forward(x)`` given its shrink output ``h`` (computed by the layer before)."""
+        y = self.base(x)
+        buf = self.buffers
+        self.expand(h, buf.b, buf.ranks, buf.scalings, buf.offsets, get_forward_batch().lora,
+                    y, buf.col_scales)
+        return y
+
+    def _silu_mul(self, x: torch.Tensor, then) -> tuple[torch.Tensor, bool]:
+        """(``silu_mul_forward(x)``, whether the fused op also ran ``then``, the next
+        projection's shrink: see ``lora_cpu.lora_expand_silu_mul``)."""
         lora = get_forward_batch().lora
         if lora is None or self.expand_silu_mul is None:
-            return silu_and_mul(self.forward(x))
+            return silu_and_mul(self.forward(x)), False
         h, y = self._shrink_and_base(x, lora)
         buf = self.buffers
         out = self.expand_silu_mul(h, buf.b, buf.ranks, buf.scalings, buf.offsets, lora, y,
-                                   buf.col_scales)
+                                   buf.col_scales, then)
         if out is None:  # not covered here (dtype, layout, CPU): unfused
             self.expand(h, buf.b, buf.ranks, buf.scalings, buf.offsets, lora, y, buf.col_scales)
-            return silu_and_mul(y)
-        return out
+            return silu_and_mul(y), False
+        return out, then is not None
 
     def _shrink_and_base(self, x: torch.Tensor, lora) -> tuple[torch.Tensor, torch.Tensor]:
         """(the shrink output ``h`` [T, n*R], the base output ``y``)."""
@@ -166,7 +193,12 @@ def install_lora_layers(
     device: torch.device,
 ) -> list[LoRALinear]:
     ops = get_lora_ops(backend)
-    width = max(b.a.shape[1] for b in buffers.all_buffers())
+    # wide enough for the MLP's gate/up and down shrink outputs side by side as well
+    # (``LoRALinear.gated_mlp_forward``)
+    width = max([b.a.shape[1] for b in buffers.all_buffers()]
+                + [buffers.buffers[(i, "gate_up_proj")].a.shape[1]
+                   + buffers.buffers[(i, "down_proj")].a.shape[1]
+                   for i in range(len(model.model.layers))])
     scratch = torch.zeros(max_tokens, width, dtype=dtype, device=device)
     wrappers = []
     for layer_idx, layer in enumerate(model.model.layers):

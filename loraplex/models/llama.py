@@ -18,7 +18,7 @@ from loraplex.config import ModelConfig
 from loraplex.distributed.parallel_state import all_gather_last, tp_size
 from loraplex.distributed.sharding import RankShape
 from loraplex.errors import ModelLoadError
-from loraplex.layers.activation import gate_up_silu_mul
+from loraplex.layers.activation import gated_mlp
 from loraplex.layers.attention import Attention
 from loraplex.layers.embedding import VocabParallelEmbedding
 from loraplex.layers.linear import ColumnLinear, MergedColumnLinear, QKVLinear, RowLinear
@@ -63,7 +63,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowLinear(i, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gate_up_silu_mul(self.gate_up_proj, x))  # [T, 2I] -> [T, I]
+        return gated_mlp(self.gate_up_proj, self.down_proj, x)  # [T, H] -> [T, 2I] -> [T, H]
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -239,6 +239,23 @@ static void shrink_gemm(sgemm_fn gemm, int simd, const float *x, int64_t ldx, co
   gemm("T", "N", &m, &rows, &k, &one, a, &lda, x, &ldb, &zero, out, &ldc);
 }
 
+/* One item's shrink: out[rows, i*R : i*R + r] = x[rows] @ a[slot, i*R : i*R + r].T (x and out
+ * already point at the item's first row) */
+static void shrink_item(sgemm_fn gemm, int simd, const float *x, int64_t ldx, const float *a,
+                        int64_t n_r, int64_t in_f, const int32_t *rk, int64_t n, int64_t big_r,
+                        int rows, float *out, int64_t ldo) {
+  int full = 1;
+  for (int64_t i = 0; i < n; i++) full &= rk[i] == big_r;
+  if (full) { /* every slice at full rank: one GEMM over the stacked rows of A */
+    shrink_gemm(gemm, simd, x, ldx, a, in_f, (int)n_r, rows, out, ldo);
+    return;
+  }
+  for (int64_t i = 0; i < n; i++)
+    if (rk[i] > 0)
+      shrink_gemm(gemm, simd, x, ldx, a + i * big_r * in_f, in_f, rk[i], rows, out + i * big_r,
+                  ldo);
+}
+
 /* out[rows, i*R : i*R + r] = x[rows] @ a[slot, i*R : i*R + r].T  (beta 0: out is not read) */
 void lp_shrink_f32(sgemm_fn gemm, int simd, int threads, const float *x, int64_t ldx,
                    const float *a, int64_t n_r, int64_t in_f, const int32_t *ranks, int64_t n,
@@ -247,19 +264,8 @@ void lp_shrink_f32(sgemm_fn gemm, int simd, int threads, const float *x, int64_t
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (n_items > 1)
   for (int64_t it = 0; it < n_items; it++) {
     const int64_t start = items[3 * it], slot = items[3 * it + 2];
-    const int rows = (int)items[3 * it + 1];
-    const int32_t *rk = ranks + slot * n;
-    int full = 1;
-    for (int64_t i = 0; i < n; i++) full &= rk[i] == big_r;
-    if (full) { /* every slice at full rank: one GEMM over the stacked rows of A */
-      shrink_gemm(gemm, simd, x + start * ldx, ldx, a + slot * n_r * in_f, in_f, (int)n_r, rows,
-                  out + start * ldo, ldo);
-      continue;
-    }
-    for (int64_t i = 0; i < n; i++)
-      if (rk[i] > 0)
-        shrink_gemm(gemm, simd, x + start * ldx, ldx, a + (slot * n_r + i * big_r) * in_f, in_f,
-                    rk[i], rows, out + start * ldo + i * big_r, ldo);
+    shrink_item(gemm, simd, x + start * ldx, ldx, a + slot * n_r * in_f, n_r, in_f,
+                ranks + slot * n, n, big_r, (int)items[3 * it + 1], out + start * ldo, ldo);
   }
 }
 
@@ -316,6 +322,7 @@ int lp_silu_mul_f32(int threads, const float *y, int64_t ldy, int64_t inter, int
  * big_r) floats per thread. Returns -1 without writing when this CPU lacks AVX-512 (the caller
  * then runs the unfused expand and the activation). */
 #define LP_FUSED_ROWS 8
+#define LP_SHRINK_ROWS 32
 /* floats of scratch each thread of lp_expand_silu_mul_f32 needs (the caller allocates them
  * once: no allocation per call) */
 int64_t lp_fused_scratch_floats(int64_t inter, int64_t big_r) {
@@ -326,9 +333,11 @@ int lp_expand_silu_mul_f32(sgemm_fn gemm, int threads, const float *h, int64_t l
                            const float *b, int64_t inter, int64_t big_r, const int32_t *ranks,
                            const float *scalings, const int64_t *items, int64_t n_items,
                            const float *y, int64_t ldy, float *out, int64_t ldo,
-                           float *scratch) {
+                           float *scratch, const float *a2, int64_t n_r2, const int32_t *ranks2,
+                           int64_t n2, int64_t big_r2, float *h2, int64_t ldh2, int simd) {
 #ifdef LP_X86
   if (!has_avx512()) return -1;
+  simd = simd && has_avx512();
 #pragma omp parallel num_threads(threads) if (n_items > 1)
   {
     /* this thread's scratch: bt [2][R][I], the transposed halves of B; d [LP_FUSED_ROWS][2I],
@@ -359,6 +368,9 @@ int lp_expand_silu_mul_f32(sgemm_fn gemm, int threads, const float *h, int64_t l
         }
         silu_mul_rows(y + start * ldy, ldy, half[0], half[1], 2 * inter, inter, len,
                       out + start * ldo, ldo);
+        if (a2)
+          shrink_item(gemm, simd, out + start * ldo, ldo, a2 + slot * n_r2 * inter, n_r2, inter,
+                      ranks2 + slot * n2, n2, big_r2, (int)len, h2 + start * ldh2, ldh2);
         continue;
       }
       if (slot != have) {
@@ -368,15 +380,24 @@ int lp_expand_silu_mul_f32(sgemm_fn gemm, int threads, const float *h, int64_t l
                              bt + i * big_r * inter);
         have = slot;
       }
-      silu_mul_item(h + start * ldh, ldh, big_r, r[0], r[1], bt, bt + big_r * inter, inter,
-                    y + start * ldy, ldy, out + start * ldo, ldo, len);
+      /* LP_SHRINK_ROWS rows at a time, so that the next projection's shrink (a2) finds
+       * them in cache */
+      for (int64_t q0 = 0; q0 < len; q0 += LP_SHRINK_ROWS) {
+        const int64_t q = start + q0, nq = len - q0 < LP_SHRINK_ROWS ? len - q0 : LP_SHRINK_ROWS;
+        silu_mul_item(h + q * ldh, ldh, big_r, r[0], r[1], bt, bt + big_r * inter, inter,
+                      y + q * ldy, ldy, out + q * ldo, ldo, nq);
+        if (a2)
+          shrink_item(gemm, simd, out + q * ldo, ldo, a2 + slot * n_r2 * inter, n_r2, inter,
+                      ranks2 + slot * n2, n2, big_r2, (int)nq, h2 + q * ldh2, ldh2);
+      }
     }
   }
   return 0;
 #else
   (void)gemm; (void)threads; (void)h; (void)ldh; (void)b; (void)inter; (void)big_r;
   (void)ranks; (void)scalings; (void)items; (void)n_items; (void)y; (void)ldy; (void)out;
-  (void)ldo; (void)scratch;
+  (void)ldo; (void)scratch; (void)a2; (void)n_r2; (void)ranks2; (void)n2; (void)big_r2;
+  (void)h2; (void)ldh2; (void)simd;
   return -1;
 #endif
 }

@@ -13,6 +13,14 @@ The rows are cut into work items: each segment (one adapter's rows) in chunks of
 ``chunk`` rows, so one long segment still feeds every thread. The items are cut once per
 forward, vectorised with numpy, and reused by every projection.
 
+Each call is lean on the host: a weight pool's C arguments (pointers, shapes, ranks,
+scalings, slice offsets) are checked and made once per pool and kept (``_pool_args``), and
+the work items carry their own pointer, so a call checks only its activations' layout and
+makes one ``ctypes`` call. Why: these calls run right after the base GEMM, which has evicted
+every cache, and each line of Python or torch dispatch then runs from memory (measured on
+this project's 2-core VM: the plain wrapper took ~0.3-0.5 ms more than the bare C call
+after a GEMM, as much as the C work itself).
+
 Anything the C code does not cover runs ``lora_torch`` instead, with the same results:
 other dtypes (bfloat16, float16), ranks held on an accelerator, a layout without unit
 column stride. DoRA's column scaling (``col_scales``) is applied per flagged segment first,
@@ -25,7 +33,9 @@ import ctypes
 import functools
 import math
 import threading
+import weakref
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,7 +51,7 @@ _SHRINK_ARGS = [_PTR, _INT, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64
 _EXPAND_ARGS = [_PTR, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR,
                 _I64]
 _FUSED_ARGS = [_PTR, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR,
-               _I64, _PTR]
+               _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _INT]
 _SILU_MUL_ARGS = [_INT, _PTR, _I64, _I64, _I64, _PTR, _I64]
 MIN_CHUNK = 32  # rows: below this a GEMM's packing of its weights costs more than it splits
 
@@ -96,16 +106,13 @@ def lora_shrink(
 ) -> None:
     """``out[seg, i*R : i*R + r] = x[seg] @ a[slot, i*R : i*R + r].T`` per segment and slice
     (contract: ``lora_ref.lora_shrink``)."""
-    lib = _native()
-    if isinstance(lib, str) or not _fits((x, out), (a,), ranks):
+    lib, pool = _native(), _pool_args(a, ranks)
+    if pool is None or isinstance(lib, str) or not _rows_fit(x, out):
         return lora_torch.lora_shrink(x, a, ranks, batch, out)
     items = _work_items(batch)
-    if not len(items):
-        return
-    n = ranks.shape[1]
-    lib.shrink(lib.sgemm, lib.simd, torch.get_num_threads(), x.data_ptr(), x.stride(0),
-               a.data_ptr(), a.shape[1], a.shape[2], ranks.data_ptr(), n, a.shape[1] // n,
-               items.ctypes.data, len(items), out.data_ptr(), out.stride(0))
+    if items.count:
+        lib.shrink(lib.sgemm, lib.simd, torch.get_num_threads(), x.data_ptr(), x.stride(0),
+                   *pool, items.ptr, items.count, out.data_ptr(), out.stride(0))
 
 
 def lora_expand(
@@ -120,20 +127,17 @@ def lora_expand(
 ) -> None:
     """``y[seg, cols_i] += scalings[slot, i] * h[seg, i*R : i*R + r] @ b[slot, cols_i, :r].T``
     per segment and slice, in place (contract: ``lora_ref.lora_expand``)."""
-    lib = _native()
-    if isinstance(lib, str) or not _fits((h, y), (b, scalings), ranks):
+    lib, pool = _native(), _pool_args(b, ranks, scalings, offsets)
+    if pool is None or isinstance(lib, str) or not _rows_fit(h, y):
         return lora_torch.lora_expand(h, b, ranks, scalings, offsets, batch, y, col_scales)
+    assert offsets[-1] == y.shape[1], (offsets, y.shape)
     items = _work_items(batch)
-    if not len(items):
+    if not items.count:
         return
-    n = ranks.shape[1]
-    assert len(offsets) == n + 1 and offsets[-1] == y.shape[1], (offsets, y.shape)
     if col_scales is not None and any(col_scales.host_flags):
         _scale_flagged(col_scales, ranks, offsets, batch, y)
-    offs = _offsets_array(tuple(offsets))
-    lib.expand(lib.sgemm, torch.get_num_threads(), h.data_ptr(), h.stride(0), b.data_ptr(),
-               b.shape[1], b.shape[2], ranks.data_ptr(), scalings.data_ptr(), n,
-               offs.ctypes.data, items.ctypes.data, len(items), y.data_ptr(), y.stride(0))
+    lib.expand(lib.sgemm, torch.get_num_threads(), h.data_ptr(), h.stride(0), *pool,
+               items.ptr, items.count, y.data_ptr(), y.stride(0))
 
 
 def lora_expand_silu_mul(
@@ -145,32 +149,48 @@ def lora_expand_silu_mul(
     batch: LoRABatch,
     y: torch.Tensor,
     col_scales: ColumnScales | None = None,
+    then: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
     """``silu(gate) * up`` of a gate/up projection's base output ``y`` ``[T, 2I]`` (gate
     columns first) with its LoRA delta added on the way: ``lora_expand`` into ``y`` followed by
     ``elementwise.cpu_silu_mul``, without adding the delta to ``y`` (the expand's read and
     rewrite of the layer's largest activation is gone: the delta is made a block of rows at a
     time, in registers or a small scratch, and the activation reads ``y`` once; only DoRA
-    slots still rescale their own rows of ``y`` first, as ``lora_expand`` does). Returns the new
-    ``[T, I]`` tensor, or None where this does not run (the caller then runs ``lora_expand``
-    and its activation): where ``cpu_silu_mul`` does not (no C library, no AVX-512, not
-    float32, disabled), or for slices other than two equal halves. Rows without an adapter get
-    exactly ``cpu_silu_mul``'s values."""
-    lib = _native()
-    if (isinstance(lib, str) or not lib.simd or len(offsets) != 3 or not elementwise.enabled()
-            or offsets[2] != 2 * offsets[1] or not _fits((h, y), (b, scalings), ranks)):
+    slots still rescale their own rows of ``y`` first, as ``lora_expand`` does).
+
+    ``then = (a2, ranks2, h2)``: also the next projection's shrink of the result (the MLP's
+    down projection), ``lora_shrink(out, a2, ranks2, batch, h2)``, run on each block of rows
+    right after the activation wrote it, while it is still in cache (``[T, I]`` is read from
+    memory otherwise, the largest input of any shrink).
+
+    Returns the new ``[T, I]`` tensor, or None where this does not run (the caller then runs
+    ``lora_expand``, the activation and the shrink apart): where ``cpu_silu_mul`` does not (no
+    C library, no AVX-512, not float32, disabled), for slices other than two equal halves, or
+    for a ``then`` the C code does not take. Rows without an adapter get exactly
+    ``cpu_silu_mul``'s values."""
+    lib, pool = _native(), _pool_args(b, ranks, scalings, offsets)
+    if (pool is None or isinstance(lib, str) or not lib.simd or len(offsets) != 3
+            or offsets[2] != 2 * offsets[1] or not _rows_fit(h, y) or not elementwise.enabled()):
         return None
     inter, t = offsets[1], y.shape[0]
-    out = torch.empty(t, inter, dtype=y.dtype)
+    down = (0, 0, 0, 0, 0, 0, 0)  # then's C arguments: none
+    if then is not None:
+        a2, ranks2, h2 = then
+        down_pool = _pool_args(a2, ranks2)
+        if down_pool is None or a2.shape[2] != inter or not _rows_fit(h2):
+            return None
+        a2_ptr, n_r2, _, ranks2_ptr, n2, big_r2 = down_pool  # (in = inter, checked above)
+        down = (a2_ptr, n_r2, ranks2_ptr, n2, big_r2, h2.data_ptr(), h2.stride(0))
+    out = torch.empty(t, inter)
     items = _activation_items(batch, t)
     if col_scales is not None and any(col_scales.host_flags):
         _scale_flagged(col_scales, ranks, offsets, batch, y)  # DoRA: y's own rows, first
     threads = torch.get_num_threads()
     scratch = _scratch(lib, threads * lib.scratch_floats(inter, b.shape[2]))
-    if len(items) and lib.expand_silu_mul(
+    if items.count and lib.expand_silu_mul(
             lib.sgemm, threads, h.data_ptr(), h.stride(0), b.data_ptr(), inter, b.shape[2],
-            ranks.data_ptr(), scalings.data_ptr(), items.ctypes.data, len(items), y.data_ptr(),
-            y.stride(0), out.data_ptr(), out.stride(0), scratch.data_ptr()) != 0:
+            pool[3], pool[4], items.ptr, items.count, y.data_ptr(), y.stride(0),
+            out.data_ptr(), out.stride(0), scratch.data_ptr(), *down, lib.simd) != 0:
         raise RuntimeError("lp_expand_silu_mul_f32 found no AVX-512 (lp_simd_level said so)")
     return out
 
@@ -184,33 +204,80 @@ def _scratch(lib: _Native, numel: int) -> torch.Tensor:
     return buf
 
 
-def _fits(rows: tuple[torch.Tensor, ...], pools: tuple[torch.Tensor, ...],
-          ranks: torch.Tensor) -> bool:
-    """The C code's layouts: float32 on the host, unit column stride for the activations
-    (any row stride), contiguous weight pools and scalings, host int32 ranks."""
+def _rows_fit(*rows: torch.Tensor) -> bool:
+    """The C code's layout for activations: float32 on the host, unit column stride (any row
+    stride)."""
+    return all(t.dtype is torch.float32 and t.is_cpu and t.stride(-1) == 1 for t in rows)
+
+
+# id(weight pool) -> (weak references to the pool, ranks, scalings; offsets; C arguments;
+# the offsets array those arguments point into)
+_POOLS: dict[int, tuple] = {}
+
+
+def _pool_args(pool: torch.Tensor, ranks: torch.Tensor, scalings: torch.Tensor | None = None,
+               offsets: tuple[int, ...] | None = None) -> tuple | None:
+    """The C functions' arguments for a weight pool: for a shrink's ``a [S, n*R, in]`` with
+    its ranks ``(a, n*R, in, ranks, n, R)``, for an expand's ``b [S, out, R]`` with its ranks,
+    scalings and slice offsets ``(b, out, R, ranks, scalings, n, offsets)``; None where the C
+    code does not take them (not contiguous float32 on the host, ranks not host int32). Made
+    once per pool and kept while the same pool, ranks, scalings and offsets objects come back
+    (an engine's pools live as long as it does); the references are weak, so a dead engine's
+    pools are not held."""
+    hit = _POOLS.get(id(pool))
+    if (hit is not None and hit[0]() is pool and hit[1]() is ranks
+            and (scalings is None or hit[2]() is scalings) and hit[3] == offsets):
+        return hit[4]
+    args, offs = None, None
+
     def f32_host(t: torch.Tensor) -> bool:
-        return t.dtype == torch.float32 and t.device.type == "cpu"
+        return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
 
-    return (all(f32_host(t) and t.stride(-1) == 1 for t in rows)
-            and all(f32_host(t) and t.is_contiguous() for t in pools)
-            and ranks.device.type == "cpu" and ranks.dtype == torch.int32
-            and ranks.is_contiguous())
+    if (f32_host(pool) and ranks.device.type == "cpu" and ranks.dtype == torch.int32
+            and ranks.is_contiguous() and (scalings is None or f32_host(scalings))):
+        n = ranks.shape[1]
+        if scalings is None:
+            args = (pool.data_ptr(), pool.shape[1], pool.shape[2], ranks.data_ptr(), n,
+                    pool.shape[1] // n)
+        else:
+            assert len(offsets) == n + 1, (offsets, n)
+            offs = np.asarray(offsets, dtype=np.int64)
+            args = (pool.data_ptr(), pool.shape[1], pool.shape[2], ranks.data_ptr(),
+                    scalings.data_ptr(), n, offs.ctypes.data)
+    if len(_POOLS) > 4096:  # dead pools' entries: drop them now and then
+        for key in [k for k, v in _POOLS.items() if v[0]() is None]:
+            del _POOLS[key]
+    keep = weakref.ref(scalings) if scalings is not None else None
+    _POOLS[id(pool)] = (weakref.ref(pool), weakref.ref(ranks), keep, offsets, args, offs)
+    return args
 
 
-def _work_items(batch: LoRABatch) -> np.ndarray:
-    """``[k, 3]`` int64 ``(first row, rows, slot)``: the batch's adapter segments, each cut
-    into chunks of at most ``max(MIN_CHUNK, rows / (4 * threads))`` rows, so there are about
-    four items per thread (dynamic scheduling evens out unequal segments). Cached on the
-    batch with the ``host_segs`` list it was cut from."""
+class Items(NamedTuple):
+    """A batch's rows as the C functions' work items."""
+
+    array: np.ndarray  # [count, 3] int64 (first row, rows, slot)
+    ptr: int  # array's address
+    count: int
+
+
+def _items(array: np.ndarray) -> Items:
+    array = np.ascontiguousarray(array, dtype=np.int64)
+    return Items(array, array.ctypes.data, len(array))
+
+
+def _work_items(batch: LoRABatch) -> Items:
+    """The batch's adapter segments, each cut into chunks of at most ``max(MIN_CHUNK, rows /
+    (4 * threads))`` rows, so there are about four items per thread (dynamic scheduling evens
+    out unequal segments). Cached on the batch with the ``host_segs`` list it was cut from."""
     cached = batch.work_items
     if cached is not None and cached[0] is batch.host_segs:
         return cached[1]
-    items = _cut(np.asarray(batch.host_segs, dtype=np.int64).reshape(-1, 3))
+    items = _items(_cut(np.asarray(batch.host_segs, dtype=np.int64).reshape(-1, 3)))
     batch.work_items = (batch.host_segs, items)
     return items
 
 
-def _activation_items(batch: LoRABatch, t: int) -> np.ndarray:
+def _activation_items(batch: LoRABatch, t: int) -> Items:
     """``_work_items`` plus the runs of the first ``t`` rows that no segment covers, as
     ``(first row, rows, -1)`` items cut the same way: every row of the activation once.
     Cached on the batch with the ``host_segs`` list and ``t`` it was made for."""
@@ -224,9 +291,10 @@ def _activation_items(batch: LoRABatch, t: int) -> np.ndarray:
         pos = start + length
     if pos < t:
         gaps.append((pos, t - pos, -1))
-    items = _work_items(batch)
+    array = _work_items(batch).array
     if gaps:
-        items = np.concatenate([items, _cut(np.asarray(gaps, dtype=np.int64))])
+        array = np.concatenate([array, _cut(np.asarray(gaps, dtype=np.int64))])
+    items = _items(array)
     batch.activation_items = (batch.host_segs, t, items)
     return items
 
@@ -242,11 +310,6 @@ def _cut(segs: np.ndarray) -> np.ndarray:
     starts = segs[seg_of, 0] + first * chunk
     lens = np.minimum(chunk, segs[seg_of, 1] - first * chunk)
     return np.ascontiguousarray(np.stack([starts, lens, segs[seg_of, 2]], axis=1))
-
-
-@functools.lru_cache(maxsize=64)
-def _offsets_array(offsets: tuple[int, ...]) -> np.ndarray:
-    return np.asarray(offsets, dtype=np.int64)
 
 
 def _scale_flagged(cs: ColumnScales, ranks: torch.Tensor, offsets: tuple[int, ...],
