@@ -9,10 +9,17 @@ adapters on all seven projections, float32, 2 threads. In one run:
   ``lm_head`` (``enable_lm_head_lora``), each in consecutive slots, against (a)/(b)'s plain
   LoRA in consecutive slots; (g) the scattered mix again with the torch backend's LoRA ops
   swapped into the same engine (the engine's own are the C ones, "cpu", where they build),
-  and (h) with the engine's ops but the gate/up expand run apart from the MLP's activation
-  (the engine fuses them on CPUs with AVX-512: ``lora_cpu.lora_expand_silu_mul``).
+  and (h) with the engine's ops but the gate/up expand and the down projection's shrink run
+  apart from the MLP's activation (the engine fuses them into it on CPUs with AVX-512:
+  ``lora_cpu.lora_expand_silu_mul``).
 
-    python benchmarks/bench_lora.py [--adapters 16] [--layers 4] [--repeat 5] [--write-docs]
+  Then (i) ``--prefill-pairs`` more rounds of the prefill alone, base and scattered (the
+  order alternating), for the headline ratio: the median of the paired ratios and their
+  quartiles (a prefill pair takes seconds, so a slow spell on a shared host hits both runs of
+  a pair; the full rounds above are too few for a tight median).
+
+    python benchmarks/bench_lora.py [--adapters 16] [--layers 4] [--repeat 5] \
+        [--prefill-pairs 20] [--write-docs]
 
 On a shared host, ``--threads 1 --clock cpu`` times with the process's CPU time, which does
 not count the time the process waited for a core (at 2 threads a waiting thread stalls the
@@ -78,6 +85,30 @@ def loraplex_times(llm: LLM, prompts, names, steps: int,
     return prefill, decode
 
 
+def prefill_time(llm: LLM, prompts, names, clock=time.perf_counter) -> float:
+    """Seconds of one batch's prefill alone (one token generated per prompt)."""
+    engine = llm.engine
+    sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    for i, (p, a) in enumerate(zip(prompts, names, strict=True)):
+        engine.add_request(f"p{i}", p, sp, a)
+    t = clock()
+    while engine.has_unfinished_requests():
+        engine.step()
+    return clock() - t
+
+
+def paired_prefill(llm: LLM, prompts, names, pairs: int, clock) -> list[float]:
+    """``pairs`` ratios of the batch's prefill time to the base model's, each from a base run
+    and a run with ``names`` back to back (which runs first alternates)."""
+    base = [None] * len(prompts)
+    ratios = []
+    for k in range(pairs):
+        first, second = (base, names) if k % 2 == 0 else (names, base)
+        t1, t2 = prefill_time(llm, prompts, first, clock), prefill_time(llm, prompts, second, clock)
+        ratios.append(t2 / t1 if k % 2 == 0 else t1 / t2)
+    return ratios
+
+
 def peft_times(model, ids: torch.Tensor, names, steps: int) -> tuple[float, float]:
     kw = {} if names is None else {"adapter_names": names}
     mask = torch.ones_like(ids)
@@ -126,13 +157,13 @@ def keep_best(rows: dict[str, tuple[float, float]], key: str, run: tuple[float, 
 
 
 TORCH_OPS = "scattered, torch ops"  # the case run with the torch backend's LoRA ops
-UNFUSED = "scattered, unfused"  # the engine's ops, gate/up expand apart from the activation
+UNFUSED = "scattered, unfused"  # the engine's ops, nothing fused into the MLP activation
 
 
 def use_lora_ops(llm: LLM, backend: str, fused: bool = True) -> None:
     """Give every LoRA wrapper of the engine ``backend``'s ops (side-by-side cases of one
-    engine: same weights, same slots); ``fused=False`` drops the gate/up expand fused into
-    the activation (the wrapper then expands, then activates)."""
+    engine: same weights, same slots); ``fused=False`` drops the ops fused into the MLP
+    activation (the wrappers then expand, activate, and shrink for the down projection)."""
     ops = get_lora_ops(backend)
     for m in llm.engine.runner.model.modules():
         if isinstance(m, LoRALinear):
@@ -242,6 +273,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0, help="picks the scattered slots")
+    ap.add_argument("--prefill-pairs", type=int, default=20,
+                    help="paired base / scattered prefill runs for the headline ratio")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="time with wall time or the process's CPU time (--threads 1)")
     ap.add_argument("--skip-peft", action="store_true")
@@ -297,6 +330,7 @@ def main() -> None:
                  "DoRA": dora, "embedding": emb, "lm_head": head}
         runs = interleaved_runs(llm, prompts, cases, args, clock)
         rows = best_of(runs)
+        pairs = paired_prefill(llm, prompts, scattered, args.prefill_pairs, clock)
         if not args.skip_peft:
             from peft import PeftModel
 
@@ -337,7 +371,7 @@ def main() -> None:
         row(f"loraplex {n} adapters, slots scattered", rows["scattered"], base, "scattered"),
         row(f"loraplex {n} adapters, slots scattered, torch ops", rows[TORCH_OPS], base,
             TORCH_OPS),
-        row(f"loraplex {n} adapters, slots scattered, gate/up expand not fused", rows[UNFUSED],
+        row(f"loraplex {n} adapters, slots scattered, MLP LoRA ops not fused", rows[UNFUSED],
             base, UNFUSED),
         row(f"loraplex {n} DoRA adapters, slots in order", rows["DoRA"], base, "DoRA"),
         row(f"loraplex {n} adapters + embed_tokens LoRA, slots in order", rows["embedding"],
@@ -348,7 +382,13 @@ def main() -> None:
          f"{floor / base[1]:.3f}", ""],
     ]
     plain, dr, em, hd = rows["in order"], rows["DoRA"], rows["embedding"], rows["lm_head"]
-    summary = (f"\nAgainst plain LoRA in consecutive slots (time ratio): DoRA prefill "
+    summary = ""
+    if len(pairs) >= 2:
+        q = statistics.quantiles(pairs, n=4)
+        summary = (f"\nScattered prefill / base over {len(pairs)} paired prefill-only runs: "
+                   f"median **{statistics.median(pairs):.3f}**, quartiles {q[0]:.3f}-{q[2]:.3f}"
+                   f", range {min(pairs):.3f}-{max(pairs):.3f}.\n")
+    summary += (f"\nAgainst plain LoRA in consecutive slots (time ratio): DoRA prefill "
                f"{dr[0] / plain[0]:.3f}x, decode {dr[1] / plain[1]:.3f}x; + embed_tokens LoRA "
                f"prefill {em[0] / plain[0]:.3f}x, decode {em[1] / plain[1]:.3f}x; + lm_head "
                f"LoRA prefill {hd[0] / plain[0]:.3f}x, decode {hd[1] / plain[1]:.3f}x.\n")
@@ -369,7 +409,8 @@ def main() -> None:
             f"adapters on all seven projections, out of {2 * n} held in {2 * n} slots; CPU "
             f"float32, {args.threads} threads, {args.clock} clock, LoRA ops "
             f"\"{llm.engine.lora_backend}\" (\"torch ops\": the torch backend's, on the same "
-            f"engine; \"not fused\": the gate/up expand apart from the MLP activation); best "
+            f"engine; \"not fused\": the gate/up expand and the down shrink apart from the MLP "
+            f"activation); best "
             f"of {args.repeat} rounds, each running every case once (base and mixed runs "
             f"interleaved in one run); the last column is the median over the rounds "
             f"of each round's ratio to that round's base. Scattered slots: {layouts['scattered']}; "

@@ -122,6 +122,7 @@ class LoRABuffers:
             col_scales=None,
         )
         self.lm_head_slots: set[int] = set()  # slots whose adapter has an lm_head LoRA
+        self.embedding_slots: set[int] = set()  # ... and an embed_tokens LoRA
         # On CUDA a slot load goes through pinned host buffers, each big enough for one layer
         # of a max-rank adapter: one host->device copy per layer. Two of them alternate, so
         # packing layer k+1 on the host overlaps layer k's transfer.
@@ -185,6 +186,7 @@ class LoRABuffers:
 
     def _write_embedding(self, lora_slot: int, w: LoRAWeights | None) -> None:
         self._write_direct(self.embedding, lora_slot, w)
+        (self.embedding_slots.add if w is not None else self.embedding_slots.discard)(lora_slot)
 
     @staticmethod
     def _write_direct(buf: SlotBuffers, lora_slot: int, w: LoRAWeights | None,
@@ -250,6 +252,7 @@ class LoRABuffers:
 
     def clear(self, lora_slot: int) -> None:
         self.lm_head_slots.discard(lora_slot)
+        self.embedding_slots.discard(lora_slot)
         for buf in self.all_buffers():
             buf.ranks[lora_slot].zero_()
             buf.scalings[lora_slot].zero_()

@@ -163,10 +163,11 @@ class LoRAEmbedding(nn.Module):
     whole on every rank, so each rank adds the same delta: no further communication."""
 
     def __init__(self, base: VocabParallelEmbedding, buffers: SlotBuffers, scratch: torch.Tensor,
-                 expand: Callable) -> None:
+                 expand: Callable, live_slots: set[int]) -> None:
         super().__init__()
         self.base, self.buffers, self.scratch, self.expand = base, buffers, scratch, expand
         self.width = buffers.a.shape[1]  # R
+        self.live_slots = live_slots  # LoRABuffers.embedding_slots: slots with an embedding LoRA
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads the embedding matrix keeps working
@@ -176,6 +177,10 @@ class LoRAEmbedding(nn.Module):
         y = self.base(ids)
         lora = get_forward_batch().lora
         if lora is None:
+            return y
+        # On the host, a batch none of whose adapters has an embedding LoRA skips both ops
+        # (on CUDA a captured graph holds them whatever the batch, so they always run).
+        if not ids.is_cuda and not any(slot in self.live_slots for *_, slot in lora.host_segs):
             return y
         buf = self.buffers
         h = self.scratch[: ids.shape[0], : self.width]  # [T, R]
@@ -213,7 +218,8 @@ def install_lora_layers(
     embed = model.model.embed_tokens
     if isinstance(embed, LoRAEmbedding):
         embed = embed.base
-    model.model.embed_tokens = LoRAEmbedding(embed, buffers.embedding, scratch, ops.expand)
+    model.model.embed_tokens = LoRAEmbedding(embed, buffers.embedding, scratch, ops.expand,
+                                             buffers.embedding_slots)
     if buffers.lm_head is not None:
         head = model.lm_head
         model.lm_head = LoRALMHead(head.base if isinstance(head, LoRALMHead) else head,
