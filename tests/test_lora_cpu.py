@@ -412,3 +412,26 @@ def test_gated_mlp_with_the_down_shrink_fused_equals_the_plain_path() -> None:
         plain = wd(silu_and_mul(wgu(x)))
         assert calls
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_pool_args_are_made_once_per_pool_and_remade_when_an_input_changes() -> None:
+    """The C arguments of a weight pool are kept while the same pool, ranks, scalings and
+    offsets come back, made again when any of them is another object or the pool's storage
+    moved; a pool the C code does not take gives None (the op then runs lora_torch)."""
+    a = torch.randn(4, 8, 16)
+    ranks = torch.full((4, 1), 8, dtype=torch.int32)
+    args = lora_cpu._pool_args(a, ranks)
+    assert args is not None and args[0] == a.data_ptr() and args[1:3] == (8, 16)
+    assert lora_cpu._pool_args(a, ranks) is args  # kept
+    assert lora_cpu._pool_args(a, ranks.clone()) is not args  # other ranks: made again
+    b, scalings = torch.randn(4, 24, 8), torch.ones(4, 2)
+    ranks2 = torch.full((4, 2), 8, dtype=torch.int32)
+    eargs = lora_cpu._pool_args(b, ranks2, scalings, (0, 16, 24))
+    assert lora_cpu._pool_args(b, ranks2, scalings, (0, 16, 24)) is eargs
+    assert lora_cpu._pool_args(b, ranks2, scalings, (0, 8, 24)) is not eargs  # other slices
+    assert lora_cpu._pool_args(b, ranks2) is not None  # the same pool as a shrink's: no error
+    b.set_(torch.randn(4, 24, 8))  # the storage moved: the old address must not be reused
+    assert lora_cpu._pool_args(b, ranks2, scalings, (0, 16, 24))[0] == b.data_ptr()
+    assert lora_cpu._pool_args(a.to(torch.bfloat16), ranks) is None
+    assert lora_cpu._pool_args(a, ranks.long()) is None
+    assert lora_cpu._pool_args(a.transpose(1, 2), ranks) is None

@@ -213,6 +213,10 @@ def _rows_fit(*rows: torch.Tensor) -> bool:
 _POOLS: dict[int, tuple] = {}
 
 
+def _NO_REF() -> None:  # the "weak reference" of an absent tensor (a shrink's scalings)
+    return None
+
+
 def _pool_args(pool: torch.Tensor, ranks: torch.Tensor, scalings: torch.Tensor | None = None,
                offsets: tuple[int, ...] | None = None) -> tuple | None:
     """The C functions' arguments for a weight pool: for a shrink's ``a [S, n*R, in]`` with
@@ -224,7 +228,8 @@ def _pool_args(pool: torch.Tensor, ranks: torch.Tensor, scalings: torch.Tensor |
     pools are not held."""
     hit = _POOLS.get(id(pool))
     if (hit is not None and hit[0]() is pool and hit[1]() is ranks
-            and (scalings is None or hit[2]() is scalings) and hit[3] == offsets):
+            and hit[2]() is scalings and hit[3] == offsets
+            and (hit[4] is None or hit[4][0] == pool.data_ptr())):  # storage not swapped
         return hit[4]
     args, offs = None, None
 
@@ -245,7 +250,7 @@ def _pool_args(pool: torch.Tensor, ranks: torch.Tensor, scalings: torch.Tensor |
     if len(_POOLS) > 4096:  # dead pools' entries: drop them now and then
         for key in [k for k, v in _POOLS.items() if v[0]() is None]:
             del _POOLS[key]
-    keep = weakref.ref(scalings) if scalings is not None else None
+    keep = weakref.ref(scalings) if scalings is not None else _NO_REF
     _POOLS[id(pool)] = (weakref.ref(pool), weakref.ref(ranks), keep, offsets, args, offs)
     return args
 
