@@ -213,7 +213,7 @@ def _rows_fit(*rows: torch.Tensor) -> bool:
 _POOLS: dict[int, tuple] = {}
 
 
-def _NO_REF() -> None:  # the "weak reference" of an absent tensor (a shrink's scalings)
+def _no_ref() -> None:  # the "weak reference" of an absent tensor (a shrink's scalings)
     return None
 
 
@@ -250,7 +250,7 @@ def _pool_args(pool: torch.Tensor, ranks: torch.Tensor, scalings: torch.Tensor |
     if len(_POOLS) > 4096:  # dead pools' entries: drop them now and then
         for key in [k for k, v in _POOLS.items() if v[0]() is None]:
             del _POOLS[key]
-    keep = weakref.ref(scalings) if scalings is not None else _NO_REF
+    keep = weakref.ref(scalings) if scalings is not None else _no_ref
     _POOLS[id(pool)] = (weakref.ref(pool), weakref.ref(ranks), keep, offsets, args, offs)
     return args
 
