@@ -28,10 +28,14 @@ run (interleaved, best of ``--repeat``), on the ~150M benchmark model's shapes, 
       from the caches first, as after the GEMM that wrote it): the C ``silu(gate) * up`` vs
       torch's two ops; then with the LoRA delta (8 adapters x 128 rows, rank 16): the expand
       fused into the C activation (the engine's path) vs the expand into the output, then
-      the C activation.
+      the C activation;
+  (i) an op run right after a prefill-sized base GEMM (1024 x 1024 -> 5632, prepacked) against
+      the same op run again at once (hot): a one-element torch add, and the C expand of one
+      projection (8 adapters x 128 rows) through ``lora_cpu.lora_expand`` and as the bare C
+      call with its arguments made beforehand (the host work the op's wrapper adds).
 
     python benchmarks/bench_cpu_parts.py [--threads 2] [--clock wall] [--repeat 8] \
-        [--parts abcdefgh] [--write-docs]
+        [--parts abcdefghi] [--write-docs]
 
 ``--clock cpu`` times with the process's CPU time (use it with ``--threads 1`` on a shared host:
 it does not count the time the process waited for a core).
@@ -44,6 +48,7 @@ from __future__ import annotations
 import argparse
 import random
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -375,13 +380,49 @@ def gate_up_activation(repeat: int, clock) -> dict[str, float]:
     return best
 
 
+def after_gemm(repeat: int, clock) -> dict[str, tuple[float, float]]:
+    """(i): per op, (median time right after a GEMM, median time when run again at once)."""
+    rows, per, rank, num_slots, hidden = 1024, 128, 16, 32, 1024
+    used = random.Random(0).sample(range(num_slots), rows // per)
+    batch = LoRABatch.from_token_slots([used[t // per] for t in range(rows)])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, hidden, generator=g)
+    w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(5632, hidden, generator=g))
+    b = torch.randn(num_slots, hidden, rank, generator=g) * 0.1
+    ranks = torch.full((num_slots, 1), rank, dtype=torch.int32)
+    scalings, offsets = torch.full((num_slots, 1), 2.0), (0, hidden)
+    h, y, one = torch.randn(rows, rank, generator=g), torch.zeros(rows, hidden), torch.zeros(1)
+    fns = {"one-element torch add": lambda: one.add_(1.0),
+           "C expand, the op": lambda: lora_cpu.lora_expand(h, b, ranks, scalings, offsets,
+                                                             batch, y)}
+    lib = lora_cpu._native()
+    if not isinstance(lib, str):
+        fns["C expand, the op"]()  # makes the pool's arguments and the items
+        pool, items = lora_cpu._pool_args(b, ranks, scalings, offsets), lora_cpu._work_items(batch)
+        args = (lib.sgemm, torch.get_num_threads(), h.data_ptr(), h.stride(0), *pool, items.ptr,
+                items.count, y.data_ptr(), y.stride(0))
+        fns["C expand, bare C call"] = lambda: lib.expand(*args)
+    else:
+        del fns["C expand, the op"]
+    times = {name: ([], []) for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+            for cold_or_hot in times[name]:
+                t = clock()
+                fn()
+                cold_or_hot.append(clock() - t)
+    return {name: (statistics.median(c), statistics.median(hot)) for name, (c, hot) in
+            times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=8)
     ap.add_argument("--clock", choices=list(CLOCK), default="wall",
                     help="wall time, or the process's CPU time (with --threads 1)")
-    ap.add_argument("--parts", default="abcdefgh", help="which parts to run")
+    ap.add_argument("--parts", default="abcdefghi", help="which parts to run")
     add_write_docs_flag(ap)
     args = ap.parse_args()
     bench_threads(args.threads)
@@ -469,13 +510,19 @@ def main() -> None:
                          f"(+{(r['unfused'] - r['C act']) * 1e3:.2f})",
                          f"{(r['unfused'] - r['C act']) / (r['fused'] - r['C act']):.2f}x"])
             print(rows[-2:], flush=True)
+    if "i" in args.parts:
+        for name, (cold, hot) in after_gemm(5 * args.repeat, clock).items():
+            rows.append([f"(i) {name}: right after a GEMM / again at once (medians)",
+                         f"{cold * 1e3:.3f} ms", f"{hot * 1e3:.3f} ms", f"{hot / cold:.2f}x"])
+            print(rows[-1], flush=True)
     table = markdown_table(["what", "new", "before", "before / new"], rows)
     body = (f"CPU float32, {args.threads} threads, {args.clock} clock, the benchmark model's "
             f"shapes (16 heads / 4 kv heads, head dim 64); each pair interleaved in one run, "
             f"best of {3 * args.repeat} ((a), (b)), {args.repeat} ((c)), {25 * args.repeat} "
-            f"((d)) or {5 * args.repeat} ((e) to (h)). In (d) \"new\" is the floor the op's own "
-            f"calls set, \"before\" the op; in (e) and (f) \"before\" is the alternative the "
-            f"engine does not take.\n\n"
+            f"((d)) or {5 * args.repeat} ((e) to (h); (i): medians). In (d) \"new\" is the "
+            f"floor the op's own calls set, \"before\" the op; in (e) and (f) \"before\" is "
+            f"the alternative the engine does not take; in (i) \"new\" is the op right after a "
+            f"GEMM, \"before\" the same op run again at once.\n\n"
             f"`python benchmarks/bench_cpu_parts.py`\n\n{table}\n")
     report(args, "CPU engine parts", body)
 

@@ -17,7 +17,8 @@ Each call is lean on the host: a weight pool's C arguments (pointers, shapes, ra
 scalings, slice offsets) are checked and made once per pool and kept (``_pool_args``), and
 the work items carry their own pointer, so a call checks only its activations' layout and
 makes one ``ctypes`` call. Why: these calls run right after the base GEMM, which has evicted
-the caches, and each line of Python or torch dispatch then runs from memory.
+the caches, and each line of Python or torch dispatch then runs from memory
+(``benchmarks/bench_cpu_parts.py`` part (i) times an op there against the bare C call).
 
 Anything the C code does not cover runs ``lora_torch`` instead, with the same results:
 other dtypes (bfloat16, float16), ranks held on an accelerator, a layout without unit
