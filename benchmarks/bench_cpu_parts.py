@@ -32,10 +32,15 @@ run (interleaved, best of ``--repeat``), on the ~150M benchmark model's shapes, 
   (i) an op run right after a prefill-sized base GEMM (1024 x 1024 -> 5632, prepacked) against
       the same op run again at once (hot): a one-element torch add, and the C expand of one
       projection (8 adapters x 128 rows) through ``lora_cpu.lora_expand`` and as the bare C
-      call with its arguments made beforehand (the host work the op's wrapper adds).
+      call with its arguments made beforehand (the host work the op's wrapper adds);
+  (j) the residual add + RMSNorm of a prefill-shaped projection output (1024 x 1024, evicted
+      from the caches first): the C pass vs torch's ops; then with LoRA on either side
+      (8 adapters x 128 rows, rank 16: o's expand before it, gate/up's shrink after it):
+      fused into the norm's pass (the engine's path) vs the expand, the C norm and the shrink
+      apart.
 
     python benchmarks/bench_cpu_parts.py [--threads 2] [--clock wall] [--repeat 8] \
-        [--parts abcdefghi] [--write-docs]
+        [--parts abcdefghij] [--write-docs]
 
 ``--clock cpu`` times with the process's CPU time (use it with ``--threads 1`` on a shared host:
 it does not count the time the process waited for a core).
@@ -63,7 +68,7 @@ from loraplex.layers.attention import Attention
 from loraplex.layers.forward_context import ForwardBatch, forward_context
 from loraplex.layers.prefill_groups import plan_prefill
 from loraplex.ops import lora_cpu, lora_torch
-from loraplex.ops.elementwise import cpu_silu_mul
+from loraplex.ops.elementwise import cpu_rms_norm, cpu_silu_mul
 from loraplex.ops.lora_meta import LoRABatch
 from loraplex.ops.lora_torch import lora_expand, lora_shrink
 
@@ -380,6 +385,57 @@ def gate_up_activation(repeat: int, clock) -> dict[str, float]:
     return best
 
 
+def add_norm(repeat: int, clock) -> dict[str, float]:
+    """(j): best time of each way to get the RMSNorm of a projection output plus the
+    residual, ``x`` restored and the caches flushed (a 64 MB pass) before every call,
+    outside the timing."""
+    rows, per, rank, num_slots, hidden = 1024, 128, 16, 32, 1024
+    used = random.Random(0).sample(range(num_slots), rows // per)
+    batch = LoRABatch.from_token_slots([used[t // per] for t in range(rows)])
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(num_slots, hidden, rank, generator=g) * 0.1  # o's B
+    ranks1 = torch.full((num_slots, 1), rank, dtype=torch.int32)
+    scalings, offsets = torch.full((num_slots, 1), 2.0), (0, hidden)
+    a2 = torch.randn(num_slots, 2 * rank, hidden, generator=g) * 0.1  # gate/up's A
+    ranks2 = torch.full((num_slots, 2), rank, dtype=torch.int32)
+    h, h2 = torch.randn(rows, rank, generator=g), torch.empty(rows, 2 * rank)
+    x0, res = torch.randn(rows, hidden, generator=g), torch.randn(rows, hidden, generator=g)
+    w = torch.rand(hidden, generator=g) + 0.5
+    x, flush = x0.clone(), torch.empty(16 << 20)
+
+    def torch_norm():
+        v = x.add_(res)
+        return (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)).mul_(w)
+
+    def unfused():
+        lora_cpu.lora_expand(h, b, ranks1, scalings, offsets, batch, x)
+        out = cpu_rms_norm(x, w, 1e-6, res)
+        lora_cpu.lora_shrink(out, a2, ranks2, batch, h2)
+        return out
+
+    def fused():
+        return lora_cpu.lora_add_rms_norm(x, res, w, 1e-6, batch,
+                                          (h, b, ranks1, scalings, offsets, None),
+                                          (a2, ranks2, h2))
+
+    fns = {"torch norm": torch_norm, "C norm": lambda: cpu_rms_norm(x, w, 1e-6, res),
+           "unfused": unfused, "fused": fused}
+    x.copy_(x0)
+    want, want_h2 = unfused(), h2.clone()
+    x.copy_(x0)
+    torch.testing.assert_close(fused(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h2, want_h2, rtol=1e-4, atol=1e-4)
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            x.copy_(x0)
+            flush.add_(1.0)
+            t = clock()
+            fn()
+            best[name] = min(best[name], clock() - t)
+    return best
+
+
 def after_gemm(repeat: int, clock) -> dict[str, tuple[float, float]]:
     """(i): per op, (median time right after a GEMM, median time when run again at once)."""
     rows, per, rank, num_slots, hidden = 1024, 128, 16, 32, 1024
@@ -422,7 +478,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=8)
     ap.add_argument("--clock", choices=list(CLOCK), default="wall",
                     help="wall time, or the process's CPU time (with --threads 1)")
-    ap.add_argument("--parts", default="abcdefghi", help="which parts to run")
+    ap.add_argument("--parts", default="abcdefghij", help="which parts to run")
     add_write_docs_flag(ap)
     args = ap.parse_args()
     bench_threads(args.threads)
@@ -515,11 +571,27 @@ def main() -> None:
             rows.append([f"(i) {name}: right after a GEMM / again at once (medians)",
                          f"{cold * 1e3:.3f} ms", f"{hot * 1e3:.3f} ms", f"{hot / cold:.2f}x"])
             print(rows[-1], flush=True)
+    if "j" in args.parts:
+        if lora_cpu.unavailable_reason() or not lora_cpu._native().simd:
+            print("(j) skipped: the C library or AVX-512 is unavailable here", flush=True)
+        else:
+            r = add_norm(5 * args.repeat, clock)
+            rows.append(["(j) residual add + RMSNorm, 1024 x 1024 (input from memory)",
+                         f"C {r['C norm'] * 1e3:.2f} ms", f"torch {r['torch norm'] * 1e3:.2f} ms",
+                         f"{r['torch norm'] / r['C norm']:.2f}x"])
+            rows.append(["(j) o's LoRA expand + add + norm + gate/up's LoRA shrink, 8 adapters "
+                         "x 128 rows (LoRA time: minus the C norm alone)",
+                         f"fused {r['fused'] * 1e3:.2f} ms "
+                         f"(+{(r['fused'] - r['C norm']) * 1e3:.2f})",
+                         f"apart {r['unfused'] * 1e3:.2f} ms "
+                         f"(+{(r['unfused'] - r['C norm']) * 1e3:.2f})",
+                         f"{(r['unfused'] - r['C norm']) / (r['fused'] - r['C norm']):.2f}x"])
+            print(rows[-2:], flush=True)
     table = markdown_table(["what", "new", "before", "before / new"], rows)
     body = (f"CPU float32, {args.threads} threads, {args.clock} clock, the benchmark model's "
             f"shapes (16 heads / 4 kv heads, head dim 64); each pair interleaved in one run, "
             f"best of {3 * args.repeat} ((a), (b)), {args.repeat} ((c)), {25 * args.repeat} "
-            f"((d)) or {5 * args.repeat} ((e) to (h); (i): medians). In (d) \"new\" is the "
+            f"((d)) or {5 * args.repeat} ((e) to (h), (j); (i): medians). In (d) \"new\" is the "
             f"floor the op's own calls set, \"before\" the op; in (e) and (f) \"before\" is "
             f"the alternative the engine does not take; in (i) \"new\" is the op right after a "
             f"GEMM, \"before\" the same op run again at once.\n\n"

@@ -1,10 +1,12 @@
 """Where the CPU LoRA prefill's time goes: the engine's prefill of bench_lora.py's scattered
 mix (16 rank-16 adapters on all seven projections, in scattered slots of 32) and of the base
 model, each part timed inside the engine: per projection its LoRA shrink, base GEMM and LoRA
-expand, the MLP activation (with LoRA: the fused gate/up expand + activation + down shrink),
-attention, the norms, the embedding, the logits, and the rest of the step (scheduling, the
-LoRA batch, sampling). Base and LoRA prefills alternate for ``--rounds`` rounds; each cell is
-the median over the rounds of that part's total time in one prefill.
+expand where they run as calls of their own, the MLP activation (with LoRA: the fused gate/up
+expand + activation + down shrink), the norms (with LoRA: the o and down expands before them
+and the qkv and gate/up shrinks after them, fused in), attention, the embedding, the logits,
+and the rest of the step (scheduling, the LoRA batch, sampling). Base and LoRA prefills
+alternate for ``--rounds`` rounds; each cell is the median over the rounds of that part's
+total time in one prefill.
 
 The timers wrap the modules' and ops' calls (``time.perf_counter`` around each, which on CPU
 is synchronous), so a part's time includes its Python call; the wrappers add a few
@@ -39,10 +41,11 @@ import loraplex.lora.layers as lora_layers
 from loraplex import LLM
 from loraplex.layers.attention import Attention
 from loraplex.layers.norm import RMSNorm
-from loraplex.lora.layers import LoRAEmbedding, LoRALinear
+from loraplex.lora.layers import LoRAEmbedding, LoRALinear, LoRANorm
 
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 ACT = "MLP activation (LoRA: + gate/up expand + down shrink)"
+NORMS = "norms (LoRA: + o/down expands + qkv/gate_up shrinks)"
 
 
 class Timers:
@@ -84,12 +87,13 @@ def instrumented(llm: LLM, timers: Timers):
                 patch(w, "expand_silu_mul", ACT)
                 w = w.base
             patch(w, "forward", f"{label} GEMM")
+    wrapped = {id(m.base) for m in model.modules() if isinstance(m, LoRANorm)}
     for m in model.modules():
         if isinstance(m, Attention):
             patch(m, "forward", "attention")
-        elif isinstance(m, RMSNorm):
-            patch(m, "forward", "norms")
-            patch(m, "add_forward", "norms")
+        elif isinstance(m, LoRANorm) or (isinstance(m, RMSNorm) and id(m) not in wrapped):
+            patch(m, "forward", NORMS)
+            patch(m, "add_forward", NORMS)
         elif isinstance(m, LoRAEmbedding):
             patch(m, "forward", "embedding")
     patch(model, "compute_logits", "logits")

@@ -7,7 +7,9 @@ allocation, with its size), not inferred from buffer addresses.
   at most ``tokens x width x 4`` bytes (``width`` = the stacked rank columns for shrink,
   the output columns for expand).
 - The gate/up expand fused into the activation allocates the activation's output, as the
-  activation does without LoRA, and nothing else (its scratch is made once and kept).
+  activation does without LoRA, and nothing else (its scratch is made once and kept); the
+  norms with the expand and shrink on either side fused in allocate their output, as the
+  norm does without LoRA.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from helpers_lora import make_peft_adapter, make_tiny_model
 from torch.profiler import ProfilerActivity, profile
 
 from loraplex import LLM, SamplingParams
+from loraplex.lora.layers import LoRANorm
 from loraplex.ops import lora_cpu
 
 
@@ -72,21 +75,39 @@ def test_lora_step_metadata_and_ops_allocate_no_weight_copies(tmp_path):
                 return out
 
             w.expand_silu_mul = spy_fused
+    norms = [m for m in llm.engine.runner.model.modules() if isinstance(m, LoRANorm)]
+    assert len(norms) == 2 * len(llm.engine.lora_layers) // 4 + 1  # two a layer, and the last
+    for n in norms:
+        def spy_norm(x, residual, weight, eps, batch, before=None, then=None,
+                     _op=n.add_rms_norm, _n=n):
+            out, sizes = allocated(_op, x, residual, weight, eps, batch, before, then)
+            op_calls.append(("norm", batch.num_tokens, x.shape[1], sizes))
+            assert out is not None  # float32 on this CPU: the fused path ran
+            # ... with the expand before it and the shrink after it, where they exist
+            assert (before is not None) == (_n.prev is not None)
+            assert (then is not None) == (_n.next is not None)
+            return out
+
+        n.add_rms_norm = spy_norm
 
     prompts = [[1, 4, 5, 6, 7, 8], [1, 9], [1, 3, 3, 3], [1, 7, 7]]
     outs = llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True),
                         adapters=["a", "b", None, "c"])
     assert all(len(o.token_ids) == 4 for o in outs)
     assert len(prepared) == 4 and all(sizes == [] for sizes in prepared), prepared
-    # per layer and step: a shrink and an expand for each of the four projections, but for
-    # the down projection's shrink, which runs inside the gate/up expand + activation
+    # per layer and step: the qkv expand, the o shrink, the gate/up expand + activation (with
+    # the down shrink inside) and the two norms (the o and down expands and the qkv and
+    # gate/up shrinks inside), and the final norm (the last down expand inside)
     layers = len(llm.engine.lora_layers) // 4
-    assert len(op_calls) == 4 * 7 * layers
+    assert len(op_calls) == 4 * (5 * layers + 1)
+    assert sorted({op for op, *_ in op_calls}) == ["expand", "expand+act", "norm", "shrink"]
     # the CPU backend writes every product in place (into the destination views): no op
     # allocates at all (test_probe_sees_allocations shows the probe would see it), but for
     # the fused gate/up expand + activation, which allocates exactly the activation's output
-    # [tokens, I] (what the activation allocates without LoRA); its scratch is kept
-    assert all(sizes == [] for op, *_, sizes in op_calls if op != "expand+act"), op_calls
+    # [tokens, I] (what the activation allocates without LoRA; its scratch is kept), and the
+    # norms, which allocate exactly their output [tokens, hidden] (as without LoRA)
+    assert all(sizes == [] for op, *_, sizes in op_calls if op in ("expand", "shrink")), op_calls
+    assert all(sizes == [t * w * 4] for op, t, w, sizes in op_calls if op == "norm"), op_calls
     fused = [(t, w, sizes) for op, t, w, sizes in op_calls if op == "expand+act"]
     assert fused and all(sizes[0] == t * (w // 2) * 4 for t, w, sizes in fused), fused
     # the scratch: made on this thread's first fused call (if no earlier test made it), kept

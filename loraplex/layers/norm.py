@@ -1,5 +1,6 @@
 """RMSNorm, computed in float32 exactly as Hugging Face Llama does; optionally fused with the
-residual add that precedes it. On CUDA one Triton kernel (``ops/elementwise_triton``)."""
+residual add that precedes it. On CUDA one Triton kernel (``ops/elementwise_triton``), on CPU
+float32 one C pass (``ops/elementwise.cpu_rms_norm``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from loraplex.ops.elementwise import fused_ops
+from loraplex.ops.elementwise import cpu_rms_norm, fused_ops
 
 
 class RMSNorm(nn.Module):
@@ -21,7 +22,8 @@ class RMSNorm(nn.Module):
         ops = self._fused(x)
         if ops is not None:
             return ops.rms_norm(x, self.weight, self.eps)
-        return self._torch(x)
+        out = cpu_rms_norm(x, self.weight, self.eps)
+        return out if out is not None else self._torch(x)
 
     def add_forward(
         self, x: torch.Tensor, residual: torch.Tensor
@@ -31,6 +33,9 @@ class RMSNorm(nn.Module):
         ops = self._fused(x)
         if ops is not None:
             return ops.rms_norm(x, self.weight, self.eps, residual=residual), x
+        out = cpu_rms_norm(x, self.weight, self.eps, residual)
+        if out is not None:
+            return out, x
         x = x.add_(residual)  # a + b is b + a bit for bit
         return self._torch(x), x
 

@@ -29,6 +29,7 @@ from loraplex.layers.activation import silu_and_mul
 from loraplex.layers.embedding import VocabParallelEmbedding
 from loraplex.layers.forward_context import get_forward_batch
 from loraplex.layers.linear import LinearBase, RowLinear
+from loraplex.layers.norm import RMSNorm
 from loraplex.lora.buffers import FUSED_PROJECTIONS, LoRABuffers, SlotBuffers
 from loraplex.ops.lora_embedding import lora_embedding_shrink
 from loraplex.ops.lora_ops import LoRAOps, get_lora_ops
@@ -60,15 +61,62 @@ class LoRALinear(nn.Module):
         self.width = buffers.a.shape[1]  # n * R
         # row-parallel under TP: the shrink output is a partial sum over the input shards
         self.reduce_shrink = isinstance(base, RowLinear) and base.tp_size > 1
+        # Set by install_lora_layers where an RMSNorm's residual add reads this projection's
+        # output (``LoRANorm``): on the host the expand is left to that norm's pass
+        # (``_deferred``: (y, h, batch) until the norm takes it).
+        self.defer_to: LoRANorm | None = None
+        self._deferred: tuple | None = None
+        # (x, h): this projection's shrink of x, made by the norm that wrote x (``LoRANorm``)
+        self._pre_shrunk: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.pre_cols: slice | None = None  # the scratch columns the norm writes it to
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lora = get_forward_batch().lora
         if lora is None:
+            self._deferred = None  # one left by a step that failed half way is not this one's
             return self.base(x)
         h, y = self._shrink_and_base(x, lora)
+        return self._expand(h, y, lora)
+
+    def _expand(self, h: torch.Tensor, y: torch.Tensor, lora) -> torch.Tensor:
+        """``y += delta`` from the shrink output ``h``, or on the host, where a norm reads
+        ``y`` (``defer_to``), left to that norm's pass."""
+        if self.defer_to is not None and not y.is_cuda and not self.reduce_shrink:
+            self._deferred = (y, h, lora)
+            return y
         buf = self.buffers
         self.expand(h, buf.b, buf.ranks, buf.scalings, buf.offsets, lora, y, buf.col_scales)
         return y
+
+    def take_deferred(self, y: torch.Tensor) -> tuple | None:
+        """The expand this projection left to ``defer_to`` for its output ``y``, as
+        ``lora_add_rms_norm``'s ``before`` (None when it ran it itself). Raises if the norm
+        was handed another tensor: the model changed the output on the way, and the delta
+        would be lost."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is None:
+            return None
+        if deferred[0] is not y:
+            raise RuntimeError("a LoRA projection's output did not reach the norm it was wired "
+                               "to unchanged (install_lora_layers's model structure is wrong)")
+        buf = self.buffers
+        return deferred[1], buf.b, buf.ranks, buf.scalings, buf.offsets, buf.col_scales
+
+    def finish_deferred(self, y: torch.Tensor, before: tuple) -> None:
+        """Run a taken expand (``take_deferred``) unfused, into ``y``."""
+        h, b, ranks, scalings, offsets, col_scales = before
+        self.expand(h, b, ranks, scalings, offsets, get_forward_batch().lora, y, col_scales)
+
+    def shrink_target(self, t: int) -> tuple | None:
+        """Where a norm may write this projection's shrink of its ``t`` output rows
+        (``lora_add_rms_norm``'s ``then``), or None where it may not (under TP)."""
+        if self.pre_cols is None or self.reduce_shrink:
+            return None
+        return self.buffers.a, self.buffers.ranks, self.scratch[:t, self.pre_cols]
+
+    def give_shrunk(self, x: torch.Tensor, h: torch.Tensor) -> None:
+        """The norm made this projection's shrink ``h`` of its next input ``x``."""
+        self._pre_shrunk = (x, h)
 
     def silu_mul_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` of this gate/up projection's output. With a fused backend op the
@@ -93,11 +141,7 @@ class LoRALinear(nn.Module):
 
     def forward_shrunk(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """``forward(x)`` given its shrink output ``h`` (computed by the layer before)."""
-        y = self.base(x)
-        buf = self.buffers
-        self.expand(h, buf.b, buf.ranks, buf.scalings, buf.offsets, get_forward_batch().lora,
-                    y, buf.col_scales)
-        return y
+        return self._expand(h, self.base(x), get_forward_batch().lora)
 
     def _silu_mul(self, x: torch.Tensor, then) -> tuple[torch.Tensor, bool]:
         """(``silu_mul_forward(x)``, whether the fused op also ran ``then``, the next
@@ -116,6 +160,9 @@ class LoRALinear(nn.Module):
 
     def _shrink_and_base(self, x: torch.Tensor, lora) -> tuple[torch.Tensor, torch.Tensor]:
         """(the shrink output ``h`` [T, n*R], the base output ``y``)."""
+        pre, self._pre_shrunk = self._pre_shrunk, None
+        if pre is not None and pre[0] is x:  # shrunk by the norm that wrote x
+            return pre[1], self.base(x)
         buf = self.buffers
         t = x.shape[0]
         # The shrink runs before the base GEMM: x was just written by the layer before, so it
@@ -154,6 +201,53 @@ class LoRALMHead(LoRALinear):
     @property
     def weight(self) -> torch.Tensor:  # code that reads the output matrix keeps working
         return self.base.weight
+
+
+class LoRANorm(nn.Module):
+    """An RMSNorm between two LoRA projections (install_lora_layers wires it): the one before
+    (``prev``, whose output the residual add reads: o or down) leaves its expand to this
+    norm, and the one after (``next``: qkv or gate/up) gets its shrink from it. With the
+    backend's fused op (``LoRAOps.add_rms_norm``, on the host) all three run in one pass over
+    each block of rows, in cache: the expand's read and rewrite of the projection output and
+    the shrink's read of the norm's output from memory are gone. Else the expand runs first,
+    then the norm, and ``next`` shrinks its input itself. Same results either way."""
+
+    def __init__(self, base: RMSNorm, prev: LoRALinear | None, next_: LoRALinear | None,
+                 add_rms_norm: Callable | None) -> None:
+        super().__init__()
+        self.base, self.prev, self.next = base, prev, next_
+        self.add_rms_norm = add_rms_norm
+        if prev is not None:
+            prev.defer_to = self
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._norm(x, None)
+
+    def add_forward(self, x: torch.Tensor,
+                    residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``RMSNorm.add_forward``: (norm(x + residual), x + residual), the sum in ``x``."""
+        return self._norm(x, residual), x
+
+    def _norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        before = self.prev.take_deferred(x) if self.prev is not None else None
+        lora = get_forward_batch().lora
+        if lora is not None and self.add_rms_norm is not None:
+            then = self.next.shrink_target(x.shape[0]) if self.next is not None else None
+            out = self.add_rms_norm(x, residual, self.base.weight, self.base.eps, lora,
+                                    before, then)
+            if out is not None:
+                if then is not None:
+                    self.next.give_shrunk(out, then[2])
+                return out
+        if before is not None:
+            self.prev.finish_deferred(x, before)
+        if residual is None:
+            return self.base(x)
+        return self.base.add_forward(x, residual)[0]
 
 
 class LoRAEmbedding(nn.Module):
@@ -204,7 +298,12 @@ def install_lora_layers(
                 + [buffers.buffers[(i, "gate_up_proj")].a.shape[1]
                    + buffers.buffers[(i, "down_proj")].a.shape[1]
                    for i in range(len(model.model.layers))])
-    scratch = torch.zeros(max_tokens, width, dtype=dtype, device=device)
+    # The norms' fused op writes the next projection's shrink past those columns
+    # (``LoRANorm``): its input there is the projection's own h or down's h2, still to be read.
+    links = _norm_links(model, ops)
+    pre = max((buffers.buffers[(i, f)].a.shape[1] for i in range(len(model.model.layers))
+               for f in ("qkv_proj", "gate_up_proj")), default=0) if links else 0
+    scratch = torch.zeros(max_tokens, width + pre, dtype=dtype, device=device)
     wrappers = []
     for layer_idx, layer in enumerate(model.model.layers):
         for fused in FUSED_PROJECTIONS:
@@ -215,6 +314,16 @@ def install_lora_layers(
             w = LoRALinear(base, buffers.buffers[(layer_idx, fused)], scratch, ops)
             setattr(parent, fused, w)
             wrappers.append(w)
+    for norm_path, prev_path, next_path in links:
+        norm = model.model.get_submodule(norm_path)
+        prev = model.model.get_submodule(prev_path) if prev_path else None
+        nxt = model.model.get_submodule(next_path) if next_path else None
+        if nxt is not None:
+            nxt.pre_cols = slice(width, width + nxt.width)
+        parent, _, name = norm_path.rpartition(".")
+        setattr(model.model.get_submodule(parent) if parent else model.model, name,
+                LoRANorm(norm.base if isinstance(norm, LoRANorm) else norm, prev, nxt,
+                         ops.add_rms_norm))
     embed = model.model.embed_tokens
     if isinstance(embed, LoRAEmbedding):
         embed = embed.base
@@ -225,3 +334,15 @@ def install_lora_layers(
         model.lm_head = LoRALMHead(head.base if isinstance(head, LoRALMHead) else head,
                                    buffers.lm_head, scratch, ops, buffers.lm_head_slots)
     return wrappers
+
+
+def _norm_links(model: nn.Module, ops: LoRAOps) -> list[tuple[str, str | None, str | None]]:
+    """The model's RMSNorms to wire as ``LoRANorm`` (``LlamaModel.norm_neighbours``): none
+    where the backend has no fused norm op, or the model does not describe its norms."""
+    describe = getattr(model.model, "norm_neighbours", None)
+    if ops.add_rms_norm is None or describe is None:
+        return []
+    links = describe()
+    if not all(isinstance(model.model.get_submodule(n), RMSNorm | LoRANorm) for n, _, _ in links):
+        return []
+    return links

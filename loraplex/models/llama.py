@@ -104,6 +104,22 @@ class LlamaModel(nn.Module):
                                     for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def norm_neighbours(self) -> list[tuple[str, str | None, str | None]]:
+        """The residual stream's dataflow, for code that fuses work into a norm (the LoRA
+        path: ``lora/layers.LoRANorm``): per RMSNorm, (its path, the projection whose output
+        its residual add reads, the projection that reads its output), as paths below this
+        module; None for the embedding before the first norm and the logits after the last.
+        A subclass whose forward moves a projection's output elsewhere must say so here."""
+        links, prev = [], None
+        for i in range(len(self.layers)):
+            p = f"layers.{i}."
+            links.append((p + "input_layernorm", prev, p + "self_attn.qkv_proj"))
+            links.append((p + "post_attention_layernorm", p + "self_attn.o_proj",
+                          p + "mlp.gate_up_proj"))
+            prev = p + "mlp.down_proj"
+        links.append(("norm", prev, None))
+        return links
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions, x.dtype)

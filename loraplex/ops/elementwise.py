@@ -5,8 +5,10 @@ against, or to rule them out):
   add, rotary embedding, the gated MLP's ``silu(gate) * up``);
 - on CPU float32, on a CPU with AVX-512 where the C library builds (``lora_cpu.c``): the gated
   MLP's ``silu(gate) * up`` (``cpu_silu_mul``), one pass instead of torch's two, within 3 ulp of
-  torch's (its own exp); the LoRA path fuses the gate/up delta into the same kernel
-  (``lora_cpu.lora_expand_silu_mul``).
+  torch's (its own exp), and RMSNorm with its residual add (``cpu_rms_norm``), one pass over
+  each row's sum instead of torch's five ops, within an ulp or two of torch's (the sum of
+  squares is summed in another order). The LoRA path fuses its deltas into the same kernels
+  (``lora_cpu.lora_expand_silu_mul``, ``lora_cpu.lora_add_rms_norm``).
 
 Everywhere else the layers run their torch code, which is the reference.
 """
@@ -58,3 +60,34 @@ def cpu_silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
                     out.data_ptr(), out.stride(0)) != 0:
         return None
     return out
+
+
+def cpu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """RMSNorm of ``x + residual`` (of ``x`` without one) in C, as a new tensor, the sum
+    written into ``x`` (``RMSNorm.add_forward``'s contract); None where that does not run (not
+    CPU float32 rows with unit column stride and a float32 weight, no C library or no AVX-512
+    here, or disabled), and the caller runs torch's ops."""
+    if (x.dim() != 2 or weight.shape != x.shape[1:] or not _cpu_rows(x, residual, weight)
+            or (residual is not None and residual.shape != x.shape)):
+        return None
+    from loraplex.ops import lora_cpu
+
+    lib = lora_cpu._native()
+    if isinstance(lib, str) or not lib.simd:
+        return None
+    t, hidden = x.shape
+    out = torch.empty(t, hidden)
+    res = (residual.data_ptr(), residual.stride(0)) if residual is not None else (None, 0)
+    if lib.add_rms_norm(lib.sgemm, torch.get_num_threads(), 0, x.data_ptr(), x.stride(0), *res,
+                        weight.data_ptr(), eps, hidden, t, out.data_ptr(), out.stride(0),
+                        None, 0, None, 0, None, 0, None, None, None, 0, None, 0, 0, None, 0):
+        return None
+    return out
+
+
+def _cpu_rows(*ts: torch.Tensor | None) -> bool:
+    """Float32 host tensors (2-D, or 1-D for a weight) with unit column stride, and enabled."""
+    return enabled() and all(
+        t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() <= 2
+                      and t.stride(-1) == 1) for t in ts)

@@ -25,6 +25,7 @@
  * into it (lp_silu_mul_f32, lp_expand_silu_mul_f32, at the end of this file).
  */
 #include <omp.h>
+#include <math.h>
 #include <stdint.h>
 
 typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, const int *n,
@@ -215,6 +216,38 @@ LP_TARGET static void silu_mul_item(const float *h, int64_t ldh, int64_t big_r, 
   }
 }
 
+/* RMSNorm with its residual add, in one pass per row (the base model's on CPU float32:
+ * elementwise.cpu_rms_norm, which the LoRA path below extends):
+ *   x[q] += res[q] (res NULL: no add; x is then only read)
+ *   out[q] = (x[q] * (1 / sqrt(mean(x[q]^2) + eps))) * w
+ * rounded as torch's float32 RMSNorm rounds (the sum of squares is summed in another order:
+ * within an ulp or two of torch's). */
+LP_TARGET static void add_rms_rows(float *x, int64_t ldx, const float *res, int64_t ldr,
+                                   const float *w, float eps, int64_t hidden, int64_t rows,
+                                   float *out, int64_t ldo) {
+  for (int64_t q = 0; q < rows; q++) {
+    float *xr = x + q * ldx;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < hidden; j += 16) {
+      const __mmask16 m = tail_mask(hidden - j);
+      __m512 v = _mm512_maskz_loadu_ps(m, xr + j);
+      if (res) {
+        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, res + q * ldr + j));
+        _mm512_mask_storeu_ps(xr + j, m, v);
+      }
+      acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)hidden
+                                                   + eps));
+    for (int64_t j = 0; j < hidden; j += 16) {
+      const __mmask16 m = tail_mask(hidden - j);
+      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + j), inv);
+      _mm512_mask_storeu_ps(out + q * ldo + j, m,
+                            _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, w + j)));
+    }
+  }
+}
+
 #else
 static int has_avx512(void) { return 0; }
 #endif
@@ -398,6 +431,63 @@ int lp_expand_silu_mul_f32(sgemm_fn gemm, int threads, const float *h, int64_t l
   (void)ranks; (void)scalings; (void)items; (void)n_items; (void)y; (void)ldy; (void)out;
   (void)ldo; (void)scratch; (void)a2; (void)n_r2; (void)ranks2; (void)n2; (void)big_r2;
   (void)h2; (void)ldh2; (void)simd;
+  return -1;
+#endif
+}
+
+/* RMSNorm with its residual add (add_rms_rows) over `rows` rows; with LoRA work items, the
+ * adds of the LoRA deltas on either side of it as well (lora_cpu.lora_add_rms_norm):
+ *   before: the delta of the projection that wrote x (the attention's o or the MLP's down),
+ *     x[rows] += scalings[slot] * h[rows, :r] @ b[slot, :, :r].T  (b NULL: none), the same
+ *     BLAS GEMM lp_expand_f32 runs, on LP_SHRINK_ROWS rows at a time, which the add and the
+ *     norm then read from cache (the unfused expand reads and rewrites all of x first);
+ *   after: the shrink of the projection that reads out (the next qkv or gate/up),
+ *     h2[rows] = out[rows] @ a2[slot].T  (a2 NULL: none), on each block the norm just wrote.
+ * items NULL: the norm alone, over all rows; else every row is in one item, items of slot -1
+ * get the norm alone. Returns -1 without writing when this CPU lacks AVX-512. */
+int lp_add_rms_norm_f32(sgemm_fn gemm, int threads, int simd, float *x, int64_t ldx,
+                        const float *res, int64_t ldr, const float *w, float eps, int64_t hidden,
+                        int64_t rows, float *out, int64_t ldo, const int64_t *items,
+                        int64_t n_items, const float *h, int64_t ldh, const float *b,
+                        int64_t big_r, const int32_t *ranks, const float *scalings,
+                        const float *a2, int64_t n_r2, const int32_t *ranks2, int64_t n2,
+                        int64_t big_r2, float *h2, int64_t ldh2) {
+#ifdef LP_X86
+  if (!has_avx512()) return -1;
+  simd = simd && has_avx512();
+  if (!items) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows > 16)
+    for (int64_t q0 = 0; q0 < rows; q0 += 16)
+      add_rms_rows(x + q0 * ldx, ldx, res ? res + q0 * ldr : NULL, ldr, w, eps, hidden,
+                   rows - q0 < 16 ? rows - q0 : 16, out + q0 * ldo, ldo);
+    return 0;
+  }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (n_items > 1)
+  for (int64_t it = 0; it < n_items; it++) {
+    const int64_t start = items[3 * it], slot = items[3 * it + 2], len = items[3 * it + 1];
+    const int r = slot >= 0 && b ? ranks[slot] : 0;
+    for (int64_t q0 = 0; q0 < len; q0 += LP_SHRINK_ROWS) {
+      const int64_t q = start + q0;
+      const int nq = (int)(len - q0 < LP_SHRINK_ROWS ? len - q0 : LP_SHRINK_ROWS);
+      if (r > 0) {
+        const int m = (int)hidden, lda = (int)big_r, ldb = (int)ldh, ldc = (int)ldx;
+        const float one = 1.0f;
+        gemm("T", "N", &m, &nq, &r, &scalings[slot], b + slot * hidden * big_r, &lda,
+             h + q * ldh, &ldb, &one, x + q * ldx, &ldc);
+      }
+      add_rms_rows(x + q * ldx, ldx, res ? res + q * ldr : NULL, ldr, w, eps, hidden, nq,
+                   out + q * ldo, ldo);
+      if (slot >= 0 && a2)
+        shrink_item(gemm, simd, out + q * ldo, ldo, a2 + slot * n_r2 * hidden, n_r2, hidden,
+                    ranks2 + slot * n2, n2, big_r2, nq, h2 + q * ldh2, ldh2);
+    }
+  }
+  return 0;
+#else
+  (void)gemm; (void)threads; (void)simd; (void)x; (void)ldx; (void)res; (void)ldr; (void)w;
+  (void)eps; (void)hidden; (void)rows; (void)out; (void)ldo; (void)items; (void)n_items;
+  (void)h; (void)ldh; (void)b; (void)big_r; (void)ranks; (void)scalings; (void)a2;
+  (void)n_r2; (void)ranks2; (void)n2; (void)big_r2; (void)h2; (void)ldh2;
   return -1;
 #endif
 }

@@ -52,6 +52,9 @@ _EXPAND_ARGS = [_PTR, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR
 _FUSED_ARGS = [_PTR, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR,
                _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _INT]
 _SILU_MUL_ARGS = [_INT, _PTR, _I64, _I64, _I64, _PTR, _I64]
+_NORM_ARGS = [_PTR, _INT, _INT, _PTR, _I64, _PTR, _I64, _PTR, ctypes.c_float, _I64, _I64, _PTR,
+              _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64,
+              _PTR, _I64]
 MIN_CHUNK = 32  # rows: below this a GEMM's packing of its weights costs more than it splits
 
 
@@ -75,6 +78,8 @@ class _Native:
         self.local = threading.local()  # .scratch: lp_expand_silu_mul_f32's, per caller thread
         self.silu_mul = lib.lp_silu_mul_f32
         self.silu_mul.argtypes, self.silu_mul.restype = _SILU_MUL_ARGS, ctypes.c_int
+        self.add_rms_norm = lib.lp_add_rms_norm_f32
+        self.add_rms_norm.argtypes, self.add_rms_norm.restype = _NORM_ARGS, ctypes.c_int
 
 
 def _torch_blas() -> ctypes.CDLL:
@@ -191,6 +196,64 @@ def lora_expand_silu_mul(
             pool[3], pool[4], items.ptr, items.count, y.data_ptr(), y.stride(0),
             out.data_ptr(), out.stride(0), scratch.data_ptr(), *down, lib.simd) != 0:
         raise RuntimeError("lp_expand_silu_mul_f32 found no AVX-512 (lp_simd_level said so)")
+    return out
+
+
+def lora_add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    batch: LoRABatch,
+    before: tuple | None = None,
+    then: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """RMSNorm of ``x + residual`` (``elementwise.cpu_rms_norm``: the sum written into ``x``)
+    with the LoRA work on either side of it done in the same pass over each block of rows:
+
+    - ``before = (h, b, ranks, scalings, offsets, col_scales)``: first the expand of the
+      projection that wrote ``x`` (one slice: the attention's o or the MLP's down),
+      ``lora_expand(h, b, ranks, scalings, offsets, batch, x, col_scales)``, on rows the add
+      and the norm then read from cache (unfused, the expand reads and rewrites all of ``x``
+      only for the add to read it again);
+    - ``then = (a2, ranks2, h2)``: after it the shrink of the projection that reads the
+      result (the next qkv or gate/up), ``lora_shrink(out, a2, ranks2, batch, h2)``, on each
+      block of rows the norm just wrote.
+
+    Returns the new ``[T, hidden]`` tensor, or None, having written nothing, where this does
+    not run (``cpu_rms_norm`` does not, an expand of more than one slice, or arguments the C
+    code does not take): the caller then runs the expand, the norm and the shrink apart. Rows
+    without an adapter get exactly ``cpu_rms_norm``'s values."""
+    lib = _native()
+    if (isinstance(lib, str) or not lib.simd or not elementwise.enabled() or x.dim() != 2
+            or weight.shape != x.shape[1:] or not _rows_fit(x, weight)
+            or (residual is not None and (residual.shape != x.shape or not _rows_fit(residual)))):
+        return None
+    t, hidden = x.shape
+    expand = (None, 0, None, 0, None, None)
+    if before is not None:
+        h, b, ranks, scalings, offsets, col_scales = before
+        pool = _pool_args(b, ranks, scalings, offsets)
+        if pool is None or len(offsets) != 2 or b.shape[1] != hidden or not _rows_fit(h):
+            return None
+        expand = (h.data_ptr(), h.stride(0), pool[0], pool[2], pool[3], pool[4])
+    shrink = (None, 0, None, 0, 0, None, 0)
+    if then is not None:
+        a2, ranks2, h2 = then
+        pool = _pool_args(a2, ranks2)
+        if pool is None or a2.shape[2] != hidden or not _rows_fit(h2):
+            return None
+        a2_ptr, n_r2, _, ranks2_ptr, n2, big_r2 = pool
+        shrink = (a2_ptr, n_r2, ranks2_ptr, n2, big_r2, h2.data_ptr(), h2.stride(0))
+    if before is not None and col_scales is not None and any(col_scales.host_flags):
+        _scale_flagged(col_scales, ranks, offsets, batch, x)  # DoRA: x's own rows, first
+    items = _activation_items(batch, t)
+    res = (residual.data_ptr(), residual.stride(0)) if residual is not None else (None, 0)
+    out = torch.empty(t, hidden)
+    if lib.add_rms_norm(lib.sgemm, torch.get_num_threads(), lib.simd, x.data_ptr(), x.stride(0),
+                        *res, weight.data_ptr(), eps, hidden, t, out.data_ptr(), out.stride(0),
+                        items.ptr, items.count, *expand, *shrink) != 0:
+        raise RuntimeError("lp_add_rms_norm_f32 found no AVX-512 (lp_simd_level said so)")
     return out
 
 

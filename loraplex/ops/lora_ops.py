@@ -1,6 +1,7 @@
 """LoRA op backends: name -> (lora_shrink, lora_expand) with one contract (written as PyTorch
 code in ``lora_ref``, the tests' reference), plus optionally the gate/up expand fused into the
-activation (``LoRAOps.expand_silu_mul``: the same math as expand, then SiLU-and-multiply).
+activation (``LoRAOps.expand_silu_mul``: the same math as expand, then SiLU-and-multiply) and
+the expand and shrink on either side of an RMSNorm fused into it (``LoRAOps.add_rms_norm``).
 
 ``"torch"`` is ``lora_torch`` (any device); ``"cpu"`` is ``lora_cpu`` (float32 in C, built at
 first use; other dtypes run the torch code); ``"triton"`` is the GPU kernels (``lora_triton``).
@@ -30,6 +31,10 @@ class LoRAOps(NamedTuple):
     # (h, b, ranks, scalings, offsets, batch, y, col_scales) -> [T, I] or None where it does
     # not apply (``lora_cpu.lora_expand_silu_mul``); None for backends without one.
     expand_silu_mul: Callable[..., torch.Tensor | None] | None = None
+    # Optional: RMSNorm with its residual add, the expand of the projection before it and the
+    # shrink of the one after it in the same pass, (x, residual, weight, eps, batch, before,
+    # then) -> [T, hidden] or None where it does not apply (``lora_cpu.lora_add_rms_norm``).
+    add_rms_norm: Callable[..., torch.Tensor | None] | None = None
 
 
 def resolve_lora_backend(backend: str, device: torch.device | str) -> str:
@@ -78,4 +83,5 @@ def get_lora_ops(backend: str) -> LoRAOps:
         from loraplex.ops import lora_cpu as mod
     else:
         raise ValueError(f"lora_backend={backend!r} must be one of {BACKENDS}")
-    return LoRAOps(mod.lora_shrink, mod.lora_expand, getattr(mod, "lora_expand_silu_mul", None))
+    return LoRAOps(mod.lora_shrink, mod.lora_expand, getattr(mod, "lora_expand_silu_mul", None),
+                   getattr(mod, "lora_add_rms_norm", None))
