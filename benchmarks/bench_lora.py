@@ -49,7 +49,7 @@ from common import (
 )
 
 from loraplex import LLM, SamplingParams
-from loraplex.lora.layers import LoRAEmbedding, LoRALinear
+from loraplex.lora.layers import LoRAEmbedding, LoRALinear, LoRANorm
 from loraplex.ops import get_lora_ops
 
 
@@ -157,19 +157,21 @@ def keep_best(rows: dict[str, tuple[float, float]], key: str, run: tuple[float, 
 
 
 TORCH_OPS = "scattered, torch ops"  # the case run with the torch backend's LoRA ops
-UNFUSED = "scattered, unfused"  # the engine's ops, nothing fused into the MLP activation
+UNFUSED = "scattered, unfused"  # the engine's ops, nothing fused into the activation or norms
 
 
 def use_lora_ops(llm: LLM, backend: str, fused: bool = True) -> None:
     """Give every LoRA wrapper of the engine ``backend``'s ops (side-by-side cases of one
     engine: same weights, same slots); ``fused=False`` drops the ops fused into the MLP
-    activation (the wrappers then expand, activate, and shrink for the down projection)."""
+    activation and the norms (each projection then shrinks and expands in calls of its own,
+    around the activation and the norms)."""
     ops = get_lora_ops(backend)
     for m in llm.engine.runner.model.modules():
         if isinstance(m, LoRALinear):
-            m.shrink, m.expand, m.expand_silu_mul = ops
-            if not fused:
-                m.expand_silu_mul = None
+            m.shrink, m.expand = ops.shrink, ops.expand
+            m.expand_silu_mul = ops.expand_silu_mul if fused else None
+        elif isinstance(m, LoRANorm):
+            m.add_rms_norm = ops.add_rms_norm if fused else None
         elif isinstance(m, LoRAEmbedding):
             m.expand = ops.expand
 
@@ -178,7 +180,7 @@ def interleaved_runs(llm: LLM, prompts, cases: dict[str, list], args,
                      clock) -> dict[str, list[tuple[float, float]]]:
     """(prefill, decode) of every case in each of ``args.repeat`` rounds, each round running
     every case once, so load drifts hit every case alike. The ``TORCH_OPS`` case runs the
-    torch backend's ops, the ``UNFUSED`` one the engine's without the fused gate/up op."""
+    torch backend's ops, the ``UNFUSED`` one the engine's without the fused ones."""
     runs: dict[str, list[tuple[float, float]]] = {key: [] for key in cases}
     for _ in range(args.repeat):
         for key, ns in cases.items():
@@ -371,7 +373,7 @@ def main() -> None:
         row(f"loraplex {n} adapters, slots scattered", rows["scattered"], base, "scattered"),
         row(f"loraplex {n} adapters, slots scattered, torch ops", rows[TORCH_OPS], base,
             TORCH_OPS),
-        row(f"loraplex {n} adapters, slots scattered, MLP LoRA ops not fused", rows[UNFUSED],
+        row(f"loraplex {n} adapters, slots scattered, LoRA ops not fused", rows[UNFUSED],
             base, UNFUSED),
         row(f"loraplex {n} DoRA adapters, slots in order", rows["DoRA"], base, "DoRA"),
         row(f"loraplex {n} adapters + embed_tokens LoRA, slots in order", rows["embedding"],
@@ -409,8 +411,8 @@ def main() -> None:
             f"adapters on all seven projections, out of {2 * n} held in {2 * n} slots; CPU "
             f"float32, {args.threads} threads, {args.clock} clock, LoRA ops "
             f"\"{llm.engine.lora_backend}\" (\"torch ops\": the torch backend's, on the same "
-            f"engine; \"not fused\": the gate/up expand and the down shrink apart from the MLP "
-            f"activation); best "
+            f"engine; \"not fused\": every shrink and expand a call of its own, none in the MLP "
+            f"activation's or the norms' pass); best "
             f"of {args.repeat} rounds, each running every case once (base and mixed runs "
             f"interleaved in one run); the last column is the median over the rounds "
             f"of each round's ratio to that round's base. Scattered slots: {layouts['scattered']}; "
