@@ -21,6 +21,7 @@ import argparse
 import collections
 import contextlib
 import random
+import resource
 import statistics
 import tempfile
 import time
@@ -46,6 +47,7 @@ from loraplex.lora.layers import LoRAEmbedding, LoRALinear, LoRANorm
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 ACT = "MLP activation (LoRA: + gate/up expand + down shrink)"
 NORMS = "norms (LoRA: + o/down expands + qkv/gate_up shrinks)"
+FAULTS = "minor page faults in the prefill (count)"
 
 
 class Timers:
@@ -141,14 +143,17 @@ def main() -> None:
         for _ in range(args.rounds):
             for key, names in cases.items():
                 timers = Timers()
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 with instrumented(llm, timers):
                     total = prefill_time(llm, prompts, names)
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
                 parts = dict(timers.totals)
+                parts[FAULTS] = faults
                 parts["rest of the step"] = total - sum(parts.values())
                 parts["prefill"] = total
                 runs[key].append(parts)
     names = list(dict.fromkeys(k for r in runs["LoRA"] + runs["base"] for k in r))
-    names = [k for k in names if k not in ("rest of the step", "prefill")]
+    names = [k for k in names if k not in ("rest of the step", "prefill", FAULTS)]
     names += ["rest of the step", "prefill"]
 
     def median(key: str, part: str) -> float:
@@ -160,6 +165,8 @@ def main() -> None:
         b, lo = median("base", part), median("LoRA", part)
         rows.append([part, f"{b * 1e3:.1f}", f"{lo * 1e3:.1f}", f"{(lo - b) * 1e3:+.1f}",
                      f"{(lo - b) / base_total:+.2%}"])
+    rows.append([FAULTS, f"{median('base', FAULTS):.0f}", f"{median('LoRA', FAULTS):.0f}",
+                 "", ""])
     table = markdown_table(["part", "base ms", f"{n} adapters ms", "difference ms",
                             "difference / base prefill"], rows)
     body = (f"Random Llama (hidden 1024, {args.layers} layers), {args.batch} prompts x "
