@@ -148,9 +148,9 @@ def main() -> None:
                     total = prefill_time(llm, prompts, names)
                 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
                 parts = dict(timers.totals)
-                parts[FAULTS] = faults
                 parts["rest of the step"] = total - sum(parts.values())
                 parts["prefill"] = total
+                parts[FAULTS] = faults
                 runs[key].append(parts)
     names = list(dict.fromkeys(k for r in runs["LoRA"] + runs["base"] for k in r))
     names = [k for k in names if k not in ("rest of the step", "prefill", FAULTS)]
