@@ -471,6 +471,19 @@ def after_gemm(repeat: int, clock) -> dict[str, tuple[float, float]]:
             times.items()}
 
 
+def fusion_rows(r: dict[str, float], op: str, base_label: str, lora_label: str,
+                apart_label: str) -> list[list[str]]:
+    """(h), (j)'s table rows from the best times ``r``: the C op against torch's ops
+    (``C {op}``, ``torch {op}``), then the LoRA time fused into it against ``unfused``."""
+    alone, torch_ops = r[f"C {op}"], r[f"torch {op}"]
+    return [[base_label, f"C {alone * 1e3:.2f} ms", f"torch {torch_ops * 1e3:.2f} ms",
+             f"{torch_ops / alone:.2f}x"],
+            [lora_label, f"fused {r['fused'] * 1e3:.2f} ms (+{(r['fused'] - alone) * 1e3:.2f})",
+             f"{apart_label} {r['unfused'] * 1e3:.2f} ms "
+             f"(+{(r['unfused'] - alone) * 1e3:.2f})",
+             f"{(r['unfused'] - alone) / (r['fused'] - alone):.2f}x"]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=2)
@@ -553,17 +566,11 @@ def main() -> None:
         if lora_cpu.unavailable_reason() or not lora_cpu._native().simd:
             print("(h) skipped: the C library or AVX-512 is unavailable here", flush=True)
         else:
-            r = gate_up_activation(5 * args.repeat, clock)
-            rows.append(["(h) MLP activation, 1024 x 2816 (gate/up output from memory)",
-                         f"C {r['C act'] * 1e3:.2f} ms", f"torch {r['torch act'] * 1e3:.2f} ms",
-                         f"{r['torch act'] / r['C act']:.2f}x"])
-            rows.append(["(h) gate/up LoRA expand + activation, 8 adapters x 128 rows "
-                         "(LoRA time: minus the C activation alone)",
-                         f"fused {r['fused'] * 1e3:.2f} ms "
-                         f"(+{(r['fused'] - r['C act']) * 1e3:.2f})",
-                         f"expand, then activation {r['unfused'] * 1e3:.2f} ms "
-                         f"(+{(r['unfused'] - r['C act']) * 1e3:.2f})",
-                         f"{(r['unfused'] - r['C act']) / (r['fused'] - r['C act']):.2f}x"])
+            rows += fusion_rows(
+                gate_up_activation(5 * args.repeat, clock), "act",
+                "(h) MLP activation, 1024 x 2816 (gate/up output from memory)",
+                "(h) gate/up LoRA expand + activation, 8 adapters x 128 rows (LoRA time: "
+                "minus the C activation alone)", "expand, then activation")
             print(rows[-2:], flush=True)
     if "i" in args.parts:
         for name, (cold, hot) in after_gemm(5 * args.repeat, clock).items():
@@ -574,17 +581,11 @@ def main() -> None:
         if lora_cpu.unavailable_reason() or not lora_cpu._native().simd:
             print("(j) skipped: the C library or AVX-512 is unavailable here", flush=True)
         else:
-            r = add_norm(5 * args.repeat, clock)
-            rows.append(["(j) residual add + RMSNorm, 1024 x 1024 (input from memory)",
-                         f"C {r['C norm'] * 1e3:.2f} ms", f"torch {r['torch norm'] * 1e3:.2f} ms",
-                         f"{r['torch norm'] / r['C norm']:.2f}x"])
-            rows.append(["(j) o's LoRA expand + add + norm + gate/up's LoRA shrink, 8 adapters "
-                         "x 128 rows (LoRA time: minus the C norm alone)",
-                         f"fused {r['fused'] * 1e3:.2f} ms "
-                         f"(+{(r['fused'] - r['C norm']) * 1e3:.2f})",
-                         f"apart {r['unfused'] * 1e3:.2f} ms "
-                         f"(+{(r['unfused'] - r['C norm']) * 1e3:.2f})",
-                         f"{(r['unfused'] - r['C norm']) / (r['fused'] - r['C norm']):.2f}x"])
+            rows += fusion_rows(
+                add_norm(5 * args.repeat, clock), "norm",
+                "(j) residual add + RMSNorm, 1024 x 1024 (input from memory)",
+                "(j) o's LoRA expand + add + norm + gate/up's LoRA shrink, 8 adapters x 128 "
+                "rows (LoRA time: minus the C norm alone)", "apart")
             print(rows[-2:], flush=True)
     table = markdown_table(["what", "new", "before", "before / new"], rows)
     body = (f"CPU float32, {args.threads} threads, {args.clock} clock, the benchmark model's "
