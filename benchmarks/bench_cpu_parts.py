@@ -471,17 +471,37 @@ def after_gemm(repeat: int, clock) -> dict[str, tuple[float, float]]:
             times.items()}
 
 
-def fusion_rows(r: dict[str, float], op: str, base_label: str, lora_label: str,
-                apart_label: str) -> list[list[str]]:
-    """(h), (j)'s table rows from the best times ``r``: the C op against torch's ops
-    (``C {op}``, ``torch {op}``), then the LoRA time fused into it against ``unfused``."""
+# (h), (j): part -> (its function, the op's key in its results, the rows' labels)
+FUSED_PARTS = {
+    "h": (gate_up_activation, "act",
+          "(h) MLP activation, 1024 x 2816 (gate/up output from memory)",
+          "(h) gate/up LoRA expand + activation, 8 adapters x 128 rows (LoRA time: minus the "
+          "C activation alone)", "expand, then activation"),
+    "j": (add_norm, "norm",
+          "(j) residual add + RMSNorm, 1024 x 1024 (input from memory)",
+          "(j) o's LoRA expand + add + norm + gate/up's LoRA shrink, 8 adapters x 128 rows "
+          "(LoRA time: minus the C norm alone)", "apart"),
+}
+
+
+def fused_parts(args, clock, rows: list, part: str) -> None:
+    """Part (h) or (j), if asked for: the C op against torch's ops (``C {op}``,
+    ``torch {op}``), then the LoRA time fused into it against ``unfused``."""
+    if part not in args.parts:
+        return
+    if lora_cpu.unavailable_reason() or not lora_cpu._native().simd:
+        print(f"({part}) skipped: the C library or AVX-512 is unavailable here", flush=True)
+        return
+    run, op, base_label, lora_label, apart_label = FUSED_PARTS[part]
+    r = run(5 * args.repeat, clock)
     alone, torch_ops = r[f"C {op}"], r[f"torch {op}"]
-    return [[base_label, f"C {alone * 1e3:.2f} ms", f"torch {torch_ops * 1e3:.2f} ms",
-             f"{torch_ops / alone:.2f}x"],
-            [lora_label, f"fused {r['fused'] * 1e3:.2f} ms (+{(r['fused'] - alone) * 1e3:.2f})",
-             f"{apart_label} {r['unfused'] * 1e3:.2f} ms "
-             f"(+{(r['unfused'] - alone) * 1e3:.2f})",
-             f"{(r['unfused'] - alone) / (r['fused'] - alone):.2f}x"]]
+    rows.append([base_label, f"C {alone * 1e3:.2f} ms", f"torch {torch_ops * 1e3:.2f} ms",
+                 f"{torch_ops / alone:.2f}x"])
+    rows.append([lora_label, f"fused {r['fused'] * 1e3:.2f} ms (+{(r['fused'] - alone) * 1e3:.2f})",
+                 f"{apart_label} {r['unfused'] * 1e3:.2f} ms "
+                 f"(+{(r['unfused'] - alone) * 1e3:.2f})",
+                 f"{(r['unfused'] - alone) / (r['fused'] - alone):.2f}x"])
+    print(rows[-2:], flush=True)
 
 
 def main() -> None:
@@ -562,31 +582,13 @@ def main() -> None:
                              f"BLAS sgemm_ {r['blas'] * 1e3:.2f} ms",
                              f"{r['blas'] / r['avx512']:.2f}x"])
                 print(rows[-1], flush=True)
-    if "h" in args.parts:
-        if lora_cpu.unavailable_reason() or not lora_cpu._native().simd:
-            print("(h) skipped: the C library or AVX-512 is unavailable here", flush=True)
-        else:
-            rows += fusion_rows(
-                gate_up_activation(5 * args.repeat, clock), "act",
-                "(h) MLP activation, 1024 x 2816 (gate/up output from memory)",
-                "(h) gate/up LoRA expand + activation, 8 adapters x 128 rows (LoRA time: "
-                "minus the C activation alone)", "expand, then activation")
-            print(rows[-2:], flush=True)
+    fused_parts(args, clock, rows, "h")
     if "i" in args.parts:
         for name, (cold, hot) in after_gemm(5 * args.repeat, clock).items():
             rows.append([f"(i) {name}: right after a GEMM / again at once (medians)",
                          f"{cold * 1e3:.3f} ms", f"{hot * 1e3:.3f} ms", f"{hot / cold:.2f}x"])
             print(rows[-1], flush=True)
-    if "j" in args.parts:
-        if lora_cpu.unavailable_reason() or not lora_cpu._native().simd:
-            print("(j) skipped: the C library or AVX-512 is unavailable here", flush=True)
-        else:
-            rows += fusion_rows(
-                add_norm(5 * args.repeat, clock), "norm",
-                "(j) residual add + RMSNorm, 1024 x 1024 (input from memory)",
-                "(j) o's LoRA expand + add + norm + gate/up's LoRA shrink, 8 adapters x 128 "
-                "rows (LoRA time: minus the C norm alone)", "apart")
-            print(rows[-2:], flush=True)
+    fused_parts(args, clock, rows, "j")
     table = markdown_table(["what", "new", "before", "before / new"], rows)
     body = (f"CPU float32, {args.threads} threads, {args.clock} clock, the benchmark model's "
             f"shapes (16 heads / 4 kv heads, head dim 64); each pair interleaved in one run, "
