@@ -19,10 +19,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=64)
     add_tensor_parallel_arg(p)
+    add_lm_head_lora_arg(p)
+    _memory_args(p)
+
+
+def add_lm_head_lora_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-lm-head-lora", action="store_true",
                    help="serve adapters that target lm_head (allocates vocab x max-lora-rank x "
                         "max-loras-per-batch of adapter buffers; off: such adapters are refused)")
-    _memory_args(p)
 
 
 def add_tensor_parallel_arg(p: argparse.ArgumentParser) -> None:
@@ -186,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     from loraplex.serve_ray.config import add_serve_ray_args  # flags only: no Ray import
 
     _memory_args(add_serve_ray_args(sr))
+    add_lm_head_lora_arg(sr)
 
     g = sub.add_parser("generate", help="complete prompts and print the outputs")
     _engine_args(g)

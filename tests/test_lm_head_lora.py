@@ -280,6 +280,25 @@ def test_cli_flag(tmp_path, capsys):
     assert not serve.parse_args(["--model", "m"]).enable_lm_head_lora
 
 
+def test_serve_ray_flag_reaches_the_replicas_engine_args(tmp_path, monkeypatch):
+    """``loraplex serve-ray --enable-lm-head-lora`` puts the flag into every replica's engine
+    arguments (Ray itself is not needed: the command's entry point is replaced)."""
+    import sys
+    import types
+
+    from loraplex.cli import main as cli_main
+    from loraplex.serve_ray.config import config_from_args
+
+    seen = []
+    fake = types.ModuleType("loraplex.serve_ray.app")
+    fake.run_serve_ray = seen.append
+    monkeypatch.setitem(sys.modules, "loraplex.serve_ray.app", fake)
+    (tmp_path / "m").mkdir()
+    for extra in ([], ["--enable-lm-head-lora"]):
+        assert cli_main(["serve-ray", "--model", str(tmp_path / "m"), *extra]) == 0
+        assert config_from_args(seen[-1]).engine_args["enable_lm_head_lora"] is bool(extra)
+
+
 # -- the wrapper on both op backends, vocabulary-wide N -----------------------------------
 def _triton_ops(monkeypatch):
     """The Triton ops: compiled on a GPU, else run by Triton's interpreter (set up at import,

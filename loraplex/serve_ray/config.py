@@ -94,7 +94,8 @@ def config_from_args(args: argparse.Namespace) -> RayServeConfig:
                        max_lora_rank=args.max_lora_rank,
                        gpu_memory_utilization=getattr(args, "gpu_memory_utilization", 0.9),
                        kv_cache_memory_bytes=getattr(args, "kv_cache_memory", None),
-                       max_full_module_adapters=getattr(args, "max_full_module_adapters", 0))
+                       max_full_module_adapters=getattr(args, "max_full_module_adapters", 0),
+                       enable_lm_head_lora=getattr(args, "enable_lm_head_lora", False))
     return RayServeConfig(
         model=os.path.realpath(args.model),
         adapters={k: os.path.realpath(v) for k, v in adapters.items()},

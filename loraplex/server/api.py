@@ -33,7 +33,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from loraplex.cli import add_tensor_parallel_arg
+from loraplex.cli import add_lm_head_lora_arg, add_tensor_parallel_arg
 from loraplex.errors import AdapterLoadError
 from loraplex.server.adapters import ServedModels
 from loraplex.server.async_engine import AsyncEngine
@@ -260,9 +260,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--lora-backend", default="auto", choices=["auto", "torch", "cpu", "triton"],
                    help="auto: triton on CUDA, the C ops ('cpu') on CPU when they build here")
     add_tensor_parallel_arg(p)
-    p.add_argument("--enable-lm-head-lora", action="store_true",
-                   help="serve adapters that target lm_head (allocates vocab x max-lora-rank x "
-                        "max-loras-per-batch of adapter buffers; off: such adapters are refused)")
+    add_lm_head_lora_arg(p)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=True, help="share KV blocks of equal prefixes per adapter")
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
