@@ -63,7 +63,7 @@ class LoRALinear(nn.Module):
         self.reduce_shrink = isinstance(base, RowLinear) and base.tp_size > 1
         # Set by install_lora_layers where an RMSNorm's residual add reads this projection's
         # output (``LoRANorm``): on the host the expand is left to that norm's pass
-        # (``_deferred``: (y, h, batch) until the norm takes it).
+        # (``_deferred``: (y, h) until the norm takes it).
         self.defer_to: LoRANorm | None = None
         self._deferred: tuple | None = None
         # (x, h): this projection's shrink of x, made by the norm that wrote x (``LoRANorm``)
@@ -82,7 +82,7 @@ class LoRALinear(nn.Module):
         """``y += delta`` from the shrink output ``h``, or on the host, where a norm reads
         ``y`` (``defer_to``), left to that norm's pass."""
         if self.defer_to is not None and not y.is_cuda and not self.reduce_shrink:
-            self._deferred = (y, h, lora)
+            self._deferred = (y, h)
             return y
         buf = self.buffers
         self.expand(h, buf.b, buf.ranks, buf.scalings, buf.offsets, lora, y, buf.col_scales)

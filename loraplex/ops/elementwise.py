@@ -67,27 +67,10 @@ def cpu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     """RMSNorm of ``x + residual`` (of ``x`` without one) in C, as a new tensor, the sum
     written into ``x`` (``RMSNorm.add_forward``'s contract); None where that does not run (not
     CPU float32 rows with unit column stride and a float32 weight, no C library or no AVX-512
-    here, or disabled), and the caller runs torch's ops."""
-    if (x.dim() != 2 or weight.shape != x.shape[1:] or not _cpu_rows(x, residual, weight)
-            or (residual is not None and residual.shape != x.shape)):
+    here, or disabled), and the caller runs torch's ops. The norm alone of
+    ``lora_cpu.lora_add_rms_norm``."""
+    if x.device.type != "cpu" or not enabled():
         return None
     from loraplex.ops import lora_cpu
 
-    lib = lora_cpu._native()
-    if isinstance(lib, str) or not lib.simd:
-        return None
-    t, hidden = x.shape
-    out = torch.empty(t, hidden)
-    res = (residual.data_ptr(), residual.stride(0)) if residual is not None else (None, 0)
-    if lib.add_rms_norm(lib.sgemm, torch.get_num_threads(), 0, x.data_ptr(), x.stride(0), *res,
-                        weight.data_ptr(), eps, hidden, t, out.data_ptr(), out.stride(0),
-                        None, 0, None, 0, None, 0, None, None, None, 0, None, 0, 0, None, 0):
-        return None
-    return out
-
-
-def _cpu_rows(*ts: torch.Tensor | None) -> bool:
-    """Float32 host tensors (2-D, or 1-D for a weight) with unit column stride, and enabled."""
-    return enabled() and all(
-        t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() <= 2
-                      and t.stride(-1) == 1) for t in ts)
+    return lora_cpu.lora_add_rms_norm(x, residual, weight, eps, None)

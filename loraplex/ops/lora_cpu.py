@@ -204,12 +204,14 @@ def lora_add_rms_norm(
     residual: torch.Tensor | None,
     weight: torch.Tensor,
     eps: float,
-    batch: LoRABatch,
+    batch: LoRABatch | None,
     before: tuple | None = None,
     then: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
-    """RMSNorm of ``x + residual`` (``elementwise.cpu_rms_norm``: the sum written into ``x``)
-    with the LoRA work on either side of it done in the same pass over each block of rows:
+    """RMSNorm of ``x + residual`` (of ``x`` without one) in C, as a new tensor, the sum
+    written into ``x`` (``RMSNorm.add_forward``'s contract). ``batch`` None: the norm alone
+    (``elementwise.cpu_rms_norm``, the base model's). With a LoRA batch, the LoRA work on
+    either side of it is done in the same pass over each block of rows:
 
     - ``before = (h, b, ranks, scalings, offsets, col_scales)``: first the expand of the
       projection that wrote ``x`` (one slice: the attention's o or the MLP's down),
@@ -221,14 +223,16 @@ def lora_add_rms_norm(
       block of rows the norm just wrote.
 
     Returns the new ``[T, hidden]`` tensor, or None, having written nothing, where this does
-    not run (``cpu_rms_norm`` does not, an expand of more than one slice, or arguments the C
-    code does not take): the caller then runs the expand, the norm and the shrink apart. Rows
-    without an adapter get exactly ``cpu_rms_norm``'s values."""
+    not run (not CPU float32 rows with unit column stride and a float32 weight, no C library
+    or no AVX-512 here, fused kernels disabled, an expand of more than one slice, or
+    arguments the C code does not take): the caller then runs torch's norm, or the expand, the
+    norm and the shrink apart. Rows without an adapter get exactly the norm alone's values."""
     lib = _native()
     if (isinstance(lib, str) or not lib.simd or not elementwise.enabled() or x.dim() != 2
             or weight.shape != x.shape[1:] or not _rows_fit(x, weight)
             or (residual is not None and (residual.shape != x.shape or not _rows_fit(residual)))):
         return None
+    assert batch is not None or (before is None and then is None), "LoRA work needs a batch"
     t, hidden = x.shape
     expand = (None, 0, None, 0, None, None)
     if before is not None:
@@ -247,12 +251,13 @@ def lora_add_rms_norm(
         shrink = (a2_ptr, n_r2, ranks2_ptr, n2, big_r2, h2.data_ptr(), h2.stride(0))
     if before is not None and col_scales is not None and any(col_scales.host_flags):
         _scale_flagged(col_scales, ranks, offsets, batch, x)  # DoRA: x's own rows, first
-    items = _activation_items(batch, t)
+    items = (_activation_items(batch, t)[1:] if batch is not None  # (pointer, count)
+             else (None, 0))  # the norm alone, over all rows
     res = (residual.data_ptr(), residual.stride(0)) if residual is not None else (None, 0)
     out = torch.empty(t, hidden)
     if lib.add_rms_norm(lib.sgemm, torch.get_num_threads(), lib.simd, x.data_ptr(), x.stride(0),
                         *res, weight.data_ptr(), eps, hidden, t, out.data_ptr(), out.stride(0),
-                        items.ptr, items.count, *expand, *shrink) != 0:
+                        *items, *expand, *shrink) != 0:
         raise RuntimeError("lp_add_rms_norm_f32 found no AVX-512 (lp_simd_level said so)")
     return out
 
