@@ -3,8 +3,9 @@ mix (16 rank-16 adapters on all seven projections, in scattered slots of 32) and
 model, each part timed inside the engine: per projection its LoRA shrink, base GEMM and LoRA
 expand where they run as calls of their own, the MLP activation (with LoRA: the fused gate/up
 expand + activation + down shrink), the norms (with LoRA: the o and down expands before them
-and the qkv and gate/up shrinks after them, fused in), attention, the embedding, the logits,
-and the rest of the step (scheduling, the LoRA batch, sampling). Base and LoRA prefills
+and the qkv and gate/up shrinks after them, fused in), the rotary (with LoRA: the qkv expand
+fused in), attention, the embedding, the logits, and the rest of the step (scheduling, the
+LoRA batch, sampling). Base and LoRA prefills
 alternate for ``--rounds`` rounds; each cell is the median over the rounds of that part's
 total time in one prefill.
 
@@ -42,11 +43,13 @@ import loraplex.lora.layers as lora_layers
 from loraplex import LLM
 from loraplex.layers.attention import Attention
 from loraplex.layers.norm import RMSNorm
-from loraplex.lora.layers import LoRAEmbedding, LoRALinear, LoRANorm
+from loraplex.layers.rotary import ApplyRotary
+from loraplex.lora.layers import LoRAEmbedding, LoRALinear, LoRANorm, LoRARotary
 
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 ACT = "MLP activation (LoRA: + gate/up expand + down shrink)"
 NORMS = "norms (LoRA: + o/down expands + qkv/gate_up shrinks)"
+ROTARY = "rotary (LoRA: + qkv expand)"
 FAULTS = "minor page faults in the prefill (count)"
 
 
@@ -89,10 +92,12 @@ def instrumented(llm: LLM, timers: Timers):
                 patch(w, "expand_silu_mul", ACT)
                 w = w.base
             patch(w, "forward", f"{label} GEMM")
-    wrapped = {id(m.base) for m in model.modules() if isinstance(m, LoRANorm)}
+    wrapped = {id(m.base) for m in model.modules() if isinstance(m, LoRANorm | LoRARotary)}
     for m in model.modules():
         if isinstance(m, Attention):
             patch(m, "forward", "attention")
+        elif isinstance(m, LoRARotary) or (isinstance(m, ApplyRotary) and id(m) not in wrapped):
+            patch(m, "forward", ROTARY)
         elif isinstance(m, LoRANorm) or (isinstance(m, RMSNorm) and id(m) not in wrapped):
             patch(m, "forward", NORMS)
             patch(m, "add_forward", NORMS)

@@ -9,7 +9,8 @@ allocation, with its size), not inferred from buffer addresses.
 - The gate/up expand fused into the activation allocates the activation's output, as the
   activation does without LoRA, and nothing else (its scratch is made once and kept); the
   norms with the expand and shrink on either side fused in allocate their output, as the
-  norm does without LoRA.
+  norm does without LoRA; the rotary with the qkv expand fused in allocates nothing (it
+  rotates in place, as it does without LoRA).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from helpers_lora import make_peft_adapter, make_tiny_model
 from torch.profiler import ProfilerActivity, profile
 
 from loraplex import LLM, SamplingParams
-from loraplex.lora.layers import LoRANorm
+from loraplex.lora.layers import LoRANorm, LoRARotary
 from loraplex.ops import lora_cpu
 
 
@@ -90,23 +91,36 @@ def test_lora_step_metadata_and_ops_allocate_no_weight_copies(tmp_path):
 
         n.add_rms_norm = spy_norm
 
+    rotaries = [m for m in llm.engine.runner.model.modules() if isinstance(m, LoRARotary)]
+    assert len(rotaries) == len(llm.engine.lora_layers) // 4  # one a layer
+    for r in rotaries:
+        def spy_rotary(x, cos, sin, batch, before=None, y=None, _op=r.rotary):
+            out, sizes = allocated(_op, x, cos, sin, batch, before, y)
+            op_calls.append(("rotary", batch.num_tokens, x.shape[1] * x.shape[2], sizes))
+            assert out is x  # float32 on this CPU: the fused path ran, in place
+            assert before is not None  # ... with the qkv expand inside
+            return out
+
+        r.rotary = spy_rotary
+
     prompts = [[1, 4, 5, 6, 7, 8], [1, 9], [1, 3, 3, 3], [1, 7, 7]]
     outs = llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True),
                         adapters=["a", "b", None, "c"])
     assert all(len(o.token_ids) == 4 for o in outs)
     assert len(prepared) == 4 and all(sizes == [] for sizes in prepared), prepared
-    # per layer and step: the qkv expand, the o shrink, the gate/up expand + activation (with
-    # the down shrink inside) and the two norms (the o and down expands and the qkv and
-    # gate/up shrinks inside), and the final norm (the last down expand inside)
+    # per layer and step: the rotary (the qkv expand inside), the o shrink, the gate/up
+    # expand + activation (with the down shrink inside) and the two norms (the o and down
+    # expands and the qkv and gate/up shrinks inside), and the final norm (the last down
+    # expand inside)
     layers = len(llm.engine.lora_layers) // 4
     assert len(op_calls) == 4 * (5 * layers + 1)
-    assert sorted({op for op, *_ in op_calls}) == ["expand", "expand+act", "norm", "shrink"]
+    assert sorted({op for op, *_ in op_calls}) == ["expand+act", "norm", "rotary", "shrink"]
     # the CPU backend writes every product in place (into the destination views): no op
     # allocates at all (test_probe_sees_allocations shows the probe would see it), but for
     # the fused gate/up expand + activation, which allocates exactly the activation's output
     # [tokens, I] (what the activation allocates without LoRA; its scratch is kept), and the
     # norms, which allocate exactly their output [tokens, hidden] (as without LoRA)
-    assert all(sizes == [] for op, *_, sizes in op_calls if op in ("expand", "shrink")), op_calls
+    assert all(sizes == [] for op, *_, sizes in op_calls if op in ("rotary", "shrink")), op_calls
     assert all(sizes == [t * w * 4] for op, t, w, sizes in op_calls if op == "norm"), op_calls
     fused = [(t, w, sizes) for op, t, w, sizes in op_calls if op == "expand+act"]
     assert fused and all(sizes[0] == t * (w // 2) * 4 for t, w, sizes in fused), fused

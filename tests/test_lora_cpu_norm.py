@@ -252,7 +252,7 @@ def test_lora_norm_fused_equals_the_plain_path() -> None:
         assert calls
         torch.testing.assert_close(fused_sum, plain_sum, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
-        with pytest.raises(RuntimeError, match="did not reach the norm"):
+        with pytest.raises(RuntimeError, match="did not reach the layer"):
             norm.add_forward(wo(xa).clone(), res.clone())
         wo(xa)  # a step that fails between the projection and its norm ...
     with forward_context(ForwardBatch(is_prefill=True, num_tokens=t, slot_mapping=None,

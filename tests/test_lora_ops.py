@@ -194,9 +194,11 @@ def test_backend_resolution() -> None:
     assert resolve_lora_backend("auto", "cpu") == (
         "cpu" if lora_cpu.unavailable_reason() is None else "torch")
     assert get_lora_ops("cpu") == (lora_cpu.lora_shrink, lora_cpu.lora_expand,
-                                   lora_cpu.lora_expand_silu_mul, lora_cpu.lora_add_rms_norm)
+                                   lora_cpu.lora_expand_silu_mul, lora_cpu.lora_add_rms_norm,
+                                   lora_cpu.lora_rotary_)
     assert resolve_lora_backend("torch", "cpu") == "torch"
-    assert get_lora_ops("torch") == (lora_torch.lora_shrink, lora_torch.lora_expand, None, None)
+    assert get_lora_ops("torch") == (lora_torch.lora_shrink, lora_torch.lora_expand, None, None,
+                                     None)
     with pytest.raises(ValueError, match="lora_backend"):
         resolve_lora_backend("cutlass", "cpu")
     with pytest.raises(ValueError, match="lora_backend"):

@@ -1,5 +1,10 @@
 """Rotary position embedding (half-split layout, as in Hugging Face Llama), with Llama-3
-and linear frequency scaling. cos/sin are tabulated once in float32 and indexed by position."""
+and linear frequency scaling. cos/sin are tabulated once in float32 and indexed by position.
+
+``ApplyRotary`` is one attention layer's use of them: a module of its own, so that code which
+fuses work into the rotary's pass can replace it per layer (the LoRA path: the qkv
+projection's expand, ``lora/layers.LoRARotary``), as ``LlamaModel.rotary_neighbours``
+describes."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import torch
 from torch import nn
 
 from loraplex.config import RopeConfig
-from loraplex.ops.elementwise import fused_ops
+from loraplex.ops.elementwise import cpu_rotary_, fused_ops
 
 
 def inv_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
@@ -59,15 +64,25 @@ class RotaryEmbedding(nn.Module):
     @staticmethod
     def rotate_(cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``rotate`` into ``x`` when it can (one Triton kernel on CUDA: float32 math, rounded
-        once, so half-precision results differ from ``rotate`` within one rounding), else
-        ``rotate``'s fresh tensor. Callers use the result, not ``x``."""
+        once, so half-precision results differ from ``rotate`` within one rounding; one C pass
+        on CPU float32, bit for bit ``rotate``'s), else ``rotate``'s fresh tensor. Callers use
+        the result, not ``x``."""
         ops = fused_ops(x)
         if ops is not None and x.dim() == 3 and x.stride(2) == 1:
             return ops.rotary_(x, *cos_sin)
-        return RotaryEmbedding.rotate(cos_sin, x)
+        out = cpu_rotary_(x, *cos_sin)
+        return out if out is not None else RotaryEmbedding.rotate(cos_sin, x)
 
     @staticmethod
     def rotate(cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """x [T, any heads, d] -> x * cos + rotate_half(x) * sin."""
         cos, sin = cos_sin
         return x * cos + rotate_half(x) * sin
+
+
+class ApplyRotary(nn.Module):
+    """One attention layer's rotary: ``forward(rope, x) = RotaryEmbedding.rotate_(rope, x)``
+    (see the module doc for why it is a module)."""
+
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return RotaryEmbedding.rotate_(rope, x)

@@ -30,6 +30,7 @@ from loraplex.layers.embedding import VocabParallelEmbedding
 from loraplex.layers.forward_context import get_forward_batch
 from loraplex.layers.linear import LinearBase, RowLinear
 from loraplex.layers.norm import RMSNorm
+from loraplex.layers.rotary import ApplyRotary
 from loraplex.lora.buffers import FUSED_PROJECTIONS, LoRABuffers, SlotBuffers
 from loraplex.ops.lora_embedding import lora_embedding_shrink
 from loraplex.ops.lora_ops import LoRAOps, get_lora_ops
@@ -61,10 +62,10 @@ class LoRALinear(nn.Module):
         self.width = buffers.a.shape[1]  # n * R
         # row-parallel under TP: the shrink output is a partial sum over the input shards
         self.reduce_shrink = isinstance(base, RowLinear) and base.tp_size > 1
-        # Set by install_lora_layers where an RMSNorm's residual add reads this projection's
-        # output (``LoRANorm``): on the host the expand is left to that norm's pass
-        # (``_deferred``: (y, h) until the norm takes it).
-        self.defer_to: LoRANorm | None = None
+        # Set by install_lora_layers where an RMSNorm's residual add (``LoRANorm``) or the
+        # rotary (``LoRARotary``) reads this projection's output: on the host the expand is
+        # left to that pass (``_deferred``: (y, h) until it takes it).
+        _link(self, "defer_to", None)
         self._deferred: tuple | None = None
         # (x, h): this projection's shrink of x, made by the norm that wrote x (``LoRANorm``)
         self._pre_shrunk: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -88,19 +89,21 @@ class LoRALinear(nn.Module):
         self.expand(h, buf.b, buf.ranks, buf.scalings, buf.offsets, lora, y, buf.col_scales)
         return y
 
-    def take_deferred(self, y: torch.Tensor) -> tuple | None:
-        """The expand this projection left to ``defer_to`` for its output ``y``, as
-        ``lora_add_rms_norm``'s ``before`` (None when it ran it itself). Raises if the norm
-        was handed another tensor: the model changed the output on the way, and the delta
-        would be lost."""
+    def take_deferred(self, seen: torch.Tensor) -> tuple[torch.Tensor, tuple] | None:
+        """The expand this projection left to ``defer_to``, which was handed ``seen``: (the
+        output ``y``, the expand as ``lora_add_rms_norm``'s / ``lora_rotary_``'s ``before``);
+        None when it ran it itself. ``seen`` is ``y`` or a view of ``y``'s leading columns
+        (the rotary's q/k heads). Raises if it is neither: the model changed the output on the
+        way, and the delta would be lost."""
         deferred, self._deferred = self._deferred, None
         if deferred is None:
             return None
-        if deferred[0] is not y:
-            raise RuntimeError("a LoRA projection's output did not reach the norm it was wired "
+        y = deferred[0]
+        if seen is not y and not _leading_columns(seen, y):
+            raise RuntimeError("a LoRA projection's output did not reach the layer it was wired "
                                "to unchanged (install_lora_layers's model structure is wrong)")
         buf = self.buffers
-        return deferred[1], buf.b, buf.ranks, buf.scalings, buf.offsets, buf.col_scales
+        return y, (deferred[1], buf.b, buf.ranks, buf.scalings, buf.offsets, buf.col_scales)
 
     def finish_deferred(self, y: torch.Tensor, before: tuple) -> None:
         """Run a taken expand (``take_deferred``) unfused, into ``y``."""
@@ -215,10 +218,12 @@ class LoRANorm(nn.Module):
     def __init__(self, base: RMSNorm, prev: LoRALinear | None, next_: LoRALinear | None,
                  add_rms_norm: Callable | None) -> None:
         super().__init__()
-        self.base, self.prev, self.next = base, prev, next_
+        self.base = base
+        _link(self, "prev", prev)
+        _link(self, "next", next_)
         self.add_rms_norm = add_rms_norm
         if prev is not None:
-            prev.defer_to = self
+            _link(prev, "defer_to", self)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -233,7 +238,8 @@ class LoRANorm(nn.Module):
         return self._norm(x, residual), x
 
     def _norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        before = self.prev.take_deferred(x) if self.prev is not None else None
+        taken = self.prev.take_deferred(x) if self.prev is not None else None
+        before = taken[1] if taken is not None else None
         lora = get_forward_batch().lora
         if lora is not None and self.add_rms_norm is not None:
             then = self.next.shrink_target(x.shape[0]) if self.next is not None else None
@@ -248,6 +254,52 @@ class LoRANorm(nn.Module):
         if residual is None:
             return self.base(x)
         return self.base.add_forward(x, residual)[0]
+
+
+class LoRARotary(nn.Module):
+    """An attention layer's rotary (``layers/rotary.ApplyRotary``) after a LoRA qkv projection
+    (``prev``; install_lora_layers wires it where ``LlamaModel.rotary_neighbours`` lists it):
+    the projection leaves its expand to this pass. With the backend's fused op
+    (``LoRAOps.rotary``, on the host) the expand runs a block of rows at a time, followed by
+    the rotary on the same rows in cache: the expand's read and rewrite of all of qkv from
+    memory is gone. Else the expand runs first, then the plain rotary. Same results either
+    way."""
+
+    def __init__(self, base: ApplyRotary, prev: LoRALinear, rotary: Callable | None) -> None:
+        super().__init__()
+        self.base, self.rotary = base, rotary
+        _link(self, "prev", prev)
+        _link(prev, "defer_to", self)
+
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        taken = self.prev.take_deferred(x)
+        if taken is None:
+            return self.base(rope, x)
+        y, before = taken
+        lora = get_forward_batch().lora
+        if lora is not None and self.rotary is not None:
+            out = self.rotary(x, *rope, lora, before, y)
+            if out is not None:
+                return out
+        self.prev.finish_deferred(y, before)
+        return self.base(rope, x)
+
+
+def _leading_columns(view: torch.Tensor, y: torch.Tensor) -> bool:
+    """``view`` is a view of ``y``'s rows from their first column on (same rows and row
+    stride, which a single row's view may report otherwise)."""
+    return (view.dim() >= 2 and y.dim() == 2 and view.shape[0] == y.shape[0]
+            and view.data_ptr() == y.data_ptr()
+            and (view.shape[0] < 2 or view.stride(0) == y.stride(0))
+            and view.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+            and view[0].numel() <= y.shape[1] and view.stride(-1) == 1)
+
+
+def _link(module: nn.Module, name: str, target: nn.Module | None) -> None:
+    """``module.name = target`` as a plain reference, not a child module: the wrappers that
+    hand work to each other all sit in the model's tree already, and registering these links
+    would make it cyclic (``repr`` recursing, modules listed under another's path)."""
+    object.__setattr__(module, name, target)
 
 
 class LoRAEmbedding(nn.Module):
@@ -324,6 +376,12 @@ def install_lora_layers(
         setattr(model.model.get_submodule(parent) if parent else model.model, name,
                 LoRANorm(norm.base if isinstance(norm, LoRANorm) else norm, prev, nxt,
                          ops.add_rms_norm))
+    for rotary_path, qkv_path in _rotary_links(model, ops):
+        parent, _, name = rotary_path.rpartition(".")
+        rotary = model.model.get_submodule(rotary_path)
+        setattr(model.model.get_submodule(parent), name,
+                LoRARotary(rotary.base if isinstance(rotary, LoRARotary) else rotary,
+                           model.model.get_submodule(qkv_path), ops.rotary))
     embed = model.model.embed_tokens
     if isinstance(embed, LoRAEmbedding):
         embed = embed.base
@@ -344,5 +402,18 @@ def _norm_links(model: nn.Module, ops: LoRAOps) -> list[tuple[str, str | None, s
         return []
     links = describe()
     if not all(isinstance(model.model.get_submodule(n), RMSNorm | LoRANorm) for n, _, _ in links):
+        return []
+    return links
+
+
+def _rotary_links(model: nn.Module, ops: LoRAOps) -> list[tuple[str, str]]:
+    """The rotaries to wire as ``LoRARotary`` (``LlamaModel.rotary_neighbours``): none where
+    the backend has no fused rotary op, or the model does not describe its rotaries."""
+    describe = getattr(model.model, "rotary_neighbours", None)
+    if ops.rotary is None or describe is None:
+        return []
+    links = describe()
+    if not all(isinstance(model.model.get_submodule(r), ApplyRotary | LoRARotary)
+               and isinstance(model.model.get_submodule(q), LoRALinear) for r, q in links):
         return []
     return links

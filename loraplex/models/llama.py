@@ -23,10 +23,14 @@ from loraplex.layers.attention import Attention
 from loraplex.layers.embedding import VocabParallelEmbedding
 from loraplex.layers.linear import ColumnLinear, MergedColumnLinear, QKVLinear, RowLinear
 from loraplex.layers.norm import RMSNorm
-from loraplex.layers.rotary import RotaryEmbedding
+from loraplex.layers.rotary import ApplyRotary, RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
+    # the rotary (``self.rotate``) reads the qkv projection's output as it left the projection
+    # (``LlamaModel.rotary_neighbours``); a subclass that changes q/k in between says False
+    rotary_reads_qkv = True
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         local = RankShape.of(cfg, tp_size())  # this rank's heads
@@ -35,6 +39,7 @@ class LlamaAttention(nn.Module):
             cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, bias=cfg.attention_bias
         )
         self.o_proj = RowLinear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.rotate = ApplyRotary()
         self.attn = Attention(layer_idx, self.heads, self.kv_heads, cfg.head_dim,
                               sliding_window=cfg.layer_window(layer_idx))
 
@@ -44,8 +49,8 @@ class LlamaAttention(nn.Module):
         t, q_kv = x.shape[0], self.heads + self.kv_heads
         # q and k are adjacent in each row: rotate them as one [T, heads + kv_heads, d] view
         # (half the ops of rotating each; the same arithmetic per element)
-        # (in place on CUDA: one kernel into the fresh qkv output)
-        qk = RotaryEmbedding.rotate_(rope, qkv[:, : q_kv * self.head_dim].view(t, q_kv, -1))
+        # (in place on CUDA and on CPU float32: one kernel into the fresh qkv output)
+        qk = self.rotate(rope, qkv[:, : q_kv * self.head_dim].view(t, q_kv, -1))
         q, k = qk.split([self.heads, self.kv_heads], dim=1)
         v = qkv[:, q_kv * self.head_dim :].view(t, self.kv_heads, self.head_dim)
         o = self.attn(q, k, v)
@@ -119,6 +124,14 @@ class LlamaModel(nn.Module):
             prev = p + "mlp.down_proj"
         links.append(("norm", prev, None))
         return links
+
+    def rotary_neighbours(self) -> list[tuple[str, str]]:
+        """Per attention layer whose rotary reads the qkv projection's output unchanged
+        (``rotary_reads_qkv``): (the rotary's path, the projection's path), for code that
+        fuses work into the rotary's pass (``lora/layers.LoRARotary``)."""
+        return [(f"layers.{i}.self_attn.rotate", f"layers.{i}.self_attn.qkv_proj")
+                for i, layer in enumerate(self.layers)
+                if getattr(layer.self_attn, "rotary_reads_qkv", False)]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)

@@ -12,6 +12,8 @@ from loraplex.models.llama import LlamaAttention, LlamaForCausalLM
 
 
 class Qwen3Attention(LlamaAttention):
+    rotary_reads_qkv = False  # q_norm / k_norm come first
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)

@@ -7,8 +7,10 @@ against, or to rule them out):
   MLP's ``silu(gate) * up`` (``cpu_silu_mul``), one pass instead of torch's two, within 3 ulp of
   torch's (its own exp), and RMSNorm with its residual add (``cpu_rms_norm``), one pass over
   each row's sum instead of torch's five ops, within an ulp or two of torch's (the sum of
-  squares is summed in another order). The LoRA path fuses its deltas into the same kernels
-  (``lora_cpu.lora_expand_silu_mul``, ``lora_cpu.lora_add_rms_norm``).
+  squares is summed in another order), and the rotary embedding in place (``cpu_rotary_``),
+  one pass instead of torch's six ops and their five fresh tensors, bit for bit torch's. The
+  LoRA path fuses its deltas into the same kernels (``lora_cpu.lora_expand_silu_mul``,
+  ``lora_cpu.lora_add_rms_norm``, ``lora_cpu.lora_rotary_``).
 
 Everywhere else the layers run their torch code, which is the reference.
 """
@@ -74,3 +76,16 @@ def cpu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     from loraplex.ops import lora_cpu
 
     return lora_cpu.lora_add_rms_norm(x, residual, weight, eps, None)
+
+
+def cpu_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """The rotary embedding of ``x [T, heads, d]`` in C, in place (returns ``x``), bit for bit
+    ``RotaryEmbedding.rotate``'s values; None where that does not run (not CPU float32 with
+    unit last stride, tables not one row of ``d`` per token, no C library or no AVX-512 here,
+    or disabled), and the caller runs torch's ops. The rotary alone of
+    ``lora_cpu.lora_rotary_``."""
+    if x.device.type != "cpu" or not enabled():
+        return None
+    from loraplex.ops import lora_cpu
+
+    return lora_cpu.lora_rotary_(x, cos, sin, None)

@@ -20,9 +20,12 @@
  * intra-op thread count, passed in: OpenMP's default is per calling thread (the machine's
  * core count in a thread torch.set_num_threads never ran in).
  *
- * Also here (AVX-512 only; docs/kernels.md, "On CPU: SiLU*up in C"): the gated MLP's
- * activation silu(gate) * up, which the base model runs too, and the gate/up expand fused
- * into it (lp_silu_mul_f32, lp_expand_silu_mul_f32, at the end of this file).
+ * Also here (AVX-512 only; docs/kernels.md, "On CPU: SiLU*up in C" and the sections after
+ * it): the elementwise passes the base model runs too, each with the LoRA work next to it
+ * fused in: the gated MLP's activation silu(gate) * up with the gate/up expand
+ * (lp_silu_mul_f32, lp_expand_silu_mul_f32), RMSNorm with its residual add and the expand
+ * and shrink on either side (lp_add_rms_norm_f32), the rotary embedding with the qkv expand
+ * (lp_rotary_f32), at the end of this file.
  */
 #include <omp.h>
 #include <math.h>
@@ -248,6 +251,36 @@ LP_TARGET static void add_rms_rows(float *x, int64_t ldx, const float *res, int6
   }
 }
 
+/* Rotary embedding in place, in Hugging Face Llama's half-split layout, for `rows` rows of
+ * `heads` heads of d values (head stride ldhd):
+ *   x[q, h] = x[q, h] * cos[q] + rotate_half(x[q, h]) * sin[q],  rotate_half(v) = (-v2, v1)
+ * each product rounded, then the sum, as torch's ops round them (bit for bit: the library is
+ * built with -ffp-contract=off, so no FMA fuses them). cos / sin: one row of d per row of x. */
+LP_TARGET static void rotary_rows(float *x, int64_t ldx, int64_t heads, int64_t ldhd,
+                                  int64_t d, const float *cos, int64_t ldc, const float *sin,
+                                  int64_t lds, int64_t rows) {
+  const int64_t half = d / 2;
+  for (int64_t q = 0; q < rows; q++) {
+    const float *c = cos + q * ldc, *s = sin + q * lds;
+    for (int64_t hd = 0; hd < heads; hd++) {
+      float *v = x + q * ldx + hd * ldhd;
+      for (int64_t j = 0; j < half; j += 16) {
+        const __mmask16 m = tail_mask(half - j);
+        const __m512 v1 = _mm512_maskz_loadu_ps(m, v + j);
+        const __m512 v2 = _mm512_maskz_loadu_ps(m, v + half + j);
+        const __m512 r1 = _mm512_sub_ps(
+            _mm512_mul_ps(v1, _mm512_maskz_loadu_ps(m, c + j)),
+            _mm512_mul_ps(v2, _mm512_maskz_loadu_ps(m, s + j)));
+        const __m512 r2 = _mm512_add_ps(
+            _mm512_mul_ps(v2, _mm512_maskz_loadu_ps(m, c + half + j)),
+            _mm512_mul_ps(v1, _mm512_maskz_loadu_ps(m, s + half + j)));
+        _mm512_mask_storeu_ps(v + j, m, r1);
+        _mm512_mask_storeu_ps(v + half + j, m, r2);
+      }
+    }
+  }
+}
+
 #else
 static int has_avx512(void) { return 0; }
 #endif
@@ -302,6 +335,22 @@ void lp_shrink_f32(sgemm_fn gemm, int simd, int threads, const float *x, int64_t
   }
 }
 
+/* One block of an item: y[rows, cols_i] += scalings[i] * h[rows, i*R : i*R + r] @
+ * b[cols_i, :r].T for each slice i (b, ranks and scalings already at the item's slot; h and y
+ * at its first row) */
+static void expand_rows(sgemm_fn gemm, const float *h, int64_t ldh, const float *b,
+                        int64_t big_r, const int32_t *rk, const float *sc, int64_t n,
+                        const int64_t *offsets, int rows, float *y, int64_t ldy) {
+  const int lda = (int)big_r, ldb = (int)ldh, ldc = (int)ldy;
+  const float one = 1.0f;
+  for (int64_t i = 0; i < n; i++) {
+    const int r = rk[i], m = (int)(offsets[i + 1] - offsets[i]);
+    if (r <= 0 || m <= 0) continue;
+    gemm("T", "N", &m, &rows, &r, &sc[i], b + offsets[i] * big_r, &lda, h + i * big_r, &ldb,
+         &one, y + offsets[i], &ldc);
+  }
+}
+
 /* y[rows, cols_i] += scalings[slot, i] * h[rows, i*R : i*R + r] @ b[slot, cols_i, :r].T */
 void lp_expand_f32(sgemm_fn gemm, int threads, const float *h, int64_t ldh, const float *b,
                    int64_t out_f, int64_t big_r, const int32_t *ranks, const float *scalings,
@@ -310,15 +359,8 @@ void lp_expand_f32(sgemm_fn gemm, int threads, const float *h, int64_t ldh, cons
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (n_items > 1)
   for (int64_t it = 0; it < n_items; it++) {
     const int64_t start = items[3 * it], slot = items[3 * it + 2];
-    const int rows = (int)items[3 * it + 1], lda = (int)big_r, ldb = (int)ldh, ldc = (int)ldy;
-    const float one = 1.0f;
-    for (int64_t i = 0; i < n; i++) {
-      const int r = ranks[slot * n + i], m = (int)(offsets[i + 1] - offsets[i]);
-      if (r <= 0 || m <= 0) continue;
-      const float alpha = scalings[slot * n + i];
-      gemm("T", "N", &m, &rows, &r, &alpha, b + (slot * out_f + offsets[i]) * big_r, &lda,
-           h + start * ldh + i * big_r, &ldb, &one, y + start * ldy + offsets[i], &ldc);
-    }
+    expand_rows(gemm, h + start * ldh, ldh, b + slot * out_f * big_r, big_r, ranks + slot * n,
+                scalings + slot * n, n, offsets, (int)items[3 * it + 1], y + start * ldy, ldy);
   }
 }
 
@@ -455,6 +497,7 @@ int lp_add_rms_norm_f32(sgemm_fn gemm, int threads, int simd, float *x, int64_t 
 #ifdef LP_X86
   if (!has_avx512()) return -1;
   simd = simd && has_avx512();
+  const int64_t one_slice[2] = {0, hidden};
   if (!items) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows > 16)
     for (int64_t q0 = 0; q0 < rows; q0 += 16)
@@ -469,12 +512,9 @@ int lp_add_rms_norm_f32(sgemm_fn gemm, int threads, int simd, float *x, int64_t 
     for (int64_t q0 = 0; q0 < len; q0 += LP_SHRINK_ROWS) {
       const int64_t q = start + q0;
       const int nq = (int)(len - q0 < LP_SHRINK_ROWS ? len - q0 : LP_SHRINK_ROWS);
-      if (r > 0) {
-        const int m = (int)hidden, lda = (int)big_r, ldb = (int)ldh, ldc = (int)ldx;
-        const float one = 1.0f;
-        gemm("T", "N", &m, &nq, &r, &scalings[slot], b + slot * hidden * big_r, &lda,
-             h + q * ldh, &ldb, &one, x + q * ldx, &ldc);
-      }
+      if (r > 0)
+        expand_rows(gemm, h + q * ldh, ldh, b + slot * hidden * big_r, big_r, ranks + slot,
+                    scalings + slot, 1, one_slice, nq, x + q * ldx, ldx);
       add_rms_rows(x + q * ldx, ldx, res ? res + q * ldr : NULL, ldr, w, eps, hidden, nq,
                    out + q * ldo, ldo);
       if (slot >= 0 && a2)
@@ -488,6 +528,51 @@ int lp_add_rms_norm_f32(sgemm_fn gemm, int threads, int simd, float *x, int64_t 
   (void)eps; (void)hidden; (void)rows; (void)out; (void)ldo; (void)items; (void)n_items;
   (void)h; (void)ldh; (void)b; (void)big_r; (void)ranks; (void)scalings; (void)a2;
   (void)n_r2; (void)ranks2; (void)n2; (void)big_r2; (void)h2; (void)ldh2;
+  return -1;
+#endif
+}
+
+/* Rotary embedding in place (rotary_rows) over `rows` rows of x (lora_cpu.lora_rotary_, the
+ * base model's on CPU float32 as well); with LoRA work items, first the expand of the
+ * projection whose output x is a view of (qkv: y, of which x is the q and k heads),
+ *   y[rows, cols_i] += scalings[slot, i] * h[rows, i*R : i*R + r] @ b[slot, cols_i, :r].T
+ * (b NULL: none), on LP_SHRINK_ROWS rows at a time, which the rotary then reads from cache
+ * (the unfused expand reads and rewrites all of y first). items NULL: the rotary alone, over
+ * all rows; else every row is in one item (slot -1: the rotary alone). Returns -1 without
+ * writing when this CPU lacks AVX-512. */
+int lp_rotary_f32(sgemm_fn gemm, int threads, float *x, int64_t ldx, int64_t heads,
+                  int64_t ldhd, int64_t d, int64_t rows, const float *cos, int64_t ldc,
+                  const float *sin, int64_t lds, const int64_t *items, int64_t n_items,
+                  float *y, int64_t ldy, const float *h, int64_t ldh, const float *b,
+                  int64_t out_f, int64_t big_r, const int32_t *ranks, const float *scalings,
+                  int64_t n, const int64_t *offsets) {
+#ifdef LP_X86
+  if (!has_avx512()) return -1;
+  if (!items) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows > 16)
+    for (int64_t q0 = 0; q0 < rows; q0 += 16)
+      rotary_rows(x + q0 * ldx, ldx, heads, ldhd, d, cos + q0 * ldc, ldc, sin + q0 * lds, lds,
+                  rows - q0 < 16 ? rows - q0 : 16);
+    return 0;
+  }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (n_items > 1)
+  for (int64_t it = 0; it < n_items; it++) {
+    const int64_t start = items[3 * it], slot = items[3 * it + 2], len = items[3 * it + 1];
+    for (int64_t q0 = 0; q0 < len; q0 += LP_SHRINK_ROWS) {
+      const int64_t q = start + q0;
+      const int nq = (int)(len - q0 < LP_SHRINK_ROWS ? len - q0 : LP_SHRINK_ROWS);
+      if (slot >= 0 && b)
+        expand_rows(gemm, h + q * ldh, ldh, b + slot * out_f * big_r, big_r, ranks + slot * n,
+                    scalings + slot * n, n, offsets, nq, y + q * ldy, ldy);
+      rotary_rows(x + q * ldx, ldx, heads, ldhd, d, cos + q * ldc, ldc, sin + q * lds, lds, nq);
+    }
+  }
+  return 0;
+#else
+  (void)gemm; (void)threads; (void)x; (void)ldx; (void)heads; (void)ldhd; (void)d; (void)rows;
+  (void)cos; (void)ldc; (void)sin; (void)lds; (void)items; (void)n_items; (void)y; (void)ldy;
+  (void)h; (void)ldh; (void)b; (void)out_f; (void)big_r; (void)ranks; (void)scalings; (void)n;
+  (void)offsets;
   return -1;
 #endif
 }

@@ -52,6 +52,8 @@ _EXPAND_ARGS = [_PTR, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR
 _FUSED_ARGS = [_PTR, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR,
                _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _INT]
 _SILU_MUL_ARGS = [_INT, _PTR, _I64, _I64, _I64, _PTR, _I64]
+_ROTARY_ARGS = [_PTR, _INT, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64,
+                _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR]
 _NORM_ARGS = [_PTR, _INT, _INT, _PTR, _I64, _PTR, _I64, _PTR, ctypes.c_float, _I64, _I64, _PTR,
               _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64,
               _PTR, _I64]
@@ -80,6 +82,8 @@ class _Native:
         self.silu_mul.argtypes, self.silu_mul.restype = _SILU_MUL_ARGS, ctypes.c_int
         self.add_rms_norm = lib.lp_add_rms_norm_f32
         self.add_rms_norm.argtypes, self.add_rms_norm.restype = _NORM_ARGS, ctypes.c_int
+        self.rotary = lib.lp_rotary_f32
+        self.rotary.argtypes, self.rotary.restype = _ROTARY_ARGS, ctypes.c_int
 
 
 def _torch_blas() -> ctypes.CDLL:
@@ -260,6 +264,69 @@ def lora_add_rms_norm(
                         *items, *expand, *shrink) != 0:
         raise RuntimeError("lp_add_rms_norm_f32 found no AVX-512 (lp_simd_level said so)")
     return out
+
+
+def lora_rotary_(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    batch: LoRABatch | None,
+    before: tuple | None = None,
+    y: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Rotary embedding of ``x [T, heads, d]`` in place, ``x * cos + rotate_half(x) * sin``
+    with ``cos``/``sin`` one row of ``d`` per row of ``x`` (``[T, 1, d]`` or ``[T, d]``): bit
+    for bit ``RotaryEmbedding.rotate``'s values (each product rounded, then the sum). Returns
+    ``x``. ``batch`` None: the rotary alone (``elementwise.cpu_rotary_``, the base model's).
+
+    ``before = (h, b, ranks, scalings, offsets, col_scales)``: first the expand of the
+    projection whose output ``y`` ``x`` is a view of (the qkv projection: ``x`` its q and k
+    heads, ``y``'s first columns of the same rows),
+    ``lora_expand(h, b, ranks, scalings, offsets, batch, y, col_scales)``, a block of rows at
+    a time that the rotary then reads from cache (unfused, the expand reads and rewrites all
+    of ``y`` first). The rows' columns past ``x``'s heads (v) get their delta too.
+
+    Returns None, having written nothing, where this does not run (not CPU float32 with unit
+    last stride and an even ``d``, tables of another shape, no C library or no AVX-512 here,
+    fused kernels disabled, or an expand the C code does not take): the caller then runs the
+    expand and torch's rotary apart."""
+    lib = _native()
+    if (isinstance(lib, str) or not lib.simd or not elementwise.enabled() or x.dim() != 3
+            or x.shape[2] % 2 or not _rows_fit(x)):
+        return None
+    t, heads, d = x.shape
+    tables = [_table_stride(c, t, d) for c in (cos, sin)]
+    if None in tables:
+        return None
+    assert batch is not None or before is None, "LoRA work needs a batch"
+    assert (before is None) == (y is None), "the expand needs the output it adds to"
+    expand = (None, 0, None, 0, None, 0, 0, None, None, 0, None)
+    if before is not None:
+        h, b, ranks, scalings, offsets, col_scales = before
+        pool = _pool_args(b, ranks, scalings, offsets)
+        if (pool is None or not _rows_fit(h, y) or y.dim() != 2 or y.shape[0] != t
+                or y.data_ptr() != x.data_ptr() or offsets[-1] != y.shape[1]
+                or (t > 1 and y.stride(0) != x.stride(0))):
+            return None
+        expand = (y.data_ptr(), y.stride(0), h.data_ptr(), h.stride(0), *pool)
+        if col_scales is not None and any(col_scales.host_flags):  # DoRA: y's own rows, first
+            _scale_flagged(col_scales, ranks, offsets, batch, y)
+    items = (_activation_items(batch, t)[1:] if batch is not None  # (pointer, count)
+             else (None, 0))  # the rotary alone, over all rows
+    if t and lib.rotary(lib.sgemm, torch.get_num_threads(), x.data_ptr(), x.stride(0), heads,
+                        x.stride(1), d, t, cos.data_ptr(), tables[0], sin.data_ptr(), tables[1],
+                        *items, *expand) != 0:
+        raise RuntimeError("lp_rotary_f32 found no AVX-512 (lp_simd_level said so)")
+    return x
+
+
+def _table_stride(c: torch.Tensor, t: int, d: int) -> int | None:
+    """The row stride of a rotary table with one float32 row of ``d`` per token (``[T, 1, d]``
+    or ``[T, d]``, unit last stride, on the host), else None."""
+    if (c.dtype is not torch.float32 or not c.is_cpu or c.shape[0] != t or c.shape[-1] != d
+            or c.numel() != t * d or c.stride(-1) != 1):
+        return None
+    return c.stride(0)
 
 
 def _scratch(lib: _Native, numel: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """LoRA op backends: name -> (lora_shrink, lora_expand) with one contract (written as PyTorch
 code in ``lora_ref``, the tests' reference), plus optionally the gate/up expand fused into the
 activation (``LoRAOps.expand_silu_mul``: the same math as expand, then SiLU-and-multiply) and
-the expand and shrink on either side of an RMSNorm fused into it (``LoRAOps.add_rms_norm``).
+the expand and shrink on either side of an RMSNorm fused into it (``LoRAOps.add_rms_norm``),
+and the qkv expand fused into the rotary embedding that reads its output (``LoRAOps.rotary``).
 
 ``"torch"`` is ``lora_torch`` (any device); ``"cpu"`` is ``lora_cpu`` (float32 in C, built at
 first use; other dtypes run the torch code); ``"triton"`` is the GPU kernels (``lora_triton``).
@@ -35,6 +36,10 @@ class LoRAOps(NamedTuple):
     # shrink of the one after it in the same pass, (x, residual, weight, eps, batch, before,
     # then) -> [T, hidden] or None where it does not apply (``lora_cpu.lora_add_rms_norm``).
     add_rms_norm: Callable[..., torch.Tensor | None] | None = None
+    # Optional: the rotary embedding in place with the expand of the projection whose output it
+    # reads (qkv) first, (x, cos, sin, batch, before, y) -> x or None where it does not apply
+    # (``lora_cpu.lora_rotary_``).
+    rotary: Callable[..., torch.Tensor | None] | None = None
 
 
 def resolve_lora_backend(backend: str, device: torch.device | str) -> str:
@@ -84,4 +89,4 @@ def get_lora_ops(backend: str) -> LoRAOps:
     else:
         raise ValueError(f"lora_backend={backend!r} must be one of {BACKENDS}")
     return LoRAOps(mod.lora_shrink, mod.lora_expand, getattr(mod, "lora_expand_silu_mul", None),
-                   getattr(mod, "lora_add_rms_norm", None))
+                   getattr(mod, "lora_add_rms_norm", None), getattr(mod, "lora_rotary_", None))

@@ -26,7 +26,9 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+# -ffp-contract=off: a * b + c stays two roundings unless the source asks for an FMA, so
+# kernels that promise torch's roundings (lora_cpu.c's rotary) keep them
+FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 
 
 class NativeBuildError(RuntimeError):
