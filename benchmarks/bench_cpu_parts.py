@@ -37,10 +37,14 @@ run (interleaved, best of ``--repeat``), on the ~150M benchmark model's shapes, 
       from the caches first): the C pass vs torch's ops; then with LoRA on either side
       (8 adapters x 128 rows, rank 16: o's expand before it, gate/up's shrink after it):
       fused into the norm's pass (the engine's path) vs the expand, the C norm and the shrink
-      apart.
+      apart;
+  (k) the C backend's expand over one layer's four projections (16 or 8 scattered adapters,
+      decode- and prefill-shaped, and in 32-row blocks as the norms and the rotary run it):
+      its AVX-512 kernel vs torch's BLAS GEMM (``simd`` switched); and the rotary of q/k of a
+      prefill-shaped qkv output: the C pass (in place) vs torch's ops.
 
     python benchmarks/bench_cpu_parts.py [--threads 2] [--clock wall] [--repeat 8] \
-        [--parts abcdefghij] [--write-docs]
+        [--parts abcdefghijk] [--write-docs]
 
 ``--clock cpu`` times with the process's CPU time (use it with ``--threads 1`` on a shared host:
 it does not count the time the process waited for a core).
@@ -268,6 +272,55 @@ def c_shrink_kernels(rows: int, per_adapter: int, repeat: int, clock) -> dict[st
         lib.simd = saved
 
 
+def c_expand_kernels(rows: int, per_adapter: int, block: int, repeat: int,
+                     clock) -> dict[str, float]:
+    """(k): the C backend's expand over one layer's four projections (qkv, o, gate/up, down),
+    in calls over ``block`` rows each, its AVX-512 kernel against torch's BLAS GEMM (the same
+    calls, ``simd`` switched)."""
+    hidden, inter, rank, num_slots, q, kv = 1024, 2816, 16, 32, 1024, 256
+    used = random.Random(0).sample(range(num_slots), rows // per_adapter)
+    slots = [used[t // per_adapter] for t in range(rows)]
+    batches = [LoRABatch.from_token_slots(slots[i : i + block]) for i in range(0, rows, block)]
+    layer = []
+    for widths in ((q, kv, kv), (hidden,), (inter, inter), (hidden,)):
+        n, out = len(widths), sum(widths)
+        offsets = tuple(int(v) for v in torch.tensor((0, *widths)).cumsum(0))
+        layer.append((torch.randn(rows, n * rank), torch.randn(num_slots, out, rank) * 0.1,
+                      torch.full((num_slots, n), rank, dtype=torch.int32),
+                      torch.full((num_slots, n), 2.0), offsets, torch.zeros(rows, out)))
+    lib = lora_cpu._native()
+
+    def run(simd: int):
+        def fn():
+            lib.simd = simd
+            for h, b, ranks, scalings, offsets, y in layer:
+                for i, batch in enumerate(batches):
+                    rows_ = slice(i * block, (i + 1) * block)
+                    lora_cpu.lora_expand(h[rows_], b, ranks, scalings, offsets, batch, y[rows_])
+        return fn
+
+    saved = lib.simd
+    try:
+        return interleaved({"avx512": run(1), "blas": run(0)}, repeat, clock)
+    finally:
+        lib.simd = saved
+
+
+def rotary_ops(repeat: int, clock) -> dict[str, float]:
+    """(k): the rotary of q and k (16 + 4 heads of 64) in a 1024-row qkv output: the C pass in
+    place against torch's ops (a fresh tensor)."""
+    from loraplex.config import RopeConfig
+    from loraplex.layers.rotary import RotaryEmbedding
+
+    rows, heads, d = 1024, 20, 64
+    emb = RotaryEmbedding(d, 4096, RopeConfig())
+    rope = emb.lookup(torch.randint(0, 4096, (rows,)), torch.float32)
+    qkv = torch.randn(rows, (heads + 4) * d)
+    x = qkv[:, : heads * d].view(rows, heads, d)
+    return interleaved({"C": lambda: lora_cpu.lora_rotary_(x, *rope, None),
+                        "torch": lambda: RotaryEmbedding.rotate(rope, x)}, repeat, clock)
+
+
 def lora_epilogue(repeat: int, clock) -> dict[str, float]:
     rows, per, rank, num_slots = 1024, 128, 16, 32
     hidden, inter = 1024, 2816
@@ -454,8 +507,8 @@ def after_gemm(repeat: int, clock) -> dict[str, tuple[float, float]]:
     if not isinstance(lib, str):
         fns["C expand, the op"]()  # makes the pool's arguments and the items
         pool, items = lora_cpu._pool_args(b, ranks, scalings, offsets), lora_cpu._work_items(batch)
-        args = (lib.sgemm, torch.get_num_threads(), h.data_ptr(), h.stride(0), *pool, items.ptr,
-                items.count, y.data_ptr(), y.stride(0))
+        args = (lib.sgemm, lib.simd, torch.get_num_threads(), h.data_ptr(), h.stride(0), *pool,
+                items.ptr, items.count, y.data_ptr(), y.stride(0))
         fns["C expand, bare C call"] = lambda: lib.expand(*args)
     else:
         del fns["C expand, the op"]
@@ -510,7 +563,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=8)
     ap.add_argument("--clock", choices=list(CLOCK), default="wall",
                     help="wall time, or the process's CPU time (with --threads 1)")
-    ap.add_argument("--parts", default="abcdefghij", help="which parts to run")
+    ap.add_argument("--parts", default="abcdefghijk", help="which parts to run")
     add_write_docs_flag(ap)
     args = ap.parse_args()
     bench_threads(args.threads)
@@ -589,12 +642,30 @@ def main() -> None:
                          f"{cold * 1e3:.3f} ms", f"{hot * 1e3:.3f} ms", f"{hot / cold:.2f}x"])
             print(rows[-1], flush=True)
     fused_parts(args, clock, rows, "j")
+    if "k" in args.parts:
+        if lora_cpu.unavailable_reason() or not lora_cpu._native().simd:
+            print("(k) skipped: the C library or AVX-512 is unavailable here", flush=True)
+        else:
+            for label, rows_, per, block in (("decode, 32 rows", 32, 2, 32),
+                                             ("prefill, 1024 rows", 1024, 128, 1024),
+                                             ("prefill, 1024 rows in 32-row calls", 1024, 128,
+                                              32)):
+                r = c_expand_kernels(rows_, per, block, 5 * args.repeat, clock)
+                rows.append([f"(k) C expand, one layer's 4 projections, {label}",
+                             f"AVX-512 kernel {r['avx512'] * 1e3:.2f} ms",
+                             f"BLAS sgemm_ {r['blas'] * 1e3:.2f} ms",
+                             f"{r['blas'] / r['avx512']:.2f}x"])
+                print(rows[-1], flush=True)
+            r = rotary_ops(5 * args.repeat, clock)
+            rows.append(["(k) rotary of q/k, 1024 rows x 20 heads x 64", f"C {r['C'] * 1e3:.2f} ms",
+                         f"torch {r['torch'] * 1e3:.2f} ms", f"{r['torch'] / r['C']:.2f}x"])
+            print(rows[-1], flush=True)
     table = markdown_table(["what", "new", "before", "before / new"], rows)
     body = (f"CPU float32, {args.threads} threads, {args.clock} clock, the benchmark model's "
             f"shapes (16 heads / 4 kv heads, head dim 64); each pair interleaved in one run, "
             f"best of {3 * args.repeat} ((a), (b)), {args.repeat} ((c)), {25 * args.repeat} "
-            f"((d)) or {5 * args.repeat} ((e) to (h), (j); (i): medians). In (d) \"new\" is the "
-            f"floor the op's own calls set, \"before\" the op; in (e) and (f) \"before\" is "
+            f"((d)) or {5 * args.repeat} ((e) to (h), (j), (k); (i): medians). In (d) \"new\" "
+            f"is the floor the op's own calls set, \"before\" the op; in (e) and (f) \"before\" is "
             f"the alternative the engine does not take; in (i) \"new\" is the op right after a "
             f"GEMM, \"before\" the same op run again at once.\n\n"
             f"`python benchmarks/bench_cpu_parts.py`\n\n{table}\n")

@@ -49,7 +49,7 @@ from common import (
 )
 
 from loraplex import LLM, SamplingParams
-from loraplex.lora.layers import LoRAEmbedding, LoRALinear, LoRANorm
+from loraplex.lora.layers import LoRAEmbedding, LoRALinear, LoRANorm, LoRARotary
 from loraplex.ops import get_lora_ops
 
 
@@ -157,14 +157,14 @@ def keep_best(rows: dict[str, tuple[float, float]], key: str, run: tuple[float, 
 
 
 TORCH_OPS = "scattered, torch ops"  # the case run with the torch backend's LoRA ops
-UNFUSED = "scattered, unfused"  # the engine's ops, nothing fused into the activation or norms
+UNFUSED = "scattered, unfused"  # the engine's ops, nothing fused into activation, norms, rotary
 
 
 def use_lora_ops(llm: LLM, backend: str, fused: bool = True) -> None:
     """Give every LoRA wrapper of the engine ``backend``'s ops (side-by-side cases of one
     engine: same weights, same slots); ``fused=False`` drops the ops fused into the MLP
-    activation and the norms (each projection then shrinks and expands in calls of its own,
-    around the activation and the norms)."""
+    activation, the norms and the rotary (each projection then shrinks and expands in calls
+    of its own, around the activation, the norms and the rotary)."""
     ops = get_lora_ops(backend)
     for m in llm.engine.runner.model.modules():
         if isinstance(m, LoRALinear):
@@ -172,6 +172,8 @@ def use_lora_ops(llm: LLM, backend: str, fused: bool = True) -> None:
             m.expand_silu_mul = ops.expand_silu_mul if fused else None
         elif isinstance(m, LoRANorm):
             m.add_rms_norm = ops.add_rms_norm if fused else None
+        elif isinstance(m, LoRARotary):
+            m.rotary = ops.rotary if fused else None
         elif isinstance(m, LoRAEmbedding):
             m.expand = ops.expand
 

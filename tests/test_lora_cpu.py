@@ -32,8 +32,8 @@ def test_builds_on_linux_with_a_compiler() -> None:
 
 @pytest.fixture(params=["simd", "blas"])
 def kernels(request, monkeypatch):
-    """Both code paths of the C library: its AVX-512 shrink (where this CPU has it) and
-    torch's BLAS GEMM (what CPUs without AVX-512 run)."""
+    """Both code paths of the C library: its AVX-512 shrink and expand kernels (where this CPU
+    has them) and torch's BLAS GEMM (what CPUs without AVX-512 run)."""
     if not CAN_BUILD:
         pytest.skip("needs Linux and a C compiler")
     lib = lora_cpu._native()

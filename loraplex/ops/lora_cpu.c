@@ -40,9 +40,10 @@ typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, c
  * (simd != 0), else the BLAS GEMM. Why: with 16-48 output columns the BLAS GEMM runs well
  * below its square-GEMM rate; blocks of 6 x 4 dot products keep 24 accumulators in registers
  * for 10 loads per 24 FMAs (benchmarks/bench_cpu_parts.py part (g) times both). The expand
- * stays the BLAS GEMM: a kernel that transposed B's 32-column tiles into L1 and walked y's
- * rows per tile was slower in an unscripted probe (y read column tile by column tile defeats
- * the prefetchers). */
+ * stays the BLAS GEMM on long items from memory: a kernel that gathers B's 32-column tiles
+ * transposed into L1 and walks y's rows per tile is slower there (y read column tile by
+ * column tile defeats the prefetchers), but faster on the blocks of at most 32 rows that the
+ * norms and the rotary expand in cache (expand_avx512; part (k) times both). */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define LP_X86 1
@@ -219,6 +220,61 @@ LP_TARGET static void silu_mul_item(const float *h, int64_t ldh, int64_t big_r, 
   }
 }
 
+/* The expand on AVX-512 CPUs, for blocks of LP_EXPAND_MIN_ROWS to LP_EXPAND_MAX_ROWS rows (the
+ * norms' and the rotary's blocks, in cache) and ranks up to LP_EXPAND_MAX_R:
+ * y[q, j] += alpha * sum_k h[q, k] * b[j, k] for q < rows, j < m, k < r (b's rows have stride
+ * big_r). Why: with a rank-16 inner dimension the BLAS GEMM runs far below its square-GEMM
+ * rate on a 32-row block; on longer items from memory (128 rows) it is the faster one
+ * (benchmarks/bench_cpu_parts.py part (k) times both). Per
+ * 32 columns, b's [32, r] tile is gathered transposed into bt [r][32] (L1), then 4 rows at a
+ * time take r steps of 2 loads of bt and 4 broadcasts of h for 8 FMAs into registers, and y
+ * is read and written once (alpha * acc + y, one FMA, as the GEMM scales its sum). */
+#define LP_EXPAND_MAX_R 64
+#define LP_EXPAND_MIN_ROWS 8
+#define LP_EXPAND_MAX_ROWS 32
+LP_TARGET static void expand_avx512(const float *h, int64_t ldh, const float *b, int64_t big_r,
+                                    int r, float alpha, int m, int rows, float *y,
+                                    int64_t ldy) {
+  float bt[LP_EXPAND_MAX_R * 32] __attribute__((aligned(64)));
+  const __m512i lane = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
+                                                           5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32((int)big_r));
+  const __m512 va = _mm512_set1_ps(alpha);
+  for (int j0 = 0; j0 < m; j0 += 32) {
+    const __mmask16 m0 = tail_mask(m - j0), m1 = tail_mask(m - j0 - 16 > 0 ? m - j0 - 16 : 0);
+    const float *b0 = b + (int64_t)j0 * big_r, *b1 = b0 + 16 * big_r;
+    for (int k = 0; k < r; k++) { /* bt[k] = b[j0 : j0 + 32, k] */
+      _mm512_store_ps(bt + k * 32,
+                      _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m0, lane, b0 + k, 4));
+      _mm512_store_ps(bt + k * 32 + 16,
+                      m1 ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m1, lane, b1 + k, 4)
+                         : _mm512_setzero_ps());
+    }
+    for (int q0 = 0; q0 < rows; q0 += 4) {
+      const float *hr[4];
+      for (int i = 0; i < 4; i++) hr[i] = h + (q0 + i < rows ? q0 + i : rows - 1) * ldh;
+      __m512 acc[4][2];
+      for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+      for (int k = 0; k < r; k++) {
+        const __m512 v0 = _mm512_load_ps(bt + k * 32), v1 = _mm512_load_ps(bt + k * 32 + 16);
+        for (int i = 0; i < 4; i++) {
+          const __m512 hv = _mm512_set1_ps(hr[i][k]);
+          acc[i][0] = _mm512_fmadd_ps(hv, v0, acc[i][0]);
+          acc[i][1] = _mm512_fmadd_ps(hv, v1, acc[i][1]);
+        }
+      }
+      for (int i = 0; i < 4 && q0 + i < rows; i++) {
+        float *yr = y + (q0 + i) * ldy + j0;
+        _mm512_mask_storeu_ps(yr, m0, _mm512_fmadd_ps(va, acc[i][0],
+                                                      _mm512_maskz_loadu_ps(m0, yr)));
+        if (m1)
+          _mm512_mask_storeu_ps(yr + 16, m1, _mm512_fmadd_ps(va, acc[i][1],
+                                                             _mm512_maskz_loadu_ps(m1, yr + 16)));
+      }
+    }
+  }
+}
+
 /* RMSNorm with its residual add, in one pass per row (the base model's on CPU float32:
  * elementwise.cpu_rms_norm, which the LoRA path below extends):
  *   x[q] += res[q] (res NULL: no add; x is then only read)
@@ -337,8 +393,9 @@ void lp_shrink_f32(sgemm_fn gemm, int simd, int threads, const float *x, int64_t
 
 /* One block of an item: y[rows, cols_i] += scalings[i] * h[rows, i*R : i*R + r] @
  * b[cols_i, :r].T for each slice i (b, ranks and scalings already at the item's slot; h and y
- * at its first row) */
-static void expand_rows(sgemm_fn gemm, const float *h, int64_t ldh, const float *b,
+ * at its first row): the AVX-512 kernel where allowed (simd) and the block is long enough,
+ * else the BLAS GEMM */
+static void expand_rows(sgemm_fn gemm, int simd, const float *h, int64_t ldh, const float *b,
                         int64_t big_r, const int32_t *rk, const float *sc, int64_t n,
                         const int64_t *offsets, int rows, float *y, int64_t ldy) {
   const int lda = (int)big_r, ldb = (int)ldh, ldc = (int)ldy;
@@ -346,21 +403,33 @@ static void expand_rows(sgemm_fn gemm, const float *h, int64_t ldh, const float 
   for (int64_t i = 0; i < n; i++) {
     const int r = rk[i], m = (int)(offsets[i + 1] - offsets[i]);
     if (r <= 0 || m <= 0) continue;
+#ifdef LP_X86
+    if (simd && rows >= LP_EXPAND_MIN_ROWS && rows <= LP_EXPAND_MAX_ROWS &&
+        r <= LP_EXPAND_MAX_R) {
+      expand_avx512(h + i * big_r, ldh, b + offsets[i] * big_r, big_r, r, sc[i], m, rows,
+                    y + offsets[i], ldy);
+      continue;
+    }
+#else
+    (void)simd;
+#endif
     gemm("T", "N", &m, &rows, &r, &sc[i], b + offsets[i] * big_r, &lda, h + i * big_r, &ldb,
          &one, y + offsets[i], &ldc);
   }
 }
 
 /* y[rows, cols_i] += scalings[slot, i] * h[rows, i*R : i*R + r] @ b[slot, cols_i, :r].T */
-void lp_expand_f32(sgemm_fn gemm, int threads, const float *h, int64_t ldh, const float *b,
-                   int64_t out_f, int64_t big_r, const int32_t *ranks, const float *scalings,
-                   int64_t n, const int64_t *offsets, const int64_t *items, int64_t n_items,
-                   float *y, int64_t ldy) {
+void lp_expand_f32(sgemm_fn gemm, int simd, int threads, const float *h, int64_t ldh,
+                   const float *b, int64_t out_f, int64_t big_r, const int32_t *ranks,
+                   const float *scalings, int64_t n, const int64_t *offsets,
+                   const int64_t *items, int64_t n_items, float *y, int64_t ldy) {
+  simd = simd && has_avx512();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (n_items > 1)
   for (int64_t it = 0; it < n_items; it++) {
     const int64_t start = items[3 * it], slot = items[3 * it + 2];
-    expand_rows(gemm, h + start * ldh, ldh, b + slot * out_f * big_r, big_r, ranks + slot * n,
-                scalings + slot * n, n, offsets, (int)items[3 * it + 1], y + start * ldy, ldy);
+    expand_rows(gemm, simd, h + start * ldh, ldh, b + slot * out_f * big_r, big_r,
+                ranks + slot * n, scalings + slot * n, n, offsets, (int)items[3 * it + 1],
+                y + start * ldy, ldy);
   }
 }
 
@@ -480,8 +549,8 @@ int lp_expand_silu_mul_f32(sgemm_fn gemm, int threads, const float *h, int64_t l
 /* RMSNorm with its residual add (add_rms_rows) over `rows` rows; with LoRA work items, the
  * adds of the LoRA deltas on either side of it as well (lora_cpu.lora_add_rms_norm):
  *   before: the delta of the projection that wrote x (the attention's o or the MLP's down),
- *     x[rows] += scalings[slot] * h[rows, :r] @ b[slot, :, :r].T  (b NULL: none), the same
- *     BLAS GEMM lp_expand_f32 runs, on LP_SHRINK_ROWS rows at a time, which the add and the
+ *     x[rows] += scalings[slot] * h[rows, :r] @ b[slot, :, :r].T  (b NULL: none), expand_rows
+ *     (as lp_expand_f32), on LP_SHRINK_ROWS rows at a time, which the add and the
  *     norm then read from cache (the unfused expand reads and rewrites all of x first);
  *   after: the shrink of the projection that reads out (the next qkv or gate/up),
  *     h2[rows] = out[rows] @ a2[slot].T  (a2 NULL: none), on each block the norm just wrote.
@@ -513,8 +582,8 @@ int lp_add_rms_norm_f32(sgemm_fn gemm, int threads, int simd, float *x, int64_t 
       const int64_t q = start + q0;
       const int nq = (int)(len - q0 < LP_SHRINK_ROWS ? len - q0 : LP_SHRINK_ROWS);
       if (r > 0)
-        expand_rows(gemm, h + q * ldh, ldh, b + slot * hidden * big_r, big_r, ranks + slot,
-                    scalings + slot, 1, one_slice, nq, x + q * ldx, ldx);
+        expand_rows(gemm, simd, h + q * ldh, ldh, b + slot * hidden * big_r, big_r,
+                    ranks + slot, scalings + slot, 1, one_slice, nq, x + q * ldx, ldx);
       add_rms_rows(x + q * ldx, ldx, res ? res + q * ldr : NULL, ldr, w, eps, hidden, nq,
                    out + q * ldo, ldo);
       if (slot >= 0 && a2)
@@ -540,7 +609,7 @@ int lp_add_rms_norm_f32(sgemm_fn gemm, int threads, int simd, float *x, int64_t 
  * (the unfused expand reads and rewrites all of y first). items NULL: the rotary alone, over
  * all rows; else every row is in one item (slot -1: the rotary alone). Returns -1 without
  * writing when this CPU lacks AVX-512. */
-int lp_rotary_f32(sgemm_fn gemm, int threads, float *x, int64_t ldx, int64_t heads,
+int lp_rotary_f32(sgemm_fn gemm, int simd, int threads, float *x, int64_t ldx, int64_t heads,
                   int64_t ldhd, int64_t d, int64_t rows, const float *cos, int64_t ldc,
                   const float *sin, int64_t lds, const int64_t *items, int64_t n_items,
                   float *y, int64_t ldy, const float *h, int64_t ldh, const float *b,
@@ -548,6 +617,7 @@ int lp_rotary_f32(sgemm_fn gemm, int threads, float *x, int64_t ldx, int64_t hea
                   int64_t n, const int64_t *offsets) {
 #ifdef LP_X86
   if (!has_avx512()) return -1;
+  simd = simd && has_avx512();
   if (!items) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows > 16)
     for (int64_t q0 = 0; q0 < rows; q0 += 16)
@@ -562,14 +632,14 @@ int lp_rotary_f32(sgemm_fn gemm, int threads, float *x, int64_t ldx, int64_t hea
       const int64_t q = start + q0;
       const int nq = (int)(len - q0 < LP_SHRINK_ROWS ? len - q0 : LP_SHRINK_ROWS);
       if (slot >= 0 && b)
-        expand_rows(gemm, h + q * ldh, ldh, b + slot * out_f * big_r, big_r, ranks + slot * n,
-                    scalings + slot * n, n, offsets, nq, y + q * ldy, ldy);
+        expand_rows(gemm, simd, h + q * ldh, ldh, b + slot * out_f * big_r, big_r,
+                    ranks + slot * n, scalings + slot * n, n, offsets, nq, y + q * ldy, ldy);
       rotary_rows(x + q * ldx, ldx, heads, ldhd, d, cos + q * ldc, ldc, sin + q * lds, lds, nq);
     }
   }
   return 0;
 #else
-  (void)gemm; (void)threads; (void)x; (void)ldx; (void)heads; (void)ldhd; (void)d; (void)rows;
+  (void)gemm; (void)simd; (void)threads; (void)x; (void)ldx; (void)heads; (void)ldhd; (void)d; (void)rows;
   (void)cos; (void)ldc; (void)sin; (void)lds; (void)items; (void)n_items; (void)y; (void)ldy;
   (void)h; (void)ldh; (void)b; (void)out_f; (void)big_r; (void)ranks; (void)scalings; (void)n;
   (void)offsets;

@@ -47,13 +47,13 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _INT = ctypes.c_int
 _SHRINK_ARGS = [_PTR, _INT, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR,
                 _I64]
-_EXPAND_ARGS = [_PTR, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR,
-                _I64]
+_EXPAND_ARGS = [_PTR, _INT, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64,
+                _PTR, _I64]
 _FUSED_ARGS = [_PTR, _INT, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR,
                _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _INT]
 _SILU_MUL_ARGS = [_INT, _PTR, _I64, _I64, _I64, _PTR, _I64]
-_ROTARY_ARGS = [_PTR, _INT, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64,
-                _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR]
+_ROTARY_ARGS = [_PTR, _INT, _INT, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR,
+                _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR]
 _NORM_ARGS = [_PTR, _INT, _INT, _PTR, _I64, _PTR, _I64, _PTR, ctypes.c_float, _I64, _I64, _PTR,
               _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64,
               _PTR, _I64]
@@ -68,8 +68,8 @@ class _Native:
             raise NativeBuildError("torch's CPU library exports no BLAS sgemm_")
         self.sgemm = ctypes.cast(blas.sgemm_, ctypes.c_void_p)
         self.shrink, self.expand = lib.lp_shrink_f32, lib.lp_expand_f32
-        # 1: the AVX-512 shrink where the CPU has it (``lp_simd_level``), 0: BLAS GEMMs only
-        # (tests run both)
+        # 1: the AVX-512 shrink and expand kernels where the CPU has them (``lp_simd_level``),
+        # 0: BLAS GEMMs only (tests run both)
         self.simd = lib.lp_simd_level()
         self.shrink.argtypes, self.shrink.restype = _SHRINK_ARGS, None
         self.expand.argtypes, self.expand.restype = _EXPAND_ARGS, None
@@ -144,7 +144,7 @@ def lora_expand(
         return
     if col_scales is not None and any(col_scales.host_flags):
         _scale_flagged(col_scales, ranks, offsets, batch, y)
-    lib.expand(lib.sgemm, torch.get_num_threads(), h.data_ptr(), h.stride(0), *pool,
+    lib.expand(lib.sgemm, lib.simd, torch.get_num_threads(), h.data_ptr(), h.stride(0), *pool,
                items.ptr, items.count, y.data_ptr(), y.stride(0))
 
 
@@ -313,9 +313,9 @@ def lora_rotary_(
             _scale_flagged(col_scales, ranks, offsets, batch, y)
     items = (_activation_items(batch, t)[1:] if batch is not None  # (pointer, count)
              else (None, 0))  # the rotary alone, over all rows
-    if t and lib.rotary(lib.sgemm, torch.get_num_threads(), x.data_ptr(), x.stride(0), heads,
-                        x.stride(1), d, t, cos.data_ptr(), tables[0], sin.data_ptr(), tables[1],
-                        *items, *expand) != 0:
+    if t and lib.rotary(lib.sgemm, lib.simd, torch.get_num_threads(), x.data_ptr(),
+                        x.stride(0), heads, x.stride(1), d, t, cos.data_ptr(), tables[0],
+                        sin.data_ptr(), tables[1], *items, *expand) != 0:
         raise RuntimeError("lp_rotary_f32 found no AVX-512 (lp_simd_level said so)")
     return x
 
