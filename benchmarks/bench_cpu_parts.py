@@ -256,13 +256,23 @@ def c_shrink_kernels(rows: int, per_adapter: int, repeat: int, clock) -> dict[st
     layer = [(torch.randn(rows, in_f), torch.randn(num_slots, n * rank, in_f),
               torch.full((num_slots, n), rank, dtype=torch.int32), torch.empty(rows, n * rank))
              for in_f, n in ((hidden, 3), (hidden, 1), (hidden, 2), (inter, 1))]
+
+    def work():
+        for x, a, ranks, h in layer:
+            lora_cpu.lora_shrink(x, a, ranks, batch, h)
+
+    return simd_against_blas(work, repeat, clock)
+
+
+def simd_against_blas(work, repeat: int, clock) -> dict[str, float]:
+    """``work``'s C calls with the library's AVX-512 kernels and with torch's BLAS GEMM
+    (``simd`` switched), interleaved: {"avx512": s, "blas": s}."""
     lib = lora_cpu._native()
 
     def run(simd: int):
         def fn():
             lib.simd = simd
-            for x, a, ranks, h in layer:
-                lora_cpu.lora_shrink(x, a, ranks, batch, h)
+            work()
         return fn
 
     saved = lib.simd
@@ -288,22 +298,14 @@ def c_expand_kernels(rows: int, per_adapter: int, block: int, repeat: int,
         layer.append((torch.randn(rows, n * rank), torch.randn(num_slots, out, rank) * 0.1,
                       torch.full((num_slots, n), rank, dtype=torch.int32),
                       torch.full((num_slots, n), 2.0), offsets, torch.zeros(rows, out)))
-    lib = lora_cpu._native()
 
-    def run(simd: int):
-        def fn():
-            lib.simd = simd
-            for h, b, ranks, scalings, offsets, y in layer:
-                for i, batch in enumerate(batches):
-                    rows_ = slice(i * block, (i + 1) * block)
-                    lora_cpu.lora_expand(h[rows_], b, ranks, scalings, offsets, batch, y[rows_])
-        return fn
+    def work():
+        for h, b, ranks, scalings, offsets, y in layer:
+            for i, batch in enumerate(batches):
+                rows_ = slice(i * block, (i + 1) * block)
+                lora_cpu.lora_expand(h[rows_], b, ranks, scalings, offsets, batch, y[rows_])
 
-    saved = lib.simd
-    try:
-        return interleaved({"avx512": run(1), "blas": run(0)}, repeat, clock)
-    finally:
-        lib.simd = saved
+    return simd_against_blas(work, repeat, clock)
 
 
 def rotary_ops(repeat: int, clock) -> dict[str, float]:

@@ -121,6 +121,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(params=[1, 2])
+def torch_threads(request):
+    """torch's intra-op thread count for the test (1, then 2), restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(autouse=True)
 def _release_gpu_memory(request):
     """Engines size their KV cache from free GPU memory: free the last test's before the next."""

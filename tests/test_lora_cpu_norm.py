@@ -5,17 +5,17 @@ LoRA expand and shrink fused into it (``lora_cpu.lora_add_rms_norm``), wired int
 from __future__ import annotations
 
 import random
-import shutil
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
+from helpers_cpu import CAN_BUILD, needs_simd
 
 from loraplex.ops import lora_cpu
 from loraplex.ops.elementwise import cpu_rms_norm
 from loraplex.ops.lora_testing import (
     build,
+    check_declines_when_disabled,
     make_case,
     naive_expand,
     naive_shrink,
@@ -24,19 +24,7 @@ from loraplex.ops.lora_testing import (
     written_mask,
 )
 
-CAN_BUILD = sys.platform.startswith("linux") and shutil.which("cc") is not None
-needs_simd = pytest.mark.skipif(
-    not CAN_BUILD or isinstance(lora_cpu._native(), str) or not lora_cpu._native().simd,
-    reason="needs the C library and AVX-512")
 EPS = 1e-6
-
-
-@pytest.fixture(params=[1, 2])
-def threads(request):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(saved)
 
 
 def norm64(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -49,7 +37,7 @@ def rand(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
 
 
 @needs_simd
-def test_cpu_rms_norm_against_float64(threads: int) -> None:
+def test_cpu_rms_norm_against_float64(torch_threads: int) -> None:
     """Widths past 16-wide vectors and row counts past 16-row blocks, with and without the
     residual add, strided rows: the sum written into x exactly as torch adds, the norm within
     rounding of float64 and of torch's float32 ops."""
@@ -110,7 +98,7 @@ CASES = [("some_none", 40, 77, 8), ("zipf", 300, 160, 16), ("distinct", 7, 33, 1
 
 @needs_simd
 @pytest.mark.parametrize("parts", ["both", "before", "then"])
-def test_fused_norm_equals_expand_add_norm_shrink(threads: int, parts: str) -> None:
+def test_fused_norm_equals_expand_add_norm_shrink(torch_threads: int, parts: str) -> None:
     """``lora_add_rms_norm`` against float64: x ends as its base value plus the LoRA delta
     plus the residual; out is the norm of that sum; h2 the next shrink of out. Per-slot
     ranks incl. 0 and partial (NaN poison past them never read), long items and one-row
@@ -178,12 +166,7 @@ def test_fused_norm_declines_where_it_does_not_apply(monkeypatch) -> None:
     assert run(xx=x.bfloat16()) is None
     assert run((h, pre.b.double(), pre.ranks, pre.scalings, pre.offsets, None)) is None
     assert run(ww=torch.ones(31)) is None
-    monkeypatch.setenv("LORAPLEX_FUSED_ELEMENTWISE", "0")
-    assert run() is None
-    monkeypatch.delenv("LORAPLEX_FUSED_ELEMENTWISE")
-    if CAN_BUILD and not isinstance(lora_cpu._native(), str):
-        monkeypatch.setattr(lora_cpu._native(), "simd", 0)
-        assert run() is None
+    check_declines_when_disabled(monkeypatch, run)
     assert torch.equal(x, x0)
 
 

@@ -5,30 +5,20 @@ references and against the unfused path."""
 
 from __future__ import annotations
 
-import shutil
-import sys
-
 import pytest
 import torch
+from helpers_cpu import CAN_BUILD, needs_simd
 
 from loraplex.config import RopeConfig
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.ops import lora_cpu
 from loraplex.ops.elementwise import cpu_rotary_
-from loraplex.ops.lora_testing import build, naive_expand, poisoned_h
-
-CAN_BUILD = sys.platform.startswith("linux") and shutil.which("cc") is not None
-needs_simd = pytest.mark.skipif(
-    not CAN_BUILD or isinstance(lora_cpu._native(), str) or not lora_cpu._native().simd,
-    reason="needs the C library and AVX-512")
-
-
-@pytest.fixture(params=[1, 2])
-def threads(request):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(saved)
+from loraplex.ops.lora_testing import (
+    build,
+    check_declines_when_disabled,
+    naive_expand,
+    poisoned_h,
+)
 
 
 def tables(t: int, d: int, seed: int, scaling: str | None = None):
@@ -40,7 +30,7 @@ def tables(t: int, d: int, seed: int, scaling: str | None = None):
 
 
 @needs_simd
-def test_cpu_rotary_is_torchs_bit_for_bit(threads: int) -> None:
+def test_cpu_rotary_is_torchs_bit_for_bit(torch_threads: int) -> None:
     """Head widths past and under 16-wide vectors (and not a multiple of them), row counts past
     16-row blocks, a view of q/k inside a wider qkv row (v untouched), a contiguous tensor,
     [T, d] tables and Llama 3 scaling: in place, equal to ``RotaryEmbedding.rotate``."""
@@ -91,7 +81,7 @@ CASES = [("some_none", 40, 6, 2, 16, 8), ("zipf", 300, 4, 2, 32, 16), ("distinct
 
 
 @needs_simd
-def test_fused_rotary_equals_expand_then_rotary(threads: int) -> None:
+def test_fused_rotary_equals_expand_then_rotary(torch_threads: int) -> None:
     """``lora_rotary_`` against float64: every column of qkv (v too) gets its LoRA delta, then
     q and k are rotated. Per-slot ranks incl. 0 and partial (NaN poison past them never read),
     long items and one-row items, base rows exactly ``cpu_rotary_``'s values."""
@@ -138,12 +128,7 @@ def test_fused_rotary_declines_where_it_does_not_apply(monkeypatch) -> None:
     assert run(xx=y[:, 8:32].view(9, 3, 8)) is None
     assert run(yy=y[:, :31]) is None
     assert run((h, case.b.double(), case.ranks, case.scalings, case.offsets, None)) is None
-    monkeypatch.setenv("LORAPLEX_FUSED_ELEMENTWISE", "0")
-    assert run() is None
-    monkeypatch.delenv("LORAPLEX_FUSED_ELEMENTWISE")
-    if CAN_BUILD and not isinstance(lora_cpu._native(), str):
-        monkeypatch.setattr(lora_cpu._native(), "simd", 0)
-        assert run() is None
+    check_declines_when_disabled(monkeypatch, run)
     assert torch.equal(y, y0)
 
 

@@ -209,3 +209,17 @@ def check_expand(expand, case: LoRACase, rtol: float, atol: float) -> None:
     assert torch.equal(got[~rows], y0.cpu()[~rows]), "expand changed rows without an adapter"
     assert not got.isnan().any(), "expand read a poisoned (unused) entry"
     torch.testing.assert_close(got[rows].double(), ref[rows], rtol=rtol, atol=atol)
+
+
+def check_declines_when_disabled(monkeypatch, run) -> None:
+    """A fused C op's ``run()`` returns None (the caller's unfused path) with
+    ``LORAPLEX_FUSED_ELEMENTWISE=0`` and, where the C library loads, with its AVX-512 code
+    switched off (what a CPU without it gets). ``monkeypatch``: pytest's fixture."""
+    from loraplex.ops import lora_cpu
+
+    monkeypatch.setenv("LORAPLEX_FUSED_ELEMENTWISE", "0")
+    assert run() is None
+    monkeypatch.delenv("LORAPLEX_FUSED_ELEMENTWISE")
+    if not isinstance(lora_cpu._native(), str):
+        monkeypatch.setattr(lora_cpu._native(), "simd", 0)
+        assert run() is None
