@@ -225,10 +225,10 @@ LP_TARGET static void silu_mul_item(const float *h, int64_t ldh, int64_t big_r, 
  * y[q, j] += alpha * sum_k h[q, k] * b[j, k] for q < rows, j < m, k < r (b's rows have stride
  * big_r). Why: with a rank-16 inner dimension the BLAS GEMM runs far below its square-GEMM
  * rate on a 32-row block; on longer items from memory (128 rows) it is the faster one
- * (benchmarks/bench_cpu_parts.py part (k) times both). Per
- * 32 columns, b's [32, r] tile is gathered transposed into bt [r][32] (L1), then 4 rows at a
- * time take r steps of 2 loads of bt and 4 broadcasts of h for 8 FMAs into registers, and y
- * is read and written once (alpha * acc + y, one FMA, as the GEMM scales its sum). */
+ * (benchmarks/bench_cpu_parts.py part (k) times both). Per 32 columns, b's [32, r] tile is
+ * gathered transposed into bt [r][32] (L1), then 4 rows at a time take r steps of 2 loads of
+ * bt and 4 broadcasts of h for 8 FMAs into registers, and y is read and written once
+ * (alpha * acc + y, one FMA, as the GEMM scales its sum). */
 #define LP_EXPAND_MAX_R 64
 #define LP_EXPAND_MIN_ROWS 8
 #define LP_EXPAND_MAX_ROWS 32
@@ -639,8 +639,9 @@ int lp_rotary_f32(sgemm_fn gemm, int simd, int threads, float *x, int64_t ldx, i
   }
   return 0;
 #else
-  (void)gemm; (void)simd; (void)threads; (void)x; (void)ldx; (void)heads; (void)ldhd; (void)d; (void)rows;
-  (void)cos; (void)ldc; (void)sin; (void)lds; (void)items; (void)n_items; (void)y; (void)ldy;
+  (void)gemm; (void)simd; (void)threads; (void)x; (void)ldx; (void)heads; (void)ldhd; (void)d;
+  (void)rows; (void)cos; (void)ldc; (void)sin; (void)lds; (void)items; (void)n_items; (void)y;
+  (void)ldy;
   (void)h; (void)ldh; (void)b; (void)out_f; (void)big_r; (void)ranks; (void)scalings; (void)n;
   (void)offsets;
   return -1;
